@@ -1,0 +1,34 @@
+# The commands humans and CI share. Every target sets the machine up first (idempotent).
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-quick demo check bench bench-smoke clean
+
+setup:
+	@./scripts/setup.sh
+
+## The whole suite (what CI runs).
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Everything but the slow end-to-end tests.
+test-quick: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## The project's main job, end to end.
+demo: setup
+	$(PY) -m lb.demo
+
+check: setup
+	$(VENV)/bin/ruff check lb api tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) -m bench.run
+
+bench-smoke: setup
+	$(PY) -m bench.run --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results/*.json bench/results/*.png

@@ -1,0 +1,51 @@
+"""Data-plane constants used from Python, named exactly as in xdp/consts.h.
+
+tests/test_consts.py parses the C header and fails if a value here differs, so the header
+stays the one source of truth and this file cannot drift silently.
+"""
+
+from __future__ import annotations
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+
+REAL_NONE = 0
+
+# VIP flags (struct vip_meta.flags).
+F_HASH_SRC_ONLY = 1 << 0
+F_LRU_BYPASS = 1 << 1
+F_ENCAP_GUE = 1 << 2
+F_SRC_LB = 1 << 3
+
+# Backend flags (struct real_def.flags).
+REAL_F_V6 = 1 << 0
+
+# Global counter slots (enum glob_stat), in order.
+GLOB_STATS: tuple[str, ...] = (
+    "STAT_XDP_PASS",
+    "STAT_XDP_DROP",
+    "STAT_XDP_TX",
+    "STAT_PASS_NOT_IP",
+    "STAT_PASS_NON_VIP",
+    "STAT_MALFORMED",
+    "STAT_LRU_HIT",
+    "STAT_LRU_MISS_SYN",
+    "STAT_LRU_MISS_OTHER",
+    "STAT_ICMP_ECHO",
+    "STAT_ICMP_FWD",
+    "STAT_TOO_BIG",
+    "STAT_FRAG",
+    "STAT_IP_OPTIONS",
+    "STAT_NO_BACKEND",
+    "STAT_ENCAP_FAIL",
+)
+STAT_MAX = len(GLOB_STATS)
+STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(GLOB_STATS)}
+
+# XDP verdicts (enum xdp_action in the kernel UAPI).
+XDP_ABORTED = 0
+XDP_DROP = 1
+XDP_PASS = 2
+XDP_TX = 3
+XDP_REDIRECT = 4
+VERDICT_NAMES = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}

@@ -1,0 +1,105 @@
+/* consts.h - tunables and named constants of the balancer.
+ *
+ * Every tunable has an #ifndef default so the loader (lb/dataplane.py) can override it with
+ * -D cflags built from lb.config.DataplaneConfig. Flag bits and counter slots are mirrored by
+ * name in lb/consts.py; tests/test_consts.py parses this file and compares.
+ */
+#ifndef XLB_CONSTS_H
+#define XLB_CONSTS_H
+
+/* Slots in each VIP's Maglev ring; a prime. */
+#ifndef RING_SIZE
+#define RING_SIZE 65537
+#endif
+
+/* Number of VIPs (vip_num is below this). */
+#ifndef MAX_VIPS
+#define MAX_VIPS 512
+#endif
+
+/* Number of backend ("real") slots; index 0 is reserved for "no backend". */
+#ifndef MAX_REALS
+#define MAX_REALS 4096
+#endif
+
+/* Distinct VIP addresses (a VIP address may carry many ports/protocols). */
+#ifndef MAX_VIP_ADDRS
+#define MAX_VIP_ADDRS MAX_VIPS
+#endif
+
+/* Entries in the connection table (an LRU with per-CPU LRU lists). */
+#ifndef CONN_TABLE_SIZE
+#define CONN_TABLE_SIZE 1000000
+#endif
+
+/* Feature switches (1 = compiled in). */
+#ifndef FEAT_ICMP_ECHO
+#define FEAT_ICMP_ECHO 1
+#endif
+#ifndef FEAT_ICMP_FWD
+#define FEAT_ICMP_FWD 1
+#endif
+#ifndef FEAT_TOO_BIG
+#define FEAT_TOO_BIG 1
+#endif
+#ifndef FEAT_GUE
+#define FEAT_GUE 1
+#endif
+
+/* Address families as stored in keys (not AF_* values, which differ per OS). */
+#define FAMILY_V4 4
+#define FAMILY_V6 6
+
+/* Backend index meaning "no backend" in ch_rings and conn_table. */
+#define REAL_NONE 0
+
+/* VIP flags (struct vip_meta.flags). */
+/* Hash on the client address only, not its port: all of a client's flows go to one backend. */
+#define F_HASH_SRC_ONLY (1 << 0)
+/* Never consult or fill the connection table for this VIP. */
+#define F_LRU_BYPASS (1 << 1)
+/* Encapsulate in GUE (IP in UDP to lb_cfg.gue_port) instead of IP-in-IP. */
+#define F_ENCAP_GUE (1 << 2)
+/* Outer source is the LB's own address (lb_cfg.src_v4/src_v6) instead of the RSS-friendly one. */
+#define F_SRC_LB (1 << 3)
+
+/* Backend flags (struct real_def.flags). */
+/* The backend address is IPv6. */
+#define REAL_F_V6 (1 << 0)
+
+/* Global counter slots (glob_stats index). Every drop or pass for a reason has one. */
+enum glob_stat {
+	/* Verdict totals. */
+	STAT_XDP_PASS = 0,
+	STAT_XDP_DROP,
+	STAT_XDP_TX,
+	/* Passed: not IPv4/IPv6, or not TCP/UDP/ICMP. */
+	STAT_PASS_NOT_IP,
+	/* Passed: IP but not to a VIP. */
+	STAT_PASS_NON_VIP,
+	/* Dropped: IP header malformed or truncated. */
+	STAT_MALFORMED,
+	/* Connection table hit. */
+	STAT_LRU_HIT,
+	/* Connection table miss on a TCP SYN. */
+	STAT_LRU_MISS_SYN,
+	/* Connection table miss on anything else. */
+	STAT_LRU_MISS_OTHER,
+	/* ICMP / ICMPv6 echo replies sent for a VIP address. */
+	STAT_ICMP_ECHO,
+	/* ICMP errors about a VIP flow forwarded to its backend. */
+	STAT_ICMP_FWD,
+	/* ICMP frag-needed / packet-too-big sent to a client. */
+	STAT_TOO_BIG,
+	/* IPv4 fragments or IPv6 fragment headers to a VIP address (dropped). */
+	STAT_FRAG,
+	/* IPv4 packets with options to a VIP address (dropped). */
+	STAT_IP_OPTIONS,
+	/* VIP with no backend in its ring slot (dropped). */
+	STAT_NO_BACKEND,
+	/* Encapsulation failed (headroom, bounds) (dropped). */
+	STAT_ENCAP_FAIL,
+	STAT_MAX,
+};
+
+#endif /* XLB_CONSTS_H */

@@ -1,0 +1,42 @@
+/* maps.h - every map of the balancer, one comment each.
+ *
+ * With PIN_DIR defined (the loader passes it) each map is pinned as PIN_DIR/<name>: a map that
+ * is already pinned is reused, so rings, connections and counters survive a restart or an
+ * upgrade of the program. Names stay at most 15 characters so bpftool shows them whole.
+ */
+#ifndef XLB_MAPS_H
+#define XLB_MAPS_H
+
+#include "consts.h"
+#include "structs.h"
+
+#ifdef PIN_DIR
+#define LB_MAP(type, key, val, name, size, flags) \
+	BPF_TABLE_PINNED(type, key, val, name, size, PIN_DIR "/" #name, flags)
+#else
+#define LB_MAP(type, key, val, name, size, flags) BPF_F_TABLE(type, key, val, name, size, flags)
+#endif
+
+/* LRU with a per-CPU LRU list: evictions never contend across CPUs, lookups see every CPU. */
+#define NO_COMMON_LRU 2 /* BPF_F_NO_COMMON_LRU */
+
+/* VIP (address, port, protocol) -> VIP number and flags. */
+LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
+/* Addresses carrying a VIP -> number of VIPs on it. */
+LB_MAP("hash", struct vip_addr, __u32, vip_addrs, MAX_VIP_ADDRS, 0);
+/* Backend index -> backend. */
+LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
+/* Maglev rings, flat: ch_rings[vip_num * RING_SIZE + slot] = backend index (0 = none). */
+LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, 0);
+/* Connection table: flow 5-tuple -> backend. */
+LB_MAP("lru_hash", struct flow_key, struct conn_val, conn_table, CONN_TABLE_SIZE, NO_COMMON_LRU);
+/* Runtime configuration, one entry. */
+LB_MAP("array", __u32, struct lb_cfg, lb_cfg, 1, 0);
+/* Per-VIP counters. */
+LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAX_VIPS, 0);
+/* Per-backend counters. */
+LB_MAP("percpu_array", __u32, struct real_stats, real_stats, MAX_REALS, 0);
+/* Global counters, indexed by enum glob_stat. */
+LB_MAP("percpu_array", __u32, __u64, glob_stats, STAT_MAX, 0);
+
+#endif /* XLB_MAPS_H */

@@ -1,0 +1,90 @@
+/* structs.h - every struct shared between the data plane and user space.
+ *
+ * Python never mirrors these by hand: it uses the ctypes types BCC generates from them
+ * (table.Key / table.Leaf). Addresses are in network byte order; an IPv4 address lives in
+ * addr[0] with the other words zero.
+ */
+#ifndef XLB_STRUCTS_H
+#define XLB_STRUCTS_H
+
+/* Key of vip_map: one VIP is (address, port, protocol); port 0 = every port. */
+struct vip_key {
+	__be32 addr[4];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+/* Value of vip_map. */
+struct vip_meta {
+	/* Index into ch_rings (vip_num * RING_SIZE) and vip_stats. */
+	__u32 vip_num;
+	/* F_* flags from consts.h. */
+	__u32 flags;
+};
+
+/* Key of vip_addrs: an address that carries at least one VIP (for ICMP echo, fragments). */
+struct vip_addr {
+	__be32 addr[4];
+	__u32 family;
+};
+
+/* Value of reals: one backend. Index 0 is never used (REAL_NONE). */
+struct real_def {
+	__be32 addr[4];
+	/* REAL_F_* flags from consts.h. */
+	__u32 flags;
+};
+
+/* Key of conn_table: a flow's 5-tuple as the client sent it. */
+struct flow_key {
+	__be32 src[4];
+	__be32 dst[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+/* Value of conn_table. */
+struct conn_val {
+	/* Backend index into reals. */
+	__u32 real_idx;
+	__u32 pad;
+	/* bpf_ktime_get_ns() of the last packet (kept for UDP idle expiry). */
+	__u64 atime;
+};
+
+/* Runtime configuration: lb_cfg[0], written by the control plane. */
+struct lb_cfg {
+	/* Destination MAC of every encapsulated frame: the default router ("LB on a stick"). */
+	__u8 gw_mac[6];
+	/* GUE destination UDP port, network order. */
+	__be16 gue_port;
+	/* The LB's own outer source addresses (used with F_SRC_LB and for ICMP it sends). */
+	__be32 src_v4;
+	__be32 src_v6[4];
+	/* RSS-friendly outer source prefixes: IPv4 /16 (low 16 bits from the flow), IPv6 /64. */
+	__be32 rss_v4;
+	__be32 rss_v6[2];
+	/* Largest frame (Ethernet header included, no FCS) the LB may send; 0 = no check. */
+	__u32 max_frame;
+	/* UDP connection-table entries idle longer than this are ignored and replaced. */
+	__u64 udp_timeout_ns;
+};
+
+/* Per-VIP counters (vip_stats, per CPU). */
+struct vip_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_conns;
+};
+
+/* Per-backend counters (real_stats, per CPU). */
+struct real_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* XLB_STRUCTS_H */
