@@ -1,0 +1,381 @@
+"""Desired state of the balancer: VIPs and their backends, and the rules they must follow.
+
+Pure data (pydantic) and pure checks: nothing here touches the kernel or the disk.
+
+- Field-level constraints (port range, weight range, literals) are pydantic constraints, so
+  an API body that breaks them is refused by pydantic before it reaches the control plane.
+- Rules across fields and against the configuration (address families, duplicates, limits)
+  are checked by `validate_vip` / `validate_state`, which raise `lb.errors.InvalidInput` or
+  `LimitReached` with `field` naming the offending field (``backends[3].address``).
+- `Plan` and `Drift` are what the control plane reports for a whole-state change and for a
+  difference between the maps and the desired state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError
+
+from lb.config import DataplaneConfig
+from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
+from lb.errors import InvalidInput, LimitReached
+
+Protocol = Literal["tcp", "udp"]
+Encap = Literal["ipip", "gue"]
+OuterSource = Literal["rss", "lb"]
+BackendState = Literal["active", "draining", "disabled"]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Highest backend weight (the same bound as lb.maglev.MAX_WEIGHT; test_model checks it).
+MAX_WEIGHT = 1000
+#: Outer source used when a VIP does not name one: IPIP spreads over the backend's RX
+#: queues (RSS-friendly source), GUE already varies its UDP source port, so it uses the LB's
+#: own address, which clouds and ISPs do not drop as spoofed (katran#116).
+DEFAULT_OUTER_SOURCE: dict[str, OuterSource] = {"ipip": "rss", "gue": "lb"}
+
+_PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
+
+
+class BackendSpec(BaseModel):
+    """One backend of a VIP; its identity is its address in canonical text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: IPvAnyAddress = Field(description="backend address (IPv4 or IPv6)")
+    weight: int = Field(1, ge=0, le=MAX_WEIGHT, description="relative share of new flows")
+    state: BackendState = Field(
+        "active",
+        description="active: in the ring; draining: tracked flows only; disabled: out",
+    )
+
+    @property
+    def identity(self) -> str:
+        """Canonical text of the address (the backend's identity across VIPs)."""
+        return str(self.address)
+
+    @property
+    def in_ring(self) -> bool:
+        """True when the backend takes new flows (active with a weight above 0)."""
+        return self.state == "active" and self.weight > 0
+
+    @property
+    def in_reals(self) -> bool:
+        """True when the data plane must still know the backend (tracked flows go on)."""
+        return self.state != "disabled"
+
+
+class VipSpec(BaseModel):
+    """One VIP (protocol, address, port) with its flags, encapsulation and backends."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol: Protocol = Field(description="tcp or udp")
+    address: IPvAnyAddress = Field(description="VIP address (IPv4 or IPv6)")
+    port: int = Field(ge=0, le=65535, description="destination port; 0 = every port")
+    hash_src_only: bool = Field(False, description="hash on the client address only")
+    lru_bypass: bool = Field(False, description="never use the connection table")
+    encap: Encap = Field("ipip", description="ipip (IP-in-IP / IPv6) or gue (IP in UDP)")
+    outer_source: OuterSource | None = Field(
+        None, description="rss (flow-derived) or lb (own address); default rss/ipip, lb/gue"
+    )
+    backends: list[BackendSpec] = Field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        """The VIP's id: ``tcp:198.18.0.10:80``, ``udp:[2001:db8::10]:53``."""
+        return vip_id(self.protocol, self.address, self.port)
+
+    @property
+    def effective_outer_source(self) -> OuterSource:
+        """The outer source in force (the encapsulation's default when none is set)."""
+        return self.outer_source or DEFAULT_OUTER_SOURCE[self.encap]
+
+    @property
+    def flags(self) -> int:
+        """The data plane's F_* flags for this VIP (struct vip_meta.flags)."""
+        f = 0
+        if self.hash_src_only:
+            f |= F_HASH_SRC_ONLY
+        if self.lru_bypass:
+            f |= F_LRU_BYPASS
+        if self.encap == "gue":
+            f |= F_ENCAP_GUE
+        if self.effective_outer_source == "lb":
+            f |= F_SRC_LB
+        return f
+
+    def backend(self, address: str) -> BackendSpec | None:
+        """The backend with this address (any spelling), or None."""
+        key = canonical_address(address, field="address")
+        for b in self.backends:
+            if b.identity == key:
+                return b
+        return None
+
+
+class VipUpdate(BaseModel):
+    """Changes to a VIP's flags and encapsulation; unset fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash_src_only: bool | None = None
+    lru_bypass: bool | None = None
+    encap: Encap | None = None
+    #: Explicitly set to None to go back to the encapsulation's default.
+    outer_source: OuterSource | None = None
+
+
+class BackendUpdate(BaseModel):
+    """Changes to a backend's weight and state; unset fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: int | None = Field(None, ge=0, le=MAX_WEIGHT)
+    state: BackendState | None = None
+
+
+class State(BaseModel):
+    """The whole desired state and the generation it was stored at."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vips: list[VipSpec] = Field(default_factory=list)
+    generation: int = Field(0, ge=0, description="bumped by every applied change")
+
+
+class VipKey(NamedTuple):
+    """The parts of a VIP id."""
+
+    protocol: Protocol
+    address: IPAddress
+    port: int
+
+
+class Limits(NamedTuple):
+    """Capacity of the data plane as compiled (from lb.config.DataplaneConfig)."""
+
+    max_vips: int
+    #: Usable backend slots: max_reals - 1, since index 0 means "no backend".
+    max_backends: int
+    #: Slots per ring; a VIP needs 100 per backend in its ring for 1% balance.
+    ring_size: int
+
+    @classmethod
+    def from_config(cls, config: DataplaneConfig) -> Limits:
+        """Limits of a compiled data plane."""
+        return cls(config.max_vips, config.max_reals - 1, config.ring_size)
+
+
+class BackendChange(BaseModel):
+    """A backend whose weight or state differs between two states."""
+
+    model_config = ConfigDict(frozen=True)
+
+    address: str
+    before: BackendSpec
+    after: BackendSpec
+
+
+class VipPlan(BaseModel):
+    """What a whole-state change does to one VIP that exists before and after."""
+
+    model_config = ConfigDict(frozen=True)
+
+    vip_id: str
+    flags_changed: bool = False
+    added_backends: list[str] = Field(default_factory=list)
+    removed_backends: list[str] = Field(default_factory=list)
+    changed_backends: list[BackendChange] = Field(default_factory=list)
+    #: Fraction of ring slots that point to a different backend afterwards (0..1).
+    moved_fraction: float = 0.0
+
+
+class Plan(BaseModel):
+    """What applying a desired state would change (or did change)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    from_generation: int
+    added_vips: list[str] = Field(default_factory=list)
+    removed_vips: list[str] = Field(default_factory=list)
+    changed_vips: list[VipPlan] = Field(default_factory=list)
+    #: Generation after the change was applied (None for a dry run or no change).
+    to_generation: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when the state would not change."""
+        return not (self.added_vips or self.removed_vips or self.changed_vips)
+
+
+DriftKind = Literal["vip_map", "vip_addrs", "reals", "ch_rings"]
+
+
+class Drift(BaseModel):
+    """One difference between what the maps hold and what the desired state says."""
+
+    model_config = ConfigDict(frozen=True)
+
+    map: DriftKind
+    key: str = Field(description="the entry: VIP id, address, backend index, ring of a VIP")
+    expected: str | None = Field(description="what the state says (None: no entry)")
+    actual: str | None = Field(description="what the map holds (None: no entry)")
+
+
+def format_address(addr: IPAddress) -> str:
+    """Canonical text of an address."""
+    return str(addr)
+
+
+def vip_id(protocol: str, address: IPAddress, port: int) -> str:
+    """Compose a VIP id; IPv6 addresses go in brackets."""
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{protocol}:{host}:{port}"
+
+
+def canonical_address(text: str, *, field: str) -> str:
+    """Canonical text of an address given in any spelling; InvalidInput naming `field`."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise InvalidInput(
+            f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
+        ) from None
+
+
+def parse_vip_id(text: str) -> VipKey:
+    """Split ``tcp:198.18.0.10:80`` / ``udp:[2001:db8::10]:53``; InvalidInput otherwise."""
+    proto, sep, rest = text.partition(":")
+    bad = InvalidInput(
+        f"vip_id: {text!r} is not protocol:address:port "
+        "(tcp:198.18.0.10:80, udp:[2001:db8::10]:53)",
+        field="vip_id",
+    )
+    if not sep or proto.lower() not in _PROTOCOLS:
+        raise bad
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise bad
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise bad
+    elif ":" in host:
+        # IPv6 without brackets is ambiguous with the port separator.
+        raise bad
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise bad from None
+    port = int(port_text)
+    if port > 65535:
+        raise bad
+    protocol: Protocol = "tcp" if proto.lower() == "tcp" else "udp"
+    return VipKey(protocol, addr, port)
+
+
+def invalid_from_validation(exc: ValidationError, *, prefix: str = "") -> InvalidInput:
+    """Turn pydantic's first error into InvalidInput naming the field."""
+    err = exc.errors()[0]
+    parts: list[str] = []
+    for p in err["loc"]:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    field = prefix + "".join(parts)
+    return InvalidInput(f"{field or 'body'}: {err['msg']}", field=field or None)
+
+
+def _check_address(addr: IPAddress, field: str, what: str) -> None:
+    if addr.is_unspecified or addr.is_multicast:
+        raise InvalidInput(f"{field}: {what} {addr} cannot be unspecified or multicast",
+                           field=field)
+    if addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise InvalidInput(f"{field}: {what} {addr} is the broadcast address", field=field)
+
+
+def validate_backend(vip: VipSpec, backend: BackendSpec, field: str) -> None:
+    """Rules one backend must follow within its VIP; InvalidInput naming `field`."""
+    _check_address(backend.address, f"{field}.address", "backend address")
+    if not 0 <= backend.weight <= MAX_WEIGHT:
+        raise InvalidInput(
+            f"{field}.weight: must be in 0..{MAX_WEIGHT}, got {backend.weight}",
+            field=f"{field}.weight",
+        )
+    if vip.address.version == 6 and backend.address.version == 4:
+        # The data plane encapsulates v4-in-v4, v6-in-v6 and v4-in-v6 only (as Katran).
+        raise InvalidInput(
+            f"{field}.address: an IPv6 VIP cannot have an IPv4 backend ({backend.address}); "
+            "supported are IPv4 VIP -> IPv4/IPv6 backend and IPv6 VIP -> IPv6 backend",
+            field=f"{field}.address",
+        )
+
+
+def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
+    """Rules a VIP must follow on its own; InvalidInput / LimitReached naming the field."""
+    _check_address(vip.address, "address", "VIP address")
+    if vip.protocol not in _PROTOCOLS:
+        raise InvalidInput(f"protocol: must be tcp or udp, got {vip.protocol!r}",
+                           field="protocol")
+    if not 0 <= vip.port <= 65535:
+        raise InvalidInput(f"port: must be in 0..65535, got {vip.port}", field="port")
+    seen: dict[str, int] = {}
+    for i, b in enumerate(vip.backends):
+        field = f"backends[{i}]"
+        validate_backend(vip, b, field)
+        if b.identity in seen:
+            raise InvalidInput(
+                f"{field}.address: backend {b.identity} is listed twice "
+                f"(also backends[{seen[b.identity]}])",
+                field=f"{field}.address",
+            )
+        seen[b.identity] = i
+    if limits is not None:
+        in_ring = sum(1 for b in vip.backends if b.in_ring)
+        most = limits.ring_size // 100
+        if in_ring > most:
+            raise LimitReached(
+                f"backends: {in_ring} backends in the ring, but a ring of "
+                f"{limits.ring_size} slots balances at most {most} (100 slots each)",
+                field="backends",
+            )
+
+
+def distinct_backends(vips: Iterable[VipSpec]) -> set[str]:
+    """Identities of every backend of these VIPs (a shared backend counts once)."""
+    return {b.identity for v in vips for b in v.backends}
+
+
+def validate_state(vips: list[VipSpec], limits: Limits | None = None) -> None:
+    """Rules for a whole set of VIPs: each VIP's rules, unique ids and the limits."""
+    ids: dict[str, int] = {}
+    for i, v in enumerate(vips):
+        try:
+            validate_vip(v, limits)
+        except (InvalidInput, LimitReached) as e:
+            field = f"vips[{i}].{e.field}" if e.field else f"vips[{i}]"
+            raise type(e)(f"vips[{i}] ({v.id}): {e.detail}", field=field) from None
+        if v.id in ids:
+            raise InvalidInput(
+                f"vips[{i}]: VIP {v.id} is listed twice (also vips[{ids[v.id]}])",
+                field=f"vips[{i}]",
+            )
+        ids[v.id] = i
+    if limits is None:
+        return
+    if len(vips) > limits.max_vips:
+        raise LimitReached(
+            f"vips: {len(vips)} VIPs exceed the limit of {limits.max_vips} (max_vips)",
+            field="vips",
+        )
+    n = len(distinct_backends(vips))
+    if n > limits.max_backends:
+        raise LimitReached(
+            f"backends: {n} distinct backends exceed the limit of {limits.max_backends} "
+            "(max_reals - 1; index 0 means no backend)",
+            field="backends",
+        )
