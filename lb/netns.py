@@ -1,0 +1,510 @@
+"""Network namespace, veth, address and XDP-attach primitives for labs and benchmarks.
+
+Everything is addressed by (namespace name, interface name): a lab never touches the host's
+own namespace. Namespaces live under /run/netns like `ip netns add` makes them, so `ip -n`
+and `nsenter --net=/run/netns/NAME` see them too. Processes that must see bpffs pins are
+started with nsenter (`cmd`/`run`/`popen`), never `ip netns exec`, which remounts /sys.
+
+Two veth facts drive the helpers here (see /work/shared/PLATFORM.md): native XDP_TX or
+XDP_REDIRECT into a veth delivers only if the peer has an XDP program (`load_xdp_pass` makes
+the smallest one), and checksum offload must be off on senders whose packets cross native XDP
+(`set_offload`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import platform
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as _pr_netns
+
+from lb.errors import KernelError
+
+NETNS_RUN_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+
+XdpMode = Literal["native", "generic"]
+
+# linux/if_link.h XDP_FLAGS_*: the mode used to attach must be used to detach.
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_FLAGS: dict[str, int] = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+# IFLA_XDP_ATTACHED as pyroute2 decodes it.
+ATTACHED_MODES: dict[str, str] = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "hw"}
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# Namespaces.
+
+
+def path(name: str) -> Path:
+    """The bind-mount file of a named namespace."""
+    return NETNS_RUN_DIR / name
+
+
+def exists(name: str) -> bool:
+    """Whether a named namespace exists."""
+    return path(name).exists()
+
+
+def names(prefix: str = "") -> list[str]:
+    """Named namespaces whose name starts with `prefix`, sorted."""
+    if not NETNS_RUN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_RUN_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def create(name: str) -> None:
+    """Create a named namespace; raises if it already exists."""
+    if exists(name):
+        raise KernelError(f"network namespace {name} already exists")
+    _pr_netns.create(name)
+    # Loopback down makes addresses on lo (a DSR backend's VIP) non-local.
+    set_link(name, "lo", up=True)
+
+
+def delete(name: str) -> bool:
+    """Delete a named namespace (its veths go with it); False if it did not exist."""
+    if not exists(name):
+        return False
+    _pr_netns.remove(name)
+    return True
+
+
+@contextmanager
+def namespace(name: str) -> Iterator[str]:
+    """Create a namespace for the duration of a `with` block, deleted even on error."""
+    create(name)
+    try:
+        yield name
+    finally:
+        delete(name)
+
+
+@contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Move the calling thread into a namespace and back (setns is per thread)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(path(name), os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"setns failed: {os.strerror(err)} (errno {err})")
+
+
+def call_in(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` in a fresh thread inside a namespace and return its result."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with entered(name):
+                result.append(fn(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def cmd(name: str, argv: list[str]) -> list[str]:
+    """An argv that runs `argv` inside a namespace, keeping the host's mounts (bpffs pins)."""
+    return ["nsenter", f"--net={path(name)}", "--", *argv]
+
+
+def run(
+    name: str, argv: list[str], *, check: bool = True, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run a command inside a namespace and capture its output."""
+    res = subprocess.run(cmd(name, argv), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise KernelError(
+            f"{' '.join(argv)} in {name} failed ({res.returncode}): {res.stderr.strip()}"
+        )
+    return res
+
+
+def popen(name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Start a process inside a namespace; the caller keeps its pid to stop it."""
+    return subprocess.Popen(cmd(name, argv), **kwargs)
+
+
+# Links and addresses.
+
+
+@contextmanager
+def iproute(name: str) -> Iterator[IPRoute]:
+    """A netlink socket inside an existing namespace (never creates one on a typo)."""
+    if not exists(name):
+        raise KernelError(f"network namespace {name} does not exist")
+    ipr = IPRoute(netns=name, flags=0)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def ifindex(name: str, ifname: str) -> int:
+    """Interface index of `ifname` inside a namespace."""
+    with iproute(name) as ipr:
+        return _index(ipr, name, ifname)
+
+
+def _index(ipr: IPRoute, name: str, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise KernelError(f"no interface {ifname} in namespace {name}")
+    return int(found[0])
+
+
+@dataclass(frozen=True)
+class End:
+    """One end of a veth pair: namespace, interface name, optional MAC and MTU."""
+
+    netns: str
+    ifname: str
+    mac: str | None = None
+    mtu: int = 1500
+
+
+def add_veth(a: End, b: End, *, up: bool = True) -> None:
+    """Create a veth pair with one end in each namespace, set MACs and MTUs, bring it up."""
+    with iproute(a.netns) as ipr:
+        ipr.link("add", ifname=a.ifname, kind="veth",
+                 peer={"ifname": b.ifname, "net_ns_fd": b.netns})
+    for end in (a, b):
+        set_link(end.netns, end.ifname, up=up, mtu=end.mtu, mac=end.mac)
+
+
+def set_link(
+    name: str, ifname: str, *, up: bool | None = None, mtu: int | None = None,
+    mac: str | None = None,
+) -> None:
+    """Change state, MTU or MAC of an interface inside a namespace."""
+    attrs: dict[str, Any] = {}
+    if mtu is not None:
+        attrs["mtu"] = mtu
+    if mac is not None:
+        attrs["address"] = mac
+    if up is not None:
+        attrs["state"] = "up" if up else "down"
+    if not attrs:
+        return
+    with iproute(name) as ipr:
+        ipr.link("set", index=_index(ipr, name, ifname), **attrs)
+
+
+IFA_F_NODAD = 0x02
+
+
+def add_address(name: str, ifname: str, iface: str) -> None:
+    """Add an address like `198.18.1.2/24` or `2001:db8:1::2/64` (IPv6 without DAD delay)."""
+    i = ipaddress.ip_interface(iface)
+    kw: dict[str, Any] = {}
+    if i.version == 6:
+        # Tentative addresses cannot be bound for a second or more.
+        kw["flags"] = IFA_F_NODAD
+    with iproute(name) as ipr:
+        ipr.addr("add", index=_index(ipr, name, ifname), address=str(i.ip),
+                 prefixlen=i.network.prefixlen, **kw)
+
+
+def add_route(name: str, dst: str, gateway: str) -> None:
+    """Add a route (`default` or a prefix) via a gateway inside a namespace."""
+    gw = ipaddress.ip_address(gateway)
+    kw: dict[str, Any] = {"gateway": str(gw)}
+    if dst == "default":
+        kw["dst"] = "0.0.0.0/0" if gw.version == 4 else "::/0"
+    else:
+        kw["dst"] = str(ipaddress.ip_network(dst))
+    if gw.version == 6:
+        kw["family"] = 10
+    with iproute(name) as ipr:
+        ipr.route("add", **kw)
+
+
+def route_get(name: str, dst: str) -> dict[str, Any]:
+    """The kernel's route decision for `dst` in a namespace (oif name, gateway, prefsrc)."""
+    a = ipaddress.ip_address(dst)
+    with iproute(name) as ipr:
+        try:
+            msg = ipr.route("get", dst=str(a), family=2 if a.version == 4 else 10)[0]
+        except Exception as e:  # pyroute2 raises NetlinkError: no route, unreachable
+            return {"error": str(e)}
+        oif = msg.get("RTA_OIF")
+        ifname = None
+        if oif:
+            links = ipr.get_links(oif)
+            ifname = links[0].get("IFLA_IFNAME") if links else None
+        return {"oif": ifname, "gateway": msg.get("RTA_GATEWAY"), "prefsrc": msg.get("RTA_PREFSRC"),
+                "type": msg.get("type")}
+
+
+def neighbours(name: str, ifname: str) -> dict[str, str]:
+    """Neighbour table entries (address -> MAC) learnt on one interface."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        out: dict[str, str] = {}
+        for n in ipr.get_neighbours(ifindex=idx):
+            addr, mac = n.get("NDA_DST"), n.get("NDA_LLADDR")
+            if addr and mac and not ipaddress.ip_address(addr).is_multicast:
+                out[str(addr)] = str(mac)
+        return out
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel reports about one interface."""
+
+    netns: str
+    ifname: str
+    index: int
+    mac: str
+    mtu: int
+    up: bool
+    kind: str | None
+    peer_index: int | None
+    xdp_mode: str | None
+    xdp_prog_id: int | None
+
+    @property
+    def xdp_prog_name(self) -> str | None:
+        """Name of the attached XDP program, if any."""
+        return prog_name(self.xdp_prog_id) if self.xdp_prog_id else None
+
+
+def _link_info(name: str, msg: Any) -> LinkInfo:
+    xdp = msg.get("IFLA_XDP")
+    mode = prog_id = None
+    if xdp is not None:
+        attached = xdp.get("IFLA_XDP_ATTACHED")
+        mode = ATTACHED_MODES.get(attached, attached) if attached else None
+        prog_id = xdp.get("IFLA_XDP_PROG_ID") or None
+    info = msg.get("IFLA_LINKINFO")
+    kind = info.get("IFLA_INFO_KIND") if info is not None else None
+    return LinkInfo(
+        netns=name,
+        ifname=str(msg.get("IFLA_IFNAME")),
+        index=int(msg["index"]),
+        mac=str(msg.get("IFLA_ADDRESS")),
+        mtu=int(msg.get("IFLA_MTU")),
+        up=bool(msg["flags"] & 1),
+        kind=kind,
+        peer_index=msg.get("IFLA_LINK"),
+        xdp_mode=mode,
+        xdp_prog_id=prog_id,
+    )
+
+
+def link_info(name: str, ifname: str) -> LinkInfo:
+    """State, MAC, MTU and attached XDP program of one interface."""
+    with iproute(name) as ipr:
+        return _link_info(name, ipr.get_links(_index(ipr, name, ifname))[0])
+
+
+def links(name: str) -> list[LinkInfo]:
+    """Every interface of a namespace."""
+    with iproute(name) as ipr:
+        return [_link_info(name, m) for m in ipr.get_links()]
+
+
+def addresses(name: str, ifname: str) -> list[str]:
+    """Addresses of an interface as `address/prefixlen`."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)]
+
+
+# Kernel settings that live per namespace.
+
+
+def _write_sysctls(values: Mapping[str, str | int]) -> None:
+    for key, value in values.items():
+        Path("/proc/sys", key.replace(".", "/")).write_text(f"{value}\n")
+
+
+def set_sysctls(name: str, values: Mapping[str, str | int]) -> None:
+    """Write `net.*` sysctls inside a namespace (they are per namespace; nothing on the host)."""
+    for key in values:
+        if not key.startswith("net."):
+            raise KernelError(f"refusing to write non-namespaced sysctl {key}")
+    call_in(name, _write_sysctls, values)
+
+
+def get_sysctl(name: str, key: str) -> str:
+    """Read a `net.*` sysctl inside a namespace."""
+    return call_in(name, lambda: Path("/proc/sys", key.replace(".", "/")).read_text().strip())
+
+
+def set_offload(name: str, ifname: str, feature: str = "tx", on: bool = False) -> None:
+    """Switch an ethtool offload (default: tx checksumming) on an interface in a namespace."""
+    run(name, ["ethtool", "-K", ifname, feature, "on" if on else "off"])
+
+
+def offloads(name: str, ifname: str) -> dict[str, bool]:
+    """ethtool -k of an interface: feature name -> on."""
+    out = run(name, ["ethtool", "-k", ifname]).stdout
+    feats: dict[str, bool] = {}
+    for line in out.splitlines()[1:]:
+        key, _, rest = line.strip().partition(":")
+        if rest:
+            feats[key] = rest.split()[0] == "on"
+    return feats
+
+
+def set_queues(name: str, ifname: str, count: int) -> None:
+    """Give a veth `count` rx and tx queues (veths start with one)."""
+    run(name, ["ethtool", "-L", ifname, "rx", str(count), "tx", str(count)])
+
+
+# XDP programs on veths.
+
+
+def xdp_attach(name: str, ifname: str, prog_fd: int, mode: XdpMode = "native") -> None:
+    """Attach (or replace) an XDP program on an interface in a namespace."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        ipr.link("set", index=idx,
+                 xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
+
+
+def xdp_detach(name: str, ifname: str, mode: XdpMode | None = None) -> None:
+    """Detach the XDP program of an interface; the mode defaults to the one attached."""
+    if mode is None:
+        attached = link_info(name, ifname).xdp_mode
+        if attached not in MODE_FLAGS:
+            return
+        mode = "native" if attached == "native" else "generic"
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        ipr.link("set", index=idx,
+                 xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
+
+
+@contextmanager
+def xdp_attached(
+    name: str, ifname: str, prog_fd: int, mode: XdpMode = "native"
+) -> Iterator[None]:
+    """Keep an XDP program attached for the duration of a `with` block."""
+    xdp_attach(name, ifname, prog_fd, mode)
+    try:
+        yield
+    finally:
+        if exists(name):
+            xdp_detach(name, ifname, mode)
+
+
+# Raw bpf(2): the two-instruction XDP_PASS program and program names by id.
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_PROG_LOAD = 5
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_TYPE_XDP = 6
+XDP_PASS = 2
+PASS_PROG_NAME = "xlb_pass"
+
+
+def _bpf(cmd_: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise KernelError(f"bpf(2): unsupported architecture {platform.machine()}")
+    rc = int(_libc.syscall(nr, cmd_, attr, len(attr)))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"bpf({cmd_}) failed: {os.strerror(err)} (errno {err})")
+    return rc
+
+
+def load_xdp_pass() -> int:
+    """Load `r0 = XDP_PASS; exit` as an XDP program named xlb_pass; returns its fd.
+
+    Attached to a veth peer it makes native XDP_TX/XDP_REDIRECT into that veth deliver, at no
+    cost worth measuring. No compiler involved, so it loads in microseconds. Close the fd when
+    attached: the attachment keeps the program alive.
+    """
+    # BPF_MOV64_IMM(R0, XDP_PASS); BPF_EXIT_INSN()
+    insns = (ctypes.c_uint64 * 2)(0xB7 | (XDP_PASS << 32), 0x95)
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)
+    ctypes.memmove(ctypes.addressof(attr), ctypes.byref(ctypes.c_uint32(BPF_PROG_TYPE_XDP)), 4)
+    ctypes.memmove(ctypes.addressof(attr) + 4, ctypes.byref(ctypes.c_uint32(2)), 4)
+    ctypes.memmove(ctypes.addressof(attr) + 8,
+                   ctypes.byref(ctypes.c_uint64(ctypes.addressof(insns))), 8)
+    ctypes.memmove(ctypes.addressof(attr) + 16,
+                   ctypes.byref(ctypes.c_uint64(ctypes.addressof(lic))), 8)
+    # prog_name[16] sits at offset 48 of the BPF_PROG_LOAD attr.
+    ctypes.memmove(ctypes.addressof(attr) + 48, PASS_PROG_NAME.encode(), len(PASS_PROG_NAME))
+    return _bpf(BPF_PROG_LOAD, attr)
+
+
+@contextmanager
+def xdp_pass_attached(name: str, ifname: str, mode: XdpMode = "native") -> Iterator[None]:
+    """Keep xlb_pass attached to an interface for the duration of a `with` block."""
+    fd = load_xdp_pass()
+    try:
+        with xdp_attached(name, ifname, fd, mode):
+            yield
+    finally:
+        os.close(fd)
+
+
+def attach_xdp_pass(name: str, ifname: str, mode: XdpMode = "native") -> None:
+    """Attach xlb_pass to an interface and leave it there (it goes with the interface)."""
+    fd = load_xdp_pass()
+    try:
+        xdp_attach(name, ifname, fd, mode)
+    finally:
+        os.close(fd)
+
+
+def prog_name(prog_id: int) -> str | None:
+    """The name of a loaded BPF program by id (None if it is gone)."""
+    attr = ctypes.create_string_buffer(16)
+    ctypes.memmove(ctypes.addressof(attr), ctypes.byref(ctypes.c_uint32(prog_id)), 4)
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, attr)
+    except KernelError:
+        return None
+    try:
+        info = ctypes.create_string_buffer(256)
+        attr = ctypes.create_string_buffer(16)
+        ctypes.memmove(ctypes.addressof(attr), ctypes.byref(ctypes.c_uint32(fd)), 4)
+        ctypes.memmove(ctypes.addressof(attr) + 4, ctypes.byref(ctypes.c_uint32(len(info))), 4)
+        ctypes.memmove(ctypes.addressof(attr) + 8,
+                       ctypes.byref(ctypes.c_uint64(ctypes.addressof(info))), 8)
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+        # struct bpf_prog_info: name[BPF_OBJ_NAME_LEN] at offset 64.
+        return info.raw[64:80].split(b"\0", 1)[0].decode()
+    finally:
+        os.close(fd)
