@@ -5,27 +5,51 @@ store durably (one SQLite transaction, generation bumped), apply to the maps, re
 write that is stored but cannot be applied is still acknowledged (the state is durable):
 it is counted in `reconcile_errors` and retried by the next change, `repair()` or the next
 start, which always brings the maps to the stored state.
+
+Without a balancer (``ControlPlane(settings, None)``) the control plane keeps and stores the
+desired state only: what the API tests and a dry run need.
+
+The runtime configuration map `lb_cfg` is not written here (lb/settings.py owns it).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from lb.errors import NotFound
+from pydantic import ValidationError
+
+from lb import maglev
+from lb.config import DataplaneConfig
+from lb.errors import Conflict, InvalidInput, KernelError, NotFound, PreconditionFailed
 from lb.model import (
     BackendSpec,
     BackendUpdate,
     Drift,
+    Limits,
     Plan,
     State,
     VipSpec,
     VipUpdate,
+    canonical_address,
+    invalid_from_validation,
+    parse_vip_id,
+    validate_backend,
+    validate_state,
+    validate_vip,
+    vip_id,
 )
+from lb.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
+from lb.store import Store, crash_point
 
 if TYPE_CHECKING:
     from lb.dataplane import Balancer
+
+log = logging.getLogger(__name__)
+_M = TypeVar("_M", VipSpec, BackendSpec)
 
 
 class ControlSettings(Protocol):
@@ -38,91 +62,281 @@ class ControlSettings(Protocol):
 
 
 class ControlPlane:
-    """Thread-safe facade over the desired state, its store and the maps (SKELETON)."""
+    """Thread-safe facade over the desired state, its store and the maps."""
 
-    def __init__(self, settings: ControlSettings, balancer: Balancer | None) -> None:
+    def __init__(
+        self,
+        settings: ControlSettings,
+        balancer: Balancer | None,
+        *,
+        config: DataplaneConfig | None = None,
+        seed: int = maglev.DEFAULT_SEED,
+    ) -> None:
         self._lock = threading.RLock()
-        self._settings = settings
         self._balancer = balancer
-        self._vips: dict[str, VipSpec] = {}
-        self._generation = 0
+        if config is None:
+            config = balancer.config if balancer is not None else DataplaneConfig()
+        self.limits = Limits.from_config(config)
+        self._store = Store(Path(settings.state_dir), self.limits)
+        self._reconciler = Reconciler(balancer, seed) if balancer is not None else None
+        self._plan_rings = (
+            self._reconciler.rings if self._reconciler else RingCache(config.ring_size, seed)
+        )
         self._reconcile_errors = 0
+        self._last_error: str | None = None
+        with self._lock:
+            self._reconcile()
+
+    # -- properties -------------------------------------------------------------------
 
     @property
     def generation(self) -> int:
         """Generation of the stored state (bumped by every applied change)."""
-        return self._generation
+        return self._store.generation
 
     @property
     def reconcile_errors(self) -> int:
-        """Number of times applying a stored change to the maps failed."""
+        """Number of times applying the stored state to the maps failed."""
         return self._reconcile_errors
+
+    @property
+    def last_reconcile_error(self) -> str | None:
+        """Message of the last failed reconciliation (None once one succeeds)."""
+        return self._last_error
+
+    @property
+    def in_sync(self) -> bool:
+        """True when the last reconciliation succeeded (the maps match the stored state)."""
+        return self._last_error is None
+
+    # -- reads ------------------------------------------------------------------------
 
     def list_vips(self) -> list[VipSpec]:
         """Every VIP, in creation order."""
         with self._lock:
-            return list(self._vips.values())
+            return list(self._store.vips.values())
 
     def get_vip(self, vip_id: str) -> VipSpec:
         """One VIP by id; NotFound."""
         with self._lock:
-            try:
-                return self._vips[vip_id]
-            except KeyError:
-                raise NotFound(f"VIP {vip_id} does not exist", field="vip_id") from None
-
-    def create_vip(self, spec: VipSpec) -> VipSpec:
-        """Create a VIP with its backends; Conflict, LimitReached, InvalidInput."""
-        raise NotImplementedError
-
-    def update_vip(self, vip_id: str, changes: VipUpdate) -> VipSpec:
-        """Change a VIP's flags, encapsulation or outer source."""
-        raise NotImplementedError
-
-    def delete_vip(self, vip_id: str) -> None:
-        """Delete a VIP; NotFound."""
-        raise NotImplementedError
+            return self._vip(vip_id)
 
     def list_backends(self, vip_id: str) -> list[BackendSpec]:
         """The backends of a VIP; NotFound."""
         return list(self.get_vip(vip_id).backends)
 
-    def add_backend(self, vip_id: str, spec: BackendSpec) -> BackendSpec:
-        """Add a backend to a VIP; NotFound, Conflict, LimitReached, InvalidInput."""
-        raise NotImplementedError
-
-    def update_backend(self, vip_id: str, address: str, changes: BackendUpdate) -> BackendSpec:
-        """Change a backend's weight or state; NotFound."""
-        raise NotImplementedError
-
-    def remove_backend(self, vip_id: str, address: str) -> None:
-        """Remove a backend from a VIP; NotFound."""
-        raise NotImplementedError
-
-    def replace_backends(self, vip_id: str, backends: list[BackendSpec]) -> list[BackendSpec]:
-        """Replace a VIP's whole backend list in one change."""
-        raise NotImplementedError
-
     def get_state(self) -> State:
         """The whole desired state with its generation."""
         with self._lock:
-            return State(vips=list(self._vips.values()), generation=self._generation)
+            return State(vips=list(self._store.vips.values()), generation=self.generation)
+
+    def vip_number(self, vip_id: str) -> int:
+        """The VIP's number in the data plane (ring and counter index); NotFound."""
+        with self._lock:
+            return self._store.vip_nums[self._vip(vip_id).id]
+
+    def backend_index(self, address: str) -> int:
+        """A backend's index in `reals` (shared by every VIP listing it); NotFound."""
+        key = canonical_address(address, field="address")
+        with self._lock:
+            try:
+                return self._store.real_idx[key]
+            except KeyError:
+                raise NotFound(f"no VIP has backend {key}", field="address") from None
+
+    # -- VIP writes -------------------------------------------------------------------
+
+    def create_vip(self, spec: VipSpec) -> VipSpec:
+        """Create a VIP with its backends; Conflict, LimitReached, InvalidInput."""
+        with self._lock:
+            validate_vip(spec, self.limits)
+            if spec.id in self._store.vips:
+                raise Conflict(f"VIP {spec.id} already exists", field="vip_id")
+            self._commit(upserts=[spec])
+            return spec
+
+    def update_vip(self, vip_id: str, changes: VipUpdate) -> VipSpec:
+        """Change a VIP's flags, encapsulation or outer source; NotFound, InvalidInput."""
+        with self._lock:
+            vip = self._vip(vip_id)
+            fields = {f: getattr(changes, f) for f in changes.model_fields_set}
+            for f in ("hash_src_only", "lru_bypass", "encap"):
+                if fields.get(f, True) is None:
+                    raise InvalidInput(f"{f}: must not be null", field=f)
+            new = self._copy(vip, fields)
+            validate_vip(new, self.limits)
+            if new != vip:
+                self._commit(upserts=[new])
+            return new
+
+    def delete_vip(self, vip_id: str) -> None:
+        """Delete a VIP; NotFound."""
+        with self._lock:
+            vip = self._vip(vip_id)
+            self._commit(deletes=[vip.id])
+
+    # -- backend writes ---------------------------------------------------------------
+
+    def add_backend(self, vip_id: str, spec: BackendSpec) -> BackendSpec:
+        """Add a backend to a VIP; NotFound, Conflict, LimitReached, InvalidInput."""
+        with self._lock:
+            vip = self._vip(vip_id)
+            if vip.backend(spec.identity) is not None:
+                raise Conflict(f"VIP {vip.id} already has backend {spec.identity}",
+                               field="address")
+            validate_backend(vip, spec, "backend")
+            new = self._copy(vip, {"backends": [*vip.backends, spec]})
+            validate_vip(new, self.limits)
+            self._commit(upserts=[new])
+            return spec
+
+    def update_backend(self, vip_id: str, address: str, changes: BackendUpdate) -> BackendSpec:
+        """Change a backend's weight or state; NotFound, InvalidInput."""
+        with self._lock:
+            vip = self._vip(vip_id)
+            old = self._backend(vip, address)
+            fields = {f: getattr(changes, f) for f in changes.model_fields_set}
+            for f, v in fields.items():
+                if v is None:
+                    raise InvalidInput(f"{f}: must not be null", field=f)
+            new_b = self._copy(old, fields)
+            validate_backend(vip, new_b, "backend")
+            if new_b == old:
+                return old
+            backends = [new_b if b.identity == old.identity else b for b in vip.backends]
+            new = self._copy(vip, {"backends": backends})
+            validate_vip(new, self.limits)
+            self._commit(upserts=[new])
+            return new_b
+
+    def remove_backend(self, vip_id: str, address: str) -> None:
+        """Remove a backend from a VIP; NotFound."""
+        with self._lock:
+            vip = self._vip(vip_id)
+            old = self._backend(vip, address)
+            backends = [b for b in vip.backends if b.identity != old.identity]
+            self._commit(upserts=[self._copy(vip, {"backends": backends})])
+
+    def replace_backends(self, vip_id: str, backends: list[BackendSpec]) -> list[BackendSpec]:
+        """Replace a VIP's whole backend list in one change; NotFound, InvalidInput."""
+        with self._lock:
+            vip = self._vip(vip_id)
+            new = self._copy(vip, {"backends": list(backends)})
+            validate_vip(new, self.limits)
+            if new != vip:
+                self._commit(upserts=[new])
+            return list(new.backends)
+
+    # -- whole state ------------------------------------------------------------------
 
     def plan(self, state: State) -> Plan:
         """What apply_state(state) would change, without changing anything."""
-        raise NotImplementedError
+        with self._lock:
+            validate_state(state.vips, self.limits)
+            return plan_change(self._store.vips, state.vips, self.generation, self._plan_rings)
 
     def apply_state(self, state: State, *, if_generation: int | None = None) -> Plan:
-        """Make `state` the desired state in one change; PreconditionFailed."""
-        raise NotImplementedError
+        """Make `state` the desired state in one change; PreconditionFailed, InvalidInput."""
+        with self._lock:
+            if if_generation is not None and if_generation != self.generation:
+                raise PreconditionFailed(
+                    f"generation is {self.generation}, not {if_generation}",
+                    field="if_generation",
+                )
+            validate_state(state.vips, self.limits)
+            plan = plan_change(self._store.vips, state.vips, self.generation, self._plan_rings)
+            if plan.empty:
+                return plan.model_copy(update={"to_generation": self.generation})
+            current = self._store.vips
+            upserts = [v for v in state.vips if current.get(v.id) != v]
+            self._commit(upserts=upserts, deletes=plan.removed_vips)
+            return plan.model_copy(update={"to_generation": self.generation})
+
+    # -- drift ------------------------------------------------------------------------
 
     def verify(self) -> list[Drift]:
-        """Differences between the maps and the desired state."""
-        raise NotImplementedError
+        """Differences between the maps and the desired state (empty without a balancer)."""
+        with self._lock:
+            if self._reconciler is None:
+                return []
+            want = self._desired()
+            try:
+                have = self._reconciler.read(want)
+            except Exception as e:
+                raise KernelError(f"reading the maps failed: {e}") from e
+            return diff_images(want, have, self._names())
 
     def repair(self) -> list[Drift]:
-        """Fix every difference; returns what was fixed."""
-        raise NotImplementedError
+        """Bring the maps to the desired state; returns the differences it fixed."""
+        with self._lock:
+            drifts = self.verify()
+            if self._reconciler is not None:
+                self._reconciler.invalidate()
+                self._reconcile()
+                if self._last_error is not None:
+                    raise KernelError(f"repair failed: {self._last_error}")
+            return drifts
 
     def close(self) -> None:
         """Close the store (the maps keep their content)."""
+        with self._lock:
+            self._store.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _vip(self, vid: str) -> VipSpec:
+        key = parse_vip_id(vid)
+        canonical = vip_id(key.protocol, key.address, key.port)
+        try:
+            return self._store.vips[canonical]
+        except KeyError:
+            raise NotFound(f"VIP {canonical} does not exist", field="vip_id") from None
+
+    @staticmethod
+    def _backend(vip: VipSpec, address: str) -> BackendSpec:
+        b = vip.backend(address)
+        if b is None:
+            raise NotFound(f"VIP {vip.id} has no backend {address}", field="address")
+        return b
+
+    @staticmethod
+    def _copy(model: _M, fields: dict[str, object]) -> _M:
+        # Re-validate through pydantic so a change can never store what a create refuses.
+        try:
+            return type(model).model_validate({**model.model_dump(), **fields})
+        except ValidationError as e:
+            raise invalid_from_validation(e) from None
+
+    def _names(self) -> dict[int, str]:
+        return {num: vid for vid, num in self._store.vip_nums.items()}
+
+    def _desired(self) -> MapImage:
+        assert self._reconciler is not None
+        store = self._store
+        return self._reconciler.desired(store.vips.values(), store.vip_nums, store.real_idx)
+
+    def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> None:
+        done = self._store.commit(upserts, deletes)
+        crash_point("after-store")
+        self._reconcile(done.new_vip_nums, done.new_real_idx)
+
+    def _reconcile(
+        self,
+        new_vip_nums: frozenset[int] = frozenset(),
+        new_real_idx: frozenset[int] = frozenset(),
+    ) -> None:
+        rec = self._reconciler
+        if rec is None:
+            return
+        store = self._store
+        try:
+            want = rec.desired(store.vips.values(), store.vip_nums, store.real_idx)
+            rec.apply(want, new_vip_nums=new_vip_nums, new_real_idx=new_real_idx)
+        except KernelError as e:
+            self._reconcile_errors += 1
+            self._last_error = e.detail
+            rec.invalidate()
+            log.error("maps not in sync with generation %d: %s", self.generation, e.detail)
+            return
+        rec.rings.forget(store.vips)
+        self._last_error = None

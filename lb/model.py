@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError
@@ -37,6 +38,13 @@ MAX_WEIGHT = 1000
 DEFAULT_OUTER_SOURCE: dict[str, OuterSource] = {"ipip": "rss", "gue": "lb"}
 
 _PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+@lru_cache(maxsize=1 << 16)
+def _text(addr: IPAddress) -> str:
+    # str() of an address costs a few microseconds; identities are taken very often.
+    return str(addr)
 
 
 class BackendSpec(BaseModel):
@@ -54,7 +62,7 @@ class BackendSpec(BaseModel):
     @property
     def identity(self) -> str:
         """Canonical text of the address (the backend's identity across VIPs)."""
-        return str(self.address)
+        return _text(self.address)
 
     @property
     def in_ring(self) -> bool:
@@ -294,7 +302,7 @@ def _check_address(addr: IPAddress, field: str, what: str) -> None:
     if addr.is_unspecified or addr.is_multicast:
         raise InvalidInput(f"{field}: {what} {addr} cannot be unspecified or multicast",
                            field=field)
-    if addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+    if addr == _BROADCAST:
         raise InvalidInput(f"{field}: {what} {addr} is the broadcast address", field=field)
 
 

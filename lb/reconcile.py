@@ -1,0 +1,605 @@
+"""Desired state -> map writes: images, diff, write order, verify and repair.
+
+Two halves, kept apart:
+
+- Pure: `RingCache` (Maglev rings per VIP, rebuilt only when the VIP's ring-relevant
+  backends change), `desired_image` (what every map should hold), `plan_change` (what a
+  whole-state change does) and `diff_images` (map-by-map differences as `Drift`).
+- Kernel: `MapIO` reads and writes the program's maps (BCC tables; ring slices through the
+  batched bpf(2) commands), and `Reconciler` brings the maps from what it knows they hold
+  to the desired image, in an order that never lets the data plane see a half-programmed
+  VIP:
+
+      create: reals -> ring slots -> vip_addrs -> vip_map
+      delete: vip_map -> vip_addrs -> ring slots -> reals
+
+  Only ring slots that change are written. The reconciler remembers what it wrote; after a
+  failed write it forgets, and the next apply reads the maps back first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import platform
+import socket
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lb import maglev
+from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
+from lb.errors import KernelError
+from lb.model import (
+    BackendChange,
+    Drift,
+    IPAddress,
+    Plan,
+    VipPlan,
+    VipSpec,
+    vip_id,
+)
+from lb.store import crash_point
+
+if TYPE_CHECKING:
+    from lb.dataplane import Balancer
+
+#: vip_map key as Python sees it: (family, 16 address bytes, port in host order, IP proto).
+VipMapKey = tuple[int, bytes, int, int]
+#: vip_addrs key: (family, 16 address bytes).
+AddrKey = tuple[int, bytes]
+#: reals value: (16 address bytes, REAL_F_* flags).
+RealVal = tuple[bytes, int]
+
+_PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+_PROTO_NAME = {n: p for p, n in _PROTO_NUM.items()}
+
+
+def _family(addr: IPAddress) -> int:
+    return FAMILY_V4 if addr.version == 4 else FAMILY_V6
+
+
+def _raw(addr: IPAddress) -> bytes:
+    return addr.packed.ljust(16, b"\0")
+
+
+def _addr_text(family: int, raw: bytes) -> str:
+    if family == FAMILY_V4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def vip_map_key(vip: VipSpec) -> VipMapKey:
+    """The vip_map key of a VIP, as a plain tuple."""
+    return (_family(vip.address), _raw(vip.address), vip.port, _PROTO_NUM[vip.protocol])
+
+
+def key_text(key: VipMapKey) -> str:
+    """A vip_map key as a VIP id (the protocol number when it is not tcp/udp)."""
+    family, raw, port, proto = key
+    addr = ipaddress.ip_address(raw[:4] if family == FAMILY_V4 else raw)
+    return vip_id(_PROTO_NAME.get(proto, str(proto)), addr, port)
+
+
+# -- pure: rings, images, plans --------------------------------------------------------
+
+
+def _ring_key(vip: VipSpec) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((b.identity, b.weight) for b in vip.backends if b.in_ring))
+
+
+class RingCache:
+    """Maglev ring and its data-plane values per VIP, rebuilt only when they change."""
+
+    def __init__(self, ring_size: int, seed: int = maglev.DEFAULT_SEED) -> None:
+        self.ring_size = ring_size
+        self.seed = seed
+        self._rings: dict[str, tuple[tuple[tuple[str, int], ...], maglev.Ring]] = {}
+        self._values: dict[str, tuple[maglev.Ring, tuple[int, ...], array[int]]] = {}
+
+    def ring(self, vip: VipSpec) -> maglev.Ring:
+        """The VIP's ring (identities)."""
+        key = _ring_key(vip)
+        hit = self._rings.get(vip.id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        ring = maglev.build_ring(
+            (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
+        )
+        self._rings[vip.id] = (key, ring)
+        return ring
+
+    def values(self, vip: VipSpec, real_idx: Mapping[str, int]) -> array[int]:
+        """The VIP's ring as backend indices; the same object while nothing changed."""
+        ring = self.ring(vip)
+        idx = tuple(real_idx[i] for i in ring.endpoints)
+        hit = self._values.get(vip.id)
+        if hit is not None and hit[0] is ring and hit[1] == idx:
+            return hit[2]
+        values = maglev.ring_to_values(ring, dict(zip(ring.endpoints, idx, strict=True)))
+        self._values[vip.id] = (ring, idx, values)
+        return values
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop the rings of VIPs not in `keep`."""
+        keep = set(keep)
+        for d in (self._rings, self._values):
+            for vid in [v for v in d if v not in keep]:
+                del d[vid]
+
+
+@dataclass
+class MapImage:
+    """What the maps hold (or should hold), as plain Python values."""
+
+    vip_map: dict[VipMapKey, tuple[int, int]] = field(default_factory=dict)
+    vip_addrs: dict[AddrKey, int] = field(default_factory=dict)
+    reals: dict[int, RealVal] = field(default_factory=dict)
+    #: Ring values per VIP number (only the rings of interest are present).
+    rings: dict[int, array[int]] = field(default_factory=dict)
+
+
+def desired_image(
+    vips: Iterable[VipSpec],
+    vip_nums: Mapping[str, int],
+    real_idx: Mapping[str, int],
+    rings: RingCache,
+) -> MapImage:
+    """Every map entry the desired state implies."""
+    img = MapImage()
+    for vip in vips:
+        num = vip_nums[vip.id]
+        img.vip_map[vip_map_key(vip)] = (num, vip.flags)
+        akey = (_family(vip.address), _raw(vip.address))
+        img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
+        img.rings[num] = rings.values(vip, real_idx)
+        for b in vip.backends:
+            if b.in_reals:
+                flags = REAL_F_V6 if b.address.version == 6 else 0
+                img.reals[real_idx[b.identity]] = (_raw(b.address), flags)
+    return img
+
+
+def moved_fraction(before: maglev.Ring, after: maglev.Ring) -> float:
+    """Fraction of slots whose identity differs between two rings of the same size."""
+    if before.empty and after.empty:
+        return 0.0
+    index = {ident: i + 1 for i, ident in enumerate(sorted({*before.endpoints,
+                                                              *after.endpoints}))}
+    old = maglev.ring_to_values(before, index)
+    new = maglev.ring_to_values(after, index)
+    return len(maglev.changed_slots(old, new)) / before.size
+
+
+def plan_change(
+    current: Mapping[str, VipSpec],
+    target: Sequence[VipSpec],
+    generation: int,
+    rings: RingCache,
+) -> Plan:
+    """What replacing `current` by `target` adds, removes and changes (pure)."""
+    target_ids = {v.id for v in target}
+    added = [v.id for v in target if v.id not in current]
+    removed = [vid for vid in current if vid not in target_ids]
+    changed: list[VipPlan] = []
+    for new in target:
+        old = current.get(new.id)
+        if old is None or old == new:
+            continue
+        old_b = {b.identity: b for b in old.backends}
+        new_b = {b.identity: b for b in new.backends}
+        moved = 0.0
+        if _ring_key(old) != _ring_key(new):
+            moved = moved_fraction(rings.ring(old), rings.ring(new))
+        changed.append(
+            VipPlan(
+                vip_id=new.id,
+                flags_changed=old.flags != new.flags,
+                added_backends=[a for a in new_b if a not in old_b],
+                removed_backends=[a for a in old_b if a not in new_b],
+                changed_backends=[
+                    BackendChange(address=a, before=old_b[a], after=b)
+                    for a, b in new_b.items()
+                    if a in old_b and old_b[a] != b
+                ],
+                moved_fraction=moved,
+            )
+        )
+    return Plan(
+        from_generation=generation, added_vips=added, removed_vips=removed, changed_vips=changed
+    )
+
+
+def _meta_text(v: tuple[int, int] | None) -> str | None:
+    return None if v is None else f"vip_num={v[0]} flags={v[1]:#x}"
+
+
+def _real_text(v: RealVal | None) -> str | None:
+    if v is None:
+        return None
+    family = FAMILY_V6 if v[1] & REAL_F_V6 else FAMILY_V4
+    return f"{_addr_text(family, v[0])} flags={v[1]:#x}"
+
+
+def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> list[Drift]:
+    """Differences between two images; `names` gives the VIP id of each ring number."""
+    drifts: list[Drift] = []
+    for key in sorted(want.vip_map.keys() | have.vip_map.keys()):
+        w, h = want.vip_map.get(key), have.vip_map.get(key)
+        if w != h:
+            drifts.append(Drift(map="vip_map", key=key_text(key), expected=_meta_text(w),
+                                actual=_meta_text(h)))
+    for akey in sorted(want.vip_addrs.keys() | have.vip_addrs.keys()):
+        wc, hc = want.vip_addrs.get(akey), have.vip_addrs.get(akey)
+        if wc != hc:
+            drifts.append(Drift(
+                map="vip_addrs", key=_addr_text(*akey),
+                expected=None if wc is None else f"{wc} VIPs",
+                actual=None if hc is None else f"{hc} VIPs",
+            ))
+    for idx in sorted(want.reals.keys() | have.reals.keys()):
+        wr, hr = want.reals.get(idx), have.reals.get(idx)
+        if wr != hr:
+            drifts.append(Drift(map="reals", key=str(idx), expected=_real_text(wr),
+                                actual=_real_text(hr)))
+    for num in sorted(want.rings):
+        wv, hv = want.rings[num], have.rings.get(num)
+        if hv is None:
+            continue
+        changed = maglev.changed_slots(hv, wv)
+        if changed:
+            first = changed[0]
+            drifts.append(Drift(
+                map="ch_rings", key=names.get(num, f"vip_num {num}"),
+                expected=f"{len(wv)} slots as Maglev builds them",
+                actual=f"{len(changed)} slots differ (slot {first}: backend index "
+                       f"{hv[first]}, expected {wv[first]})",
+            ))
+    return drifts
+
+
+# -- kernel: reading and writing the maps ----------------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+
+
+class _BatchAttr(ctypes.Structure):
+    # The `batch` member of union bpf_attr (include/uapi/linux/bpf.h).
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class MapIO:
+    """Reads and writes the balancer's maps (the one place here that makes bpf(2) calls)."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.b = balancer
+        self.ring_size = balancer.config.ring_size
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._nr = _SYS_BPF.get(platform.machine())
+        self.batched = self._nr is not None
+        self._ring_fd = int(balancer.ch_rings.map_fd)
+
+    # -- batched u32 array access --
+
+    def _batch(self, cmd: int, attr: _BatchAttr) -> int:
+        assert self._nr is not None
+        rc = int(self._libc.syscall(self._nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+        return 0 if rc == 0 else ctypes.get_errno()
+
+    def _ring_lookup(self, start: int, count: int) -> array[int]:
+        out = array("I", bytes(4 * count))
+        keys = array("I", bytes(4 * count))
+        done = 0
+        prev = ctypes.c_uint32()
+        nxt = ctypes.c_uint32()
+        kaddr, vaddr = keys.buffer_info()[0], out.buffer_info()[0]
+        while done < count:
+            attr = _BatchAttr()
+            if start + done > 0:
+                # An array's batch token is the last index read; the next one follows it.
+                prev.value = start + done - 1
+                attr.in_batch = ctypes.addressof(prev)
+            attr.out_batch = ctypes.addressof(nxt)
+            attr.keys = kaddr + 4 * done
+            attr.values = vaddr + 4 * done
+            attr.count = count - done
+            attr.map_fd = self._ring_fd
+            err = self._batch(BPF_MAP_LOOKUP_BATCH, attr)
+            if err not in (0, errno.ENOENT):
+                raise OSError(err, os.strerror(err))
+            if attr.count == 0:
+                break
+            done += attr.count
+        if done < count:
+            raise KernelError(f"ch_rings: read {done} of {count} slots from {start}")
+        return out
+
+    def _ring_update(self, keys: array[int], values: array[int]) -> None:
+        done = 0
+        n = len(keys)
+        kaddr, vaddr = keys.buffer_info()[0], values.buffer_info()[0]
+        while done < n:
+            attr = _BatchAttr()
+            attr.keys = kaddr + 4 * done
+            attr.values = vaddr + 4 * done
+            attr.count = n - done
+            attr.map_fd = self._ring_fd
+            err = self._batch(BPF_MAP_UPDATE_BATCH, attr)
+            done += attr.count
+            if err:
+                raise OSError(err, os.strerror(err))
+
+    def read_ring(self, vip_num: int) -> array[int]:
+        """One VIP's ring values."""
+        start = vip_num * self.ring_size
+        if self.batched:
+            try:
+                return self._ring_lookup(start, self.ring_size)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise KernelError(f"ch_rings: batched read failed: {e}") from e
+                self.batched = False
+        t = self.b.ch_rings
+        return array("I", (t[t.Key(start + k)].value for k in range(self.ring_size)))
+
+    def write_ring(self, vip_num: int, slots: Sequence[int], values: array[int]) -> None:
+        """Write `values[slot]` to each listed slot of one VIP's ring."""
+        if not slots:
+            return
+        base = vip_num * self.ring_size
+        if self.batched:
+            keys = array("I", [base + s for s in slots])
+            vals = array("I", [values[s] for s in slots])
+            try:
+                self._ring_update(keys, vals)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise KernelError(f"ch_rings: batched write failed: {e}") from e
+                self.batched = False
+        t = self.b.ch_rings
+        for s in slots:
+            t[t.Key(base + s)] = t.Leaf(values[s])
+
+    # -- small maps through BCC --
+
+    def read_vip_map(self) -> dict[VipMapKey, tuple[int, int]]:
+        """Every vip_map entry."""
+        out: dict[VipMapKey, tuple[int, int]] = {}
+        for k, v in self.b.vip_map.items():
+            raw = ctypes.string_at(ctypes.addressof(k.addr), 16)
+            out[(int(k.family), raw, socket.ntohs(k.port), int(k.proto))] = (
+                int(v.vip_num), int(v.flags))
+        return out
+
+    def read_vip_addrs(self) -> dict[AddrKey, int]:
+        """Every vip_addrs entry."""
+        out: dict[AddrKey, int] = {}
+        for k, v in self.b.vip_addrs.items():
+            raw = ctypes.string_at(ctypes.addressof(k.addr), 16)
+            out[(int(k.family), raw)] = int(v.value)
+        return out
+
+    def read_reals(self) -> dict[int, RealVal]:
+        """Every non-empty reals slot."""
+        out: dict[int, RealVal] = {}
+        zero = bytes(16)
+        for k, v in self.b.reals.items():
+            raw = ctypes.string_at(ctypes.addressof(v.addr), 16)
+            if raw != zero or v.flags:
+                out[int(k.value)] = (raw, int(v.flags))
+        return out
+
+    def _vip_key(self, key: VipMapKey) -> Any:
+        t = self.b.vip_map
+        k = t.Key()
+        ctypes.memmove(ctypes.addressof(k.addr), key[1], 16)
+        k.port = socket.htons(key[2])
+        k.proto = key[3]
+        k.family = key[0]
+        return k
+
+    def _addr_key(self, key: AddrKey) -> Any:
+        k = self.b.vip_addrs.Key()
+        ctypes.memmove(ctypes.addressof(k.addr), key[1], 16)
+        k.family = key[0]
+        return k
+
+    def set_vip(self, key: VipMapKey, vip_num: int, flags: int) -> None:
+        """Create or change a vip_map entry."""
+        t = self.b.vip_map
+        leaf = t.Leaf()
+        leaf.vip_num = vip_num
+        leaf.flags = flags
+        t[self._vip_key(key)] = leaf
+
+    def del_vip(self, key: VipMapKey) -> None:
+        """Delete a vip_map entry (absent is fine)."""
+        with contextlib.suppress(KeyError):
+            del self.b.vip_map[self._vip_key(key)]
+
+    def set_vip_addr(self, key: AddrKey, count: int) -> None:
+        """Set how many VIPs sit on an address."""
+        t = self.b.vip_addrs
+        t[self._addr_key(key)] = t.Leaf(count)
+
+    def del_vip_addr(self, key: AddrKey) -> None:
+        """Forget an address that carries no VIP any more (absent is fine)."""
+        with contextlib.suppress(KeyError):
+            del self.b.vip_addrs[self._addr_key(key)]
+
+    def set_real(self, idx: int, val: RealVal | None) -> None:
+        """Program one backend slot; None empties it."""
+        t = self.b.reals
+        leaf = t.Leaf()
+        if val is not None:
+            ctypes.memmove(ctypes.addressof(leaf.addr), val[0], 16)
+            leaf.flags = val[1]
+        t[t.Key(idx)] = leaf
+
+    def reset_counters(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
+        """Zero the per-CPU counters of freshly allocated indices."""
+        for name, keys in (("vip_stats", vip_nums), ("real_stats", real_idx)):
+            t = self.b.maps[name]
+            for i in keys:
+                t[t.Key(i)] = t.Leaf()
+
+
+@dataclass
+class ApplyResult:
+    """What one reconciliation wrote."""
+
+    ring_slots: int = 0
+    entries: int = 0
+
+
+class Reconciler:
+    """Brings the maps to a desired image, in data-plane-safe order."""
+
+    def __init__(self, balancer: Balancer, seed: int = maglev.DEFAULT_SEED) -> None:
+        self.io = MapIO(balancer)
+        self.rings = RingCache(balancer.config.ring_size, seed)
+        self._known: MapImage | None = None
+
+    def invalidate(self) -> None:
+        """Forget what the maps hold; the next apply reads them back first."""
+        self._known = None
+
+    def read(self, want: MapImage) -> MapImage:
+        """What the maps hold now: every entry, and the rings `want` has or stale VIPs use."""
+        io = self.io
+        have = MapImage(io.read_vip_map(), io.read_vip_addrs(), io.read_reals())
+        nums = set(want.rings) | {num for num, _ in have.vip_map.values()}
+        for num in sorted(nums):
+            if 0 <= num < self.io.b.config.max_vips:
+                have.rings[num] = io.read_ring(num)
+        return have
+
+    def desired(
+        self, vips: Iterable[VipSpec], vip_nums: Mapping[str, int], real_idx: Mapping[str, int]
+    ) -> MapImage:
+        """The image of a desired state (rings from the cache)."""
+        return desired_image(vips, vip_nums, real_idx, self.rings)
+
+    def apply(
+        self,
+        want: MapImage,
+        *,
+        new_vip_nums: Iterable[int] = (),
+        new_real_idx: Iterable[int] = (),
+    ) -> ApplyResult:
+        """Write what differs between the maps and `want`; raises KernelError on failure."""
+        have = self._known if self._known is not None else self.read(want)
+        self._known = None  # until every write went through
+        try:
+            res = self._write(have, want, set(new_vip_nums), set(new_real_idx))
+        except KernelError:
+            raise
+        except Exception as e:  # BCC raises bare Exception / KeyError for failed syscalls
+            raise KernelError(f"writing the maps failed: {e}") from e
+        self._known = MapImage(dict(want.vip_map), dict(want.vip_addrs), dict(want.reals),
+                               dict(want.rings))
+        return res
+
+    def _ring_of(self, have: MapImage, num: int) -> array[int]:
+        ring = have.rings.get(num)
+        if ring is None:
+            ring = have.rings[num] = self.io.read_ring(num)
+        return ring
+
+    def _write(
+        self, have: MapImage, want: MapImage, new_nums: set[int], new_idx: set[int]
+    ) -> ApplyResult:
+        io = self.io
+        res = ApplyResult()
+
+        def step() -> None:
+            res.entries += 1
+            crash_point("reconcile-write")
+
+        # 0. A VIP number handed to another VIP in this change (only when the table is
+        #    full): the old VIP stops using it before its ring is rewritten.
+        owner = {num: key for key, (num, _) in want.vip_map.items()}
+        for key, (num, _) in list(have.vip_map.items()):
+            if num in owner and owner[num] != key:
+                io.del_vip(key)
+                del have.vip_map[key]
+                step()
+        # 1. Backends first: every index a ring is about to name is programmed.
+        for idx in sorted(new_idx & want.reals.keys()):
+            io.reset_counters((), (idx,))
+        for idx, val in want.reals.items():
+            if have.reals.get(idx) != val:
+                # XXX: an index reused within one change (only when max_reals is full)
+                # briefly names the new backend in rings that still use the old one.
+                io.set_real(idx, val)
+                have.reals[idx] = val
+                step()
+        # 2. Ring slots, only those that change.
+        for num, values in want.rings.items():
+            old = self._ring_of(have, num)
+            if old is values:
+                continue
+            changed = maglev.changed_slots(old, values)
+            if changed:
+                io.write_ring(num, changed, values)
+                res.ring_slots += len(changed)
+                step()
+            have.rings[num] = values
+        # 3. Addresses gaining a VIP, then the VIP entries (new, or new flags).
+        for akey, n in want.vip_addrs.items():
+            if have.vip_addrs.get(akey, 0) < n:
+                io.set_vip_addr(akey, n)
+                have.vip_addrs[akey] = n
+                step()
+        fresh = [num for num in new_nums if num in want.rings]
+        if fresh:
+            io.reset_counters(fresh, ())
+        for key, meta in want.vip_map.items():
+            if have.vip_map.get(key) != meta:
+                io.set_vip(key, *meta)
+                have.vip_map[key] = meta
+                step()
+        # 4. Deletions in reverse: VIP entries, addresses, rings, then unused backends.
+        for key in [k for k in have.vip_map if k not in want.vip_map]:
+            io.del_vip(key)
+            del have.vip_map[key]
+            step()
+        for akey, n in list(have.vip_addrs.items()):
+            w = want.vip_addrs.get(akey, 0)
+            if w == 0:
+                io.del_vip_addr(akey)
+                del have.vip_addrs[akey]
+                step()
+            elif w != n:
+                io.set_vip_addr(akey, w)
+                have.vip_addrs[akey] = w
+                step()
+        for num in [n for n in have.rings if n not in want.rings]:
+            old = have.rings.pop(num)
+            zeros = array("I", bytes(4 * len(old)))
+            changed = maglev.changed_slots(old, zeros)
+            if changed:
+                io.write_ring(num, changed, zeros)
+                res.ring_slots += len(changed)
+                step()
+        for idx in [i for i in have.reals if i not in want.reals]:
+            io.set_real(idx, None)
+            del have.reals[idx]
+            step()
+        return res

@@ -1,0 +1,118 @@
+"""The SQLite store: round trip, generation, stable and lazily reused indices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lb.errors import LimitReached
+from lb.model import Limits, VipSpec
+from lb.store import DB_NAME, Store, StoreError
+
+LIMITS = Limits(max_vips=4, max_backends=6, ring_size=4099)
+
+
+def vip(port: int, *backends: str) -> VipSpec:
+    return VipSpec.model_validate(
+        {"protocol": "tcp", "address": "198.18.0.10", "port": port,
+         "backends": [{"address": a} for a in backends]}
+    )
+
+
+def test_round_trip_keeps_specs_order_indices_and_generation(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80, "198.18.1.1", "198.18.1.2"), vip(443, "198.18.1.2")])
+    s.commit([vip(22)])
+    s.commit([vip(443, "198.18.1.2", "2001:db8::3")])
+    assert s.generation == 3
+    before = (dict(s.vips), dict(s.vip_nums), dict(s.real_idx))
+    s.close()
+    again = Store(tmp_path, LIMITS)
+    assert (dict(again.vips), dict(again.vip_nums), dict(again.real_idx)) == before
+    assert list(again.vips) == ["tcp:198.18.0.10:80", "tcp:198.18.0.10:443",
+                                "tcp:198.18.0.10:22"]
+    assert again.generation == 3
+
+
+def test_database_is_wal_with_full_sync(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    s.close()
+
+
+def test_every_change_bumps_the_generation(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    gens = [s.commit([vip(80 + i)]).generation for i in range(3)]
+    gens.append(s.commit(deletes=["tcp:198.18.0.10:80"]).generation)
+    assert gens == [1, 2, 3, 4]
+
+
+def test_shared_backend_has_one_index(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80, "198.18.1.1", "198.18.1.2"), vip(443, "198.18.1.2", "198.18.1.1")])
+    assert sorted(s.real_idx.values()) == [1, 2]  # index 0 is never handed out
+    s.commit(deletes=["tcp:198.18.0.10:80"])
+    assert set(s.real_idx) == {"198.18.1.1", "198.18.1.2"}  # still used by :443
+
+
+def test_freed_indices_are_reused_last_and_oldest_first(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80, "198.18.1.1", "198.18.1.2")])
+    s.commit([vip(80, "198.18.1.2")])  # frees index 1
+    c = s.commit([vip(80, "198.18.1.2", "198.18.1.3")])
+    assert s.real_idx["198.18.1.3"] == 3 and c.new_real_idx == {3}  # never-used first
+    s.commit([vip(80, "198.18.1.3")])  # frees index 2 (later than 1)
+    s.commit([vip(80, "198.18.1.3", *[f"198.18.2.{i}" for i in range(1, 4)])])  # 4, 5, 6
+    s.close()
+    s = Store(tmp_path, LIMITS)  # the free list is durable too
+    s.commit([vip(443, "198.18.3.1")])
+    assert s.real_idx["198.18.3.1"] == 1  # the oldest freed
+    s.commit([vip(444, "198.18.3.2")])
+    assert s.real_idx["198.18.3.2"] == 2
+    with pytest.raises(LimitReached, match="max_reals"):
+        s.commit([vip(445, "198.18.3.3")])
+
+
+def test_vip_numbers_are_stable_and_freed_lazily(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80), vip(81)])
+    assert dict(s.vip_nums) == {"tcp:198.18.0.10:80": 0, "tcp:198.18.0.10:81": 1}
+    s.commit(deletes=["tcp:198.18.0.10:80"])
+    s.commit([vip(82)])
+    assert s.vip_nums["tcp:198.18.0.10:82"] == 2
+    s.commit([vip(83)])
+    s.commit([vip(84)])  # only the freed 0 is left
+    assert s.vip_nums["tcp:198.18.0.10:84"] == 0
+    with pytest.raises(LimitReached, match="max_vips"):
+        s.commit([vip(85)])
+
+
+def test_failed_commit_changes_nothing(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80, "198.18.1.1")])
+    s._db.execute("CREATE TRIGGER boom BEFORE INSERT ON vips BEGIN "
+                  "SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(StoreError, match="disk says no"):
+        s.commit([vip(81, "198.18.1.2")])
+    assert s.generation == 1 and list(s.vips) == ["tcp:198.18.0.10:80"]
+    assert "198.18.1.2" not in s.real_idx
+    s._db.execute("DROP TRIGGER boom")
+    s.close()
+    again = Store(tmp_path, LIMITS)
+    assert again.generation == 1 and list(again.vips) == ["tcp:198.18.0.10:80"]
+
+
+def test_shrunk_configuration_is_refused_naming_the_limit(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80 + i) for i in range(4)])
+    s.close()
+    with pytest.raises(LimitReached, match="max_vips"):
+        Store(tmp_path, Limits(max_vips=2, max_backends=6, ring_size=4099))
+
+
+def test_unreadable_store_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        Store(tmp_path, LIMITS)
