@@ -1,23 +1,33 @@
 """Compile and load the XDP programs with BCC and hand out their maps.
 
-This is one of the few modules that imports `bcc`. Map key/value types are the ctypes
-classes BCC generates from xdp/structs.h (`table.Key`, `table.Leaf`): Python never keeps a
-hand-written copy of a C layout.
+This is one of the few modules that imports `bcc`, and the boundary where bpf(2) object
+calls (BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID) are made and their errnos
+translated. Map key/value types are the ctypes classes BCC generates from xdp/structs.h
+(`table.Key`, `table.Leaf`): Python never keeps a hand-written copy of a C layout.
+
+Pinned maps: with a pin dir, every map is pinned as PIN_DIR/<name> and BCC silently reuses an
+existing pin whatever its size. `Balancer` therefore compares each reused map with what the
+program declares before loading the program, and refuses (`IncompatiblePins`) on any
+difference rather than mixing layouts.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
+import os
+import platform
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lb.config import DataplaneConfig, xdp_source_dir
+from lb.config import DataplaneConfig, RuntimeConfig, xdp_source_dir
 from lb.consts import FAMILY_V4, FAMILY_V6
-from lb.errors import BccUnavailable
+from lb.errors import BccUnavailable, IncompatiblePins, KernelError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -81,22 +91,376 @@ def family_of(addr: IPAddress) -> int:
     return FAMILY_V4 if addr.version == 4 else FAMILY_V6
 
 
+# --- bpf(2) object calls -------------------------------------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_OBJ_NAME_LEN = 16
+# Map types as the kernel numbers them (enum bpf_map_type), for messages only.
+MAP_TYPE_NAMES = {
+    1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash",
+    10: "lru_percpu_hash", 11: "lpm_trie", 12: "array_of_maps", 13: "hash_of_maps",
+    14: "devmap", 16: "cpumap",
+}  # fmt: skip
+
+
+class _ObjGetAttr(ctypes.Structure):
+    # The BPF_OBJ_GET member of union bpf_attr.
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("path_fd", ctypes.c_int32),
+    ]
+
+
+class _GetIdAttr(ctypes.Structure):
+    # The BPF_*_GET_FD_BY_ID member of union bpf_attr.
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    # The BPF_OBJ_GET_INFO_BY_FD member of union bpf_attr.
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    # Head of struct bpf_map_info; the kernel fills only as much as we pass.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    # Head of struct bpf_prog_info, up to and including `name`.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What the kernel says about one map."""
+
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    """What the kernel says about one program."""
+
+    id: int
+    type: int
+    name: str
+    map_ids: tuple[int, ...]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_ERRNO_HINTS = {
+    errno.EPERM: "needs root (CAP_BPF and CAP_NET_ADMIN)",
+    errno.EACCES: "needs root (CAP_BPF and CAP_NET_ADMIN)",
+    errno.ENOENT: "no such object",
+}
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
+    """One bpf(2) call; a failure becomes a KernelError naming `what` and the errno."""
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise KernelError(f"bpf(2): unsupported architecture {platform.machine()}")
+    rc = int(_libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+    if rc < 0:
+        err = ctypes.get_errno()
+        hint = _ERRNO_HINTS.get(err)
+        raise KernelError(
+            f"{what}: {os.strerror(err)} (errno {err}{', ' + hint if hint else ''})"
+        )
+    return rc
+
+
+def obj_get(path: Path) -> int:
+    """Open a pinned BPF object; returns a new fd the caller closes."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjGetAttr(pathname=ctypes.addressof(raw))
+    return _bpf(BPF_OBJ_GET, attr, f"opening pin {path}")
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """Open a program by id; returns a new fd the caller closes."""
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id), f"opening program id {prog_id}")
+
+
+def map_info(fd: int) -> MapInfo:
+    """BPF_OBJ_GET_INFO_BY_FD on a map fd."""
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading map info of fd {fd}")
+    return MapInfo(
+        id=info.id, type=info.type, key_size=info.key_size, value_size=info.value_size,
+        max_entries=info.max_entries, flags=info.map_flags, name=info.name.decode(),
+    )  # fmt: skip
+
+
+def prog_info(fd: int) -> ProgInfo:
+    """BPF_OBJ_GET_INFO_BY_FD on a program fd, with the ids of the maps it uses."""
+    ids = (ctypes.c_uint32 * 64)()
+    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading program info of fd {fd}")
+    n = min(info.nr_map_ids, len(ids))
+    return ProgInfo(
+        id=info.id, type=info.type, name=info.name.decode(), map_ids=tuple(ids[:n])
+    )
+
+
+def prog_info_by_id(prog_id: int) -> ProgInfo:
+    """ProgInfo of a program known by id (e.g. the one netlink reports on an interface)."""
+    fd = prog_fd_by_id(prog_id)
+    try:
+        return prog_info(fd)
+    finally:
+        os.close(fd)
+
+
+def pinned_map_info(path: Path) -> MapInfo:
+    """MapInfo of a pinned map."""
+    fd = obj_get(path)
+    try:
+        return map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def is_bpffs(path: Path) -> bool:
+    """True when `path` (existing or not) would live on a bpf filesystem mount."""
+    best, fstype = "", ""
+    target = os.path.abspath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                best
+            ):
+                best, fstype = mnt, parts[2]
+    return fstype == "bpf"
+
+
+def unpin(pin_dir: Path) -> list[str]:
+    """Remove the balancer's map pins (only those, by name); returns the names removed."""
+    removed = []
+    for name in MAP_NAMES:
+        p = pin_dir / name
+        if p.exists():
+            p.unlink()
+            removed.append(name)
+    return removed
+
+
+# What an operator changes to change a map's size, for the incompatible-pin message.
+_SIZE_SOURCE = {
+    "vip_map": "dataplane.max_vips",
+    "vip_addrs": "dataplane.max_vips",
+    "reals": "dataplane.max_reals",
+    "ch_rings": "dataplane.max_vips x dataplane.ring_size",
+    "conn_table": "dataplane.conn_table_size",
+    "vip_stats": "dataplane.max_vips",
+    "real_stats": "dataplane.max_reals",
+}
+
+
+def pin_differences(bpf: Any, names: tuple[str, ...] = MAP_NAMES) -> list[str]:
+    """How each map BCC opened differs from what the program declares ([] = compatible)."""
+    diffs = []
+    for name in names:
+        t = bpf[name.encode()]
+        # Per-CPU tables replace Leaf by an array over CPUs; sLeaf is one CPU's value.
+        leaf = getattr(t, "sLeaf", t.Leaf)
+        want = {
+            "type": int(t.ttype),
+            "key_size": ctypes.sizeof(t.Key),
+            "value_size": ctypes.sizeof(leaf),
+            "max_entries": int(t.max_entries),
+            "flags": int(t.flags),
+        }
+        got = map_info(int(t.map_fd))
+        for field, expected in want.items():
+            actual = getattr(got, field)
+            if actual == expected:
+                continue
+            if field == "type":
+                a, e = MAP_TYPE_NAMES.get(actual, actual), MAP_TYPE_NAMES.get(expected, expected)
+                diffs.append(f"{name}: type {a} pinned, {e} in the program")
+            elif field == "max_entries":
+                src = _SIZE_SOURCE.get(name, "the program")
+                diffs.append(f"{name}: max_entries {actual} pinned, {expected} configured ({src})")
+            else:
+                diffs.append(f"{name}: {field} {actual} pinned, {expected} in the program")
+    return diffs
+
+
+def _incompatible(pin_dir: Path, diffs: list[str]) -> IncompatiblePins:
+    return IncompatiblePins(
+        f"pinned maps in {pin_dir} do not match this data plane: "
+        + "; ".join(diffs)
+        + ". Reusing them would mix layouts, so nothing was loaded. Either start with the"
+        " configuration the pins were made with, or start fresh with --repin (or"
+        f" `rm -r {pin_dir}`): that drops the connection table, rings and counters, and the"
+        " control plane rewrites VIPs and backends from its store.",
+        field="pin_dir",
+    )
+
+
+# --- runtime configuration (lb_cfg) -------------------------------------------------------
+
+
+def _put(leaf: Any, field: str, raw: bytes) -> None:
+    desc = getattr(type(leaf), field)
+    if len(raw) != desc.size:
+        raise ValueError(f"lb_cfg.{field} is {desc.size} bytes, got {len(raw)}")
+    ctypes.memmove(ctypes.addressof(leaf) + desc.offset, raw, desc.size)
+
+
+def _get(leaf: Any, field: str) -> bytes:
+    desc = getattr(type(leaf), field)
+    return ctypes.string_at(ctypes.addressof(leaf) + desc.offset, desc.size)
+
+
+def write_runtime_config(balancer: Balancer, runtime: RuntimeConfig) -> None:
+    """Write `runtime` into lb_cfg[0], the one entry the program reads per packet."""
+    leaf = balancer.lb_cfg.Leaf()
+    _put(leaf, "gw_mac", bytes.fromhex(runtime.gateway_mac.replace(":", "")))
+    _put(leaf, "gue_port", runtime.gue_port.to_bytes(2, "big"))
+    _put(leaf, "src_v4", runtime.src_v4.packed)
+    _put(leaf, "src_v6", runtime.src_v6.packed)
+    _put(leaf, "rss_v4", runtime.rss_v4.network_address.packed)
+    _put(leaf, "rss_v6", runtime.rss_v6.network_address.packed[:8])
+    leaf.max_frame = runtime.max_frame
+    leaf.udp_timeout_ns = round(runtime.udp_timeout_s * 1e9)
+    balancer.lb_cfg[balancer.lb_cfg.Key(0)] = leaf
+
+
+def read_runtime_config(balancer: Balancer) -> RuntimeConfig | None:
+    """Read lb_cfg[0] back as a RuntimeConfig; None while it was never written (all zero)."""
+    leaf = balancer.lb_cfg[balancer.lb_cfg.Key(0)]
+    if not any(ctypes.string_at(ctypes.addressof(leaf), ctypes.sizeof(leaf))):
+        return None
+    return RuntimeConfig(
+        gateway_mac=":".join(f"{b:02x}" for b in _get(leaf, "gw_mac")),
+        gue_port=int.from_bytes(_get(leaf, "gue_port"), "big"),
+        src_v4=ipaddress.IPv4Address(_get(leaf, "src_v4")),
+        src_v6=ipaddress.IPv6Address(_get(leaf, "src_v6")),
+        rss_v4=ipaddress.IPv4Network((_get(leaf, "rss_v4"), 16)),
+        rss_v6=ipaddress.IPv6Network((_get(leaf, "rss_v6") + bytes(8), 64)),
+        max_frame=leaf.max_frame,
+        udp_timeout_s=leaf.udp_timeout_ns / 1e9,
+    )
+
+
 class Balancer:
-    """The loaded balancer program and its maps."""
+    """The loaded balancer program and its maps.
+
+    With `pin_dir`, the maps are pinned there and reused on the next load (after checking
+    they match); `repin=True` removes the old pins first.
+    """
 
     PROGRAM = "xdp_balancer"
 
-    def __init__(self, config: DataplaneConfig, *, pin_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: DataplaneConfig, *, pin_dir: Path | None = None, repin: bool = False
+    ) -> None:
         self.config = config
         self.pin_dir = pin_dir
+        self._closed = False
+        if pin_dir is not None:
+            if not is_bpffs(pin_dir):
+                raise KernelError(
+                    f"pin_dir {pin_dir} is not on a bpf filesystem: mount one"
+                    " (mount -t bpf bpf /sys/fs/bpf) or choose a pin_dir under it",
+                )
+            if repin:
+                unpin(pin_dir)
         self.bpf = compile_program("balancer.c", config.cflags(), pin_dir=pin_dir)
-        self.fn = self.bpf.load_func(self.PROGRAM.encode(), self.bpf.XDP)
+        try:
+            if pin_dir is not None:
+                diffs = pin_differences(self.bpf)
+                if diffs:
+                    raise _incompatible(pin_dir, diffs)
+            self.fn = self._load()
+        except BaseException:
+            self.bpf.cleanup()
+            raise
         self.maps: dict[str, Any] = {name: self.bpf[name.encode()] for name in MAP_NAMES}
+
+    def _load(self) -> Any:
+        try:
+            return self.bpf.load_func(self.PROGRAM.encode(), self.bpf.XDP)
+        except Exception as e:
+            # BCC raises a bare Exception; the verifier log went to stderr.
+            raise KernelError(f"the kernel refused {self.PROGRAM}: {e}") from e
 
     @property
     def prog_fd(self) -> int:
         """File descriptor of the loaded XDP program."""
         return int(self.fn.fd)
+
+    @property
+    def prog_id(self) -> int:
+        """Kernel id of the loaded program (what netlink reports once attached)."""
+        return prog_info(self.prog_fd).id
+
+    def map_ids(self) -> dict[str, int]:
+        """Kernel id of each map, by name (pinned maps keep theirs across loads)."""
+        return {name: map_info(int(t.map_fd)).id for name, t in self.maps.items()}
+
+    def take_over(self, new: Balancer) -> None:
+        """Adopt `new`'s program and maps in place, then release the old ones.
+
+        Used by a hitless upgrade once `new` is attached: whoever holds this object (the
+        control plane) follows the upgrade. Tables fetched before stay bound to the old fds,
+        so look maps up through the balancer (`balancer.vip_map`) rather than caching them.
+        """
+        old = self.bpf
+        self.config, self.pin_dir = new.config, new.pin_dir
+        self.bpf, self.fn, self.maps = new.bpf, new.fn, new.maps
+        # `new` no longer owns anything: closing it must not release what moved here.
+        new._closed = True
+        old.cleanup()
 
     def __getattr__(self, name: str) -> Any:
         # Typed access by C map name: balancer.vip_map, balancer.ch_rings, ...
@@ -123,15 +487,17 @@ class Balancer:
 
     def close(self) -> None:
         """Release the program and the process's map fds (pinned maps stay pinned)."""
-        self.bpf.cleanup()
+        if not self._closed:
+            self._closed = True
+            self.bpf.cleanup()
 
 
 @contextmanager
 def loaded_balancer(
-    config: DataplaneConfig, *, pin_dir: Path | None = None
+    config: DataplaneConfig, *, pin_dir: Path | None = None, repin: bool = False
 ) -> Iterator[Balancer]:
     """Load the balancer for the duration of a `with` block."""
-    b = Balancer(config, pin_dir=pin_dir)
+    b = Balancer(config, pin_dir=pin_dir, repin=repin)
     try:
         yield b
     finally:

@@ -4,6 +4,8 @@
      ├── InvalidInput (422)       bad address, port, weight, family combination, ...
      ├── NotFound (404)           unknown VIP or backend
      ├── Conflict (409)           duplicate VIP or backend
+     │   ├── IncompatiblePins     pinned maps differ from the configured data plane
+     │   └── ForeignProgram       another XDP program is attached to the interface
      ├── LimitReached (409)       a configured limit (VIPs, backends, ring) is full
      ├── PreconditionFailed (412) If-Match generation mismatch
      └── KernelError (503)        a bpf(2)/netlink call failed; errno translated here
@@ -47,6 +49,18 @@ class Conflict(XlbError):
 
     status = 409
     kind = "conflict"
+
+
+class IncompatiblePins(Conflict):
+    """Pinned maps differ from what the program declares; the message says how to proceed."""
+
+    kind = "incompatible-pins"
+
+
+class ForeignProgram(Conflict):
+    """An XDP program that is not ours is attached; replacing it needs replace_foreign."""
+
+    kind = "foreign-program"
 
 
 class LimitReached(XlbError):
