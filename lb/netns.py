@@ -17,6 +17,7 @@ import ctypes
 import ipaddress
 import os
 import platform
+import re
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -159,6 +160,29 @@ def popen(name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
     return subprocess.Popen(cmd(name, argv), **kwargs)
 
 
+def spawn(
+    name: str, argv: list[str], *, log: Path, env: Mapping[str, str] | None = None
+) -> int:
+    """Start a long-lived process in a namespace, in its own session, output to `log`.
+
+    Returns its pid, which the caller records to stop it later. Unlike Popen there is no
+    object whose destruction complains that the process still runs: it is meant to.
+    """
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        return os.posix_spawnp(
+            "nsenter", cmd(name, argv), dict(os.environ if env is None else env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(fd)
+
+
 # Links and addresses.
 
 
@@ -251,6 +275,14 @@ def add_route(name: str, dst: str, gateway: str) -> None:
         kw["family"] = 10
     with iproute(name) as ipr:
         ipr.route("add", **kw)
+
+
+def replace_route(name: str, dst: str, gateway: str) -> None:
+    """Point an existing (or new) route at another gateway inside a namespace."""
+    gw = ipaddress.ip_address(gateway)
+    with iproute(name) as ipr:
+        ipr.route("replace", dst=str(ipaddress.ip_network(dst)), gateway=str(gw),
+                  family=2 if gw.version == 4 else 10)
 
 
 def route_get(name: str, dst: str) -> dict[str, Any]:
@@ -508,3 +540,59 @@ def prog_name(prog_id: int) -> str | None:
         return info.raw[64:80].split(b"\0", 1)[0].decode()
     finally:
         os.close(fd)
+
+
+# tc ingress (clsact + cls_bpf direct action), e.g. a backend's decap program.
+
+TC_H_INGRESS_PARENT = 0xFFFFFFF2  # ffff:fff2
+
+
+def tc_attach_ingress(name: str, ifname: str, prog_fd: int, prog_name_: str) -> None:
+    """Add clsact (if missing) and a direct-action BPF filter on ingress."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        if not any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
+            ipr.tc("add", "clsact", idx)
+        ipr.tc("add-filter", "bpf", idx, ":1", fd=prog_fd, name=prog_name_,
+               parent="ffff:fff2", classid=1, direct_action=True)
+
+
+def tc_detach(name: str, ifname: str) -> None:
+    """Remove clsact and with it every tc BPF program of an interface."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        if any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
+            ipr.tc("del", "clsact", idx)
+
+
+def tc_ingress_progs(name: str, ifname: str) -> list[tuple[int, str]]:
+    """(program id, program name) of each BPF filter on an interface's ingress."""
+    # pyroute2 0.9 does not decode TCA_BPF_ID, so read tc's own rendering.
+    res = subprocess.run(["tc", "-n", name, "filter", "show", "dev", ifname, "ingress"],
+                         capture_output=True, text=True, timeout=10)
+    return [(int(m.group(1)), m.group(2)) for m in _TC_PROG_RE.finditer(res.stdout)]
+
+
+_TC_PROG_RE = re.compile(r"\bid (\d+) name (\S+)")
+
+
+# Processes inside a namespace.
+
+
+def pids_in(name: str) -> list[int]:
+    """Pids of processes whose network namespace is the named one (never this process)."""
+    try:
+        st = os.stat(path(name))
+    except FileNotFoundError:
+        return []
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            ns = os.stat(entry / "ns" / "net")
+        except OSError:
+            continue
+        if (ns.st_ino, ns.st_dev) == (st.st_ino, st.st_dev):
+            found.append(int(entry.name))
+    return sorted(found)
