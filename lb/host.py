@@ -1,0 +1,112 @@
+"""The running data plane of one host: load with pins, configure, attach, upgrade, detach.
+
+`open_host(settings)` is what the API lifespan (and any long-running control plane) enters:
+
+    with open_host(settings) as host:
+        control = ControlPlane(settings, host.balancer)
+        ...
+
+Leaving the block closes this process's fds only. The program stays attached and the maps
+stay pinned, so the data plane keeps forwarding while the control plane is stopped or
+restarted, as Katran and Cilium do; the next `open_host` reuses the pins and atomically
+replaces the running program. Only `host.detach()` takes the balancer off the interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from lb import attach as xdp
+from lb.config import DataplaneConfig, RuntimeConfig
+from lb.dataplane import Balancer, write_runtime_config
+from lb.settings import Settings
+
+__all__ = ["Host", "open_host", "write_runtime_config"]
+
+
+@dataclass
+class Host:
+    """The balancer loaded from its pins, and where it is attached."""
+
+    settings: Settings
+    balancer: Balancer
+    runtime: RuntimeConfig
+    attach_info: xdp.AttachInfo | None = None
+    detached: bool = field(default=False)
+
+    def xdp_state(self) -> xdp.XdpState | None:
+        """What the interface runs now, asked from the kernel (None without an interface)."""
+        s = self.settings
+        return xdp.query(s.interface, netns=s.netns) if s.interface else None
+
+    def upgrade(self, new_dataplane_config: DataplaneConfig | None = None) -> xdp.AttachInfo | None:
+        """Load a new program (new code or features, same map sizes) and swap it in atomically.
+
+        The new program reuses the pinned maps, so tracked flows keep their backends; map
+        sizes that differ raise IncompatiblePins before anything changes. `host.balancer`
+        stays the same object and now holds the new program. Returns the new attachment
+        (None when not attached). Call it with control-plane writes paused (under its lock).
+        """
+        cfg = new_dataplane_config or self.balancer.config
+        new = Balancer(cfg, pin_dir=self.settings.pin_dir)
+        try:
+            info = None
+            if self.attach_info is not None:
+                old = self.attach_info
+                info = xdp.attach(
+                    new.prog_fd,
+                    old.interface,
+                    mode=old.mode,
+                    netns=old.netns,
+                    expected_prog_id=old.prog_id,
+                )
+        except BaseException:
+            new.close()
+            raise
+        self.balancer.take_over(new)
+        self.attach_info = info
+        return info
+
+    def detach(self) -> xdp.XdpState | None:
+        """Take the balancer off the interface (traffic passes to the stack); maps stay pinned."""
+        s = self.settings
+        removed = xdp.detach(s.interface, netns=s.netns) if s.interface else None
+        self.attach_info = None
+        self.detached = True
+        return removed
+
+
+def effective_runtime(settings: Settings) -> RuntimeConfig:
+    """settings.runtime with the gateway MAC resolved from the route when it is unset."""
+    if settings.interface is None or not settings.gateway_mac_unset:
+        return settings.runtime
+    mac = xdp.resolve_gateway_mac(settings.interface, netns=settings.netns)
+    return settings.runtime.model_copy(update={"gateway_mac": mac})
+
+
+@contextmanager
+def open_host(settings: Settings, *, attach: bool = True, repin: bool = False) -> Iterator[Host]:
+    """Load the balancer with its pins, write lb_cfg, attach per settings; see module doc.
+
+    `repin=True` drops the old pins first (after an IncompatiblePins, on the operator's word).
+    On exit the program stays attached and the maps pinned unless `host.detach()` was called.
+    """
+    runtime = effective_runtime(settings)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    balancer = Balancer(settings.dataplane, pin_dir=settings.pin_dir, repin=repin)
+    try:
+        write_runtime_config(balancer, runtime)
+        host = Host(settings, balancer, runtime)
+        if attach and settings.interface:
+            host.attach_info = xdp.attach(
+                balancer.prog_fd,
+                settings.interface,
+                mode=settings.xdp_mode,
+                netns=settings.netns,
+                replace_foreign=settings.replace_foreign,
+            )
+        yield host
+    finally:
+        balancer.close()
