@@ -292,7 +292,11 @@ class MapIO:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._nr = _SYS_BPF.get(platform.machine())
         self.batched = self._nr is not None
-        self._ring_fd = int(balancer.ch_rings.map_fd)
+
+    @property
+    def _ring_fd(self) -> int:
+        # Never cached: a program upgrade (Balancer.take_over) swaps the fds underneath.
+        return int(self.b.ch_rings.map_fd)
 
     # -- batched u32 array access --
 

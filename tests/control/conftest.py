@@ -1,7 +1,10 @@
 """Fixtures of the control-plane tests: a fresh state directory and clean maps per test.
 
-The maps belong to the session `balancer` (one compile per test process), so every test
-that programs them starts by emptying them; the state directory is pytest's tmp_path.
+The control plane is tested on the real maps of xdp/maps.h, created by a maps-only program
+(`MapsOnly`, compiled once per test process) rather than by the balancer: these tests are
+about what lands in the maps, and must not break while xdp/balancer.c is being changed.
+Tests that need packets through the program (test_ordering.py) use the session `balancer`.
+Every test that programs the maps starts by emptying them; the state directory is tmp_path.
 """
 
 from __future__ import annotations
@@ -14,7 +17,42 @@ from typing import Any
 
 import pytest
 
+from lb.config import DataplaneConfig, xdp_source_dir
 from lb.control import ControlPlane
+from lb.dataplane import MAP_NAMES
+
+# The XDP function exists only so BCC has something to compile next to the maps.
+MAPS_ONLY_SOURCE = """
+#include <uapi/linux/bpf.h>
+#include "maps.h"
+int xdp_maps_only(struct xdp_md *ctx) { return XDP_PASS; }
+"""
+
+
+class MapsOnly:
+    """The balancer's maps without its program: what ControlPlane needs of a Balancer."""
+
+    def __init__(self, config: DataplaneConfig, *, pin_dir: Path | None = None) -> None:
+        import bcc
+
+        self.config = config
+        self.pin_dir = pin_dir
+        flags = [f"-I{xdp_source_dir()}", *config.cflags()]
+        if pin_dir is not None:
+            pin_dir.mkdir(parents=True, exist_ok=True)
+            flags.append(f'-DPIN_DIR="{pin_dir}"')
+        self.bpf = bcc.BPF(text=MAPS_ONLY_SOURCE.encode(), cflags=flags)
+        self.maps: dict[str, Any] = {n: self.bpf[n.encode()] for n in MAP_NAMES}
+
+    def __getattr__(self, name: str) -> Any:
+        maps = self.__dict__.get("maps")
+        if maps is not None and name in maps:
+            return maps[name]
+        raise AttributeError(name)
+
+    def close(self) -> None:
+        """Release the maps (pinned ones stay pinned)."""
+        self.bpf.cleanup()
 
 
 @dataclass(frozen=True)
@@ -47,11 +85,19 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
+@pytest.fixture(scope="session")
+def maps_only(dataplane_config: DataplaneConfig) -> Iterator[MapsOnly]:
+    """The maps of xdp/maps.h with the test configuration, once per test process."""
+    m = MapsOnly(dataplane_config)
+    yield m
+    m.close()
+
+
 @pytest.fixture
-def maps(balancer: Any) -> Any:
-    """The session balancer with every control-plane map emptied."""
-    clear_maps(balancer)
-    return balancer
+def maps(maps_only: MapsOnly) -> MapsOnly:
+    """The maps, emptied."""
+    clear_maps(maps_only)
+    return maps_only
 
 
 @pytest.fixture

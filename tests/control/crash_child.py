@@ -1,0 +1,89 @@
+"""Child process of test_durability.py: runs the control plane on pinned maps until killed.
+
+    python -m tests.control.crash_child run   STATE_DIR PIN_DIR   # apply OPS, print acks
+    python -m tests.control.crash_child check STATE_DIR PIN_DIR   # restart, print JSON
+
+`run` prints ``BEGIN k`` before and ``ACK k <generation>`` after the k-th change returned;
+the test kills it (XLB_CRASH_AT, or SIGKILL from outside) and then runs `check`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lb.config import DataplaneConfig
+from lb.control import ControlPlane
+from lb.model import BackendSpec, BackendUpdate, VipSpec
+
+CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=64, conn_table_size=65536)
+VIP = "tcp:198.18.0.10:80"
+
+
+def _vip(port: int, *backends: str) -> VipSpec:
+    return VipSpec.model_validate({"protocol": "tcp", "address": "198.18.0.10", "port": port,
+                                   "backends": [{"address": a} for a in backends]})
+
+
+def _be(i: int) -> BackendSpec:
+    return BackendSpec.model_validate({"address": f"198.18.2.{i}"})
+
+
+def _ops() -> list[Callable[[ControlPlane], object]]:
+    ops: list[Callable[[ControlPlane], object]] = [
+        lambda cp: cp.create_vip(_vip(80, "198.18.1.1", "198.18.1.2", "198.18.1.3"))
+    ]
+    for i in range(1, 13):
+        ops.append(lambda cp, i=i: cp.add_backend(VIP, _be(i)))
+        if i % 4 == 0:
+            ops.append(lambda cp, i=i: cp.create_vip(_vip(1000 + i, f"198.18.2.{i}",
+                                                          "198.18.1.1")))
+        if i % 5 == 0:
+            ops.append(lambda cp, i=i: cp.remove_backend(VIP, f"198.18.2.{i - 2}"))
+        if i % 6 == 0:
+            ops.append(lambda cp, i=i: cp.update_backend(VIP, f"198.18.2.{i - 1}",
+                                                         BackendUpdate(state="disabled")))
+        if i == 9:
+            ops.append(lambda cp: cp.delete_vip("tcp:198.18.0.10:1004"))
+    return ops
+
+
+#: The changes `run` applies, in order; change k bumps the generation to k.
+OPS = _ops()
+
+
+class _Settings:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+
+def _control(state_dir: Path, pin_dir: Path) -> ControlPlane:
+    from tests.control.conftest import MapsOnly
+
+    return ControlPlane(_Settings(state_dir), MapsOnly(CONFIG, pin_dir=pin_dir))  # type: ignore[arg-type]
+
+
+def main(argv: list[str]) -> int:
+    """Entry point (see the module docstring)."""
+    mode, state_dir, pin_dir = argv[0], Path(argv[1]), Path(argv[2])
+    cp = _control(state_dir, pin_dir)
+    if mode == "check":
+        print(json.dumps({
+            "generation": cp.generation,
+            "state": cp.get_state().model_dump(mode="json"),
+            "drifts": [d.model_dump() for d in cp.verify()],
+            "in_sync": cp.in_sync,
+        }), flush=True)
+        return 0
+    for k, op in enumerate(OPS, start=1):
+        print(f"BEGIN {k}", flush=True)
+        op(cp)
+        print(f"ACK {k} {cp.generation}", flush=True)
+    print("DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

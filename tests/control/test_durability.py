@@ -1,0 +1,120 @@
+"""kill -9 at chosen instants: nothing acknowledged is lost, nothing stays half-applied.
+
+A child process runs the control plane on pinned maps (so the maps outlive it), applies a
+fixed list of changes and is killed with SIGKILL at a precise point (XLB_CRASH_AT) or from
+outside. A second child restarts on the same state directory and pins; its state must be
+exactly the acknowledged changes (plus the in-flight one when it was already stored), and
+its maps must match that state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lb.control import ControlPlane
+from lb.store import CRASH_ENV
+from tests.control import crash_child
+from tests.control.conftest import StateSettings
+
+pytestmark = pytest.mark.bpf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _child(mode: str, state_dir: Path, pin_dir: Path, crash_at: str | None = None,
+           ) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.control.crash_child", mode, str(state_dir), str(pin_dir)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _acked(out: str) -> tuple[int, int]:
+    """(last acknowledged change, last change begun)."""
+    acked = begun = 0
+    for line in out.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "ACK":
+            k, gen = map(int, rest.split())
+            assert gen == k, f"change {k} acknowledged at generation {gen}"
+            acked = k
+        elif word == "BEGIN":
+            begun = int(rest)
+    return acked, begun
+
+
+def _expected_state(tmp: Path, upto: int) -> list[dict[str, Any]]:
+    cp = ControlPlane(StateSettings(tmp / f"expected{upto}"), None, config=crash_child.CONFIG)
+    for op in crash_child.OPS[:upto]:
+        op(cp)
+    vips = cp.get_state().model_dump(mode="json")["vips"]
+    cp.close()
+    return list(vips)
+
+
+def _restart(state_dir: Path, pin_dir: Path) -> dict[str, Any]:
+    p = _child("check", state_dir, pin_dir)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return result
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "stored"),
+    [
+        ("store-before-commit:6", False),  # dies inside the transaction: change 6 not stored
+        ("after-store:6", True),  # stored, maps untouched, never acknowledged
+        ("reconcile-write:17", True),  # dies between two map writes of a change
+    ],
+    ids=["in-transaction", "between-store-and-ack", "mid-reconcile"],
+)
+def test_sigkill_loses_nothing_acknowledged(
+    crash_at: str, stored: bool, tmp_path: Path, pin_dir: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    p = _child("run", state_dir, pin_dir, crash_at)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL, f"child was not killed: {p.returncode} {err}"
+    acked, begun = _acked(out)
+    assert begun == acked + 1, "the kill did not land inside a change"
+
+    after = _restart(state_dir, pin_dir)
+    assert after["drifts"] == [] and after["in_sync"], "maps do not match the state"
+    expect = acked + 1 if stored else acked
+    assert after["generation"] == expect
+    assert after["state"]["vips"] == _expected_state(tmp_path, expect)
+
+
+def test_sigkill_from_outside_at_any_instant(tmp_path: Path, pin_dir: Path) -> None:
+    state_dir = tmp_path / "state"
+    p = _child("run", state_dir, pin_dir)
+    assert p.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        lines.append(line)
+        if line.startswith("ACK 8 ") or not line:
+            break
+    os.kill(p.pid, signal.SIGKILL)
+    rest, _ = p.communicate(timeout=30)
+    acked, _ = _acked("".join(lines) + rest)
+    assert acked >= 8
+
+    after = _restart(state_dir, pin_dir)
+    assert after["drifts"] == [] and after["in_sync"]
+    assert after["generation"] in (acked, acked + 1) and after["generation"] >= acked
+    assert after["state"]["vips"] == _expected_state(tmp_path, after["generation"])
