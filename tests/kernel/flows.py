@@ -34,7 +34,9 @@ def write_config(
     path.write_text(
         f'pin_dir = "{pin_dir}"\nstate_dir = "{state_dir}"\n'
         "[dataplane]\nring_size = 4099\nmax_vips = 16\nmax_reals = 64\nconn_table_size = 65536\n"
-        f'[runtime]\n{mac}src_v4 = "198.18.0.1"\n'
+        f'[runtime]\n{mac}src_v4 = "198.18.0.1"\nsrc_v6 = "2001:db8::1"\n'
+        'rss_v4 = "198.19.0.0/16"\nrss_v6 = "2001:db8:0:7::/64"\n'
+        "gue_port = 7000\nmax_frame = 1600\nudp_timeout_s = 12.5\n"
     )
     return path
 
