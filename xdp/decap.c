@@ -151,6 +151,9 @@ static __always_inline int decap_tc_strip(struct __sk_buff *skb, struct decap_in
 int tc_decap(struct __sk_buff *skb)
 {
 	struct decap_info info = {};
+	/* pkt_end - pkt: the verifier accepts pointer subtraction only with allow_ptr_leaks
+	 * (CAP_PERFMON); loading BPF needs root here anyway (unprivileged_bpf_disabled=2).
+	 */
 	__u32 linear = skb->data_end - skb->data;
 	void *data, *data_end;
 	int action;
