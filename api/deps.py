@@ -1,0 +1,140 @@
+"""Dependencies of the routes: the running daemon's objects, settings, authentication."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.problems import NotReady, Unauthorized, UnsupportedMediaType
+from api.settings import ApiSettings, get_settings
+from lb.control import ControlPlane
+from lb.explain import Explainer
+from lb.stats import RateSampler, StatsReader
+
+
+@dataclass
+class Runtime:
+    """What the daemon runs: the control plane and, with a data plane, its readers."""
+
+    control: ControlPlane
+    token: str | None
+    stats: StatsReader | None = None
+    sampler: RateSampler | None = None
+    explainer: Explainer | None = None
+    #: Returns (attached?, description) of the XDP attachment, e.g. (True, "native on eth1").
+    attachment: Callable[[], tuple[bool, str]] = lambda: (False, "no interface configured")
+    #: Name of the XDP mode in force ("native", "generic") or None, for /metrics.
+    attach_mode: Callable[[], str | None] = lambda: None
+    started: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def get_runtime(request: Request) -> Runtime:
+    """The daemon's runtime; NotReady while the lifespan has not set it up."""
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        raise NotReady("the control plane is not running yet")
+    assert isinstance(rt, Runtime)
+    return rt
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+
+
+def get_control(rt: RuntimeDep) -> ControlPlane:
+    """The control plane facade."""
+    return rt.control
+
+
+ControlDep = Annotated[ControlPlane, Depends(get_control)]
+
+
+def get_stats(rt: RuntimeDep) -> StatsReader:
+    """The counter reader; NotReady without a data plane."""
+    if rt.stats is None:
+        raise NotReady("no data plane is loaded: statistics are unavailable")
+    return rt.stats
+
+
+StatsDep = Annotated[StatsReader, Depends(get_stats)]
+
+
+def get_explainer(rt: RuntimeDep) -> Explainer:
+    """The flow explainer; NotReady without a data plane."""
+    if rt.explainer is None:
+        raise NotReady("no data plane is loaded: flows cannot be explained")
+    return rt.explainer
+
+
+ExplainerDep = Annotated[Explainer, Depends(get_explainer)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="the daemon's token (XLB_API_TOKEN or the token file); required for changes",
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _is_local(request: Request) -> bool:
+    client = request.client
+    if client is None or not client.host:
+        return True  # a unix socket: access is governed by the socket's file mode
+    try:
+        return ipaddress.ip_address(client.host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check(rt: Runtime, creds: HTTPAuthorizationCredentials | None) -> None:
+    if rt.token is None:
+        raise Unauthorized("the daemon has no token configured: changes are refused")
+    if creds is None:
+        raise Unauthorized("this request needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(creds.credentials.encode(), rt.token.encode()):
+        raise Unauthorized("the bearer token is not the daemon's token")
+
+
+def require_write(rt: RuntimeDep, creds: Credentials) -> None:
+    """Changes always need the bearer token (compared in constant time)."""
+    _check(rt, creds)
+
+
+def require_read(
+    request: Request, rt: RuntimeDep, settings: SettingsDep, creds: Credentials
+) -> None:
+    """Reads are open from loopback when `open_reads`; a token that is sent must be right."""
+    if creds is None and settings.open_reads and _is_local(request):
+        return
+    _check(rt, creds)
+
+
+def require_json(request: Request) -> None:
+    """A request with a body must send it as application/json (or +json)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    ctype = request.headers.get("content-type")
+    length = request.headers.get("content-length")
+    if ctype is None and length in (None, "0"):
+        return  # no body; validation names what is missing
+    media = (ctype or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaType(
+        f"the body must be application/json, got {ctype or 'no content type'!r}",
+        field="content-type",
+    )
+
+
+WriteAuth = Depends(require_write)
+ReadAuth = Depends(require_read)
+JsonBody = Depends(require_json)

@@ -1,0 +1,181 @@
+"""The FastAPI app: routers, problem handlers, and the daemon's lifespan.
+
+`create_app()` builds the daemon: its lifespan loads the data plane (reusing pinned maps),
+brings the maps to the stored state, attaches (lb.host.open_host + lb.control.ControlPlane),
+and on shutdown stops serving and leaves the program forwarding unless `detach_on_exit`.
+
+`create_app(control=..., balancer=...)` wraps an already-built control plane instead (tests,
+embedding): the lifespan then only runs the statistics sampler and closes nothing it did not
+open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api.deps import Runtime
+from api.problems import install_problem_handlers, problem_only_openapi
+from api.routes import backends, explain, health, state, stats, vips
+from api.settings import ApiSettings, get_settings
+from lb.control import ControlPlane
+from lb.dataplane import Balancer
+from lb.explain import Explainer
+from lb.stats import RateSampler, StatsReader
+
+log = logging.getLogger("xlb.api")
+
+DESCRIPTION = """\
+REST API of xlb, an XDP L4 load balancer.
+
+Changes need `Authorization: Bearer <token>`; reads are open from loopback unless the daemon
+runs with `XLB_API_OPEN_READS=false`. Every error is `application/problem+json` (RFC 9457).
+VIP ids look like `tcp:198.18.0.10:80` or `udp:[2001:db8::10]:53` (URL-encode the brackets
+if your client needs to).
+"""
+
+
+def build_runtime(
+    control: ControlPlane,
+    settings: ApiSettings,
+    balancer: Balancer | None,
+    *,
+    attachment: Callable[[], tuple[bool, str]] | None = None,
+    attach_mode: Callable[[], str | None] | None = None,
+) -> Runtime:
+    """Assemble the objects the routes use around a control plane (and its data plane)."""
+    rt = Runtime(control=control, token=settings.expected_token())
+    if balancer is not None:
+        rt.stats = StatsReader(balancer)
+        rt.sampler = RateSampler(
+            rt.stats, interval=settings.stats_interval_s, window=settings.stats_window_s
+        )
+        rt.explainer = Explainer(balancer, rt.stats)
+    if attachment is not None:
+        rt.attachment = attachment
+    if attach_mode is not None:
+        rt.attach_mode = attach_mode
+    return rt
+
+
+async def _sample_forever(sampler: RateSampler) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(sampler.sample)
+        except Exception as e:  # a failed read must not stop the sampler
+            log.warning("statistics sample failed: %s", e)
+        await asyncio.sleep(sampler.interval)
+
+
+def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> Runtime:
+    """Open the data plane the daemon's way: load, pin, reconcile, attach."""
+    from lb import attach as xdp
+    from lb.host import open_host
+
+    # Load (reusing the pins) and bring the maps to the stored state first, then attach, so
+    # the first packet the program sees already meets the stored state.
+    host = stack.enter_context(open_host(lb_settings, attach=False))
+    balancer = host.balancer
+    control = ControlPlane(lb_settings, balancer)
+    stack.callback(control.close)
+    s = lb_settings
+    if s.interface:
+        host.attach_info = xdp.attach(
+            balancer.prog_fd,
+            s.interface,
+            mode=s.xdp_mode,
+            netns=s.netns,
+            replace_foreign=s.replace_foreign,
+        )
+        info = host.attach_info
+        log.info("attached to %s in %s mode (%s)", s.interface, info.mode, info.reason)
+
+    def attachment() -> tuple[bool, str]:
+        info = getattr(host, "attach_info", None)
+        if info is None:
+            return False, "no interface configured (XLB_INTERFACE)"
+        return True, f"{info.mode} on {info.interface}"
+
+    def mode() -> str | None:
+        info = getattr(host, "attach_info", None)
+        return None if info is None else str(info.mode)
+
+    rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode)
+    rt.extra["host"] = host
+    return rt
+
+
+def create_app(
+    *,
+    control: ControlPlane | None = None,
+    balancer: Balancer | None = None,
+    settings: ApiSettings | None = None,
+    lb_settings: Any = None,
+    attachment: Callable[[], tuple[bool, str]] | None = None,
+    attach_mode: Callable[[], str | None] | None = None,
+) -> FastAPI:
+    """Build the app; with `control` it wraps that control plane instead of opening one."""
+    api_settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with ExitStack() as stack:
+            if control is not None:
+                app.state.runtime = build_runtime(
+                    control,
+                    api_settings,
+                    balancer,
+                    attachment=attachment,
+                    attach_mode=attach_mode,
+                )
+            else:
+                app.state.runtime = await asyncio.to_thread(
+                    _host_runtime, stack, api_settings, lb_settings
+                )
+                host = app.state.runtime.extra["host"]
+                if api_settings.detach_on_exit:
+                    stack.callback(_detach, host)
+            rt: Runtime = app.state.runtime
+            task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
+            try:
+                yield
+            finally:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                app.state.runtime = None
+
+    app = FastAPI(
+        title="xlb",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.runtime = None
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    install_problem_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_only_openapi(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    for module in (vips, backends, state, stats, explain, health):
+        app.include_router(module.router)
+    return app
+
+
+def _detach(host: Any) -> None:
+    detach = getattr(host, "detach", None)
+    if detach is not None:
+        detach()
+        log.info("detached the XDP program (detach_on_exit)")

@@ -1,0 +1,108 @@
+"""Prometheus exposition of every counter, read from the maps at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from api.deps import Runtime
+
+
+class XlbCollector(Collector):
+    """Collects the data plane's counters and the control plane's state on every scrape."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | InfoMetricFamily]:
+        """Yield every metric family."""
+        rt = self._rt
+        control = rt.control
+        gen = GaugeMetricFamily("xlb_state_generation", "generation of the stored state")
+        gen.add_metric([], control.generation)
+        yield gen
+        errs = CounterMetricFamily(
+            "xlb_reconcile_errors", "stored changes that failed to reach the maps"
+        )
+        errs.add_metric([], control.reconcile_errors)
+        yield errs
+        vips = control.list_vips()
+        nv = GaugeMetricFamily("xlb_vips", "VIPs in the desired state")
+        nv.add_metric([], len(vips))
+        yield nv
+        nb = GaugeMetricFamily(
+            "xlb_backends", "backends in the desired state by state", labels=["state"]
+        )
+        by_state = {"active": 0, "draining": 0, "disabled": 0}
+        for v in vips:
+            for b in v.backends:
+                by_state[b.state] = by_state.get(b.state, 0) + 1
+        for state, n in by_state.items():
+            nb.add_metric([state], n)
+        yield nb
+        attached, where = rt.attachment()
+        mode = rt.attach_mode() or "none"
+        att = GaugeMetricFamily(
+            "xlb_attached", "1 when the XDP program is attached", labels=["mode"]
+        )
+        att.add_metric([mode], 1 if attached else 0)
+        yield att
+        info = InfoMetricFamily("xlb_attach", "where and how the XDP program is attached")
+        info.add_metric([], {"mode": mode, "where": where})
+        yield info
+        if rt.stats is None:
+            return
+        snap = rt.stats.snapshot()
+        g = CounterMetricFamily(
+            "xlb_datapath",
+            "global data-plane counters by C name (enum glob_stat)",
+            labels=["counter"],
+        )
+        for name, per_cpu in snap.glob.items():
+            g.add_metric([name], sum(per_cpu))
+        yield g
+        vip_fams: dict[str, CounterMetricFamily] = {}
+        for vid, counters in sorted(snap.vips.items()):
+            for field, per_cpu in counters.items():
+                fam = vip_fams.get(field)
+                if fam is None:
+                    fam = vip_fams[field] = CounterMetricFamily(
+                        f"xlb_vip_{_metric_name(field)}", f"{field} of a VIP", labels=["vip"]
+                    )
+                fam.add_metric([vid], sum(per_cpu))
+        yield from vip_fams.values()
+        real_fams: dict[str, CounterMetricFamily] = {}
+        for addr, counters in sorted(snap.reals.items()):
+            for field, per_cpu in counters.items():
+                fam = real_fams.get(field)
+                if fam is None:
+                    fam = real_fams[field] = CounterMetricFamily(
+                        f"xlb_backend_{_metric_name(field)}",
+                        f"{field} of a backend (over every VIP it serves)",
+                        labels=["backend"],
+                    )
+                fam.add_metric([addr], sum(per_cpu))
+        yield from real_fams.values()
+        ct = GaugeMetricFamily(
+            "xlb_conn_table_entries",
+            "connection-table entries (snapshot count by batch lookup: an estimate under load)",
+        )
+        ct.add_metric([], rt.stats.conn_table_count())
+        yield ct
+        cap = GaugeMetricFamily("xlb_conn_table_capacity", "connection-table size")
+        cap.add_metric([], rt.stats.conn_table_capacity)
+        yield cap
+
+
+def _metric_name(field: str) -> str:
+    return {"new_conns": "new_connections"}.get(field, field)
+
+
+def make_registry(runtime: Runtime) -> CollectorRegistry:
+    """A registry of this daemon's metrics (one per app, never the global one)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(XlbCollector(runtime))
+    return reg

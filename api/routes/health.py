@@ -1,0 +1,89 @@
+"""Liveness, readiness and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from api.deps import ReadAuth, RuntimeDep
+from api.metrics import make_registry
+from api.problems import problem_responses
+
+router = APIRouter(tags=["health"])
+
+
+class HealthPublic(BaseModel):
+    """The process is alive."""
+
+    status: str = "ok"
+    uptime_s: float | None = None
+
+
+class ReadyPublic(BaseModel):
+    """Whether the daemon is ready, and if not, why."""
+
+    ready: bool
+    reasons: list[str] = Field(description="why not ready (empty when ready)")
+    attachment: str
+    generation: int | None
+
+
+@router.get("/healthz")
+def healthz(request: Request) -> HealthPublic:
+    """The process is alive (always 200 while it answers)."""
+    rt = getattr(request.app.state, "runtime", None)
+    return HealthPublic(uptime_s=round(time.time() - rt.started, 3) if rt else None)
+
+
+@router.get(
+    "/readyz",
+    responses={503: {"model": ReadyPublic, "description": "not ready, with the reasons"}},
+)
+def readyz(request: Request, response: Response) -> ReadyPublic:
+    """Ready when the data plane is attached and the stored state is applied to the maps."""
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is None:
+        response.status_code = 503
+        return ReadyPublic(
+            ready=False,
+            reasons=["the control plane is starting"],
+            attachment="unknown",
+            generation=None,
+        )
+    reasons: list[str] = []
+    attached, where = rt.attachment()
+    if not attached:
+        reasons.append(f"not attached: {where}")
+    if not rt.control.in_sync:
+        reasons.append(
+            f"the maps are not in step with stored generation {rt.control.generation}: "
+            f"{rt.control.last_reconcile_error} (the next change or a restart retries)"
+        )
+    if reasons:
+        response.status_code = 503
+    return ReadyPublic(
+        ready=not reasons, reasons=reasons, attachment=where, generation=rt.control.generation
+    )
+
+
+@router.get(
+    "/metrics",
+    dependencies=[ReadAuth],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition",
+        },
+        **problem_responses(401, 503),
+    },
+)
+def metrics(rt: RuntimeDep, request: Request) -> Response:
+    """Every counter in Prometheus text format."""
+    registry = getattr(request.app.state, "metrics_registry", None)
+    if registry is None:
+        registry = request.app.state.metrics_registry = make_registry(rt)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

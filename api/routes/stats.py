@@ -1,0 +1,90 @@
+"""Statistics: every counter, per VIP, per backend and global, with rates."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import ControlDep, ReadAuth, RuntimeDep, StatsDep
+from api.problems import problem_responses
+from api.schemas.stats import (
+    BackendStatsPublic,
+    ConnTablePublic,
+    CounterPublic,
+    StatsPublic,
+    VipStatsPublic,
+)
+from lb.errors import NotFound
+from lb.stats import PerCpu, Snapshot
+
+router = APIRouter(tags=["stats"], responses=problem_responses(401, 503))
+
+PerCpuQuery = Annotated[bool, Query(description="include one value per CPU")]
+
+
+def _counters(
+    prefix: str, values: dict[str, PerCpu], rates: dict[str, float], per_cpu: bool
+) -> dict[str, CounterPublic]:
+    return {
+        name: CounterPublic(
+            value=sum(v),
+            per_s=rates.get(f"{prefix}/{name}"),
+            per_cpu=list(v) if per_cpu else None,
+        )
+        for name, v in values.items()
+    }
+
+
+def _rates(rt: RuntimeDep, snap: Snapshot) -> tuple[dict[str, float], float]:
+    if rt.sampler is None:
+        return {}, 0.0
+    return rt.sampler.rates(snap)
+
+
+@router.get("/v1/stats", dependencies=[ReadAuth])
+def get_stats(rt: RuntimeDep, stats: StatsDep, per_cpu: PerCpuQuery = False) -> StatsPublic:
+    """Every counter: global (by C name), per VIP, per backend, and the connection table."""
+    snap = stats.snapshot()
+    rates, span = _rates(rt, snap)
+    glob = snap.glob
+    misses = sum(sum(glob.get(n, ())) for n in ("STAT_LRU_MISS_SYN", "STAT_LRU_MISS_OTHER"))
+    return StatsPublic(
+        window_s=round(span, 3),
+        global_=_counters("glob", glob, rates, per_cpu),
+        vips=[
+            VipStatsPublic(vip_id=vid, counters=_counters(f"vip/{vid}", c, rates, per_cpu))
+            for vid, c in sorted(snap.vips.items())
+        ],
+        backends=[
+            BackendStatsPublic(address=addr, counters=_counters(f"real/{addr}", c, rates, per_cpu))
+            for addr, c in sorted(snap.reals.items())
+        ],
+        conn_table=ConnTablePublic(
+            entries=stats.conn_table_count(),
+            capacity=stats.conn_table_capacity,
+            hits=sum(glob.get("STAT_LRU_HIT", ())),
+            misses=misses,
+        ),
+    )
+
+
+@router.get(
+    "/v1/vips/{vip_id}/stats", dependencies=[ReadAuth], responses=problem_responses(404, 422)
+)
+def get_vip_stats(
+    vip_id: str,
+    rt: RuntimeDep,
+    control: ControlDep,
+    stats: StatsDep,
+    per_cpu: PerCpuQuery = False,
+) -> VipStatsPublic:
+    """One VIP's counters (packets, bytes, new connections) with rates."""
+    vid = control.get_vip(vip_id).id
+    snap = stats.snapshot(vips=[vid])
+    if vid not in snap.vips:
+        raise NotFound(f"VIP {vid} is not in the data plane's vip_map", field="vip_id")
+    rates, _ = _rates(rt, snap)
+    return VipStatsPublic(
+        vip_id=vid, counters=_counters(f"vip/{vid}", snap.vips[vid], rates, per_cpu)
+    )

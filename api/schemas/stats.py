@@ -1,0 +1,50 @@
+"""Schemas of the statistics: per VIP, per backend, global, connection table."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CounterPublic(BaseModel):
+    """One counter: its total, its rate over the window, and per CPU on request."""
+
+    value: int
+    per_s: float | None = Field(description="rate over the window (null: no sample yet)")
+    per_cpu: list[int] | None = Field(None, description="one value per possible CPU")
+
+
+class VipStatsPublic(BaseModel):
+    """Counters of one VIP."""
+
+    vip_id: str
+    counters: dict[str, CounterPublic] = Field(description="packets, bytes, new_conns")
+
+
+class BackendStatsPublic(BaseModel):
+    """Counters of one backend (summed over every VIP it serves)."""
+
+    address: str
+    counters: dict[str, CounterPublic] = Field(description="packets, bytes")
+
+
+class ConnTablePublic(BaseModel):
+    """Connection-table usage and lookups."""
+
+    entries: int = Field(description="entries now (a snapshot count: an estimate under load)")
+    capacity: int
+    hits: int = Field(description="STAT_LRU_HIT")
+    misses: int = Field(description="STAT_LRU_MISS_SYN + STAT_LRU_MISS_OTHER")
+
+
+class StatsPublic(BaseModel):
+    """Every counter of the data plane."""
+
+    window_s: float = Field(description="span the rates cover (0: no earlier sample yet)")
+    global_: dict[str, CounterPublic] = Field(
+        alias="global", description="global counters by their C name (enum glob_stat)"
+    )
+    vips: list[VipStatsPublic]
+    backends: list[BackendStatsPublic]
+    conn_table: ConnTablePublic
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)

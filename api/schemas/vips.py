@@ -1,0 +1,101 @@
+"""Schemas of the VIP resource."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.schemas.backends import BackendCreate, BackendPublic
+from api.schemas.common import Address
+from lb.model import Encap, OuterSource, Protocol, VipSpec
+
+
+class VipCreate(BaseModel):
+    """A VIP to create, optionally with its first backends."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"protocol": "tcp", "address": "198.18.0.10", "port": 80},
+                {"protocol": "udp", "address": "2001:db8::10", "port": 53, "encap": "gue"},
+            ]
+        },
+    )
+
+    protocol: Protocol = Field(description="tcp or udp")
+    address: Address
+    port: int = Field(ge=0, le=65535, description="destination port; 0 = every port")
+    hash_src_only: bool = Field(False, description="hash on the client address only")
+    lru_bypass: bool = Field(False, description="never use the connection table")
+    encap: Encap = Field("ipip", description="ipip (IP-in-IP / IPv6-in-IPv6) or gue")
+    outer_source: OuterSource | None = Field(
+        None, description="rss (flow-derived) or lb (own address); default rss for ipip, lb for gue"
+    )
+    backends: list[BackendCreate] = Field(default_factory=list)
+
+    def to_spec(self) -> VipSpec:
+        """The model's VIP."""
+        return VipSpec(
+            protocol=self.protocol,
+            address=self.address,
+            port=self.port,
+            hash_src_only=self.hash_src_only,
+            lru_bypass=self.lru_bypass,
+            encap=self.encap,
+            outer_source=self.outer_source,
+            backends=[b.to_spec() for b in self.backends],
+        )
+
+
+class VipUpdate(BaseModel):
+    """Changes to a VIP's flags and encapsulation; fields left out stay as they are.
+
+    `outer_source: null` goes back to the encapsulation's default.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"encap": "gue", "hash_src_only": True}]}
+    )
+
+    hash_src_only: bool | None = None
+    lru_bypass: bool | None = None
+    encap: Encap | None = None
+    outer_source: OuterSource | None = None
+
+
+class VipPublic(BaseModel):
+    """A VIP as the API shows it."""
+
+    id: str = Field(description="protocol:address:port, IPv6 in brackets")
+    protocol: Protocol
+    address: str
+    port: int
+    hash_src_only: bool
+    lru_bypass: bool
+    encap: Encap
+    outer_source: OuterSource | None = Field(description="as configured (null: the default)")
+    effective_outer_source: OuterSource
+    backends: list[BackendPublic]
+
+    @classmethod
+    def of(cls, spec: VipSpec) -> VipPublic:
+        """Render a model VIP."""
+        return cls(
+            id=spec.id,
+            protocol=spec.protocol,
+            address=str(spec.address),
+            port=spec.port,
+            hash_src_only=spec.hash_src_only,
+            lru_bypass=spec.lru_bypass,
+            encap=spec.encap,
+            outer_source=spec.outer_source,
+            effective_outer_source=spec.effective_outer_source,
+            backends=[BackendPublic.of(b) for b in spec.backends],
+        )
+
+
+class VipsPublic(BaseModel):
+    """Every VIP."""
+
+    data: list[VipPublic]
+    count: int

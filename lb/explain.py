@@ -1,0 +1,242 @@
+"""Flow explain: where the live program sends one flow, and why.
+
+The question "which backend gets client C's flow to VIP V, and why?" is answered by the
+program itself: a packet of that flow is synthesised and run through the loaded balancer with
+BPF_PROG_TEST_RUN (lb.testrun), and the outer destination of the frame it sends back is the
+backend. Why is read from the connection table: when the flow has an entry the program
+follows it (`conn_table`); otherwise the Maglev ring slot chose (`ring`). The STAT_LRU_HIT
+counter's delta during the run confirms it.
+
+Side effects, and how they are undone:
+
+- TCP: the packet is an ACK, never a SYN, so it is explained as the flow's next packet.
+- A run that misses the table may insert the flow (UDP always does; TCP may on a miss, as
+  Katran does). When the flow had no entry before the run, its entry is deleted afterwards,
+  so explaining leaves no trace. A real packet of the very same flow arriving during the
+  microseconds of the run would lose its fresh entry and be re-hashed to the same backend.
+- Counters: the run counts like a real packet (one packet and its bytes on the VIP and the
+  backend, the global verdict counters). Explaining is rare; the counters are not rolled
+  back, since per-CPU counters cannot be decremented safely while the program runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lb.consts import VERDICT_NAMES, XDP_PASS, XDP_TX
+from lb.dataplane import PROTO_NUMBERS, Balancer, family_of, set_addr
+from lb.errors import InvalidInput
+from lb.stats import StatsReader
+from lb.testrun import TestRunner
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Reason = Literal["conn_table", "ring", "not_a_vip", "no_backend", "dropped", "passed"]
+
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+TCP_ACK = 0x10
+#: Frames of the synthesised packet; locally administered, never on a wire.
+SRC_MAC = bytes.fromhex("020000000001")
+DST_MAC = bytes.fromhex("020000000002")
+PAYLOAD = b"xlb-explain"
+
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A flow as the client sends it."""
+
+    protocol: Literal["tcp", "udp"]
+    source: IPAddress
+    source_port: int
+    destination: IPAddress
+    destination_port: int
+
+    def __post_init__(self) -> None:
+        if self.source.version != self.destination.version:
+            raise InvalidInput(
+                f"source: {self.source} and destination {self.destination} are of different "
+                "address families",
+                field="source",
+            )
+        for name in ("source_port", "destination_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise InvalidInput(f"{name}: must be in 0..65535, got {port}", field=name)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What the program did with one packet of a flow, and why."""
+
+    flow: Flow
+    verdict: str
+    reason: Reason
+    backend: str | None
+    vip_id: str | None
+    #: True when the flow had a connection-table entry before the run.
+    in_conn_table: bool
+    #: Backend the connection-table entry named before the run (None: no entry).
+    conn_table_backend: str | None
+    #: Outer header of the frame sent (encapsulation, outer source), when forwarded.
+    encap: Literal["ipip", "gue"] | None
+    outer_source: str | None
+    #: Global counters that moved during the run (concurrent traffic may add to them).
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def build_packet(flow: Flow) -> bytes:
+    """An Ethernet frame of the flow: a TCP ACK or a UDP datagram with a short payload."""
+    proto = PROTO_NUMBERS[flow.protocol]
+    if flow.protocol == "tcp":
+        l4 = struct.pack(
+            "!HHIIBBHHH",
+            flow.source_port,
+            flow.destination_port,
+            1,
+            1,
+            5 << 4,
+            TCP_ACK,
+            65535,
+            0,
+            0,
+        )
+    else:
+        l4 = struct.pack("!HHHH", flow.source_port, flow.destination_port, 8 + len(PAYLOAD), 0)
+    l4 += PAYLOAD
+    src, dst = flow.source.packed, flow.destination.packed
+    if flow.source.version == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
+    else:
+        pseudo = src + dst + struct.pack("!I3xB", len(l4), proto)
+    csum = _csum(pseudo + l4)
+    off = 16 if flow.protocol == "tcp" else 6
+    l4 = l4[:off] + struct.pack("!H", csum or 0xFFFF) + l4[off + 2 :]
+    if flow.source.version == 4:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ethertype = ETH_P_IP
+    else:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst)
+        ethertype = ETH_P_IPV6
+    return DST_MAC + SRC_MAC + struct.pack("!H", ethertype) + ip + l4
+
+
+def _outer(frame: bytes) -> tuple[IPAddress, IPAddress, Literal["ipip", "gue"]] | None:
+    """(outer source, outer destination, encapsulation) of a frame the balancer sent."""
+    if len(frame) < 14:
+        return None
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    if ethertype == ETH_P_IP and len(frame) >= 34:
+        proto = frame[23]
+        src4, dst4 = ipaddress.IPv4Address(frame[26:30]), ipaddress.IPv4Address(frame[30:34])
+        return src4, dst4, "gue" if proto == socket.IPPROTO_UDP else "ipip"
+    if ethertype == ETH_P_IPV6 and len(frame) >= 54:
+        proto = frame[20]
+        src6, dst6 = ipaddress.IPv6Address(frame[22:38]), ipaddress.IPv6Address(frame[38:54])
+        return src6, dst6, "gue" if proto == socket.IPPROTO_UDP else "ipip"
+    return None
+
+
+class Explainer:
+    """Explains flows on one loaded balancer."""
+
+    def __init__(self, balancer: Balancer, reader: StatsReader | None = None) -> None:
+        self._b = balancer
+        self._reader = reader or StatsReader(balancer)
+
+    def _flow_key(self, flow: Flow) -> Any:
+        k = self._b.conn_table.Key()
+        set_addr(k.src, flow.source)
+        set_addr(k.dst, flow.destination)
+        k.sport = socket.htons(flow.source_port)
+        k.dport = socket.htons(flow.destination_port)
+        k.proto = PROTO_NUMBERS[flow.protocol]
+        k.family = family_of(flow.source)
+        return k
+
+    def _vip_id(self, flow: Flow) -> str | None:
+        vip_map = self._b.vip_map
+        for port in (flow.destination_port, 0):
+            key = self._b.vip_key(flow.destination, port, flow.protocol)
+            try:
+                vip_map[key]
+            except KeyError:
+                continue
+            host = (
+                f"[{flow.destination}]" if flow.destination.version == 6 else str(flow.destination)
+            )
+            return f"{flow.protocol}:{host}:{port}"
+        return None
+
+    def _conn_entry(self, key: Any) -> int | None:
+        try:
+            return int(self._b.conn_table[key].real_idx)
+        except KeyError:
+            return None
+
+    def _glob_totals(self) -> dict[str, int]:
+        return {name: sum(v) for name, v in self._reader.glob().items()}
+
+    def explain(self, flow: Flow) -> Explanation:
+        """Run one packet of `flow` through the live program and tell what happened."""
+        key = self._flow_key(flow)
+        names = {i: a for a, i in self._reader.real_indices().items()}
+        with _lock:
+            before_idx = self._conn_entry(key)
+            before = self._glob_totals()
+            result = TestRunner(self._b.prog_fd).run(build_packet(flow))
+            after = self._glob_totals()
+            if before_idx is None and self._conn_entry(key) is not None:
+                with contextlib.suppress(KeyError):
+                    del self._b.conn_table[key]
+        moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        verdict = VERDICT_NAMES.get(result.verdict, str(result.verdict))
+        vip = self._vip_id(flow)
+        backend: str | None = None
+        encap: Literal["ipip", "gue"] | None = None
+        outer_source: str | None = None
+        if result.verdict == XDP_TX:
+            outer = _outer(result.packet)
+            if outer is not None:
+                backend, outer_source, encap = str(outer[1]), str(outer[0]), outer[2]
+        reason: Reason
+        hit = moved.get("STAT_LRU_HIT", 0) > 0
+        if vip is None:
+            reason = "not_a_vip"
+        elif backend is not None:
+            reason = "conn_table" if before_idx is not None or hit else "ring"
+        elif moved.get("STAT_NO_BACKEND", 0) > 0:
+            reason = "no_backend"
+        elif result.verdict == XDP_PASS:
+            reason = "passed"
+        else:
+            reason = "dropped"
+        return Explanation(
+            flow=flow,
+            verdict=verdict,
+            reason=reason,
+            backend=backend,
+            vip_id=vip,
+            in_conn_table=before_idx is not None,
+            conn_table_backend=names.get(before_idx) if before_idx is not None else None,
+            encap=encap,
+            outer_source=outer_source,
+            counters=moved,
+        )

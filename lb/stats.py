@@ -1,0 +1,224 @@
+"""Counters read from the balancer's maps: per VIP, per backend, global, and their rates.
+
+`vip_stats`, `real_stats` and `glob_stats` are per-CPU arrays: BCC hands back one value per
+possible CPU, summed here (and kept per CPU on request). VIPs are found by reading `vip_map`
+(key -> vip_num) and backends by reading `reals` (index -> address), so the figures are what
+the data plane itself uses, never a copy of the control plane's bookkeeping.
+
+`RateSampler` keeps a small ring of totals taken every few seconds; a rate is the change
+between the newest sample and the oldest one inside the window.
+
+Connection-table usage is counted with BPF_MAP_LOOKUP_BATCH (one syscall per 4096 entries,
+no per-entry Python work). It is a snapshot, not an atomic count: entries the data plane adds
+or the LRU evicts during the walk may be missed or counted once more, so callers report it as
+an estimate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
+from lb.dataplane import Balancer, get_addr
+from lb.errors import KernelError
+
+VIP_FIELDS = ("packets", "bytes", "new_conns")
+REAL_FIELDS = ("packets", "bytes")
+PROTO_NAMES = {6: "tcp", 17: "udp"}
+#: Entries fetched per BPF_MAP_LOOKUP_BATCH call when counting or scanning a map.
+BATCH = 4096
+
+PerCpu = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every counter at one moment, per CPU."""
+
+    time: float
+    glob: dict[str, PerCpu]
+    vips: dict[str, dict[str, PerCpu]]
+    reals: dict[str, dict[str, PerCpu]]
+
+    def totals(self) -> dict[str, int]:
+        """Flat totals keyed `glob/NAME`, `vip/ID/field`, `real/ADDR/field` (for rates)."""
+        out = {f"glob/{k}": sum(v) for k, v in self.glob.items()}
+        for vid, counters in self.vips.items():
+            out.update({f"vip/{vid}/{k}": sum(v) for k, v in counters.items()})
+        for addr, counters in self.reals.items():
+            out.update({f"real/{addr}/{k}": sum(v) for k, v in counters.items()})
+        return out
+
+
+def _vip_id(proto: int, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    host = f"[{addr}]" if addr.version == 6 else str(addr)
+    return f"{PROTO_NAMES.get(proto, str(proto))}:{host}:{port}"
+
+
+class StatsReader:
+    """Reads the counters of one loaded balancer."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self._b = balancer
+
+    def glob(self) -> dict[str, PerCpu]:
+        """Global counters by their C name (lb.consts.GLOB_STATS), per CPU."""
+        table = self._b.glob_stats
+        out: dict[str, PerCpu] = {}
+        for i, name in enumerate(GLOB_STATS):
+            out[name] = tuple(int(v) for v in table.getvalue(table.Key(i)))
+        return out
+
+    def vip_numbers(self) -> dict[str, int]:
+        """VIP id -> vip_num, as `vip_map` holds them."""
+        out: dict[str, int] = {}
+        for k, v in self._b.vip_map.items():
+            addr = get_addr(k.addr, k.family)
+            port = socket.ntohs(int(k.port))
+            out[_vip_id(int(k.proto), addr, port)] = int(v.vip_num)
+        return out
+
+    def real_indices(self) -> dict[str, int]:
+        """Backend address -> index in `reals` (index 0 is never used)."""
+        table = self._b.reals
+        out: dict[str, int] = {}
+        for idx, leaf in _array_items(table):
+            if idx == REAL_NONE:
+                continue
+            raw = ctypes.string_at(ctypes.addressof(leaf.addr), 16)
+            if not any(raw):
+                continue
+            fam = FAMILY_V6 if int(leaf.flags) & REAL_F_V6 else FAMILY_V4
+            out[str(get_addr(leaf.addr, fam))] = idx
+        return out
+
+    def vip(self, vip_num: int) -> dict[str, PerCpu]:
+        """One VIP's counters (packets, bytes, new_conns), per CPU."""
+        table = self._b.vip_stats
+        cpus = table.getvalue(table.Key(vip_num))
+        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in VIP_FIELDS}
+
+    def real(self, index: int) -> dict[str, PerCpu]:
+        """One backend's counters (packets, bytes), per CPU."""
+        table = self._b.real_stats
+        cpus = table.getvalue(table.Key(index))
+        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in REAL_FIELDS}
+
+    def snapshot(self, *, vips: Iterable[str] | None = None) -> Snapshot:
+        """Every counter now (or only these VIP ids' and all backends')."""
+        nums = self.vip_numbers()
+        wanted = nums if vips is None else {v: nums[v] for v in vips if v in nums}
+        return Snapshot(
+            time=time.monotonic(),
+            glob=self.glob(),
+            vips={vid: self.vip(n) for vid, n in wanted.items()},
+            reals={addr: self.real(i) for addr, i in self.real_indices().items()},
+        )
+
+    def conn_table_count(self) -> int:
+        """Entries in the connection table now (a snapshot; see the module docstring)."""
+        return count_entries(self._b.conn_table)
+
+    @property
+    def conn_table_capacity(self) -> int:
+        """Entries the connection table can hold."""
+        return int(self._b.config.conn_table_size)
+
+
+def _lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[Any, Any, int]]:
+    """Yield (keys buffer, values buffer, count) chunks of a map through BPF_MAP_LOOKUP_BATCH."""
+    from bcc.libbcc import lib  # the libbcc wrapper; the one kernel boundary here
+
+    keys = (table.Key * chunk)()
+    values = (table.Leaf * chunk)()
+    in_batch = ctypes.c_uint32(0)
+    out_batch = ctypes.c_uint32(0)
+    first = True
+    while True:
+        count = ctypes.c_uint32(chunk)
+        rc = lib.bpf_lookup_batch(
+            table.map_fd,
+            None if first else ctypes.byref(in_batch),
+            ctypes.byref(out_batch),
+            ctypes.byref(keys),
+            ctypes.byref(values),
+            ctypes.byref(count),
+        )
+        err = ctypes.get_errno() if rc != 0 else 0
+        if rc != 0 and err not in (errno.ENOENT, 0) and -rc != errno.ENOENT:
+            e = err or -rc
+            raise KernelError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(e)} (errno {e})")
+        yield keys, values, int(count.value)
+        if rc != 0 or count.value == 0:
+            return
+        in_batch.value = out_batch.value
+        first = False
+
+
+def count_entries(table: Any) -> int:
+    """Number of entries of a hash map, by batch lookups."""
+    return sum(n for _, _, n in _lookup_batch(table, BATCH, want_values=False))
+
+
+def _array_items(table: Any) -> Iterable[tuple[int, Any]]:
+    for keys, values, n in _lookup_batch(table, BATCH, want_values=True):
+        for i in range(n):
+            yield int(keys[i]), values[i]
+
+
+@dataclass
+class RateSampler:
+    """A ring of counter totals taken every `interval` seconds; rates over `window` seconds."""
+
+    reader: StatsReader
+    interval: float = 1.0
+    window: float = 10.0
+    _samples: deque[tuple[float, dict[str, int]]] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sample(self) -> Snapshot:
+        """Read every counter now and keep the totals in the ring."""
+        snap = self.reader.snapshot()
+        self.record(snap)
+        return snap
+
+    def record(self, snap: Snapshot) -> None:
+        """Keep a snapshot's totals, dropping samples older than the window."""
+        with self._lock:
+            self._samples.append((snap.time, snap.totals()))
+            horizon = snap.time - self.window - self.interval
+            while len(self._samples) > 2 and self._samples[0][0] < horizon:
+                self._samples.popleft()
+
+    def rates(self, now: Snapshot) -> tuple[dict[str, float], float]:
+        """Per-second rates of `now`'s totals against the oldest sample in the window.
+
+        Returns the rates (missing keys: no earlier sample) and the span in seconds (0 when
+        there is no earlier sample yet).
+        """
+        with self._lock:
+            base = None
+            for t, totals in self._samples:
+                if now.time - t <= self.window + self.interval / 2 and now.time - t > 0:
+                    base = (t, totals)
+                    break
+        if base is None:
+            return {}, 0.0
+        span = now.time - base[0]
+        cur = now.totals()
+        out: dict[str, float] = {}
+        for k, v in cur.items():
+            old = base[1].get(k)
+            if old is not None and v >= old:
+                out[k] = (v - old) / span
+        return out, span

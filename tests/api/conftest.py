@@ -1,0 +1,150 @@
+"""Fixtures of the API tests: a real uvicorn on loopback around a real control plane.
+
+The balancer is compiled once per test process (its own small configuration, so these tests
+never disturb the packet tests' maps). Every test gets a fresh state directory, hence a
+fresh ControlPlane, which brings the maps to its (empty) stored state on construction, and
+its own uvicorn server on a free loopback port, stopped at the end even when the test fails.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from api.main import create_app
+from api.settings import ApiSettings
+from lb.config import DataplaneConfig, RuntimeConfig
+from lb.control import ControlPlane
+
+TOKEN = "test-token-0123456789"
+#: Small but with room: 16 VIPs, 255 backends, a ring balancing 40 backends.
+API_CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=256, conn_table_size=4096)
+RUNTIME = RuntimeConfig(
+    gateway_mac="02:00:00:00:00:fe",
+    src_v4=ipaddress.IPv4Address("198.18.0.1"),
+    src_v6=ipaddress.IPv6Address("2001:db8::1"),
+)
+PROBLEM = "urn:xlb:problem:"
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """What ControlPlane needs of lb.settings.Settings."""
+
+    state_dir: Path
+
+
+@pytest.fixture(scope="session")
+def api_balancer() -> Iterator[Any]:
+    """The balancer program with the API tests' configuration (unpinned)."""
+    from lb.dataplane import Balancer, write_runtime_config
+
+    b = Balancer(API_CONFIG)
+    write_runtime_config(b, RUNTIME)
+    yield b
+    b.close()
+
+
+class Served:
+    """A running app: its URL, clients and the objects behind it."""
+
+    def __init__(self, url: str, app: FastAPI, control: ControlPlane, balancer: Any) -> None:
+        self.url = url
+        self.app = app
+        self.control = control
+        self.balancer = balancer
+        self.auth = {"Authorization": f"Bearer {TOKEN}"}
+        self.client = httpx.Client(base_url=url, headers=self.auth, timeout=30)
+        self.anon = httpx.Client(base_url=url, timeout=30)
+
+    def close(self) -> None:
+        """Close the clients."""
+        self.client.close()
+        self.anon.close()
+
+
+def _free_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+@pytest.fixture
+def serve(
+    api_balancer: Any, tmp_path: Path
+) -> Iterator[Callable[..., Served]]:
+    """Factory: start uvicorn (in a thread, real TCP) around a fresh control plane."""
+    started: list[tuple[uvicorn.Server, threading.Thread, Served]] = []
+
+    def start(
+        *, attached: bool = True, open_reads: bool = True, token: str | None = TOKEN, **kw: Any
+    ) -> Served:
+        control = ControlPlane(StateDir(tmp_path / f"state{len(started)}"), api_balancer)
+        settings = ApiSettings(
+            token=SecretStr(token) if token else None,
+            open_reads=open_reads,
+            stats_interval_s=0.2,
+            stats_window_s=2.0,
+            **kw,
+        )
+        app = create_app(
+            control=control,
+            balancer=api_balancer,
+            settings=settings,
+            attachment=(lambda: (True, "generic on test0")) if attached else None,
+            attach_mode=(lambda: "generic") if attached else None,
+        )
+        sock = _free_socket()
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        )
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        served = Served(f"http://127.0.0.1:{port}", app, control, api_balancer)
+        started.append((server, thread, served))
+        return served
+
+    yield start
+    for server, thread, served in reversed(started):
+        served.close()
+        server.should_exit = True
+        thread.join(timeout=20)
+        served.control.close()
+
+
+@pytest.fixture
+def api(serve: Callable[..., Served]) -> Served:
+    """One running API with the default settings (token required for changes)."""
+    return serve()
+
+
+def assert_problem(resp: httpx.Response, status: int, kind: str, field: str | None = None) -> dict[str, Any]:
+    """Assert an RFC 9457 answer of this status and kind (and field); returns the body."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json"), resp.headers
+    body: dict[str, Any] = resp.json()
+    assert body["type"] == PROBLEM + kind, body
+    assert body["status"] == status
+    assert body["title"] and body["detail"]
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
