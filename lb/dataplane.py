@@ -282,13 +282,17 @@ def is_bpffs(path: Path) -> bool:
 
 
 def unpin(pin_dir: Path) -> list[str]:
-    """Remove the balancer's map pins (only those, by name); returns the names removed."""
+    """Remove the pinned objects directly in `pin_dir` (xlb's own directory); returns names.
+
+    Every map the program declares is pinned there, including ones not in MAP_NAMES, so all
+    of them go; subdirectories are left alone.
+    """
     removed = []
-    for name in MAP_NAMES:
-        p = pin_dir / name
-        if p.exists():
-            p.unlink()
-            removed.append(name)
+    if pin_dir.is_dir():
+        for p in sorted(pin_dir.iterdir()):
+            if not p.is_dir():
+                p.unlink()
+                removed.append(p.name)
     return removed
 
 
@@ -304,21 +308,46 @@ _SIZE_SOURCE = {
 }
 
 
-def pin_differences(bpf: Any, names: tuple[str, ...] = MAP_NAMES) -> list[str]:
-    """How each map BCC opened differs from what the program declares ([] = compatible)."""
+_libbcc: Any = None
+
+
+def _bcc_lib() -> Any:
+    # libbcc's per-table accessors that BCC's Python binding does not declare; a private
+    # handle so BCC's own declarations stay untouched.
+    global _libbcc
+    if _libbcc is None:
+        lib = ctypes.CDLL(_bcc().libbcc.lib._name)
+        sz, mod = ctypes.c_size_t, ctypes.c_void_p
+        for fn, res in (
+            ("bpf_num_tables", sz), ("bpf_table_name", ctypes.c_char_p),
+            ("bpf_table_fd_id", ctypes.c_int), ("bpf_table_type_id", ctypes.c_int),
+            ("bpf_table_max_entries_id", sz), ("bpf_table_flags_id", ctypes.c_int),
+            ("bpf_table_key_size_id", sz), ("bpf_table_leaf_size_id", sz),
+        ):  # fmt: skip
+            getattr(lib, fn).restype = res
+            getattr(lib, fn).argtypes = [mod] if fn == "bpf_num_tables" else [mod, sz]
+        _libbcc = lib
+    return _libbcc
+
+
+def pin_differences(bpf: Any) -> list[str]:
+    """How each map BCC opened differs from what the program declares ([] = compatible).
+
+    Every table of the compiled module is checked (a map BCC just created always matches),
+    so maps added to the program later are covered without a list to keep in sync.
+    """
+    lib, mod = _bcc_lib(), bpf.module
     diffs = []
-    for name in names:
-        t = bpf[name.encode()]
-        # Per-CPU tables replace Leaf by an array over CPUs; sLeaf is one CPU's value.
-        leaf = getattr(t, "sLeaf", t.Leaf)
+    for i in range(lib.bpf_num_tables(mod)):
+        name = lib.bpf_table_name(mod, i).decode()
         want = {
-            "type": int(t.ttype),
-            "key_size": ctypes.sizeof(t.Key),
-            "value_size": ctypes.sizeof(leaf),
-            "max_entries": int(t.max_entries),
-            "flags": int(t.flags),
+            "type": int(lib.bpf_table_type_id(mod, i)),
+            "key_size": int(lib.bpf_table_key_size_id(mod, i)),
+            "value_size": int(lib.bpf_table_leaf_size_id(mod, i)),
+            "max_entries": int(lib.bpf_table_max_entries_id(mod, i)),
+            "flags": int(lib.bpf_table_flags_id(mod, i)),
         }
-        got = map_info(int(t.map_fd))
+        got = map_info(int(lib.bpf_table_fd_id(mod, i)))
         for field, expected in want.items():
             actual = getattr(got, field)
             if actual == expected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from lb.errors import IncompatiblePins
 from lb.host import open_host
 from lb.settings import CONFIG_ENV, load_settings
 from lb.testrun import TestRunner
+from tests.conftest import TEST_CONFIG
 from tests.kernel import flows
 from tests.kernel.conftest import Veth
 
@@ -153,3 +155,20 @@ def test_stop_keeps_forwarding_restart_replaces_detach_removes(
         assert removed is not None and removed.prog_id == second.prog_id
     assert xdp.query(veth.a, netns=veth.ns).prog_id is None, "detach left a program"
     assert (pin_dir / "conn_table").exists(), "detach keeps the pins"
+
+
+def test_changed_layout_or_type_of_a_pin_is_named(pin_dir: Path) -> None:
+    # Pins left by an older program: lb_cfg with a smaller value, conn_table as a plain hash.
+    from bcc import BPF
+
+    old = BPF(text=f"""
+        BPF_TABLE_PINNED("array", u32, u64, lb_cfg, 1, "{pin_dir}/lb_cfg");
+        BPF_TABLE_PINNED("hash", u64, u64, conn_table, 8, "{pin_dir}/conn_table");
+    """.encode())  # fmt: skip
+    old.cleanup()
+    with pytest.raises(IncompatiblePins) as exc:
+        Balancer(TEST_CONFIG, pin_dir=pin_dir)
+    msg = exc.value.detail
+    assert re.search(r"lb_cfg: value_size 8 pinned, \d+ in the program", msg), msg
+    assert "conn_table: type hash pinned, lru_hash in the program" in msg
+    assert re.search(r"conn_table: key_size 8 pinned, \d+ in the program", msg), msg
