@@ -53,7 +53,7 @@ DecapMode = Literal["tc", "xdp"]
 DEFAULT_PREFIX = "xlab"
 RUN_ROOT = Path("/run/xlb")
 BPFFS = Path("/sys/fs/bpf")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,23}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,11}$")
 MAX_BACKENDS = 200
 
 HTTP_PORT = 80
@@ -97,7 +97,8 @@ class Lab:
     def __post_init__(self) -> None:
         if not PREFIX_RE.match(self.prefix):
             raise InvalidInput(
-                f"lab prefix must be 1-24 letters, digits or _, got {self.prefix!r}", field="prefix"
+                # Namespace names end up in settings, which hold them to 15 characters.
+                f"lab prefix must be 1-12 letters, digits or _, got {self.prefix!r}", field="prefix"
             )
         if not 1 <= self.backends <= MAX_BACKENDS:
             raise InvalidInput(
@@ -543,6 +544,150 @@ def running(lab: Lab, *, servers: bool = True) -> Iterator[Lab]:
         down(lab.prefix)
 
 
+# The daemon (`lbctl serve`) inside the LB namespace, and its REST API over a unix socket.
+
+
+class ApiError(Exception):
+    """The daemon answered with an error status (its problem detail is the message)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.body = body
+
+
+class LabApi:
+    """A small JSON client of the lab daemon's REST API (standard library only)."""
+
+    def __init__(self, lab: Lab, *, echo: Callable[[str], None] | None = None,
+                 timeout: float = 30.0) -> None:
+        self.socket_path = str(lab.api_socket)
+        self.token_file = lab.run_dir / "token"
+        self.echo = echo
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Send one request; returns (status, decoded body); ApiError for 4xx/5xx."""
+        import http.client
+
+        if self.echo is not None:
+            shown = f" {json.dumps(body)}" if body is not None else ""
+            self.echo(f"{method} {path}{shown}")
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        with contextlib.suppress(OSError):
+            headers["Authorization"] = "Bearer " + self.token_file.read_text().split()[0]
+        conn = http.client.HTTPConnection("localhost", timeout=self.timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+            conn.sock = sock
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+            sock.close()
+        decoded: Any = json.loads(raw) if raw and "json" in (
+            resp.getheader("content-type") or "") else raw.decode(errors="replace")
+        if self.echo is not None:
+            self.echo(f"  -> {resp.status}")
+        if resp.status >= 400:
+            raise ApiError(resp.status, decoded)
+        return resp.status, decoded
+
+    def get(self, path: str) -> Any:
+        """GET a resource."""
+        return self.request("GET", path)[1]
+
+    def post(self, path: str, body: Any) -> Any:
+        """POST a resource."""
+        return self.request("POST", path, body)[1]
+
+    def patch(self, path: str, body: Any) -> Any:
+        """PATCH a resource."""
+        return self.request("PATCH", path, body)[1]
+
+    def delete(self, path: str) -> None:
+        """DELETE a resource."""
+        self.request("DELETE", path)
+
+
+def vip_path(vip_id: str) -> str:
+    """URL path of a VIP id such as `tcp:[2001:db8::10]:80`."""
+    from urllib.parse import quote
+
+    return "/v1/vips/" + quote(vip_id, safe=":")
+
+
+def _tail(f: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def start_daemon(lab: Lab, *, timeout: float = 180.0, extra_toml: str = "") -> int:
+    """Start `lbctl serve` in the LB namespace and wait until it is ready; returns its pid.
+
+    It runs through nsenter (only the network namespace changes, so the bpffs pins stay
+    visible), listens on the lab's unix socket, and keeps its state under the run dir: a
+    restart finds the pinned maps and the stored state again. `extra_toml` is appended to
+    the configuration (e.g. other compile-time features, to stand for a new build).
+    """
+    if daemon_pid(lab) is not None:
+        raise InvalidInput(f"the daemon of lab {lab.prefix} already runs", field="daemon")
+    attached = netns.link_info(lab.lb_ns, LB_IF).xdp_mode
+    if attached is not None and attached != lab.xdp_mode:
+        # The kernel cannot switch XDP modes atomically; a lab may stop forwarding briefly.
+        netns.xdp_detach(lab.lb_ns, LB_IF)
+    lab.run_dir.mkdir(parents=True, exist_ok=True)
+    lab.config_file.write_text(lab.settings_toml() + extra_toml)
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    pid = netns.spawn(lab.lb_ns, [
+        sys.executable, "-m", "api.cli", "serve", "--config", str(lab.config_file),
+        "--uds", str(lab.api_socket), "--token-file", str(lab.run_dir / "token"),
+        "--log-level", "warning",
+    ], log=lab.daemon_log, env=env)
+    lab.daemon_pid_file.write_text(f"{pid}\n")
+    api = LabApi(lab, timeout=5)
+    deadline = time.monotonic() + timeout
+    while True:
+        if not _alive(pid):
+            raise KernelError(f"the daemon exited while starting:\n{_tail(lab.daemon_log)}")
+        if lab.api_socket.exists():
+            with contextlib.suppress(OSError, ApiError):
+                if api.request("GET", "/readyz")[0] == 200:
+                    return pid
+        if time.monotonic() > deadline:
+            stop_daemon(lab, kill=True)
+            raise KernelError(f"the daemon was not ready after {timeout:.0f} s:\n"
+                              f"{_tail(lab.daemon_log)}")
+        time.sleep(0.1)
+
+
+def stop_daemon(lab: Lab, *, kill: bool = False, timeout: float = 15.0) -> bool:
+    """Stop the daemon (SIGTERM, or SIGKILL to simulate a crash); False if none ran."""
+    pid = daemon_pid(lab)
+    if pid is None:
+        return False
+    if kill:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    else:
+        _stop_pids([pid], timeout)
+    lab.daemon_pid_file.unlink(missing_ok=True)
+    return True
+
+
 # Status.
 
 
@@ -799,7 +944,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "up":
         lab = Lab(prefix=a.prefix, backends=a.backends, xdp_mode=a.xdp_mode, decap=a.decap)
         up(lab, progress=lambda m: _say(f"lab {lab.prefix}: {m}"))
+        if not a.no_daemon:
+            _say(f"lab {lab.prefix}: starting the daemon (lbctl serve) in {lab.lb_ns} ...")
+            start_daemon(lab)
         _say(format_status(status(lab.prefix)))
+        _say(f"\nlbctl --url unix://{lab.api_socket} --token-file {lab.run_dir / 'token'} ...")
     elif a.cmd == "down":
         removed = down(a.prefix)
         _say("\n".join(f"removed {r}" for r in removed) or f"lab {a.prefix}: nothing to remove")

@@ -1,0 +1,1 @@
+"""Benchmarks (never imported by lb/ or api/); see bench/run.py."""

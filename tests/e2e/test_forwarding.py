@@ -1,0 +1,84 @@
+"""Real connections through the VIP: client -> router -> LB (XDP) -> backend (decap) -> client.
+
+Thousands of new TCP (HTTP) connections and UDP exchanges per case, through an IPv4 and an
+IPv6 VIP, with the LB's program attached in native and in generic XDP mode; the backends
+answer with their names, so the client counts where each flow landed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from lb import lab as labmod
+from lb import netns
+from lb.lab import Lab, LabApi
+from tests.e2e.conftest import Vips, daemon_running
+
+pytestmark = [pytest.mark.netns, pytest.mark.bpf]
+
+CONNECTIONS = 2000
+TOLERANCE = 0.15
+WEIGHTS = (1, 2, 1)
+
+
+@pytest.fixture(
+    scope="module", params=["native", pytest.param("generic", marks=pytest.mark.slow)]
+)
+def api(request: pytest.FixtureRequest, lab: Lab) -> Iterator[LabApi]:
+    """The daemon, with the balancer attached in the mode of the parameter."""
+    mode_lab = dataclasses.replace(lab, xdp_mode=request.param)
+    with daemon_running(mode_lab) as client:
+        assert netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == request.param
+        yield client
+
+
+@pytest.fixture
+def vips(api: LabApi) -> Iterator[Vips]:
+    """VIPs made by one test, deleted after it."""
+    v = Vips(api)
+    yield v
+    v.cleanup()
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_connections_spread_over_backends_by_weight(
+    lab: Lab, vips: Vips, protocol: str, family: int
+) -> None:
+    """Each backend gets its weight's share of new flows, within 15 %, and none fails."""
+    weights = {f"b{i}": WEIGHTS[(i - 1) % len(WEIGHTS)] for i in lab.backend_ids}
+    addr = (lab.backend4 if family == 4 else lab.backend6)
+    vip = lab.vip4 if family == 4 else lab.vip6
+    port = labmod.HTTP_PORT if protocol == "tcp" else labmod.UDP_PORT
+    vips.create(protocol, vip, port, [(addr(i), weights[f"b{i}"]) for i in lab.backend_ids])
+
+    if protocol == "tcp":
+        tally = labmod.http_requests(lab, vip, CONNECTIONS)
+    else:
+        tally = labmod.udp_requests(lab, vip, CONNECTIONS)
+
+    assert not tally.failures, f"connections failed: {dict(tally.failures)}"
+    assert tally.total == CONNECTIONS
+    total_weight = sum(weights.values())
+    for name, w in weights.items():
+        share = CONNECTIONS * w / total_weight
+        got = tally.per_backend.get(name, 0)
+        assert abs(got - share) <= TOLERANCE * share, (
+            f"{name} (weight {w}) got {got} of {CONNECTIONS} flows, expected {share:.0f}"
+            f" +/- {TOLERANCE:.0%}: {dict(tally.per_backend)}"
+        )
+
+
+def test_counters_follow_the_traffic(lab: Lab, vips: Vips, api: LabApi) -> None:
+    """The LB's per-backend counters see the packets of every backend that answered."""
+    vips.create("tcp", lab.vip4, labmod.HTTP_PORT,
+                [(lab.backend4(i), 1) for i in lab.backend_ids])
+    tally = labmod.http_requests(lab, lab.vip4, 300)
+    assert not tally.failures and len(tally.per_backend) == lab.backends
+    stats = api.get("/v1/stats")
+    text = str(stats)
+    for i in lab.backend_ids:
+        assert lab.backend4(i) in text, f"no counters for backend {i}: {stats}"
