@@ -311,9 +311,10 @@ class ControlPlane:
         return {num: vid for vid, num in self._store.vip_nums.items()}
 
     def _desired(self) -> MapImage:
+        # Recomputed from scratch, so verify() also catches a slip of the incremental image.
         assert self._reconciler is not None
         store = self._store
-        return self._reconciler.desired(store.vips.values(), store.vip_nums, store.real_idx)
+        return self._reconciler.full_image(store.vips.values(), store.vip_nums, store.real_idx)
 
     def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> None:
         done = self._store.commit(upserts, deletes)
@@ -330,13 +331,16 @@ class ControlPlane:
             return
         store = self._store
         try:
-            want = rec.desired(store.vips.values(), store.vip_nums, store.real_idx)
-            rec.apply(want, new_vip_nums=new_vip_nums, new_real_idx=new_real_idx)
-        except KernelError as e:
+            rec.apply(store.vips, store.vip_nums, store.real_idx,
+                      new_vip_nums=new_vip_nums, new_real_idx=new_real_idx)
+        except Exception as e:
+            # The change is stored and acknowledged whatever happens here: count the
+            # failure, start the next reconciliation from scratch, and never raise.
             self._reconcile_errors += 1
-            self._last_error = e.detail
-            rec.invalidate()
-            log.error("maps not in sync with generation %d: %s", self.generation, e.detail)
+            self._last_error = e.detail if isinstance(e, KernelError) else repr(e)
+            rec.reset()
+            log.error("maps not in sync with generation %d: %s", self.generation,
+                      self._last_error)
             return
         rec.rings.forget(store.vips)
         self._last_error = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError
@@ -41,10 +40,19 @@ _PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
-@lru_cache(maxsize=1 << 16)
+_TEXT: dict[tuple[int, int], str] = {}
+
+
 def _text(addr: IPAddress) -> str:
-    # str() of an address costs a few microseconds; identities are taken very often.
-    return str(addr)
+    # str() of an address costs microseconds (and so does hashing one: ipaddress hashes
+    # hex text); identities are taken very often, so cache them by (version, integer).
+    key = (addr.version, int(addr))
+    text = _TEXT.get(key)
+    if text is None:
+        if len(_TEXT) >= 1 << 17:
+            _TEXT.clear()
+        text = _TEXT[key] = str(addr)
+    return text
 
 
 class BackendSpec(BaseModel):

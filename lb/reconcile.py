@@ -98,19 +98,23 @@ class RingCache:
     def __init__(self, ring_size: int, seed: int = maglev.DEFAULT_SEED) -> None:
         self.ring_size = ring_size
         self.seed = seed
-        self._rings: dict[str, tuple[tuple[tuple[str, int], ...], maglev.Ring]] = {}
+        # Per VIP id: the spec last asked about, its ring key and its ring.
+        self._rings: dict[str, tuple[VipSpec, tuple[tuple[str, int], ...], maglev.Ring]] = {}
         self._values: dict[str, tuple[maglev.Ring, tuple[int, ...], array[int]]] = {}
 
     def ring(self, vip: VipSpec) -> maglev.Ring:
         """The VIP's ring (identities)."""
-        key = _ring_key(vip)
         hit = self._rings.get(vip.id)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        if hit is not None and hit[0] is vip:  # specs are immutable: same object, same ring
+            return hit[2]
+        key = _ring_key(vip)
+        if hit is not None and hit[1] == key:
+            self._rings[vip.id] = (vip, key, hit[2])
+            return hit[2]
         ring = maglev.build_ring(
             (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
         )
-        self._rings[vip.id] = (key, ring)
+        self._rings[vip.id] = (vip, key, ring)
         return ring
 
     def values(self, vip: VipSpec, real_idx: Mapping[str, int]) -> array[int]:
@@ -162,6 +166,108 @@ def desired_image(
                 flags = REAL_F_V6 if b.address.version == 6 else 0
                 img.reals[real_idx[b.identity]] = (_raw(b.address), flags)
     return img
+
+
+@dataclass
+class Touched:
+    """Keys of each map a change may have altered (None: every key)."""
+
+    vip_map: set[VipMapKey] = field(default_factory=set)
+    vip_addrs: set[AddrKey] = field(default_factory=set)
+    reals: set[int] = field(default_factory=set)
+    rings: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Share:
+    """What one VIP puts into the desired image."""
+
+    spec: VipSpec
+    num: int
+    key: VipMapKey
+    akey: AddrKey
+    reals: dict[int, RealVal]
+
+
+class DesiredImage:
+    """The desired image kept up to date VIP by VIP, so a change costs what it touches.
+
+    `sync` compares the stored VIP objects by identity (the store replaces a VIP's object
+    when it changes) and redoes only the VIPs that changed; `desired_image` recomputes
+    everything and is what `verify` trusts.
+    """
+
+    def __init__(self, rings: RingCache) -> None:
+        self.rings = rings
+        self.image = MapImage()
+        self._shares: dict[str, _Share] = {}
+        self._real_refs: dict[int, int] = {}
+
+    def sync(
+        self,
+        vips: Mapping[str, VipSpec],
+        vip_nums: Mapping[str, int],
+        real_idx: Mapping[str, int],
+    ) -> Touched:
+        """Bring the image to these VIPs; returns the keys that may have changed."""
+        touched = Touched()
+        for vid in [v for v in self._shares if v not in vips]:
+            self._remove(vid, touched)
+        changed = []
+        for vid, spec in vips.items():
+            share = self._shares.get(vid)
+            if share is not None and share.spec is spec and share.num == vip_nums[vid]:
+                continue
+            if share is not None:
+                self._remove(vid, touched)
+            changed.append((spec, vip_nums[vid]))
+        # Adds after every removal: a VIP number may pass from one VIP to another.
+        for spec, num in changed:
+            self._add(spec, num, real_idx, touched)
+        return touched
+
+    def _add(self, spec: VipSpec, num: int, real_idx: Mapping[str, int], t: Touched) -> None:
+        img = self.image
+        key = vip_map_key(spec)
+        akey = (key[0], key[1])
+        reals: dict[int, RealVal] = {}
+        for b in spec.backends:
+            if b.in_reals:
+                flags = REAL_F_V6 if b.address.version == 6 else 0
+                reals[real_idx[b.identity]] = (_raw(b.address), flags)
+        self._shares[spec.id] = _Share(spec, num, key, akey, reals)
+        img.vip_map[key] = (num, spec.flags)
+        img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
+        img.rings[num] = self.rings.values(spec, real_idx)
+        for idx, val in reals.items():
+            self._real_refs[idx] = self._real_refs.get(idx, 0) + 1
+            img.reals[idx] = val
+        t.vip_map.add(key)
+        t.vip_addrs.add(akey)
+        t.rings.add(num)
+        t.reals.update(reals)
+
+    def _remove(self, vid: str, t: Touched) -> None:
+        img = self.image
+        share = self._shares.pop(vid)
+        del img.vip_map[share.key]
+        n = img.vip_addrs[share.akey] - 1
+        if n:
+            img.vip_addrs[share.akey] = n
+        else:
+            del img.vip_addrs[share.akey]
+        del img.rings[share.num]
+        for idx in share.reals:
+            r = self._real_refs[idx] - 1
+            if r:
+                self._real_refs[idx] = r
+            else:
+                del self._real_refs[idx]
+                del img.reals[idx]
+        t.vip_map.add(share.key)
+        t.vip_addrs.add(share.akey)
+        t.rings.add(share.num)
+        t.reals.update(share.reals)
 
 
 def moved_fraction(before: maglev.Ring, after: maglev.Ring) -> float:
@@ -473,16 +579,23 @@ class ApplyResult:
 
 
 class Reconciler:
-    """Brings the maps to a desired image, in data-plane-safe order."""
+    """Brings the maps to the desired image, in data-plane-safe order."""
 
     def __init__(self, balancer: Balancer, seed: int = maglev.DEFAULT_SEED) -> None:
         self.io = MapIO(balancer)
         self.rings = RingCache(balancer.config.ring_size, seed)
+        self.desired = DesiredImage(self.rings)
+        #: What the maps hold, as far as this process wrote them (None: read them back).
         self._known: MapImage | None = None
 
     def invalidate(self) -> None:
         """Forget what the maps hold; the next apply reads them back first."""
         self._known = None
+
+    def reset(self) -> None:
+        """Forget everything: the next apply rebuilds the image and reads the maps back."""
+        self._known = None
+        self.desired = DesiredImage(self.rings)
 
     def read(self, want: MapImage) -> MapImage:
         """What the maps hold now: every entry, and the rings `want` has or stale VIPs use."""
@@ -494,30 +607,40 @@ class Reconciler:
                 have.rings[num] = io.read_ring(num)
         return have
 
-    def desired(
+    def full_image(
         self, vips: Iterable[VipSpec], vip_nums: Mapping[str, int], real_idx: Mapping[str, int]
     ) -> MapImage:
-        """The image of a desired state (rings from the cache)."""
+        """The image of a desired state, recomputed from scratch (rings from the cache)."""
         return desired_image(vips, vip_nums, real_idx, self.rings)
 
     def apply(
         self,
-        want: MapImage,
+        vips: Mapping[str, VipSpec],
+        vip_nums: Mapping[str, int],
+        real_idx: Mapping[str, int],
         *,
         new_vip_nums: Iterable[int] = (),
         new_real_idx: Iterable[int] = (),
     ) -> ApplyResult:
-        """Write what differs between the maps and `want`; raises KernelError on failure."""
-        have = self._known if self._known is not None else self.read(want)
+        """Write what differs between the maps and this state; KernelError on failure.
+
+        When the maps are known (every earlier write went through), only the keys of the
+        VIPs that changed are compared; otherwise the maps are read back and compared whole.
+        """
+        touched: Touched | None = self.desired.sync(vips, vip_nums, real_idx)
+        want = self.desired.image
+        have = self._known
+        if have is None:
+            have = self.read(want)
+            touched = None
         self._known = None  # until every write went through
         try:
-            res = self._write(have, want, set(new_vip_nums), set(new_real_idx))
+            res = self._write(have, want, touched, set(new_vip_nums), set(new_real_idx))
         except KernelError:
             raise
         except Exception as e:  # BCC raises bare Exception / KeyError for failed syscalls
             raise KernelError(f"writing the maps failed: {e}") from e
-        self._known = MapImage(dict(want.vip_map), dict(want.vip_addrs), dict(want.reals),
-                               dict(want.rings))
+        self._known = have  # now equal to `want`
         return res
 
     def _ring_of(self, have: MapImage, num: int) -> array[int]:
@@ -527,7 +650,12 @@ class Reconciler:
         return ring
 
     def _write(
-        self, have: MapImage, want: MapImage, new_nums: set[int], new_idx: set[int]
+        self,
+        have: MapImage,
+        want: MapImage,
+        touched: Touched | None,
+        new_nums: set[int],
+        new_idx: set[int],
     ) -> ApplyResult:
         io = self.io
         res = ApplyResult()
@@ -536,26 +664,43 @@ class Reconciler:
             res.entries += 1
             crash_point("reconcile-write")
 
+        if touched is None:
+            vip_keys = list(want.vip_map.keys() | have.vip_map.keys())
+            addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
+            real_keys = sorted(want.reals.keys() | have.reals.keys())
+            ring_nums = sorted(want.rings.keys() | have.rings.keys())
+        else:
+            vip_keys = list(touched.vip_map)
+            addr_keys = list(touched.vip_addrs)
+            real_keys = sorted(touched.reals)
+            ring_nums = sorted(touched.rings)
+
         # 0. A VIP number handed to another VIP in this change (only when the table is
         #    full): the old VIP stops using it before its ring is rewritten.
-        owner = {num: key for key, (num, _) in want.vip_map.items()}
-        for key, (num, _) in list(have.vip_map.items()):
-            if num in owner and owner[num] != key:
+        owner = {want.vip_map[k][0]: k for k in vip_keys if k in want.vip_map}
+        for key in vip_keys:
+            h = have.vip_map.get(key)
+            if h is not None and h[0] in owner and owner[h[0]] != key:
                 io.del_vip(key)
                 del have.vip_map[key]
                 step()
         # 1. Backends first: every index a ring is about to name is programmed.
-        for idx in sorted(new_idx & want.reals.keys()):
-            io.reset_counters((), (idx,))
-        for idx, val in want.reals.items():
-            if have.reals.get(idx) != val:
+        fresh_reals = [i for i in real_keys if i in new_idx and i in want.reals]
+        if fresh_reals:
+            io.reset_counters((), fresh_reals)
+        for idx in real_keys:
+            val = want.reals.get(idx)
+            if val is not None and have.reals.get(idx) != val:
                 # XXX: an index reused within one change (only when max_reals is full)
                 # briefly names the new backend in rings that still use the old one.
                 io.set_real(idx, val)
                 have.reals[idx] = val
                 step()
         # 2. Ring slots, only those that change.
-        for num, values in want.rings.items():
+        for num in ring_nums:
+            values = want.rings.get(num)
+            if values is None:
+                continue
             old = self._ring_of(have, num)
             if old is values:
                 continue
@@ -566,7 +711,8 @@ class Reconciler:
                 step()
             have.rings[num] = values
         # 3. Addresses gaining a VIP, then the VIP entries (new, or new flags).
-        for akey, n in want.vip_addrs.items():
+        for akey in addr_keys:
+            n = want.vip_addrs.get(akey, 0)
             if have.vip_addrs.get(akey, 0) < n:
                 io.set_vip_addr(akey, n)
                 have.vip_addrs[akey] = n
@@ -574,19 +720,22 @@ class Reconciler:
         fresh = [num for num in new_nums if num in want.rings]
         if fresh:
             io.reset_counters(fresh, ())
-        for key, meta in want.vip_map.items():
-            if have.vip_map.get(key) != meta:
+        for key in vip_keys:
+            meta = want.vip_map.get(key)
+            if meta is not None and have.vip_map.get(key) != meta:
                 io.set_vip(key, *meta)
                 have.vip_map[key] = meta
                 step()
         # 4. Deletions in reverse: VIP entries, addresses, rings, then unused backends.
-        for key in [k for k in have.vip_map if k not in want.vip_map]:
-            io.del_vip(key)
-            del have.vip_map[key]
-            step()
-        for akey, n in list(have.vip_addrs.items()):
+        for key in vip_keys:
+            if key not in want.vip_map and key in have.vip_map:
+                io.del_vip(key)
+                del have.vip_map[key]
+                step()
+        for akey in addr_keys:
             w = want.vip_addrs.get(akey, 0)
-            if w == 0:
+            n = have.vip_addrs.get(akey, 0)
+            if w == 0 and akey in have.vip_addrs:
                 io.del_vip_addr(akey)
                 del have.vip_addrs[akey]
                 step()
@@ -594,7 +743,9 @@ class Reconciler:
                 io.set_vip_addr(akey, w)
                 have.vip_addrs[akey] = w
                 step()
-        for num in [n for n in have.rings if n not in want.rings]:
+        for num in ring_nums:
+            if num in want.rings or num not in have.rings:
+                continue
             old = have.rings.pop(num)
             zeros = array("I", bytes(4 * len(old)))
             changed = maglev.changed_slots(old, zeros)
@@ -602,8 +753,9 @@ class Reconciler:
                 io.write_ring(num, changed, zeros)
                 res.ring_slots += len(changed)
                 step()
-        for idx in [i for i in have.reals if i not in want.reals]:
-            io.set_real(idx, None)
-            del have.reals[idx]
-            step()
+        for idx in real_keys:
+            if idx not in want.reals and idx in have.reals:
+                io.set_real(idx, None)
+                del have.reals[idx]
+                step()
         return res

@@ -220,9 +220,13 @@ class Store:
         freed_nums: list[int] = []
         freed_idx: list[int] = []
 
+        dropped: list[str] = []  # addresses whose last reference went in this change
+
         def unref(v: VipSpec) -> None:
             for b in v.backends:
                 refs[b.identity] -= 1
+                if not refs[b.identity]:
+                    dropped.append(b.identity)
 
         # Free first, allocate after: a full table can then swap one VIP for another in
         # one change (the reconciler orders the writes for a reused index).
@@ -237,9 +241,10 @@ class Store:
             vips[v.id] = v
             for b in v.backends:
                 refs[b.identity] = refs.get(b.identity, 0) + 1
-        for addr in [a for a, n in refs.items() if n == 0]:
-            del refs[addr]
-            freed_idx.append(real_idx.pop(addr))
+        for addr in dropped:
+            if refs.get(addr) == 0:
+                del refs[addr]
+                freed_idx.append(real_idx.pop(addr))
         for num in freed_nums:
             vip_alloc.free[num] = clock
         for idx in freed_idx:
@@ -254,7 +259,8 @@ class Store:
                     new_idx.add(idx)
         generation = self._generation + 1
 
-        seq = {vid: i for i, vid in enumerate(vips)}
+        # New VIPs sort after every stored one (clock only grows); replaced ones keep theirs.
+        seq = {v.id: (clock << 20) + i for i, v in enumerate(upserts)}
         try:
             self._transaction(
                 upserts, deletes, vip_nums, seq, real_idx, new_idx, freed_idx,
