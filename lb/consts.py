@@ -11,6 +11,9 @@ FAMILY_V6 = 6
 
 REAL_NONE = 0
 
+# UDP connection-table idle timeout when lb_cfg.udp_timeout_ns is 0.
+UDP_TIMEOUT_DEFAULT_S = 30
+
 # VIP flags (struct vip_meta.flags).
 F_HASH_SRC_ONLY = 1 << 0
 F_LRU_BYPASS = 1 << 1
@@ -38,6 +41,9 @@ GLOB_STATS: tuple[str, ...] = (
     "STAT_IP_OPTIONS",
     "STAT_NO_BACKEND",
     "STAT_ENCAP_FAIL",
+    "STAT_PASS_ICMP",
+    "STAT_LRU_EXPIRED",
+    "STAT_LRU_REAL_GONE",
 )
 STAT_MAX = len(GLOB_STATS)
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(GLOB_STATS)}

@@ -1,15 +1,372 @@
-/* balancer.c - the XDP load balancer: VIP lookup, connection table, Maglev ring, encapsulation.
- * Skeleton: counts and passes everything until the pipeline lands.
+/* balancer.c - the XDP load balancer: VIP lookup, connection table, Maglev ring,
+ * encapsulation towards the backend, ICMP handling. Entry point: xdp_balancer.
+ *
+ * Pipeline (Katran's): Ethernet/802.1Q -> IPv4/IPv6 (fragments, options, extension headers
+ * to a VIP address are dropped) -> ICMP (echo reply, errors forwarded along their flow) ->
+ * TCP/UDP ports -> VIP (exact, then port 0) -> backend (connection table, then the VIP's
+ * ring) -> size check (ICMP too-big reply) -> encapsulate -> XDP_TX to the gateway.
+ * Anything that is not ours goes to the stack untouched (XDP_PASS); nothing returns
+ * XDP_ABORTED. Every verdict is counted by reason (enum glob_stat) and in total.
  */
 #include <uapi/linux/bpf.h>
-#include "maps.h"
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
 
-int xdp_balancer(struct xdp_md *ctx)
+#include "maps.h"
+#include "stats.h"
+#include "csum.h"
+#include "hash.h"
+#include "parse.h"
+#include "encap.h"
+#include "icmp.h"
+
+/* Nanoseconds per second, for the UDP idle timeout default. */
+#define LB_NSEC_PER_SEC 1000000000ULL
+
+/* The backend a packet goes to, and how it was found. */
+struct lb_choice {
+	/* Index into reals (never REAL_NONE once chosen). */
+	__u32 real_idx;
+	/* Flow hash, valid when hash_valid (computed on a table miss, or for GUE). */
+	__u32 hash;
+	__u8 hash_valid;
+	/* The packet picked a new flow from the ring (counts in the VIP's new_conns). */
+	__u8 new_conn;
+	/* The backend's entry in reals. */
+	struct real_def *real;
+};
+
+/* Map-touching helpers declared in stats.h and parse.h: BCC rewrites map accesses in this
+ * file only.
+ */
+static __always_inline void stats_inc(__u32 slot)
 {
-	__u32 slot = STAT_XDP_PASS;
 	__u64 *cnt = glob_stats.lookup(&slot);
 
 	if (cnt)
 		*cnt += 1;
-	return XDP_PASS;
+}
+
+static __always_inline void stats_vip(__u32 vip_num, __u32 bytes, int new_conn)
+{
+	struct vip_stats *vs = vip_stats.lookup(&vip_num);
+
+	if (!vs)
+		return;
+	vs->packets += 1;
+	vs->bytes += bytes;
+	if (new_conn)
+		vs->new_conns += 1;
+}
+
+static __always_inline void stats_real(__u32 real_idx, __u32 bytes)
+{
+	struct real_stats *rs = real_stats.lookup(&real_idx);
+
+	if (!rs)
+		return;
+	rs->packets += 1;
+	rs->bytes += bytes;
+}
+
+static __always_inline int parse_is_vip_addr(const __be32 *addr, __u32 family)
+{
+	struct vip_addr key = {};
+
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	key.family = family;
+	return vip_addrs.lookup(&key) != NULL;
+}
+
+/* A backend slot whose address is all zero was removed (or never programmed). */
+static __always_inline int lb_real_present(const struct real_def *real)
+{
+	return (real->addr[0] | real->addr[1] | real->addr[2] | real->addr[3]) != 0;
+}
+
+/* The VIP of a client->VIP flow: exact (address, port, protocol), then the port-0 VIP. */
+static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *flow)
+{
+	struct vip_key key = {};
+	struct vip_meta *vip;
+
+	__builtin_memcpy(key.addr, flow->dst, sizeof(key.addr));
+	key.port = flow->dport;
+	key.proto = flow->proto;
+	key.family = flow->family;
+	vip = vip_map.lookup(&key);
+	if (vip)
+		return vip;
+	key.port = 0;
+	return vip_map.lookup(&key);
+}
+
+/* Choose the backend: connection table first (unless a TCP SYN or an LRU-bypass VIP), then
+ * the VIP's Maglev ring; on a miss, remember the choice (unless a TCP RST, LRU bypass or a
+ * forwarded ICMP error, which opens no flow). A table entry is ignored when it is a UDP
+ * entry idle past the timeout or its backend was removed (address zeroed in reals): that is
+ * how removed backends' flows move while draining ones (still in reals) keep theirs.
+ */
+static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta *vip,
+				   const struct lb_cfg *cfg, struct lb_choice *ch)
+{
+	struct conn_val *cv, nv = {};
+	struct real_def *real;
+	__u32 *ring_real;
+	__u32 key;
+	__u64 now = 0, timeout;
+	int is_tcp = pkt->flow.proto == IPPROTO_TCP;
+	int is_udp = pkt->flow.proto == IPPROTO_UDP;
+	int bypass = vip->flags & F_LRU_BYPASS;
+	int syn = is_tcp && (pkt->tcp_flags & PARSE_TCP_SYN);
+	int rst = is_tcp && (pkt->tcp_flags & PARSE_TCP_RST);
+
+	if (!bypass && !syn) {
+		cv = conn_table.lookup(&pkt->flow);
+		if (cv) {
+			int fresh = 1;
+
+			if (is_udp) {
+				now = bpf_ktime_get_ns();
+				timeout = cfg->udp_timeout_ns;
+				if (!timeout)
+					timeout = UDP_TIMEOUT_DEFAULT_S * LB_NSEC_PER_SEC;
+				if (now - cv->atime > timeout) {
+					fresh = 0;
+					stats_inc(STAT_LRU_EXPIRED);
+				}
+			}
+			if (fresh) {
+				key = cv->real_idx;
+				real = reals.lookup(&key);
+				if (real && lb_real_present(real)) {
+					if (is_udp)
+						cv->atime = now;
+					if (!pkt->icmp_fwd)
+						stats_inc(STAT_LRU_HIT);
+					ch->real_idx = key;
+					ch->real = real;
+					return FURTHER_PROCESSING;
+				}
+				stats_inc(STAT_LRU_REAL_GONE);
+			}
+		}
+	}
+
+	ch->hash = hash_flow(&pkt->flow, vip->flags & F_HASH_SRC_ONLY);
+	ch->hash_valid = 1;
+	key = vip->vip_num * RING_SIZE + ch->hash % RING_SIZE;
+	ring_real = ch_rings.lookup(&key);
+	if (!ring_real || *ring_real == REAL_NONE)
+		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
+	key = *ring_real;
+	real = reals.lookup(&key);
+	/* The control plane writes a backend before any ring slot names it; a slot naming an
+	 * empty backend is a misprogrammed ring, treated like an empty slot.
+	 */
+	if (!real || !lb_real_present(real))
+		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
+	ch->real_idx = key;
+	ch->real = real;
+	if (pkt->icmp_fwd)
+		return FURTHER_PROCESSING;
+	/* Under LRU bypass there is no table to miss: a SYN is the only new-flow signal. */
+	ch->new_conn = !bypass || syn;
+	if (bypass)
+		return FURTHER_PROCESSING;
+	stats_inc(syn ? STAT_LRU_MISS_SYN : STAT_LRU_MISS_OTHER);
+	if (!rst) {
+		nv.real_idx = key;
+		/* Only UDP entries age; TCP entries leave by LRU alone and keep atime 0. */
+		if (is_udp)
+			nv.atime = now ? now : bpf_ktime_get_ns();
+		conn_table.update(&pkt->flow, &nv);
+	}
+	return FURTHER_PROCESSING;
+}
+
+/* Send a packet of a VIP flow to its backend: pick, check the size, encapsulate. */
+static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
+				      const struct vip_meta *vip, const struct lb_cfg *cfg)
+{
+	struct lb_choice ch = {};
+	__u32 over, mtu, outer_len;
+	int action, outer_v6, gue;
+
+	/* A VIP number past the compiled limit would index another VIP's ring. */
+	if (vip->vip_num >= MAX_VIPS)
+		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
+	action = lb_pick(pkt, vip, cfg, &ch);
+	stats_vip(vip->vip_num, pkt->ip_len, ch.new_conn);
+	if (action >= 0)
+		return action;
+
+	outer_v6 = ch.real->flags & REAL_F_V6;
+	/* IPv6 in IPv4 is not supported (the control plane refuses such a backend). */
+	if (pkt->flow.family == FAMILY_V6 && !outer_v6)
+		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
+	gue = vip->flags & F_ENCAP_GUE;
+	/* A GUE VIP on a build without GUE: the backend expects GUE, so IPIP would be wrong. */
+	if (gue && !FEAT_GUE)
+		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
+	over = encap_overhead(outer_v6, gue);
+
+	/* max_frame counts the Ethernet header but not an 802.1Q tag, like MTU + 14. */
+	if (FEAT_TOO_BIG && cfg->max_frame && ETH_HLEN + pkt->ip_len + over > cfg->max_frame) {
+		/* Never an ICMP error about an ICMP error (RFC 1122 3.2.2). */
+		if (pkt->icmp_fwd)
+			return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
+		mtu = cfg->max_frame > ETH_HLEN + over ? cfg->max_frame - ETH_HLEN - over : 0;
+		if (pkt->flow.family == FAMILY_V4)
+			return icmp_too_big_v4(ctx, pkt, mtu);
+		return icmp_too_big_v6(ctx, pkt, mtu);
+	}
+
+	if (gue && !ch.hash_valid)
+		ch.hash = hash_flow(&pkt->flow, vip->flags & F_HASH_SRC_ONLY);
+	outer_len = encap_push(ctx, pkt, ch.real, cfg, vip->flags, ch.hash);
+	if (!outer_len)
+		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
+	stats_real(ch.real_idx, outer_len);
+	if (pkt->icmp_fwd)
+		stats_inc(STAT_ICMP_FWD);
+	return XDP_TX;
+}
+
+/* ICMP to an IPv4 address: echo requests to VIP addresses are answered, frag-needed about a
+ * VIP flow goes to that flow's backend, everything else is the stack's.
+ */
+static __always_inline int lb_icmp_v4(struct xdp_md *ctx, struct parse_pkt *pkt,
+				      const struct lb_cfg *cfg)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct icmphdr *icmph = data + pkt->l3_off + sizeof(struct iphdr);
+	__u32 inner_len = pkt->ip_len - sizeof(struct iphdr) - sizeof(*icmph);
+	struct vip_meta *vip;
+	int action;
+
+	if ((void *)(icmph + 1) > data_end ||
+	    pkt->ip_len < sizeof(struct iphdr) + sizeof(*icmph))
+		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+	if (icmph->type == ICMP_ECHO) {
+		if (!FEAT_ICMP_ECHO)
+			return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
+		if (!parse_is_vip_addr(pkt->flow.dst, FAMILY_V4))
+			return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+		return icmp_echo_v4(data, data_end, pkt);
+	}
+	if (!FEAT_ICMP_FWD || icmph->type != ICMP_DEST_UNREACH || icmph->code != ICMP_FRAG_NEEDED)
+		return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
+	action = icmp_parse_inner_v4(icmph + 1, data_end, pkt, inner_len);
+	if (action >= 0)
+		return action;
+	vip = lb_vip_lookup(&pkt->flow);
+	if (!vip)
+		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+	pkt->icmp_fwd = 1;
+	return lb_forward(ctx, pkt, vip, cfg);
+}
+
+/* ICMPv6: the same for echo requests and packet-too-big. */
+static __always_inline int lb_icmp_v6(struct xdp_md *ctx, struct parse_pkt *pkt,
+				      const struct lb_cfg *cfg)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct icmp6hdr *icmp6h = data + pkt->l3_off + sizeof(struct ipv6hdr);
+	__u32 inner_len = pkt->ip_len - sizeof(struct ipv6hdr) - sizeof(*icmp6h);
+	struct vip_meta *vip;
+	int action;
+
+	if ((void *)(icmp6h + 1) > data_end ||
+	    pkt->ip_len < sizeof(struct ipv6hdr) + sizeof(*icmp6h))
+		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+	if (icmp6h->icmp6_type == ICMPV6_ECHO_REQUEST) {
+		if (!FEAT_ICMP_ECHO)
+			return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
+		if (!parse_is_vip_addr(pkt->flow.dst, FAMILY_V6))
+			return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+		return icmp_echo_v6(data, data_end, pkt);
+	}
+	if (!FEAT_ICMP_FWD || icmp6h->icmp6_type != ICMPV6_PKT_TOOBIG)
+		return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
+	action = icmp_parse_inner_v6(icmp6h + 1, data_end, pkt, inner_len);
+	if (action >= 0)
+		return action;
+	vip = lb_vip_lookup(&pkt->flow);
+	if (!vip)
+		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+	pkt->icmp_fwd = 1;
+	return lb_forward(ctx, pkt, vip, cfg);
+}
+
+/* Everything after the Ethernet header. */
+static __always_inline int lb_process(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct parse_pkt pkt = {};
+	struct vip_meta *vip;
+	struct lb_cfg *cfg;
+	__u32 zero = 0, hdr_len;
+	__be16 proto;
+	int action;
+
+	action = parse_eth(data, data_end, &pkt, &proto);
+	if (action >= 0)
+		return action;
+	if (proto == __constant_htons(ETH_P_IP)) {
+		action = parse_ipv4(data, data_end, &pkt);
+		hdr_len = sizeof(struct iphdr);
+	} else if (proto == __constant_htons(ETH_P_IPV6)) {
+		action = parse_ipv6(data, data_end, &pkt);
+		hdr_len = sizeof(struct ipv6hdr);
+	} else {
+		return stats_verdict(STAT_PASS_NOT_IP, XDP_PASS);
+	}
+	if (action >= 0)
+		return action;
+
+	cfg = lb_cfg.lookup(&zero);
+	/* Verifier: an array lookup of index 0 cannot fail, but must be checked. */
+	if (!cfg)
+		return stats_verdict(STAT_PASS_NOT_IP, XDP_PASS);
+	if (pkt.flow.proto == IPPROTO_ICMP)
+		return lb_icmp_v4(ctx, &pkt, cfg);
+	if (pkt.flow.proto == IPPROTO_ICMPV6)
+		return lb_icmp_v6(ctx, &pkt, cfg);
+
+	action = parse_ports(data + pkt.l3_off + hdr_len, data_end, &pkt, pkt.ip_len - hdr_len);
+	if (action >= 0)
+		return action;
+	vip = lb_vip_lookup(&pkt.flow);
+	if (!vip)
+		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+	return lb_forward(ctx, &pkt, vip, cfg);
+}
+
+int xdp_balancer(struct xdp_md *ctx)
+{
+	int action = lb_process(ctx);
+
+	switch (action) {
+	case XDP_TX:
+		stats_inc(STAT_XDP_TX);
+		break;
+	case XDP_DROP:
+		stats_inc(STAT_XDP_DROP);
+		break;
+	default:
+		/* Only XDP_PASS is left: no path yields anything else. */
+		action = XDP_PASS;
+		stats_inc(STAT_XDP_PASS);
+	}
+	return action;
 }

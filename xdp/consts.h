@@ -46,6 +46,9 @@
 #define FEAT_GUE 1
 #endif
 
+/* UDP connection-table idle timeout when lb_cfg.udp_timeout_ns is 0 (not configured). */
+#define UDP_TIMEOUT_DEFAULT_S 30
+
 /* Address families as stored in keys (not AF_* values, which differ per OS). */
 #define FAMILY_V4 4
 #define FAMILY_V6 6
@@ -93,12 +96,24 @@ enum glob_stat {
 	STAT_TOO_BIG,
 	/* IPv4 fragments or IPv6 fragment headers to a VIP address (dropped). */
 	STAT_FRAG,
-	/* IPv4 packets with options to a VIP address (dropped). */
+	/* IPv4 packets with options, or IPv6 packets with hop-by-hop, routing or destination
+	 * options headers, to a VIP address (dropped).
+	 */
 	STAT_IP_OPTIONS,
 	/* VIP with no backend in its ring slot (dropped). */
 	STAT_NO_BACKEND,
-	/* Encapsulation failed (headroom, bounds) (dropped). */
+	/* Encapsulation failed (headroom, bounds, IPv6 VIP with an IPv4 backend, GUE VIP without
+	 * FEAT_GUE, an ICMP error too big to forward) (dropped).
+	 */
 	STAT_ENCAP_FAIL,
+	/* Passed: ICMP / ICMPv6 the balancer does not handle (neighbour discovery, echo replies,
+	 * other errors, errors about non-TCP/UDP packets).
+	 */
+	STAT_PASS_ICMP,
+	/* Connection-table hit on a UDP entry idle past the timeout (re-picked from the ring). */
+	STAT_LRU_EXPIRED,
+	/* Connection-table hit whose backend was removed (re-picked from the ring). */
+	STAT_LRU_REAL_GONE,
 	STAT_MAX,
 };
 

@@ -1,0 +1,40 @@
+"""Fixtures of the balancer's packet tests: a `lab` over the shared compiled balancer that is
+emptied after every test, and a summary line counting the packet cases that ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.dataplane.lab import Lab
+
+CASES_FILE = "tests/dataplane/test_balancer.py"
+
+
+@pytest.fixture
+def lab(balancer: Any) -> Iterator[Lab]:
+    """The shared balancer with lb_cfg at its defaults; everything seeded is undone after."""
+    lab = Lab(balancer)
+    lab.reset()
+    lab.config()
+    try:
+        yield lab
+    finally:
+        lab.reset()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print how many balancer packet cases ran and how many passed."""
+    ran = passed = 0
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") != "call":
+                continue
+            if report.nodeid.startswith(CASES_FILE + "::test_packet_case"):
+                ran += 1
+                passed += outcome == "passed"
+    if ran:
+        terminalreporter.write_line(f"balancer packet cases: {ran} ({passed} passed)")
