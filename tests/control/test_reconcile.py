@@ -243,3 +243,40 @@ def test_start_brings_maps_to_the_stored_state(
     assert again.in_sync and again.verify() == []
     assert (FAMILY_V4, raw("198.18.9.9"), 80, 6) not in io.read_vip_map()
     assert not any(io.read_ring(9)), "the stale VIP's ring was not cleared"
+
+
+def test_per_slot_fallback_writes_the_same_ring(control: ControlPlane) -> None:
+    assert control._reconciler is not None
+    io = control._reconciler.io
+    control.create_vip(vip(80, "198.18.1.1", "198.18.1.2"))
+    io.batched = False  # as on a kernel without BPF_MAP_*_BATCH
+    control.add_backend(V4, BackendSpec.model_validate({"address": "198.18.1.3"}))
+    spec = control.get_vip(V4)
+    assert list(io.read_ring(control.vip_number(V4))) == expected_ring(control, spec)
+    assert control.verify() == []
+
+
+def test_fresh_indices_start_with_zero_counters(control: ControlPlane, maps: Any) -> None:
+    vs, rs = maps.vip_stats, maps.real_stats
+    stale_v = vs.Leaf()
+    stale_v[0].packets = 7
+    vs[vs.Key(0)] = stale_v
+    stale_r = rs.Leaf()
+    stale_r[0].packets = 9
+    rs[rs.Key(1)] = stale_r
+    control.create_vip(vip(80, "198.18.1.1"))
+    assert control.vip_number(V4) == 0 and control.backend_index("198.18.1.1") == 1
+    assert sum(c.packets for c in vs[vs.Key(0)]) == 0
+    assert sum(c.packets for c in rs[rs.Key(1)]) == 0
+
+
+def test_full_table_swaps_one_vip_for_another_in_one_change(control: ControlPlane) -> None:
+    from lb.model import State
+
+    full = [vip(1000 + i, f"198.18.1.{i + 1}") for i in range(control.limits.max_vips)]
+    control.apply_state(State(vips=full))
+    gone = control.vip_number(full[0].id)
+    swapped = [vip(2000, "198.18.2.1"), *full[1:]]
+    control.apply_state(State(vips=swapped))
+    assert control.vip_number("tcp:198.18.0.10:2000") == gone  # the only free number
+    assert control.verify() == []
