@@ -10,6 +10,8 @@
   from asking for the shared backend's removal in one change (``apply_state``) until every
   ring is rewritten and the change is durable. Also measured: the same removal as 100
   separate durable calls (``converge_100x100_sequential_s``).
+- ``restart_100x100_s``: starting a control plane on that state with the maps already
+  programmed (load the store, read every ring back in batches, compare).
 
 Runs on the real maps of the balancer (BCC), loaded with max_vips=101. The machine is shared
 (2 cores), so the figures are noisy: compare runs side by side.
@@ -175,6 +177,20 @@ def bench_converge(cp: ControlPlane, sequential: bool) -> dict[str, Any]:
     return {"seconds": round(took, 3), "setup_s": round(setup, 3)}
 
 
+def bench_restart(maps: Any, state_dir: Path) -> float:
+    """Start a control plane on 100 VIPs x 100 backends already in the store and the maps."""
+    cp = ControlPlane(_Settings(state_dir), maps)
+    cp.apply_state(State(vips=[_vip(n, [*_own(n, BACKENDS - 1), SHARED]) for n in range(VIPS)]))
+    cp.close()
+    t0 = time.perf_counter()
+    again = ControlPlane(_Settings(state_dir), maps)  # load, read every ring back, diff
+    took = time.perf_counter() - t0
+    assert again.in_sync and again.verify() == [], "restart left the maps out of step"
+    again.apply_state(State(vips=[]))
+    again.close()
+    return round(took, 3)
+
+
 def _write(figures: dict[str, Any]) -> Path:
     try:
         from bench.common import environment, merge_results
@@ -207,6 +223,8 @@ def main(smoke: bool = False) -> dict[str, Any]:
         _say("... and as 100 separate changes ...")
         seq = bench_converge(cp, sequential=True)
         cp.close()
+        _say("restart on 100 VIPs x 100 backends ...")
+        restart = bench_restart(maps, base / "restart")
         fs = _fs_type(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -218,6 +236,7 @@ def main(smoke: bool = False) -> dict[str, Any]:
         "apply_change": change,
         "apply_change_parts": parts,
         "converge_100x100": one,
+        "restart_100x100_s": restart,
         "method": {
             "ring_size": RING, "backends_per_vip": BACKENDS, "vips": VIPS,
             "maps": loader, "state_fs": fs, "sqlite": "WAL, synchronous=FULL",
@@ -234,6 +253,7 @@ def main(smoke: bool = False) -> dict[str, Any]:
         ("  of which ring build (65537, 100)", f"{parts['ring_build_median_ms']:.2f} ms"),
         ("100x100 shared backend out, one change", f"{one['seconds']:.3f} s"),
         ("100x100 shared backend out, 100 changes", f"{seq['seconds']:.3f} s"),
+        ("restart on 100x100 (load, read back, diff)", f"{restart:.3f} s"),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
