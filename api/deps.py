@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.problems import NotReady, Unauthorized, UnsupportedMediaType
 from api.settings import ApiSettings, get_settings
 from lb.control import ControlPlane
+from lb.errors import InvalidInput
 from lb.explain import Explainer
 from lb.stats import RateSampler, StatsReader
 
@@ -133,6 +134,29 @@ def require_json(request: Request) -> None:
         f"the body must be application/json, got {ctype or 'no content type'!r}",
         field="content-type",
     )
+
+
+def _query_names(dependant: Any) -> set[str]:
+    names = {str(f.alias) for f in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A query parameter the operation does not define is refused (`?dryrun=1` is a typo)."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    known = _query_names(dependant) if dependant is not None else set()
+    for name in request.query_params:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise InvalidInput(
+                f"unknown query parameter {name!r} (this operation takes: {allowed})",
+                field=name,
+            )
 
 
 WriteAuth = Depends(require_write)

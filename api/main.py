@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from api.deps import Runtime
+from api.deps import Runtime, reject_unknown_query
 from api.problems import install_problem_handlers, problem_only_openapi
 from api.routes import backends, explain, health, state, stats, vips
 from api.settings import ApiSettings, get_settings
@@ -157,6 +157,7 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
     )
     app.state.runtime = None
     if settings is not None:
@@ -166,12 +167,22 @@ def create_app(
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = problem_only_openapi(FastAPI.openapi(app))
+            if api_settings.open_reads:
+                _reads_need_no_token(app.openapi_schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     for module in (vips, backends, state, stats, explain, health):
         app.include_router(module.router)
     return app
+
+
+def _reads_need_no_token(schema: dict[str, Any]) -> None:
+    # Reads are open from loopback: document their token as optional (OpenAPI's `{}`).
+    for item in schema.get("paths", {}).values():
+        op = item.get("get")
+        if op is not None and op.get("security"):
+            op["security"] = [{}, *op["security"]]
 
 
 def _detach(host: Any) -> None:

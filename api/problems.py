@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from lb.errors import XlbError
 
@@ -197,15 +198,30 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kinds = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized"}
     detail = exc.detail if isinstance(exc.detail, str) else _title(exc.status_code)
+    headers = dict(exc.headers) if exc.headers else {}
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no such resource: {request.url.path}"
+    if exc.status_code == 405:
+        # Every route of this path, not only the first one the router tried (RFC 9110 15.5.6).
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed on {request.url.path}; use {headers['Allow']}"
     return problem_response(
         exc.status_code,
         kinds.get(exc.status_code, "http-" + str(exc.status_code)),
         detail,
         instance=request.url.path,
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers or None,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:

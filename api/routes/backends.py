@@ -13,6 +13,7 @@ from api.schemas.backends import (
     BackendsReplace,
     BackendUpdate,
 )
+from api.schemas.common import AddressPath, VipIdPath
 from lb.errors import NotFound
 from lb.model import BackendSpec
 from lb.model import BackendUpdate as ModelBackendUpdate
@@ -31,7 +32,7 @@ def _public(vip_id: str, backends: list[BackendSpec]) -> BackendsPublic:
 
 
 @router.get("", dependencies=[ReadAuth])
-def list_backends(vip_id: str, control: ControlDep) -> BackendsPublic:
+def list_backends(vip_id: VipIdPath, control: ControlDep) -> BackendsPublic:
     """List a VIP's backends."""
     vip = control.get_vip(vip_id)
     return _public(vip.id, list(vip.backends))
@@ -44,7 +45,7 @@ def list_backends(vip_id: str, control: ControlDep) -> BackendsPublic:
     responses=problem_responses(400, 409, 415),
 )
 def add_backend(
-    vip_id: str, body: BackendCreate, control: ControlDep, response: Response
+    vip_id: VipIdPath, body: BackendCreate, control: ControlDep, response: Response
 ) -> BackendPublic:
     """Add a backend to a VIP (it takes new flows at once unless draining or disabled)."""
     b = control.add_backend(vip_id, body.to_spec())
@@ -57,14 +58,16 @@ def add_backend(
     dependencies=[WriteAuth, JsonBody],
     responses=problem_responses(400, 409, 415),
 )
-def replace_backends(vip_id: str, body: BackendsReplace, control: ControlDep) -> BackendsPublic:
+def replace_backends(
+    vip_id: VipIdPath, body: BackendsReplace, control: ControlDep
+) -> BackendsPublic:
     """Replace a VIP's whole backend list in one change."""
     backends = control.replace_backends(vip_id, [b.to_spec() for b in body.backends])
     return _public(control.get_vip(vip_id).id, backends)
 
 
 @router.get("/{address}", dependencies=[ReadAuth])
-def get_backend(vip_id: str, address: str, control: ControlDep) -> BackendPublic:
+def get_backend(vip_id: VipIdPath, address: AddressPath, control: ControlDep) -> BackendPublic:
     """Read one backend of a VIP."""
     vip = control.get_vip(vip_id)
     b = vip.backend(address)
@@ -79,7 +82,7 @@ def get_backend(vip_id: str, address: str, control: ControlDep) -> BackendPublic
     responses=problem_responses(400, 409, 415),
 )
 def update_backend(
-    vip_id: str, address: str, body: BackendUpdate, control: ControlDep
+    vip_id: VipIdPath, address: AddressPath, body: BackendUpdate, control: ControlDep
 ) -> BackendPublic:
     """Change a backend's weight or state (draining: no new flows, tracked flows go on)."""
     changes = ModelBackendUpdate(**body.model_dump(exclude_unset=True, exclude_none=True))
@@ -87,6 +90,6 @@ def update_backend(
 
 
 @router.delete("/{address}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth])
-def remove_backend(vip_id: str, address: str, control: ControlDep) -> None:
+def remove_backend(vip_id: VipIdPath, address: AddressPath, control: ControlDep) -> None:
     """Remove a backend from a VIP (its tracked flows are re-hashed)."""
     control.remove_backend(vip_id, address)

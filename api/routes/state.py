@@ -10,6 +10,7 @@ from api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
 from api.problems import problem_responses
 from api.schemas.state import PlanPublic, StatePublic, StatePut
 from lb.errors import PreconditionFailed
+from lb.model import validate_state
 
 router = APIRouter(prefix="/v1/state", tags=["state"], responses=problem_responses(401, 503))
 
@@ -21,7 +22,7 @@ def etag(generation: int) -> str:
 
 def parse_if_match(value: str | None) -> int | None:
     """The generation an If-Match header requires (None: no header or `*`)."""
-    if value is None or value.strip() == "*":
+    if value is None or value.strip() in ("", "*"):
         return None
     tags = [t.strip().removeprefix("W/").strip('"') for t in value.split(",")]
     for t in tags:
@@ -56,8 +57,10 @@ def put_state(
     ] = None,
 ) -> PlanPublic:
     """Replace the whole desired state; returns the plan (what moves, per VIP)."""
-    wanted = parse_if_match(if_match)
     state = body.to_state()
+    # Preconditions count only for a request that is otherwise fine (RFC 9110 13.2.1).
+    validate_state(state.vips, control.limits)
+    wanted = parse_if_match(if_match)
     if dry_run:
         current = control.generation
         if wanted is not None and wanted != current:

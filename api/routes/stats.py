@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import ControlDep, ReadAuth, RuntimeDep, StatsDep
 from api.problems import problem_responses
+from api.schemas.common import VipIdPath
 from api.schemas.stats import (
     BackendStatsPublic,
     ConnTablePublic,
@@ -18,7 +19,7 @@ from api.schemas.stats import (
 from lb.errors import NotFound
 from lb.stats import PerCpu, Snapshot
 
-router = APIRouter(tags=["stats"], responses=problem_responses(401, 503))
+router = APIRouter(tags=["stats"], responses=problem_responses(401, 422, 503))
 
 PerCpuQuery = Annotated[bool, Query(description="include one value per CPU")]
 
@@ -73,7 +74,7 @@ def get_stats(rt: RuntimeDep, stats: StatsDep, per_cpu: PerCpuQuery = False) -> 
     "/v1/vips/{vip_id}/stats", dependencies=[ReadAuth], responses=problem_responses(404, 422)
 )
 def get_vip_stats(
-    vip_id: str,
+    vip_id: VipIdPath,
     rt: RuntimeDep,
     control: ControlDep,
     stats: StatsDep,

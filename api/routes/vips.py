@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
 from api.problems import problem_responses
+from api.schemas.common import VipIdPath
 from api.schemas.vips import VipCreate, VipPublic, VipsPublic, VipUpdate
 from lb.model import VipUpdate as ModelVipUpdate
 
@@ -33,7 +34,7 @@ def create_vip(body: VipCreate, control: ControlDep, response: Response) -> VipP
 
 
 @router.get("/{vip_id}", dependencies=[ReadAuth], responses=problem_responses(404))
-def get_vip(vip_id: str, control: ControlDep) -> VipPublic:
+def get_vip(vip_id: VipIdPath, control: ControlDep) -> VipPublic:
     """Read one VIP, e.g. tcp:198.18.0.10:80 or udp:[2001:db8::10]:53."""
     return VipPublic.of(control.get_vip(vip_id))
 
@@ -43,7 +44,7 @@ def get_vip(vip_id: str, control: ControlDep) -> VipPublic:
     dependencies=[WriteAuth, JsonBody],
     responses=problem_responses(400, 404, 415),
 )
-def update_vip(vip_id: str, body: VipUpdate, control: ControlDep) -> VipPublic:
+def update_vip(vip_id: VipIdPath, body: VipUpdate, control: ControlDep) -> VipPublic:
     """Change a VIP's flags, encapsulation or outer source; fields left out stay."""
     changes = ModelVipUpdate(**body.model_dump(exclude_unset=True))
     return VipPublic.of(control.update_vip(vip_id, changes))
@@ -55,6 +56,6 @@ def update_vip(vip_id: str, body: VipUpdate, control: ControlDep) -> VipPublic:
     dependencies=[WriteAuth],
     responses=problem_responses(404),
 )
-def delete_vip(vip_id: str, control: ControlDep) -> None:
+def delete_vip(vip_id: VipIdPath, control: ControlDep) -> None:
     """Delete a VIP and its backends (its tracked flows stop at once)."""
     control.delete_vip(vip_id)

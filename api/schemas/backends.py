@@ -13,6 +13,7 @@ class BackendCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"address": "198.18.1.2", "weight": 3}]},
     )
 
@@ -31,7 +32,9 @@ class BackendUpdate(BaseModel):
     """Changes to a backend; fields left out stay as they are."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"state": "draining"}, {"weight": 5}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"state": "draining"}, {"weight": 5}]},
     )
 
     weight: int | None = Field(None, ge=0, le=MAX_WEIGHT, description="new weight")
@@ -41,7 +44,7 @@ class BackendUpdate(BaseModel):
 class BackendsReplace(BaseModel):
     """The whole new backend list of a VIP."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     backends: list[BackendCreate]
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
-from pydantic import IPvAnyAddress, WithJsonSchema
+from fastapi import Path
+from pydantic import BeforeValidator, IPvAnyAddress, WithJsonSchema
+
+
+def _text_or_address(v: object) -> object:
+    # pydantic's IPvAnyAddress also takes integers (and so booleans): JSON must send text.
+    if isinstance(v, str | ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return v
+    raise ValueError("must be an IPv4 or IPv6 address as a string")
+
 
 #: An IPv4 or IPv6 address; documented as either format so clients and fuzzers see both.
 Address = Annotated[
     IPvAnyAddress,
+    BeforeValidator(_text_or_address),
     WithJsonSchema(
         {
             "anyOf": [
@@ -17,5 +28,27 @@ Address = Annotated[
             ],
             "description": "an IPv4 or IPv6 address",
         }
+    ),
+]
+
+#: Shape of a VIP id, for the documentation and clients; the control plane checks the rest
+#: (octets, port range) and answers 422 naming `vip_id`.
+VIP_ID_PATTERN = r"^(tcp|udp):([0-9]{1,3}(\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$"
+
+VipIdPath = Annotated[
+    str,
+    Path(
+        description="protocol:address:port, IPv6 in brackets (percent-encoding them is fine)",
+        examples=["tcp:198.18.0.10:80", "udp:[2001:db8::10]:53"],
+        json_schema_extra={"pattern": VIP_ID_PATTERN},
+    ),
+]
+
+AddressPath = Annotated[
+    str,
+    Path(
+        description="a backend address (any spelling of it)",
+        examples=["198.18.1.2", "2001:db8::2"],
+        json_schema_extra={"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]},
     ),
 ]

@@ -14,6 +14,7 @@ class VipCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"protocol": "tcp", "address": "198.18.0.10", "port": 80},
@@ -54,7 +55,9 @@ class VipUpdate(BaseModel):
     """
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"encap": "gue", "hash_src_only": True}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"encap": "gue", "hash_src_only": True}]},
     )
 
     hash_src_only: bool | None = None

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,53 +83,65 @@ def _free_socket() -> socket.socket:
     return s
 
 
-@pytest.fixture
-def serve(
-    api_balancer: Any, tmp_path: Path
-) -> Iterator[Callable[..., Served]]:
-    """Factory: start uvicorn (in a thread, real TCP) around a fresh control plane."""
-    started: list[tuple[uvicorn.Server, threading.Thread, Served]] = []
-
-    def start(
-        *, attached: bool = True, open_reads: bool = True, token: str | None = TOKEN, **kw: Any
-    ) -> Served:
-        control = ControlPlane(StateDir(tmp_path / f"state{len(started)}"), api_balancer)
-        settings = ApiSettings(
-            token=SecretStr(token) if token else None,
-            open_reads=open_reads,
-            stats_interval_s=0.2,
-            stats_window_s=2.0,
-            **kw,
-        )
-        app = create_app(
-            control=control,
-            balancer=api_balancer,
-            settings=settings,
-            attachment=(lambda: (True, "generic on test0")) if attached else None,
-            attach_mode=(lambda: "generic") if attached else None,
-        )
-        sock = _free_socket()
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        )
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
+@contextmanager
+def running_api(
+    balancer: Any,
+    state_dir: Path,
+    *,
+    attached: bool = True,
+    open_reads: bool = True,
+    token: str | None = TOKEN,
+    **kw: Any,
+) -> Iterator[Served]:
+    """A fresh control plane on `state_dir` served by uvicorn (in a thread, real TCP)."""
+    control = ControlPlane(StateDir(state_dir), balancer)
+    settings = ApiSettings(
+        token=SecretStr(token) if token else None,
+        open_reads=open_reads,
+        stats_interval_s=0.2,
+        stats_window_s=2.0,
+        **kw,
+    )
+    app = create_app(
+        control=control,
+        balancer=balancer,
+        settings=settings,
+        attachment=(lambda: (True, "generic on test0")) if attached else None,
+        attach_mode=(lambda: "generic") if attached else None,
+    )
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    served = Served(f"http://127.0.0.1:{port}", app, control, balancer)
+    try:
         deadline = time.monotonic() + 20
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)
-        served = Served(f"http://127.0.0.1:{port}", app, control, api_balancer)
-        started.append((server, thread, served))
-        return served
-
-    yield start
-    for server, thread, served in reversed(started):
+        yield served
+    finally:
         served.close()
         server.should_exit = True
         thread.join(timeout=20)
-        served.control.close()
+        sock.close()
+        control.close()
+
+
+@pytest.fixture
+def serve(api_balancer: Any, tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """Factory: start a fresh API (stopped after the test, also on failure)."""
+    with ExitStack() as stack:
+
+        def start(**kw: Any) -> Served:
+            n = len(stack._exit_callbacks)  # a distinct state directory per server
+            return stack.enter_context(running_api(api_balancer, tmp_path / f"s{n}", **kw))
+
+        yield start
 
 
 @pytest.fixture
@@ -137,7 +150,9 @@ def api(serve: Callable[..., Served]) -> Served:
     return serve()
 
 
-def assert_problem(resp: httpx.Response, status: int, kind: str, field: str | None = None) -> dict[str, Any]:
+def assert_problem(
+    resp: httpx.Response, status: int, kind: str, field: str | None = None
+) -> dict[str, Any]:
     """Assert an RFC 9457 answer of this status and kind (and field); returns the body."""
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json"), resp.headers

@@ -83,8 +83,13 @@ def test_delete_unknown_vip_is_404(api: Served) -> None:
 
 @pytest.mark.parametrize(
     "vip_id",
-    ["tcp:198.18.0.10", "sctp:198.18.0.10:80", "tcp:2001:db8::1:80", "tcp:198.18.0.300:80",
-     "tcp:198.18.0.10:65536"],
+    [
+        "tcp:198.18.0.10",
+        "sctp:198.18.0.10:80",
+        "tcp:2001:db8::1:80",
+        "tcp:198.18.0.300:80",
+        "tcp:198.18.0.10:65536",
+    ],
 )
 def test_malformed_vip_id_is_422(api: Served, vip_id: str) -> None:
     assert_problem(api.client.get(f"/v1/vips/{vip_id}"), 422, "invalid-input", "vip_id")
@@ -104,45 +109,60 @@ def test_malformed_vip_id_is_422(api: Served, vip_id: str) -> None:
     ids=["octet", "text", "port-high", "port-negative", "protocol", "encap", "extra-field"],
 )
 def test_create_vip_bad_field_is_422_naming_it(api: Served, change: dict, field: str) -> None:
-    body = assert_problem(api.client.post("/v1/vips", json={**VIP, **change}), 422,
-                          "invalid-input", field)
+    body = assert_problem(
+        api.client.post("/v1/vips", json={**VIP, **change}), 422, "invalid-input", field
+    )
     assert body["errors"][0]["field"] == field and body["rule"]
 
 
 def test_create_vip_missing_field_is_422(api: Served) -> None:
-    assert_problem(api.client.post("/v1/vips", json={"protocol": "tcp"}), 422, "invalid-input",
-                   "address")
+    assert_problem(
+        api.client.post("/v1/vips", json={"protocol": "tcp"}), 422, "invalid-input", "address"
+    )
 
 
 def test_ipv6_vip_with_ipv4_backend_is_422(api: Served) -> None:
-    body = {"protocol": "tcp", "address": "2001:db8::10", "port": 80,
-            "backends": [{"address": "198.18.1.2"}]}
+    body = {
+        "protocol": "tcp",
+        "address": "2001:db8::10",
+        "port": 80,
+        "backends": [{"address": "198.18.1.2"}],
+    }
     problem = assert_problem(api.client.post("/v1/vips", json=body), 422, "invalid-input")
     assert "backends" in problem["field"] and "IPv4" in problem["detail"]
 
 
 def test_unspecified_vip_address_is_422(api: Served) -> None:
-    assert_problem(api.client.post("/v1/vips", json={**VIP, "address": "0.0.0.0"}), 422,
-                   "invalid-input", "address")
+    assert_problem(
+        api.client.post("/v1/vips", json={**VIP, "address": "0.0.0.0"}),
+        422,
+        "invalid-input",
+        "address",
+    )
 
 
 def test_vip_limit_reached_is_409_naming_the_limit(api: Served) -> None:
     for i in range(API_CONFIG.max_vips):
         api.client.post("/v1/vips", json={**VIP, "port": 1000 + i}).raise_for_status()
-    body = assert_problem(api.client.post("/v1/vips", json={**VIP, "port": 2000}), 409,
-                          "limit-reached")
+    body = assert_problem(
+        api.client.post("/v1/vips", json={**VIP, "port": 2000}), 409, "limit-reached"
+    )
     assert "max_vips" in body["detail"]
 
 
 def test_bad_json_is_400(api: Served) -> None:
-    r = api.client.post("/v1/vips", content=b'{"protocol": "tcp",',
-                        headers={"content-type": "application/json"})
+    r = api.client.post(
+        "/v1/vips", content=b'{"protocol": "tcp",', headers={"content-type": "application/json"}
+    )
     assert_problem(r, 400, "malformed-request")
 
 
 def test_wrong_content_type_is_415(api: Served) -> None:
-    r = api.client.post("/v1/vips", content=b"protocol=tcp",
-                        headers={"content-type": "application/x-www-form-urlencoded"})
+    r = api.client.post(
+        "/v1/vips",
+        content=b"protocol=tcp",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert_problem(r, 415, "unsupported-media-type", "content-type")
 
 

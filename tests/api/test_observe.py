@@ -1,0 +1,211 @@
+"""Statistics, metrics, flow explain and health, with packets run through the live program."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+import pytest
+
+from lb.explain import Flow, build_packet
+from lb.testrun import TestRunner
+from tests.api.conftest import Served, assert_problem
+
+pytestmark = pytest.mark.bpf
+
+VIP_ID = "tcp:198.18.0.10:80"
+BACKENDS = ["198.18.1.2", "198.18.1.3", "198.18.1.4"]
+
+
+@pytest.fixture
+def lb(api: Served) -> Served:
+    """The API with one TCP VIP, three backends, and an empty connection table."""
+    body = {
+        "protocol": "tcp",
+        "address": "198.18.0.10",
+        "port": 80,
+        "backends": [{"address": a} for a in BACKENDS],
+    }
+    api.client.post("/v1/vips", json=body).raise_for_status()
+    body = {
+        "protocol": "udp",
+        "address": "198.18.0.10",
+        "port": 53,
+        "backends": [{"address": a} for a in BACKENDS],
+    }
+    api.client.post("/v1/vips", json=body).raise_for_status()
+    conn = api.balancer.conn_table
+    for k in list(conn.keys()):
+        del conn[k]
+    return api
+
+
+def _flow(proto: str = "tcp", sport: int = 40000, dport: int = 80) -> Flow:
+    return Flow(
+        proto,
+        ipaddress.ip_address("198.18.2.1"),
+        sport,  # type: ignore[arg-type]
+        ipaddress.ip_address("198.18.0.10"),
+        dport,
+    )
+
+
+def _syn(api: Served, flow: Flow) -> None:
+    """Run a TCP SYN of the flow through the program (it enters the connection table)."""
+    pkt = bytearray(build_packet(flow))
+    pkt[14 + 20 + 13] = 0x02  # flags: SYN
+    TestRunner(api.balancer.prog_fd).run(bytes(pkt))
+
+
+def _explain(api: Served, proto: str = "tcp", sport: int = 40000, dport: int = 80) -> dict:
+    r = api.client.get(
+        "/v1/explain",
+        params={
+            "protocol": proto,
+            "src": "198.18.2.1",
+            "sport": sport,
+            "dst": "198.18.0.10",
+            "dport": dport,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_explain_new_flow_is_ring_and_leaves_no_entry(lb: Served) -> None:
+    e = _explain(lb)
+    assert e["verdict"] == "XDP_TX" and e["reason"] == "ring", e
+    assert e["backend"] in BACKENDS and e["vip_id"] == VIP_ID and e["encap"] == "ipip"
+    assert e["in_conn_table"] is False
+    assert len(list(lb.balancer.conn_table.keys())) == 0
+
+
+def test_explain_tracked_flow_is_conn_table(lb: Served) -> None:
+    _syn(lb, _flow())
+    assert len(list(lb.balancer.conn_table.keys())) == 1
+    first = _explain(lb)
+    assert first["reason"] == "conn_table" and first["in_conn_table"] is True, first
+    assert first["conn_table_backend"] == first["backend"]
+    # Draining the flow's backend keeps the flow on it: tracked flows go on.
+    lb.client.patch(
+        f"/v1/vips/{VIP_ID}/backends/{first['backend']}", json={"state": "draining"}
+    ).raise_for_status()
+    again = _explain(lb)
+    assert again["reason"] == "conn_table" and again["backend"] == first["backend"]
+
+
+def test_explain_udp_removes_the_entry_it_made(lb: Served) -> None:
+    e = _explain(lb, "udp", 5353, 53)
+    assert e["reason"] == "ring" and e["backend"] in BACKENDS
+    assert len(list(lb.balancer.conn_table.keys())) == 0
+
+
+def test_explain_not_a_vip(lb: Served) -> None:
+    e = _explain(lb, dport=81)
+    assert e["reason"] == "not_a_vip" and e["backend"] is None and e["vip_id"] is None
+
+
+def test_explain_mixed_families_is_422(lb: Served) -> None:
+    r = lb.client.get(
+        "/v1/explain",
+        params={
+            "protocol": "tcp",
+            "src": "2001:db8::1",
+            "sport": 1,
+            "dst": "198.18.0.10",
+            "dport": 80,
+        },
+    )
+    assert_problem(r, 422, "invalid-input", "dst")
+
+
+def test_explain_bad_port_is_422(lb: Served) -> None:
+    r = lb.client.get(
+        "/v1/explain",
+        params={
+            "protocol": "tcp",
+            "src": "198.18.2.1",
+            "sport": 70000,
+            "dst": "198.18.0.10",
+            "dport": 80,
+        },
+    )
+    assert_problem(r, 422, "invalid-input", "sport")
+
+
+def test_stats_count_packets_per_vip_backend_and_globally(lb: Served) -> None:
+    before = lb.client.get("/v1/stats").json()
+    for sport in range(41000, 41010):
+        _syn(lb, _flow(sport=sport))
+    s = lb.client.get("/v1/stats", params={"per_cpu": "true"}).json()
+    vip = next(v for v in s["vips"] if v["vip_id"] == VIP_ID)["counters"]
+    old = next(v for v in before["vips"] if v["vip_id"] == VIP_ID)["counters"]
+    assert vip["packets"]["value"] - old["packets"]["value"] == 10
+    assert vip["new_conns"]["value"] - old["new_conns"]["value"] == 10
+    assert vip["bytes"]["value"] > old["bytes"]["value"]
+    assert len(vip["packets"]["per_cpu"]) == len(s["global"]["STAT_XDP_TX"]["per_cpu"])
+    assert sum(b["counters"]["packets"]["value"] for b in s["backends"]) >= 10
+    assert s["global"]["STAT_XDP_TX"]["value"] >= 10
+    assert s["conn_table"]["entries"] == 10 and s["conn_table"]["capacity"] == 4096
+    assert s["conn_table"]["misses"] >= 10
+    one = lb.client.get(f"/v1/vips/{VIP_ID}/stats").json()
+    assert one["counters"]["packets"]["value"] == vip["packets"]["value"]
+    assert one["counters"]["packets"]["per_cpu"] is None
+
+
+def test_stats_rates_come_from_the_sampler(lb: Served) -> None:
+    import time
+
+    time.sleep(0.5)  # a few samples (every 0.2 s in tests)
+    s = lb.client.get("/v1/stats").json()
+    assert s["window_s"] > 0
+    assert s["global"]["STAT_XDP_TX"]["per_s"] is not None
+
+
+def test_metrics_expose_every_counter(lb: Served) -> None:
+    _syn(lb, _flow())
+    r = lb.anon.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in (
+        f'xlb_vip_packets_total{{vip="{VIP_ID}"}}',
+        f'xlb_vip_bytes_total{{vip="{VIP_ID}"}}',
+        f'xlb_vip_new_connections_total{{vip="{VIP_ID}"}}',
+        'xlb_backend_packets_total{backend="198.18.1.2"}',
+        'xlb_backend_bytes_total{backend="198.18.1.2"}',
+        'xlb_datapath_total{counter="STAT_LRU_HIT"}',
+        "xlb_conn_table_entries 1.0",
+        "xlb_conn_table_capacity 4096.0",
+        'xlb_attached{mode="generic"} 1.0',
+        f"xlb_state_generation {float(lb.control.generation)}",
+        "xlb_reconcile_errors_total 0.0",
+    ):
+        assert line in text, line
+
+
+def test_healthz_is_200(api: Served) -> None:
+    r = api.anon.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_readyz_is_200_when_attached_and_in_sync(api: Served) -> None:
+    r = api.anon.get("/readyz")
+    assert r.status_code == 200 and r.json() == {
+        "ready": True,
+        "reasons": [],
+        "attachment": "generic on test0",
+        "generation": api.control.generation,
+    }
+
+
+def test_readyz_is_503_with_reason_when_not_attached(serve: Callable[..., Served]) -> None:
+    api = serve(attached=False)
+    r = api.anon.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["ready"] is False and "not attached" in r.json()["reasons"][0]
+
+
+def test_per_cpu_lists_cover_every_possible_cpu(lb: Served) -> None:
+    s = lb.client.get("/v1/stats", params={"per_cpu": "true"}).json()
+    n = len(s["global"]["STAT_XDP_PASS"]["per_cpu"])
+    assert n >= 1 and all(len(c["per_cpu"]) == n for c in s["global"].values())
