@@ -146,7 +146,8 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 				key = cv->real_idx;
 				real = reals.lookup(&key);
 				if (real && lb_real_present(real)) {
-					if (is_udp)
+					/* An ICMP error is no sign of life of the flow. */
+					if (is_udp && !pkt->icmp_fwd)
 						cv->atime = now;
 					if (!pkt->icmp_fwd)
 						stats_inc(STAT_LRU_HIT);
