@@ -13,6 +13,7 @@ the smallest one), and checksum offload must be off on senders whose packets cro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -118,19 +119,22 @@ def _setns(fd: int) -> None:
         raise KernelError(f"setns failed: {os.strerror(err)} (errno {err})")
 
 
-def call_in(name: str, fn: Callable[..., T], *args: Any) -> T:
+def call_in(name: str | None, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` in a fresh thread inside a namespace and return its result."""
+    if name is None:
+        return fn(*args)
+    ns: str = name
     result: list[T] = []
     error: list[BaseException] = []
 
     def body() -> None:
         try:
-            with entered(name):
+            with entered(ns):
                 result.append(fn(*args))
         except BaseException as e:  # re-raised in the caller's thread
             error.append(e)
 
-    t = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
+    t = threading.Thread(target=body, name=f"netns-{ns}", daemon=True)
     t.start()
     t.join()
     if error:
@@ -138,13 +142,15 @@ def call_in(name: str, fn: Callable[..., T], *args: Any) -> T:
     return result[0]
 
 
-def cmd(name: str, argv: list[str]) -> list[str]:
+def cmd(name: str | None, argv: list[str]) -> list[str]:
     """An argv that runs `argv` inside a namespace, keeping the host's mounts (bpffs pins)."""
+    if name is None:
+        return list(argv)
     return ["nsenter", f"--net={path(name)}", "--", *argv]
 
 
 def run(
-    name: str, argv: list[str], *, check: bool = True, timeout: float = 30
+    name: str | None, argv: list[str], *, check: bool = True, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     """Run a command inside a namespace and capture its output."""
     res = subprocess.run(cmd(name, argv), capture_output=True, text=True, timeout=timeout)
@@ -187,24 +193,30 @@ def spawn(
 
 
 @contextmanager
-def iproute(name: str) -> Iterator[IPRoute]:
-    """A netlink socket inside an existing namespace (never creates one on a typo)."""
-    if not exists(name):
+def iproute(name: str | None) -> Iterator[IPRoute]:
+    """A netlink socket inside an existing namespace (never creates one on a typo).
+
+    Every function here takes `name=None` for the caller's own namespace (a real host).
+    """
+    if name is None:
+        ipr = IPRoute()
+    elif not exists(name):
         raise KernelError(f"network namespace {name} does not exist")
-    ipr = IPRoute(netns=name, flags=0)
+    else:
+        ipr = IPRoute(netns=name, flags=0)
     try:
         yield ipr
     finally:
         ipr.close()
 
 
-def ifindex(name: str, ifname: str) -> int:
+def ifindex(name: str | None, ifname: str) -> int:
     """Interface index of `ifname` inside a namespace."""
     with iproute(name) as ipr:
         return _index(ipr, name, ifname)
 
 
-def _index(ipr: IPRoute, name: str, ifname: str) -> int:
+def _index(ipr: IPRoute, name: str | None, ifname: str) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
         raise KernelError(f"no interface {ifname} in namespace {name}")
@@ -231,7 +243,7 @@ def add_veth(a: End, b: End, *, up: bool = True) -> None:
 
 
 def set_link(
-    name: str, ifname: str, *, up: bool | None = None, mtu: int | None = None,
+    name: str | None, ifname: str, *, up: bool | None = None, mtu: int | None = None,
     mac: str | None = None,
 ) -> None:
     """Change state, MTU or MAC of an interface inside a namespace."""
@@ -251,7 +263,7 @@ def set_link(
 IFA_F_NODAD = 0x02
 
 
-def add_address(name: str, ifname: str, iface: str) -> None:
+def add_address(name: str | None, ifname: str, iface: str) -> None:
     """Add an address like `198.18.1.2/24` or `2001:db8:1::2/64` (IPv6 without DAD delay)."""
     i = ipaddress.ip_interface(iface)
     kw: dict[str, Any] = {}
@@ -263,7 +275,7 @@ def add_address(name: str, ifname: str, iface: str) -> None:
                  prefixlen=i.network.prefixlen, **kw)
 
 
-def add_route(name: str, dst: str, gateway: str) -> None:
+def add_route(name: str | None, dst: str, gateway: str) -> None:
     """Add a route (`default` or a prefix) via a gateway inside a namespace."""
     gw = ipaddress.ip_address(gateway)
     kw: dict[str, Any] = {"gateway": str(gw)}
@@ -277,7 +289,7 @@ def add_route(name: str, dst: str, gateway: str) -> None:
         ipr.route("add", **kw)
 
 
-def replace_route(name: str, dst: str, gateway: str) -> None:
+def replace_route(name: str | None, dst: str, gateway: str) -> None:
     """Point an existing (or new) route at another gateway inside a namespace."""
     gw = ipaddress.ip_address(gateway)
     with iproute(name) as ipr:
@@ -285,7 +297,7 @@ def replace_route(name: str, dst: str, gateway: str) -> None:
                   family=2 if gw.version == 4 else 10)
 
 
-def route_get(name: str, dst: str) -> dict[str, Any]:
+def route_get(name: str | None, dst: str) -> dict[str, Any]:
     """The kernel's route decision for `dst` in a namespace (oif name, gateway, prefsrc)."""
     a = ipaddress.ip_address(dst)
     with iproute(name) as ipr:
@@ -302,7 +314,7 @@ def route_get(name: str, dst: str) -> dict[str, Any]:
                 "type": msg.get("type")}
 
 
-def neighbours(name: str, ifname: str) -> dict[str, str]:
+def neighbours(name: str | None, ifname: str) -> dict[str, str]:
     """Neighbour table entries (address -> MAC) learnt on one interface."""
     with iproute(name) as ipr:
         idx = _index(ipr, name, ifname)
@@ -318,7 +330,7 @@ def neighbours(name: str, ifname: str) -> dict[str, str]:
 class LinkInfo:
     """What the kernel reports about one interface."""
 
-    netns: str
+    netns: str | None
     ifname: str
     index: int
     mac: str
@@ -335,7 +347,7 @@ class LinkInfo:
         return prog_name(self.xdp_prog_id) if self.xdp_prog_id else None
 
 
-def _link_info(name: str, msg: Any) -> LinkInfo:
+def _link_info(name: str | None, msg: Any) -> LinkInfo:
     xdp = msg.get("IFLA_XDP")
     mode = prog_id = None
     if xdp is not None:
@@ -358,19 +370,19 @@ def _link_info(name: str, msg: Any) -> LinkInfo:
     )
 
 
-def link_info(name: str, ifname: str) -> LinkInfo:
+def link_info(name: str | None, ifname: str) -> LinkInfo:
     """State, MAC, MTU and attached XDP program of one interface."""
     with iproute(name) as ipr:
         return _link_info(name, ipr.get_links(_index(ipr, name, ifname))[0])
 
 
-def links(name: str) -> list[LinkInfo]:
+def links(name: str | None) -> list[LinkInfo]:
     """Every interface of a namespace."""
     with iproute(name) as ipr:
         return [_link_info(name, m) for m in ipr.get_links()]
 
 
-def addresses(name: str, ifname: str) -> list[str]:
+def addresses(name: str | None, ifname: str) -> list[str]:
     """Addresses of an interface as `address/prefixlen`."""
     with iproute(name) as ipr:
         idx = _index(ipr, name, ifname)
@@ -385,7 +397,7 @@ def _write_sysctls(values: Mapping[str, str | int]) -> None:
         Path("/proc/sys", key.replace(".", "/")).write_text(f"{value}\n")
 
 
-def set_sysctls(name: str, values: Mapping[str, str | int]) -> None:
+def set_sysctls(name: str | None, values: Mapping[str, str | int]) -> None:
     """Write `net.*` sysctls inside a namespace (they are per namespace; nothing on the host)."""
     for key in values:
         if not key.startswith("net."):
@@ -393,17 +405,17 @@ def set_sysctls(name: str, values: Mapping[str, str | int]) -> None:
     call_in(name, _write_sysctls, values)
 
 
-def get_sysctl(name: str, key: str) -> str:
+def get_sysctl(name: str | None, key: str) -> str:
     """Read a `net.*` sysctl inside a namespace."""
     return call_in(name, lambda: Path("/proc/sys", key.replace(".", "/")).read_text().strip())
 
 
-def set_offload(name: str, ifname: str, feature: str = "tx", on: bool = False) -> None:
+def set_offload(name: str | None, ifname: str, feature: str = "tx", on: bool = False) -> None:
     """Switch an ethtool offload (default: tx checksumming) on an interface in a namespace."""
     run(name, ["ethtool", "-K", ifname, feature, "on" if on else "off"])
 
 
-def offloads(name: str, ifname: str) -> dict[str, bool]:
+def offloads(name: str | None, ifname: str) -> dict[str, bool]:
     """ethtool -k of an interface: feature name -> on."""
     out = run(name, ["ethtool", "-k", ifname]).stdout
     feats: dict[str, bool] = {}
@@ -414,7 +426,7 @@ def offloads(name: str, ifname: str) -> dict[str, bool]:
     return feats
 
 
-def set_queues(name: str, ifname: str, count: int) -> None:
+def set_queues(name: str | None, ifname: str, count: int) -> None:
     """Give a veth `count` rx and tx queues (veths start with one)."""
     run(name, ["ethtool", "-L", ifname, "rx", str(count), "tx", str(count)])
 
@@ -422,7 +434,7 @@ def set_queues(name: str, ifname: str, count: int) -> None:
 # XDP programs on veths.
 
 
-def xdp_attach(name: str, ifname: str, prog_fd: int, mode: XdpMode = "native") -> None:
+def xdp_attach(name: str | None, ifname: str, prog_fd: int, mode: XdpMode = "native") -> None:
     """Attach (or replace) an XDP program on an interface in a namespace."""
     with iproute(name) as ipr:
         idx = _index(ipr, name, ifname)
@@ -430,7 +442,7 @@ def xdp_attach(name: str, ifname: str, prog_fd: int, mode: XdpMode = "native") -
                  xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
 
 
-def xdp_detach(name: str, ifname: str, mode: XdpMode | None = None) -> None:
+def xdp_detach(name: str | None, ifname: str, mode: XdpMode | None = None) -> None:
     """Detach the XDP program of an interface; the mode defaults to the one attached."""
     if mode is None:
         attached = link_info(name, ifname).xdp_mode
@@ -445,14 +457,14 @@ def xdp_detach(name: str, ifname: str, mode: XdpMode | None = None) -> None:
 
 @contextmanager
 def xdp_attached(
-    name: str, ifname: str, prog_fd: int, mode: XdpMode = "native"
+    name: str | None, ifname: str, prog_fd: int, mode: XdpMode = "native"
 ) -> Iterator[None]:
     """Keep an XDP program attached for the duration of a `with` block."""
     xdp_attach(name, ifname, prog_fd, mode)
     try:
         yield
     finally:
-        if exists(name):
+        if name is None or exists(name):
             xdp_detach(name, ifname, mode)
 
 
@@ -501,7 +513,7 @@ def load_xdp_pass() -> int:
 
 
 @contextmanager
-def xdp_pass_attached(name: str, ifname: str, mode: XdpMode = "native") -> Iterator[None]:
+def xdp_pass_attached(name: str | None, ifname: str, mode: XdpMode = "native") -> Iterator[None]:
     """Keep xlb_pass attached to an interface for the duration of a `with` block."""
     fd = load_xdp_pass()
     try:
@@ -511,7 +523,7 @@ def xdp_pass_attached(name: str, ifname: str, mode: XdpMode = "native") -> Itera
         os.close(fd)
 
 
-def attach_xdp_pass(name: str, ifname: str, mode: XdpMode = "native") -> None:
+def attach_xdp_pass(name: str | None, ifname: str, mode: XdpMode = "native") -> None:
     """Attach xlb_pass to an interface and leave it there (it goes with the interface)."""
     fd = load_xdp_pass()
     try:
@@ -547,7 +559,7 @@ def prog_name(prog_id: int) -> str | None:
 TC_H_INGRESS_PARENT = 0xFFFFFFF2  # ffff:fff2
 
 
-def tc_attach_ingress(name: str, ifname: str, prog_fd: int, prog_name_: str) -> None:
+def tc_attach_ingress(name: str | None, ifname: str, prog_fd: int, prog_name_: str) -> None:
     """Add clsact (if missing) and a direct-action BPF filter on ingress."""
     with iproute(name) as ipr:
         idx = _index(ipr, name, ifname)
@@ -557,7 +569,7 @@ def tc_attach_ingress(name: str, ifname: str, prog_fd: int, prog_name_: str) -> 
                parent="ffff:fff2", classid=1, direct_action=True)
 
 
-def tc_detach(name: str, ifname: str) -> None:
+def tc_detach(name: str | None, ifname: str) -> None:
     """Remove clsact and with it every tc BPF program of an interface."""
     with iproute(name) as ipr:
         idx = _index(ipr, name, ifname)
@@ -565,10 +577,11 @@ def tc_detach(name: str, ifname: str) -> None:
             ipr.tc("del", "clsact", idx)
 
 
-def tc_ingress_progs(name: str, ifname: str) -> list[tuple[int, str]]:
+def tc_ingress_progs(name: str | None, ifname: str) -> list[tuple[int, str]]:
     """(program id, program name) of each BPF filter on an interface's ingress."""
     # pyroute2 0.9 does not decode TCA_BPF_ID, so read tc's own rendering.
-    res = subprocess.run(["tc", "-n", name, "filter", "show", "dev", ifname, "ingress"],
+    where = ["-n", name] if name is not None else []
+    res = subprocess.run(["tc", *where, "filter", "show", "dev", ifname, "ingress"],
                          capture_output=True, text=True, timeout=10)
     return [(int(m.group(1)), m.group(2)) for m in _TC_PROG_RE.finditer(res.stdout)]
 
@@ -596,3 +609,45 @@ def pids_in(name: str) -> list[int]:
         if (ns.st_ino, ns.st_dev) == (st.st_ino, st.st_dev):
             found.append(int(entry.name))
     return sorted(found)
+
+
+# Counters along a path.
+
+
+def link_stats(name: str | None, ifname: str) -> dict[str, int]:
+    """Kernel interface counters (rx_packets, tx_packets, rx_dropped, ...)."""
+    with iproute(name) as ipr:
+        msg = ipr.get_links(_index(ipr, name, ifname))[0]
+        stats = msg.get("IFLA_STATS64") or msg.get("IFLA_STATS") or {}
+        return {k: int(v) for k, v in dict(stats).items() if isinstance(v, int)}
+
+
+def ethtool_stats(name: str | None, ifname: str) -> dict[str, int]:
+    """`ethtool -S`: driver counters (on veth: per-queue xdp_tx, xdp_tx_errors, drops, ...)."""
+    res = run(name, ["ethtool", "-S", ifname], check=False)
+    out: dict[str, int] = {}
+    for line in res.stdout.splitlines()[1:]:
+        key, _, value = line.strip().partition(":")
+        with contextlib.suppress(ValueError):
+            out[key.strip()] = int(value)
+    return out
+
+
+def _read_snmp() -> dict[str, int]:
+    out: dict[str, int] = {}
+    # thread-self, not self: /proc/self/net shows the main thread's namespace.
+    lines = Path("/proc/thread-self/net/snmp").read_text().splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        proto, _, names = head.partition(":")
+        for k, v in zip(names.split(), values.partition(":")[2].split(), strict=False):
+            out[f"{proto}{k}"] = int(v)
+    for line in Path("/proc/thread-self/net/snmp6").read_text().splitlines():
+        k, _, v = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[k] = int(v.strip())
+    return out
+
+
+def snmp(name: str | None) -> dict[str, int]:
+    """IP/TCP/UDP counters of a namespace, e.g. TcpInCsumErrors, UdpNoPorts, Udp6InCsumErrors."""
+    return call_in(name, _read_snmp)
