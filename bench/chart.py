@@ -1,0 +1,168 @@
+"""bench/results/summary.png: the benchmark figures a reader looks at first, in one image.
+
+Panels: forwarded Mpps per scenario (forwarding.json) with each bar's ratio to the
+forwarding floor; the protocol x frame size x sender-CPU matrix when the full run made it;
+nanoseconds per packet per program path (dataplane.json). A panel whose results file is
+missing says so instead of disappearing, so an empty chart is never mistaken for a slow one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+SCENARIO_ORDER = (
+    "drop_limit", "fwd_floor", "lb_native", "lb_generic", "lb_1m_flows", "syn_flood", "kernel_fwd",
+)
+_REFERENCE = {"drop_limit", "fwd_floor", "kernel_fwd"}
+_NS_KEY = re.compile(r"^(ns|ns_per_(packet|pkt)|median_ns|ns_median|ns_pkt)$")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def ns_per_path(data: dict[str, Any]) -> dict[str, float]:
+    """{path: ns per packet} from dataplane.json, whatever nesting it uses for its paths."""
+    best: dict[str, float] = {}
+
+    def visit(node: Any) -> None:
+        nonlocal best
+        if not isinstance(node, dict):
+            return
+        found: dict[str, float] = {}
+        for name, sub in node.items():
+            if isinstance(sub, dict):
+                for k, v in sub.items():
+                    if _NS_KEY.match(str(k)) and isinstance(v, int | float):
+                        found[str(name)] = float(v)
+                        break
+        if len(found) > len(best):
+            best = found
+        for k, sub in node.items():
+            if k != "env":
+                visit(sub)
+
+    visit(data)
+    return best
+
+
+def _missing(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, what, ha="center", va="center", fontsize=10, color="0.4",
+            transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _capacity(sc: dict[str, Any]) -> float:
+    ns = sc.get("ns_per_packet")
+    return 1e3 / float(ns) if ns else 0.0
+
+
+def _forwarding(ax: Any, fwd: dict[str, Any] | None) -> None:
+    ax.set_title("Forwarding on veth: Mpps per sender CPU (bars) and measured Mpps (dots)",
+                 fontsize=11)
+    scen = (fwd or {}).get("scenarios", {})
+    if not scen:
+        _missing(ax, "no forwarding.json yet: make bench")
+        return
+    names = [n for n in SCENARIO_ORDER if n in scen]
+    cap = [_capacity(scen[n]) for n in names]
+    wall = [float(scen[n]["mpps"]) for n in names]
+    colors = ["0.65" if n in _REFERENCE else "tab:blue" for n in names]
+    y = list(range(len(names)))
+    ax.barh(y, cap, color=colors)
+    ax.plot(wall, y, "o", color="black", ms=5, label="measured Mpps (wall clock)")
+    ax.set_yticks(y, [f"{n}\n{scen[n].get('traffic', '')}" for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("Mpps per sender CPU = 1000 / (sender-CPU ns per forwarded packet)")
+    top = max(cap + wall) if names else 1.0
+    for i, n in enumerate(names):
+        r = scen[n].get("ratio_to_floor_cpu")
+        label = f"{cap[i]:.2f}" + (f"  ({r:.0%} of floor)" if r and n != "fwd_floor" else "")
+        ax.text(max(cap[i], wall[i]) + top * 0.015, i, label, va="center", fontsize=8)
+    if "fwd_floor" in scen and _capacity(scen["fwd_floor"]):
+        goal = float((fwd or {}).get("target", {}).get("goal", 0.95))
+        x = _capacity(scen["fwd_floor"]) * goal
+        ax.axvline(x, color="tab:red", ls="--", lw=1)
+        ax.text(x, len(names) - 0.45, f" target: {goal:.0%} of floor", color="tab:red",
+                fontsize=8, va="bottom")
+    ax.set_xlim(0, top * 1.4)
+    ax.legend(fontsize=8, loc="lower right")
+    skipped = (fwd or {}).get("skipped") or {}
+    if skipped:
+        ax.text(0.99, 0.12, "skipped: " + ", ".join(skipped), transform=ax.transAxes,
+                ha="right", fontsize=7, color="0.4")
+
+
+def _matrix(ax: Any, fwd: dict[str, Any] | None) -> None:
+    ax.set_title("Mpps per sender CPU by traffic: XDP_DROP / floor / balancer (same run)",
+                 fontsize=11)
+    rows = (fwd or {}).get("matrix") or []
+    if not rows:
+        _missing(ax, "matrix only in the full run (make bench)")
+        return
+    series = [("drop_limit", "0.75"), ("fwd_floor", "0.45"), ("lb_native", "tab:blue")]
+    width = 0.27
+    for j, (key, color) in enumerate(series):
+        xs = [i + (j - 1) * width for i in range(len(rows))]
+        vals = [1e3 / float(r[f"{key}_ns"]) if r.get(f"{key}_ns") else 0.0 for r in rows]
+        ax.bar(xs, vals, width, label=key, color=color)
+    for i, r in enumerate(rows):
+        if r.get("lb_to_floor_cpu"):
+            ax.text(i + width, 0.02, f"{r['lb_to_floor_cpu']:.0%}", ha="center", fontsize=7,
+                    color="white", rotation=90, va="bottom")
+    ax.set_xticks(range(len(rows)), [r["traffic"].replace("/", "\n", 1) for r in rows],
+                  fontsize=7)
+    ax.set_ylabel("Mpps per sender CPU")
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _dataplane(ax: Any, dp: dict[str, Any] | None) -> None:
+    ax.set_title("Balancer program per path (BPF_PROG_TEST_RUN)", fontsize=11)
+    paths = ns_per_path(dp) if dp else {}
+    if not paths:
+        _missing(ax, "no ns-per-packet figures in dataplane.json yet")
+        return
+    names = list(paths)
+    vals = [paths[n] for n in names]
+    ax.barh(range(len(names)), vals, color="tab:green")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ns per packet")
+    top = max(vals)
+    for i, v in enumerate(vals):
+        ax.text(v + top * 0.01, i, f"{v:.0f}", va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.15)
+
+
+def draw(results: Path, out: Path) -> Path:
+    """Draw the summary chart from the JSON files in `results` into `out` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fwd = _load(results / "forwarding.json")
+    dp = _load(results / "dataplane.json")
+    fig, axes = plt.subplots(3, 1, figsize=(10, 13),
+                             gridspec_kw={"height_ratios": [1.3, 1.0, 1.0]})
+    _forwarding(axes[0], fwd)
+    _matrix(axes[1], fwd)
+    _dataplane(axes[2], dp)
+    env = (fwd or dp or {}).get("env") or {}
+    stamp = " | ".join(str(env[k]) for k in ("date", "kernel", "cpu") if k in env)
+    fig.suptitle("xlb benchmarks" + (f"  ({stamp})" if stamp else ""), fontsize=12)
+    fig.text(0.5, 0.005, "Shared 2-core machine: absolute figures are noisy; compare bars "
+             "within one run.", ha="center", fontsize=8, color="0.4")
+    fig.tight_layout(rect=(0, 0.015, 1, 0.98))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,76 @@
+"""The benchmarks' plumbing: the forwarding smoke run moves traffic in every scenario and writes
+well-formed JSON; the runner's table, module selection and chart work. No timing assertions:
+figures from a shared machine prove nothing, only that each path carried packets."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import bench_forwarding as fwd
+from bench import run
+from bench.chart import draw, ns_per_path
+from lb import netns
+
+
+@pytest.mark.parametrize("frame", [64, 512])
+@pytest.mark.parametrize("proto", ["udp", "syn"])
+@pytest.mark.parametrize("flows", ["seq", "table", "random"])
+def test_trafgen_config_pads_to_the_frame_size(proto: str, frame: int, flows: str) -> None:
+    text = fwd.Traffic(proto, frame, flows).config()
+    pad = int(text.split("fill(0x00, ")[1].split(")")[0])
+    assert pad + fwd.ETH_IP + fwd.L4_LEN[proto] + fwd.FCS == frame, "frame size is off"
+    assert f"da={fwd.LB_MAC}" in text, "frames are not addressed to the LB"
+    assert "ttl=64" in text, "a zero TTL would make kernel_fwd drop everything"
+
+
+def test_only_accepts_module_names_with_or_without_prefix() -> None:
+    assert run.parse_only("bench_forwarding,maglev") == ["maglev", "forwarding"]
+    assert run.parse_only(None) == list(run.MODULES)
+    with pytest.raises(SystemExit):
+        run.parse_only("nosuch")
+
+
+def test_summary_table_reports_skipped_and_failed_modules() -> None:
+    table = run.summary_table([
+        run.Outcome("maglev", "skipped", message="bench/bench_maglev.py does not exist yet"),
+        run.Outcome("api", "failed", message="exited with status 1"),
+        run.Outcome("controlplane", "ok", 1.0, figures={"create_vip": {"median_ms": 1.5}}),
+    ])
+    assert "SKIPPED: bench/bench_maglev.py does not exist yet" in table
+    assert "FAILED: exited with status 1" in table
+    assert "create_vip.median_ms" in table, "a module's numeric figures are missing"
+
+
+def test_chart_draws_without_any_results(tmp_path: Path) -> None:
+    png = draw(tmp_path, tmp_path / "summary.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+
+
+def test_ns_per_path_finds_the_paths_whatever_the_nesting() -> None:
+    data = {"env": {"ns": 1}, "figures": {"paths": {"udp_hit": {"ns_per_packet": 90.0},
+                                                    "syn_miss": {"ns_per_packet": 150}}}}
+    assert ns_per_path(data) == {"udp_hit": 90.0, "syn_miss": 150.0}
+
+
+@pytest.mark.netns
+@pytest.mark.bpf
+def test_forwarding_smoke_moves_traffic_in_every_scenario(tmp_path: Path) -> None:
+    figures = fwd.main(smoke=True, results_dir=tmp_path)
+    on_disk = json.loads((tmp_path / "forwarding.json").read_text())
+    assert on_disk["scenarios"] == figures["scenarios"], "the JSON is not what main() returned"
+    assert {"kernel", "cpu", "date"} <= set(on_disk["env"]), "environment is missing"
+    assert set(figures["scenarios"]) == set(fwd.SCENARIOS), (
+        f"scenarios not measured: {figures.get('skipped')}"
+    )
+    for name, sc in figures["scenarios"].items():
+        assert sc["mpps"] > 0, f"{name} forwarded nothing"
+        assert len(sc["windows_mpps"]) >= fwd.SMOKE.windows, f"{name} has too few windows"
+        for key in ("ratio_to_floor", "ratio_to_drop", "ratio_to_floor_cpu", "ns_per_packet"):
+            assert isinstance(sc[key], float) and math.isfinite(sc[key]), f"{name}.{key}"
+        if name.startswith(("lb_", "syn_")):
+            assert sc["encap_fraction"] == 1.0, f"{name}: the sink saw unencapsulated frames"
+    assert not netns.names(fwd.PREFIX), "the lab's namespaces were left behind"
