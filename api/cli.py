@@ -618,20 +618,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    uds = settings.uds
     sockets = None
-    if settings.uds is not None:
+    if uds is not None:
+        # Bound here so the socket has its mode before anyone can connect.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        settings.uds.unlink(missing_ok=True)
-        settings.uds.parent.mkdir(parents=True, exist_ok=True)
-        sock.bind(str(settings.uds))
-        settings.uds.chmod(settings.uds_mode)
+        uds.unlink(missing_ok=True)
+        uds.parent.mkdir(parents=True, exist_ok=True)
+        sock.bind(str(uds))
+        uds.chmod(settings.uds_mode)
         sockets = [sock]
-    try:
-        server.run(sockets=sockets)
-    finally:
-        if settings.uds is not None:
-            settings.uds.unlink(missing_ok=True)
+
+    class Server(uvicorn.Server):
+        async def _serve(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn re-raises SIGTERM/SIGINT after a clean shutdown (the process then dies
+            # of it), so the socket file is removed here, before that.
+            try:
+                await super()._serve(sockets)
+            finally:
+                if uds is not None:
+                    uds.unlink(missing_ok=True)
+
+    server = Server(config)
+    server.run(sockets=sockets)
     return EXIT_OK if server.started else EXIT_API
 
 
@@ -798,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_lab)
     sp.add_argument("action", choices=["up", "down", "status"])
     sp.add_argument("rest", nargs=argparse.REMAINDER)
-    sp = sub.add_parser("doctor", help="check this host (lb.doctor)")
+    # "+" so that every "-"/"--" option (--lab, -q, -h) reaches lb.doctor's own parser.
+    sp = sub.add_parser("doctor", help="check this host (lb.doctor)", prefix_chars="+")
     sp.set_defaults(fn=cmd_doctor)
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     return p
