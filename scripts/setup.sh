@@ -107,8 +107,9 @@ fi
 
 step "Python packages (pip install -e '.[dev]')"
 mkdir -p "$STAMP_DIR"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" = "$want" ]; then skip "pyproject.toml unchanged"; else
+# The C extension (lb/_maglev.c) is built by pip, so its source is part of the stamp too.
+want="$(cat "$ROOT/pyproject.toml" "$ROOT"/lb/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" = "$want" ]; then skip "pyproject.toml and lb/*.c unchanged"; else
   # pip's chatter goes to a log; its tail is shown only if it fails.
   log="$STAMP_DIR/pip.log"
   if ! { "$VENV/bin/python" -m pip install -q --upgrade pip \
