@@ -233,7 +233,10 @@ class ControlPlane:
         """What apply_state(state) would change, without changing anything."""
         with self._lock:
             validate_state(state.vips, self.limits)
-            return plan_change(self._store.vips, state.vips, self.generation, self._plan_rings)
+            return plan_change(
+                self._store.vips, state.vips, self.generation, self._plan_rings,
+                self._store.real_idx,
+            )
 
     def apply_state(self, state: State, *, if_generation: int | None = None) -> Plan:
         """Make `state` the desired state in one change; PreconditionFailed, InvalidInput."""
@@ -244,7 +247,10 @@ class ControlPlane:
                     field="if_generation",
                 )
             validate_state(state.vips, self.limits)
-            plan = plan_change(self._store.vips, state.vips, self.generation, self._plan_rings)
+            plan = plan_change(
+                self._store.vips, state.vips, self.generation, self._plan_rings,
+                self._store.real_idx,
+            )
             if plan.empty:
                 return plan.model_copy(update={"to_generation": self.generation})
             current = self._store.vips
@@ -328,6 +334,7 @@ class ControlPlane:
     ) -> None:
         rec = self._reconciler
         if rec is None:
+            self._plan_rings.forget(self._store.vips)
             return
         store = self._store
         try:

@@ -92,48 +92,79 @@ def _ring_key(vip: VipSpec) -> tuple[tuple[str, int], ...]:
     return tuple(sorted((b.identity, b.weight) for b in vip.backends if b.in_ring))
 
 
+@dataclass
+class _RingEntry:
+    spec: VipSpec
+    key: tuple[tuple[str, int], ...]
+    idx: tuple[int, ...]
+    values: array[int]
+
+
+#: Provisional indices for backends a plan adds (never written: above any real index).
+_PROVISIONAL = 0x8000_0000
+
+
 class RingCache:
-    """Maglev ring and its data-plane values per VIP, rebuilt only when they change."""
+    """Each VIP's ring as data-plane values (backend indices), rebuilt only on change.
+
+    Only the values are kept, 4 bytes per slot per VIP (the Ring is dropped once
+    translated). `values` returns the same array object while a VIP's ring-relevant
+    backends and their indices stay the same, which lets the reconciler skip the diff.
+    """
 
     def __init__(self, ring_size: int, seed: int = maglev.DEFAULT_SEED) -> None:
         self.ring_size = ring_size
         self.seed = seed
-        # Per VIP id: the spec last asked about, its ring key and its ring.
-        self._rings: dict[str, tuple[VipSpec, tuple[tuple[str, int], ...], maglev.Ring]] = {}
-        self._values: dict[str, tuple[maglev.Ring, tuple[int, ...], array[int]]] = {}
+        self._entries: dict[str, _RingEntry] = {}
+        # Rings a plan built for the change about to be applied, by VIP id.
+        self._pending: dict[str, _RingEntry] = {}
 
-    def ring(self, vip: VipSpec) -> maglev.Ring:
-        """The VIP's ring (identities)."""
-        hit = self._rings.get(vip.id)
-        if hit is not None and hit[0] is vip:  # specs are immutable: same object, same ring
-            return hit[2]
-        key = _ring_key(vip)
-        if hit is not None and hit[1] == key:
-            self._rings[vip.id] = (vip, key, hit[2])
-            return hit[2]
+    def _build(self, key: tuple[tuple[str, int], ...], index_of: Mapping[str, int]
+               ) -> array[int]:
         ring = maglev.build_ring(
             (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
         )
-        self._rings[vip.id] = (vip, key, ring)
-        return ring
+        return maglev.ring_to_values(ring, index_of)
 
     def values(self, vip: VipSpec, real_idx: Mapping[str, int]) -> array[int]:
         """The VIP's ring as backend indices; the same object while nothing changed."""
-        ring = self.ring(vip)
-        idx = tuple(real_idx[i] for i in ring.endpoints)
-        hit = self._values.get(vip.id)
-        if hit is not None and hit[0] is ring and hit[1] == idx:
-            return hit[2]
-        values = maglev.ring_to_values(ring, dict(zip(ring.endpoints, idx, strict=True)))
-        self._values[vip.id] = (ring, idx, values)
+        e = self._entries.get(vip.id)
+        if e is not None and e.spec is vip:  # specs are immutable: same object, same ring
+            return e.values
+        key = _ring_key(vip)
+        # The key is sorted by identity, like the ring's endpoints.
+        idx = tuple(real_idx[i] for i, _ in key)
+        if e is not None and e.key == key and e.idx == idx:
+            e.spec = vip
+            return e.values
+        p = self._pending.pop(vip.id, None)
+        if p is not None and p.key == key and p.idx == idx:
+            values = p.values
+        else:
+            values = self._build(key, dict(zip((i for i, _ in key), idx, strict=True)))
+        self._entries[vip.id] = _RingEntry(vip, key, idx, values)
         return values
 
+    def moved(self, old: VipSpec, new: VipSpec, real_idx: Mapping[str, int]) -> float:
+        """Fraction of ring slots that name another backend once `old` becomes `new`."""
+        before = self.values(old, real_idx)
+        key = _ring_key(new)
+        index_of: dict[str, int] = {}
+        for i, _ in key:
+            index_of[i] = real_idx.get(i, _PROVISIONAL + len(index_of))
+        after = self._build(key, index_of)
+        idx = tuple(index_of[i] for i, _ in key)
+        if all(i < _PROVISIONAL for i in idx):
+            self._pending[new.id] = _RingEntry(new, key, idx, after)
+        # Indices are one-to-one with identities, so differing values = moved slots.
+        return len(maglev.changed_slots(before, after)) / self.ring_size
+
     def forget(self, keep: Iterable[str]) -> None:
-        """Drop the rings of VIPs not in `keep`."""
+        """Drop the rings of VIPs not in `keep`, and every plan's leftovers."""
         keep = set(keep)
-        for d in (self._rings, self._values):
-            for vid in [v for v in d if v not in keep]:
-                del d[vid]
+        for vid in [v for v in self._entries if v not in keep]:
+            del self._entries[vid]
+        self._pending.clear()
 
 
 @dataclass
@@ -270,24 +301,17 @@ class DesiredImage:
         t.reals.update(share.reals)
 
 
-def moved_fraction(before: maglev.Ring, after: maglev.Ring) -> float:
-    """Fraction of slots whose identity differs between two rings of the same size."""
-    if before.empty and after.empty:
-        return 0.0
-    index = {ident: i + 1 for i, ident in enumerate(sorted({*before.endpoints,
-                                                              *after.endpoints}))}
-    old = maglev.ring_to_values(before, index)
-    new = maglev.ring_to_values(after, index)
-    return len(maglev.changed_slots(old, new)) / before.size
-
-
 def plan_change(
     current: Mapping[str, VipSpec],
     target: Sequence[VipSpec],
     generation: int,
     rings: RingCache,
+    real_idx: Mapping[str, int],
 ) -> Plan:
-    """What replacing `current` by `target` adds, removes and changes (pure)."""
+    """What replacing `current` by `target` adds, removes and changes (pure).
+
+    `real_idx` holds the backend indices of `current`.
+    """
     target_ids = {v.id for v in target}
     added = [v.id for v in target if v.id not in current]
     removed = [vid for vid in current if vid not in target_ids]
@@ -300,7 +324,7 @@ def plan_change(
         new_b = {b.identity: b for b in new.backends}
         moved = 0.0
         if _ring_key(old) != _ring_key(new):
-            moved = moved_fraction(rings.ring(old), rings.ring(new))
+            moved = rings.moved(old, new, real_idx)
         changed.append(
             VipPlan(
                 vip_id=new.id,
