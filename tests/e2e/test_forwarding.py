@@ -44,14 +44,16 @@ def vips(api: LabApi) -> Iterator[Vips]:
 
 
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
-@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize(
+    ("vip_family", "backend_family"), [(4, 4), (6, 6), (4, 6)], ids=["ipv4", "ipv6", "ipv4-in-ipv6"]
+)
 def test_connections_spread_over_backends_by_weight(
-    lab: Lab, vips: Vips, protocol: str, family: int
+    lab: Lab, vips: Vips, protocol: str, vip_family: int, backend_family: int
 ) -> None:
     """Each backend gets its weight's share of new flows, within 15 %, and none fails."""
     weights = {f"b{i}": WEIGHTS[(i - 1) % len(WEIGHTS)] for i in lab.backend_ids}
-    addr = (lab.backend4 if family == 4 else lab.backend6)
-    vip = lab.vip4 if family == 4 else lab.vip6
+    addr = (lab.backend4 if backend_family == 4 else lab.backend6)
+    vip = lab.vip4 if vip_family == 4 else lab.vip6
     port = labmod.HTTP_PORT if protocol == "tcp" else labmod.UDP_PORT
     vips.create(protocol, vip, port, [(addr(i), weights[f"b{i}"]) for i in lab.backend_ids])
 
@@ -82,3 +84,23 @@ def test_counters_follow_the_traffic(lab: Lab, vips: Vips, api: LabApi) -> None:
     text = str(stats)
     for i in lab.backend_ids:
         assert lab.backend4(i) in text, f"no counters for backend {i}: {stats}"
+
+
+@pytest.mark.slow
+def test_xdp_decap_variant_forwards(test_prefix: str) -> None:
+    """A lab whose backends decapsulate in XDP instead of tc carries both families."""
+    spec = Lab(prefix=f"{test_prefix}y", backends=2, decap="xdp")
+    with labmod.running(spec):
+        progs = netns.link_info(spec.backend_ns(1), labmod.BACKEND_IF).xdp_prog_name
+        assert progs == "xdp_decap"
+        with daemon_running(spec) as client:
+            v = Vips(client)
+            v.create("tcp", spec.vip4, labmod.HTTP_PORT, [(spec.backend4(1), 1),
+                                                          (spec.backend6(2), 1)])
+            v.create("udp", spec.vip6, labmod.UDP_PORT, [(spec.backend6(i), 1)
+                                                         for i in spec.backend_ids])
+            http = labmod.http_requests(spec, spec.vip4, 400)
+            udp = labmod.udp_requests(spec, spec.vip6, 400)
+    for tally in (http, udp):
+        assert not tally.failures, dict(tally.failures)
+        assert set(tally.per_backend) == {"b1", "b2"}
