@@ -125,7 +125,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with ExitStack() as stack:
+        # Netlink (pyroute2) and BCC calls are blocking and pyroute2 runs its own event loop:
+        # opening and closing the data plane happen in a worker thread, never in this loop.
+        stack = ExitStack()
+        try:
             if control is not None:
                 app.state.runtime = build_runtime(
                     control,
@@ -138,9 +141,8 @@ def create_app(
                 app.state.runtime = await asyncio.to_thread(
                     _host_runtime, stack, api_settings, lb_settings
                 )
-                host = app.state.runtime.extra["host"]
                 if api_settings.detach_on_exit:
-                    stack.callback(_detach, host)
+                    stack.callback(_detach, app.state.runtime.extra["host"])
             rt: Runtime = app.state.runtime
             task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
             try:
@@ -151,6 +153,8 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 app.state.runtime = None
+        finally:
+            await asyncio.to_thread(stack.close)
 
     app = FastAPI(
         title="xlb",
