@@ -7,6 +7,9 @@ frame and flows really are new or really are known), the kernel-reported duratio
 a run of 200,000 packets, the median of 5 runs. The floor is xdp/floor.c (swap MACs, XDP_TX),
 measured in the same rounds: `above_floor_ns` is what the balancer costs beyond the least an
 XDP_TX program does, the figure Katran was measured by on this machine (KATRAN_ABOVE_FLOOR_NS).
+For the paths bound by the connection table's memory, xdp_floor_lru (the same LRU hash,
+looked up or filled, nothing else) is measured in the same rounds as `lru_reference`: the part
+of a path's cost that is the kernel's hash table, whatever the program around it does.
 
 The balancer is compiled with a connection table of 8,000,000 entries (Katran's default), a
 ring of 65537 slots per VIP filled by lb.maglev from 100 backends per VIP (IPv4 VIP: IPv4
@@ -57,6 +60,8 @@ KATRAN_ABOVE_FLOOR_NS = {
     "syn_v4": 539, "ack_v4_shuffled": 407, "ack_v4_hot": 88, "nonvip_pass": 30,
     "syn_v6": 560, "ack_v6_shuffled": 391,
 }
+# Paths also measured with xdp_floor_lru (the LRU hash alone) for reference.
+LRU_REFERENCE = ("syn_v4", "ack_v4_shuffled", "syn_v6", "ack_v6_shuffled")
 PATHS = ("nonvip_pass", "syn_v4", "ack_v4_shuffled", "ack_v4_hot",
          "syn_v6", "ack_v6_shuffled", "ack_v6_hot", "icmp_echo_v4")
 
@@ -244,11 +249,13 @@ def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[st
     cfg = DataplaneConfig(conn_table_size=CONN_TABLE)
     progress(f"loading the balancer (conn table {CONN_TABLE:,}, ring {cfg.ring_size}) ...")
     balancer = Balancer(cfg)
-    floor_bpf = compile_program("floor.c", [])
+    floor_bpf = compile_program("floor.c", cfg.cflags())
     try:
         floor_fn = floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP)
+        lru_fn = floor_bpf.load_func(b"xdp_floor_lru", floor_bpf.XDP)
         program(balancer)
         lb, floor = Timer(balancer.prog_fd), Timer(int(floor_fn.fd))
+        lru = Timer(int(lru_fn.fd))
         rng = random.Random(0x5EED)
         # Flow ids: SYN runs use fresh ranges, the ACK set is its own range, SYNed in first.
         known = range(10 * packets, 11 * packets)
@@ -259,6 +266,7 @@ def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[st
         def syn_known(kind: str) -> Callable[[], None]:
             def prepare() -> None:
                 lb.run(flow_frames(kind, known))
+                lru.run(flow_frames(kind, known))
 
             return prepare
 
@@ -283,8 +291,14 @@ def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[st
         floor_frames = same_frames("nonvip", packets)
         floor_ns: list[float] = []
         ns: dict[str, list[float]] = {p.name: [] for p in paths}
+        lru_ns: dict[str, list[float]] = {name: [] for name in LRU_REFERENCE}
+        by_name = {p.name: p for p in paths}
         for r in range(runs):
             floor_ns.append(floor.run(floor_frames)[0])
+            for name in LRU_REFERENCE:
+                # Fresh flow ids for the reference's SYNs, apart from the balancer's.
+                frames = by_name[name].frames(r + runs if name.startswith("syn") else r)
+                lru_ns[name].append(lru.run(frames)[0])
             for p in paths:
                 frames = p.frames(r)
                 before = counters(balancer)
@@ -300,13 +314,15 @@ def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[st
         floor_bpf.cleanup()
         balancer.close()
     floor_med = statistics.median(floor_ns)
+
+    def row(v: list[float]) -> dict[str, float]:
+        return {"ns": round(statistics.median(v), 1),
+                "above_floor_ns": round(statistics.median(v) - floor_med, 1)}
+
     return {
         "floor_ns": round(floor_med, 1),
-        "paths": {
-            name: {"ns": round(statistics.median(v), 1),
-                   "above_floor_ns": round(statistics.median(v) - floor_med, 1)}
-            for name, v in ns.items()
-        },
+        "paths": {name: row(v) for name, v in ns.items()},
+        "lru_reference": {name: row(v) for name, v in lru_ns.items()},
         "packets_per_run": packets,
         "runs": runs,
         "conn_table_size": CONN_TABLE,
@@ -319,14 +335,17 @@ def table(figures: dict[str, Any]) -> str:
     lines = [
         f"balancer via BPF_PROG_TEST_RUN, median of {figures['runs']} runs of "
         f"{figures['packets_per_run']:,} packets; floor (xdp/floor.c) {figures['floor_ns']} ns",
-        f"{'path':<18}{'ns':>8}{'above floor':>13}{'Katran':>9}  verdict",
+        f"{'path':<18}{'ns':>8}{'above floor':>13}{'Katran':>9}{'LRU alone':>11}  verdict",
     ]
     for name, row in figures["paths"].items():
         ref = KATRAN_ABOVE_FLOOR_NS.get(name)
         verdict = "" if ref is None else ("at or below" if row["above_floor_ns"] <= ref
                                           else "ABOVE Katran")
+        alone = figures["lru_reference"].get(name, {}).get("above_floor_ns", "-")
         lines.append(f"{name:<18}{row['ns']:>8.1f}{row['above_floor_ns']:>13.1f}"
-                     f"{ref if ref is not None else '-':>9}  {verdict}")
+                     f"{ref if ref is not None else '-':>9}{alone:>11}  {verdict}")
+    lines.append("(ns above floor; 'LRU alone': xdp_floor_lru, the conn_table lookup/insert "
+                 "without the rest of the balancer, same runs)")
     return "\n".join(lines)
 
 
