@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from lb.consts import FAMILY_V4, STAT_INDEX, XDP_PASS, XDP_TX
+from lb.consts import FAMILY_V4, STAT_INDEX, XDP_TX
 from lb.dataplane import Balancer, set_addr
 
 VIP = ipaddress.IPv4Address("198.18.0.10")
@@ -117,12 +117,3 @@ def backend_of(verdict: int, out: bytes) -> str | None:
         return None
     return str(Ether(out)[IP].dst)
 
-
-def skip_reason_if_not_forwarding(verdict: int) -> str | None:
-    """Why the forwarding assertion cannot run yet (the balancer pipeline has not landed)."""
-    if verdict == XDP_PASS:
-        return (
-            "xdp/balancer.c in this tree passes a tracked VIP flow (XDP_PASS): its forwarding "
-            "pipeline has not landed yet; map survival was asserted"
-        )
-    return None

@@ -10,10 +10,17 @@ import threading
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
 from lb import attach as xdp
 from lb.config import Features
-from lb.dataplane import Balancer, pinned_map_info, prog_info, read_runtime_config
+from lb.dataplane import (
+    Balancer,
+    loaded_balancer,
+    pinned_map_info,
+    prog_info,
+    read_runtime_config,
+)
 from lb.errors import IncompatiblePins
 from lb.host import open_host
 from lb.settings import CONFIG_ENV, load_settings
@@ -28,11 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _steer(b: Balancer) -> str | None:
-    """Run the tracked flow's packet; skip if the program does not forward yet."""
+    """Run the tracked flow's packet; the backend it was sent to (None: not sent)."""
     res = TestRunner(b.prog_fd).run(flows.packet())
-    reason = flows.skip_reason_if_not_forwarding(res.verdict)
-    if reason:
-        pytest.skip(reason)
     return flows.backend_of(res.verdict, res.packet)
 
 
@@ -57,34 +61,38 @@ def test_restart_in_a_new_process_keeps_flows_and_counters(
     out = json.loads(child.stdout)
     assert out["snapshot"] == flows.SEEDED, "pinned maps lost state across the restart"
     assert out["runtime_ok"], "lb_cfg in the new process differs from the settings"
-    reason = flows.skip_reason_if_not_forwarding(out["verdict"])
-    if reason:
-        pytest.skip(reason)
     assert flows.backend_of(out["verdict"], bytes.fromhex(out["packet"])) == str(
         flows.CONN_BACKEND
     ), "the tracked flow did not go to its backend after the restart"
 
 
-def test_incompatible_pins_are_refused_with_what_differs(
-    pin_dir: Path, tmp_path: Path
-) -> None:
-    cfg = flows.write_config(tmp_path / "xlb.toml", pin_dir, tmp_path / "state")
-    with open_host(load_settings(cfg)) as host:
-        flows.seed(host.balancer)
-    bigger = load_settings(cfg, dataplane={"ring_size": 4111, "max_vips": 16,
-                                           "max_reals": 64, "conn_table_size": 65536})  # fmt: skip
-    with pytest.raises(IncompatiblePins) as exc, open_host(bigger):
-        pass
-    msg = exc.value.detail
-    for part in ("ch_rings", "max_entries 65584 pinned, 65776 configured",
-                 "dataplane.max_vips x dataplane.ring_size", "--repin", f"rm -r {pin_dir}"):
+def test_incompatible_pins_are_refused_with_what_differs(pin_dir: Path) -> None:
+    # Pins left by another configuration and an older program: a ring sized for another
+    # ring_size, lb_cfg with a smaller value, conn_table as a plain hash with another key.
+    from bcc import BPF
+
+    ring = TEST_CONFIG.max_vips * 4111
+    old = BPF(text=f"""
+        BPF_TABLE_PINNED("array", u32, u32, ch_rings, {ring}, "{pin_dir}/ch_rings");
+        BPF_TABLE_PINNED("array", u32, u64, lb_cfg, 1, "{pin_dir}/lb_cfg");
+        BPF_TABLE_PINNED("hash", u64, u64, conn_table, 8, "{pin_dir}/conn_table");
+    """.encode())  # fmt: skip
+    old.cleanup()
+    with pytest.raises(IncompatiblePins) as exc:
+        Balancer(TEST_CONFIG, pin_dir=pin_dir)
+    msg, want = exc.value.detail, TEST_CONFIG.max_vips * TEST_CONFIG.ring_size
+    for part in (f"ch_rings: max_entries {ring} pinned, {want} configured"
+                 " (dataplane.max_vips x dataplane.ring_size)",
+                 "conn_table: type hash pinned, lru_hash in the program",
+                 "--repin", f"rm -r {pin_dir}"):
         assert part in msg, f"message lacks {part!r}: {msg}"  # fmt: skip
+    assert re.search(r"lb_cfg: value_size 8 pinned, \d+ in the program", msg), msg
+    assert re.search(r"conn_table: key_size 8 pinned, \d+ in the program", msg), msg
     assert exc.value.field == "pin_dir"
 
-    with open_host(bigger, repin=True) as host:
-        snap = flows.snapshot(host.balancer)
-        assert snap["conn_real"] is None and snap["lru_hits"] == 0, "--repin starts empty"
-        assert pinned_map_info(pin_dir / "ch_rings").max_entries == 16 * 4111
+    with loaded_balancer(TEST_CONFIG, pin_dir=pin_dir, repin=True) as b:
+        assert pinned_map_info(pin_dir / "ch_rings").max_entries == want, "--repin made new pins"
+        assert b.map_ids()["conn_table"] == pinned_map_info(pin_dir / "conn_table").id
 
 
 @pytest.mark.netns
@@ -98,29 +106,36 @@ def test_upgrade_replaces_the_program_atomically_and_keeps_the_maps(
         before, ids = host.attach_info, host.balancer.map_ids()
         assert before is not None and before.mode == "native"
 
-        # Watch the interface from netlink for the whole upgrade: it must never be empty.
-        samples = [xdp.query(veth.a, netns=veth.ns)]
+        # Watch the interface over one netlink socket for the whole upgrade: never empty.
+        samples: list[tuple[int | None, str | None]] = []
         done = threading.Event()
+        with IPRoute(netns=veth.ns, flags=0) as ipr:
+            idx = ipr.link_lookup(ifname=veth.a)[0]
 
-        def watch() -> None:
-            while not done.is_set():
-                samples.append(xdp.query(veth.a, netns=veth.ns))
-                done.wait(0.005)
+            def sample() -> None:
+                x = ipr.get_links(idx)[0].get_attr("IFLA_XDP")
+                samples.append((x.get_attr("IFLA_XDP_PROG_ID"), x.get_attr("IFLA_XDP_ATTACHED")))
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        new = settings.dataplane.model_copy(update={"features": Features(gue=False)})
-        try:
-            info = host.upgrade(new)
-        finally:
-            done.set()
-            watcher.join()
-        samples.append(xdp.query(veth.a, netns=veth.ns))
+            def watch() -> None:
+                while not done.is_set():
+                    sample()
+                    done.wait(0.05)
+
+            sample()
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            new = settings.dataplane.model_copy(update={"features": Features(gue=False)})
+            try:
+                info = host.upgrade(new)
+            finally:
+                done.set()
+                watcher.join()
+            sample()
 
         assert info is not None and info.prog_id != before.prog_id, "program id did not change"
         assert (info.mode, info.replaced_prog_id) == ("native", before.prog_id)
-        assert all(s.mode == "native" for s in samples), "a moment without the program"
-        assert {s.prog_id for s in samples} == {before.prog_id, info.prog_id}
+        assert all(mode == "xdp" for _, mode in samples), "a moment without the native program"
+        assert {pid for pid, _ in samples} == {before.prog_id, info.prog_id}
         assert host.balancer.config.features.gue is False
         assert host.balancer.prog_id == info.prog_id
         assert host.balancer.map_ids() == ids, "the upgrade created new maps"
@@ -156,19 +171,3 @@ def test_stop_keeps_forwarding_restart_replaces_detach_removes(
     assert xdp.query(veth.a, netns=veth.ns).prog_id is None, "detach left a program"
     assert (pin_dir / "conn_table").exists(), "detach keeps the pins"
 
-
-def test_changed_layout_or_type_of_a_pin_is_named(pin_dir: Path) -> None:
-    # Pins left by an older program: lb_cfg with a smaller value, conn_table as a plain hash.
-    from bcc import BPF
-
-    old = BPF(text=f"""
-        BPF_TABLE_PINNED("array", u32, u64, lb_cfg, 1, "{pin_dir}/lb_cfg");
-        BPF_TABLE_PINNED("hash", u64, u64, conn_table, 8, "{pin_dir}/conn_table");
-    """.encode())  # fmt: skip
-    old.cleanup()
-    with pytest.raises(IncompatiblePins) as exc:
-        Balancer(TEST_CONFIG, pin_dir=pin_dir)
-    msg = exc.value.detail
-    assert re.search(r"lb_cfg: value_size 8 pinned, \d+ in the program", msg), msg
-    assert "conn_table: type hash pinned, lru_hash in the program" in msg
-    assert re.search(r"conn_table: key_size 8 pinned, \d+ in the program", msg), msg
