@@ -11,7 +11,8 @@ counters of each hop, so the first hop whose counters stop moving is the one it 
 
     lbctl doctor --lab [PREFIX]        a lab made by `lbctl lab up` (default prefix xlab)
     lbctl doctor [--config FILE]       this host, from the xlb settings (interface, pins, ...)
-    lbctl doctor --backend --vip ADDR  this host as a backend (decap or tunnel, VIP on lo, ARP)
+    lbctl doctor --backend --vip ADDR  this host as a backend (decap or tunnel, VIP on lo, ARP,
+                                       rp_filter on tunnel devices, checksum errors)
 
 Exit status: 0 when nothing failed, 1 when a check failed.
 """
@@ -190,7 +191,7 @@ def pinned_decap_has(path: Path, addr: str) -> bool:
 # Building blocks shared by lab and host checks.
 
 
-def _rp_filter(ns: str, ifname: str) -> int:
+def _rp_filter(ns: str | None, ifname: str) -> int:
     # The kernel uses the larger of the "all" and the per-interface value.
     all_ = int(netns.get_sysctl(ns, "net.ipv4.conf.all.rp_filter"))
     one = int(netns.get_sysctl(ns, f"net.ipv4.conf.{ifname}.rp_filter"))
@@ -299,6 +300,13 @@ def check_backend(r: Report, hop: str, ns: str | None, ifname: str, *, own: list
              f"on {ifname}")
     elif tunnels:
         r.ok(hop, "decapsulation", f"tunnel device {', '.join(tunnels)}")
+        for t in tunnels:
+            # The inner packet appears on the tunnel device; the route back to the client
+            # leaves by the uplink, so strict reverse-path filtering drops it.
+            if _rp_filter(ns, t) == 1:
+                r.fail(hop, "rp_filter", f"strict rp_filter on {t}: decapsulated packets "
+                       "arrive there but the client is routed elsewhere, so they are dropped",
+                       f"sysctl net.ipv4.conf.{t}.rp_filter=0 net.ipv4.conf.all.rp_filter=0")
     else:
         r.fail(hop, "decapsulation", f"no decap program on {ifname} and no tunnel device: "
                "encapsulated packets reach the stack as IPIP and are dropped",
@@ -655,13 +663,13 @@ def check_lab(lab: Lab, *, probe: bool = True) -> Report:
 # A real host: the LB side from the xlb settings.
 
 
-def check_host(config: str | None = None) -> Report:
+def check_host(config: str | None = None, netns_name: str | None = None) -> Report:
     """Checks of this host as an xlb LB, from its settings (interface, namespace, pins)."""
     from lb.settings import load_settings
 
     r = Report()
     try:
-        s = load_settings(config)
+        s = load_settings(config, **({"netns": netns_name} if netns_name else {}))
     except XlbError as e:
         r.fail("settings", "configuration", e.detail)
         return r
@@ -696,6 +704,24 @@ def check_host(config: str | None = None) -> Report:
     return r
 
 
+def check_backend_host(vips: list[str], interface: str | None = None,
+                       ns: str | None = None, decap_pins: Path | None = None) -> Report:
+    """Checks of this host (or namespace) as a DSR backend of the given VIPs."""
+    r = Report()
+    if interface is None:
+        rt = netns.route_get(ns, "198.18.0.1")
+        interface = rt.get("oif")
+        if not interface:
+            r.fail("backend", "uplink", "no default route: give --interface",
+                   "ip route add default via <router>")
+            return r
+    own = [a.split("/")[0] for a in netns.addresses(ns, interface)
+           if not ipaddress.ip_address(a.split("/")[0]).is_link_local]
+    check_backend(r, f"backend {interface}", ns, interface, own=own, vips=vips,
+                  decap_pins=decap_pins)
+    return r
+
+
 # Command line.
 
 
@@ -705,14 +731,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lab", nargs="?", const=labmod.DEFAULT_PREFIX, metavar="PREFIX",
                    help="check a lab (default prefix xlab)")
     p.add_argument("--config", help="xlb settings file for a host check")
+    p.add_argument("--backend", action="store_true", help="check this host as a backend")
+    p.add_argument("--vip", action="append", default=[], help="a VIP the backend serves")
+    p.add_argument("--interface", help="the backend's uplink (default: the default route's)")
+    p.add_argument("--netns", help="named namespace to check instead of this one")
+    p.add_argument("--decap-pins", type=Path, help="pin directory of the decap maps")
     p.add_argument("--no-probe", action="store_true", help="no probe traffic through the VIPs")
     p.add_argument("--json", action="store_true", help="findings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and failures")
     a = p.parse_args(argv)
     if a.lab is not None:
         report = check_lab(Lab.load(a.lab), probe=not a.no_probe)
+    elif a.backend:
+        report = check_backend_host(a.vip, a.interface, a.netns, a.decap_pins)
     else:
-        report = check_host(a.config)
+        report = check_host(a.config, a.netns)
     if a.json:
         print(json.dumps([asdict(f) for f in report.findings], indent=1))
     else:

@@ -104,3 +104,20 @@ def test_cli_exit_status(lab: Lab, api: LabApi, capsys: pytest.CaptureFixture[st
     """`lbctl doctor --lab PREFIX` exits 0 on a healthy lab and prints the summary."""
     assert doctor.main(["--lab", lab.prefix, "--no-probe", "-q"]) == 0
     assert "0 failed" in capsys.readouterr().out
+
+
+def test_host_check_reads_the_daemons_settings(lab: Lab, api: LabApi) -> None:
+    """The host mode (settings file + namespace) finds the attached balancer and the MTU."""
+    report = doctor.check_host(str(lab.config_file), lab.lb_ns)
+    assert not report.failed, report.render(verbose=False)
+    checks = {(f.check, f.status) for f in report.findings}
+    assert ("XDP program", "ok") in checks and ("MTU", "ok") in checks
+
+
+def test_backend_check_names_a_vip_missing_from_lo(lab: Lab, api: LabApi) -> None:
+    """The backend mode finds the decap program and names a VIP the backend does not hold."""
+    report = doctor.check_backend_host([lab.vip4, "198.18.0.99"], None, lab.backend_ns(1),
+                                       lab.decap_pin_dir)
+    failed = [(f.check, f.detail) for f in report.failed]
+    assert len(failed) == 1 and failed[0][0] == "VIP on lo" and "198.18.0.99" in failed[0][1]
+    assert ("decapsulation", "ok") in {(f.check, f.status) for f in report.findings}
