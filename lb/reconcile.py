@@ -118,6 +118,17 @@ class RingCache:
         self._entries: dict[str, _RingEntry] = {}
         # Rings a plan built for the change about to be applied, by VIP id.
         self._pending: dict[str, _RingEntry] = {}
+        # Ring keys by spec object (held, so its id is not reused) until the next forget().
+        self._keys: dict[int, tuple[VipSpec, tuple[tuple[str, int], ...]]] = {}
+
+    def key(self, vip: VipSpec) -> tuple[tuple[str, int], ...]:
+        """The VIP's ring-relevant backends: sorted (identity, weight) of those in the ring."""
+        hit = self._keys.get(id(vip))
+        if hit is not None and hit[0] is vip:
+            return hit[1]
+        k = _ring_key(vip)
+        self._keys[id(vip)] = (vip, k)
+        return k
 
     def _build(self, key: tuple[tuple[str, int], ...], index_of: Mapping[str, int]
                ) -> array[int]:
@@ -131,7 +142,7 @@ class RingCache:
         e = self._entries.get(vip.id)
         if e is not None and e.spec is vip:  # specs are immutable: same object, same ring
             return e.values
-        key = _ring_key(vip)
+        key = self.key(vip)
         # The key is sorted by identity, like the ring's endpoints.
         idx = tuple(real_idx[i] for i, _ in key)
         if e is not None and e.key == key and e.idx == idx:
@@ -148,7 +159,7 @@ class RingCache:
     def moved(self, old: VipSpec, new: VipSpec, real_idx: Mapping[str, int]) -> float:
         """Fraction of ring slots that name another backend once `old` becomes `new`."""
         before = self.values(old, real_idx)
-        key = _ring_key(new)
+        key = self.key(new)
         index_of: dict[str, int] = {}
         for i, _ in key:
             index_of[i] = real_idx.get(i, _PROVISIONAL + len(index_of))
@@ -165,6 +176,7 @@ class RingCache:
         for vid in [v for v in self._entries if v not in keep]:
             del self._entries[vid]
         self._pending.clear()
+        self._keys.clear()
 
 
 @dataclass
@@ -323,7 +335,7 @@ def plan_change(
         old_b = {b.identity: b for b in old.backends}
         new_b = {b.identity: b for b in new.backends}
         moved = 0.0
-        if _ring_key(old) != _ring_key(new):
+        if rings.key(old) != rings.key(new):
             moved = rings.moved(old, new, real_idx)
         changed.append(
             VipPlan(
