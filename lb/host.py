@@ -41,6 +41,25 @@ class Host:
         s = self.settings
         return xdp.query(s.interface, netns=s.netns) if s.interface else None
 
+    def attach(self) -> xdp.AttachInfo | None:
+        """Attach per settings (after `open_host(..., attach=False)` and a first reconcile).
+
+        A program already there that is ours is replaced atomically in its mode; a foreign
+        one only with settings.replace_foreign. None when no interface is configured.
+        """
+        s = self.settings
+        if not s.interface:
+            return None
+        self.attach_info = xdp.attach(
+            self.balancer.prog_fd,
+            s.interface,
+            mode=s.xdp_mode,
+            netns=s.netns,
+            replace_foreign=s.replace_foreign,
+        )
+        self.detached = False
+        return self.attach_info
+
     def upgrade(self, new_dataplane_config: DataplaneConfig | None = None) -> xdp.AttachInfo | None:
         """Load a new program (new code or features, same map sizes) and swap it in atomically.
 
@@ -99,14 +118,8 @@ def open_host(settings: Settings, *, attach: bool = True, repin: bool = False) -
     try:
         write_runtime_config(balancer, runtime)
         host = Host(settings, balancer, runtime)
-        if attach and settings.interface:
-            host.attach_info = xdp.attach(
-                balancer.prog_fd,
-                settings.interface,
-                mode=settings.xdp_mode,
-                netns=settings.netns,
-                replace_foreign=settings.replace_foreign,
-            )
+        if attach:
+            host.attach()
         yield host
     finally:
         balancer.close()

@@ -162,8 +162,10 @@ def test_stop_keeps_forwarding_restart_replaces_detach_removes(
         assert host.runtime.gateway_mac == "02:00:00:00:00:fd"
     assert xdp.query(veth.a, netns=veth.ns).prog_id == first.prog_id, "stop detached the program"
 
-    with open_host(settings) as host:
-        second = host.attach_info
+    with open_host(settings, attach=False) as host:
+        assert host.attach_info is None
+        assert xdp.query(veth.a, netns=veth.ns).prog_id == first.prog_id, "old one still runs"
+        second = host.attach()
         assert second is not None and second.replaced_prog_id == first.prog_id
         assert "atomically replaced our program" in second.reason
         removed = host.detach()
