@@ -252,7 +252,7 @@ class ControlPlane:
                 self._store.real_idx,
             )
             if plan.empty:
-                return plan.model_copy(update={"to_generation": self.generation})
+                return plan  # nothing stored, nothing bumped: to_generation stays None
             current = self._store.vips
             upserts = [v for v in state.vips if current.get(v.id) != v]
             self._commit(upserts=upserts, deletes=plan.removed_vips)

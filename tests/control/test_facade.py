@@ -141,7 +141,8 @@ def test_apply_state_is_one_change_and_honours_if_generation(make_control: CP) -
     assert plan.to_generation == 2 == cp.generation
     assert cp.get_state().vips == target.vips
     again = cp.apply_state(target)
-    assert again.empty and cp.generation == 2  # nothing to change, nothing bumped
+    assert again.empty and again.to_generation is None
+    assert cp.generation == 2  # nothing to change, nothing bumped
 
 
 def test_apply_state_refuses_an_invalid_state_whole(make_control: CP) -> None:
