@@ -14,10 +14,18 @@ from tests.dataplane.lab import Lab
 CASES_FILE = "tests/dataplane/test_balancer.py"
 
 
+@pytest.fixture(scope="module")
+def wiped_balancer(balancer: Any) -> Any:
+    """The shared balancer with every map emptied once per module: tests elsewhere may have
+    left VIPs or backends behind."""
+    Lab(balancer).wipe()
+    return balancer
+
+
 @pytest.fixture
-def lab(balancer: Any) -> Iterator[Lab]:
+def lab(wiped_balancer: Any) -> Iterator[Lab]:
     """The shared balancer with lb_cfg at its defaults; everything seeded is undone after."""
-    lab = Lab(balancer)
+    lab = Lab(wiped_balancer)
     lab.reset()
     lab.config()
     try:

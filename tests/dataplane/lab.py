@@ -169,6 +169,18 @@ class Lab:
 
     # --- undo ----------------------------------------------------------------------------------
 
+    def wipe(self) -> None:
+        """Empty every map, whoever wrote it (other test modules share this balancer)."""
+        self.b.vip_map.clear()
+        self.b.vip_addrs.clear()
+        cfg = self.b.config
+        n_reals = cfg.max_reals
+        self.b.reals.items_update_batch((self.b.reals.Key * n_reals)(*range(n_reals)),
+                                        (self.b.reals.Leaf * n_reals)())
+        for num in range(cfg.max_vips):
+            self._rings.add(num)
+        self.reset()
+
     def reset(self) -> None:
         """Remove everything this lab wrote and zero every counter."""
         for key in self._vip_keys:
