@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -78,6 +79,7 @@ class ControlPlane:
             config = balancer.config if balancer is not None else DataplaneConfig()
         self.limits = Limits.from_config(config)
         self._store = Store(Path(settings.state_dir), self.limits)
+        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
         self._reconciler = Reconciler(balancer, seed) if balancer is not None else None
         self._plan_rings = (
             self._reconciler.rings if self._reconciler else RingCache(config.ring_size, seed)
@@ -286,6 +288,7 @@ class ControlPlane:
     def close(self) -> None:
         """Close the store (the maps keep their content)."""
         with self._lock:
+            self._store_thread.shutdown()
             self._store.close()
 
     # -- internals --------------------------------------------------------------------
@@ -323,7 +326,17 @@ class ControlPlane:
         return self._reconciler.full_image(store.vips.values(), store.vip_nums, store.real_idx)
 
     def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> None:
-        done = self._store.commit(upserts, deletes)
+        # The durable write runs on the store's thread (SQLite lets go of the GIL while it
+        # syncs); meanwhile the changed VIPs' Maglev rings are built, which is pure and needs
+        # no index. The maps are touched only once the change is on disk.
+        pending = self._store_thread.submit(self._store.commit, upserts, deletes)
+        if self._reconciler is not None:
+            try:
+                for v in upserts:
+                    self._reconciler.rings.prebuild(v)
+            except Exception as e:  # only a head start: the apply builds what is missing
+                log.debug("ring prebuild failed: %r", e)
+        done = pending.result()
         crash_point("after-store")
         self._reconcile(done.new_vip_nums, done.new_real_idx)
 

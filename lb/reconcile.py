@@ -110,14 +110,15 @@ class RingCache:
     Only the values are kept, 4 bytes per slot per VIP (the Ring is dropped once
     translated). `values` returns the same array object while a VIP's ring-relevant
     backends and their indices stay the same, which lets the reconciler skip the diff.
+    Rings built ahead (`prebuild`, `moved`) wait in `_pending` for the apply that follows:
+    a Maglev ring depends on identities and weights only, not on backend indices.
     """
 
     def __init__(self, ring_size: int, seed: int = maglev.DEFAULT_SEED) -> None:
         self.ring_size = ring_size
         self.seed = seed
         self._entries: dict[str, _RingEntry] = {}
-        # Rings a plan built for the change about to be applied, by VIP id.
-        self._pending: dict[str, _RingEntry] = {}
+        self._pending: dict[str, tuple[tuple[tuple[str, int], ...], maglev.Ring]] = {}
         # Ring keys by spec object (held, so its id is not reused) until the next forget().
         self._keys: dict[int, tuple[VipSpec, tuple[tuple[str, int], ...]]] = {}
 
@@ -130,12 +131,21 @@ class RingCache:
         self._keys[id(vip)] = (vip, k)
         return k
 
-    def _build(self, key: tuple[tuple[str, int], ...], index_of: Mapping[str, int]
-               ) -> array[int]:
-        ring = maglev.build_ring(
+    def _ring(self, vip_id: str, key: tuple[tuple[str, int], ...]) -> maglev.Ring:
+        p = self._pending.pop(vip_id, None)
+        if p is not None and p[0] == key:
+            return p[1]
+        return maglev.build_ring(
             (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
         )
-        return maglev.ring_to_values(ring, index_of)
+
+    def prebuild(self, vip: VipSpec) -> None:
+        """Build the VIP's ring now (e.g. while the store syncs) for the next `values`."""
+        e = self._entries.get(vip.id)
+        key = self.key(vip)
+        if e is not None and e.key == key:
+            return
+        self._pending[vip.id] = (key, self._ring(vip.id, key))
 
     def values(self, vip: VipSpec, real_idx: Mapping[str, int]) -> array[int]:
         """The VIP's ring as backend indices; the same object while nothing changed."""
@@ -148,11 +158,8 @@ class RingCache:
         if e is not None and e.key == key and e.idx == idx:
             e.spec = vip
             return e.values
-        p = self._pending.pop(vip.id, None)
-        if p is not None and p.key == key and p.idx == idx:
-            values = p.values
-        else:
-            values = self._build(key, dict(zip((i for i, _ in key), idx, strict=True)))
+        ring = self._ring(vip.id, key)
+        values = maglev.ring_to_values(ring, dict(zip(ring.endpoints, idx, strict=True)))
         self._entries[vip.id] = _RingEntry(vip, key, idx, values)
         return values
 
@@ -160,18 +167,17 @@ class RingCache:
         """Fraction of ring slots that name another backend once `old` becomes `new`."""
         before = self.values(old, real_idx)
         key = self.key(new)
+        ring = self._ring(new.id, key)
+        self._pending[new.id] = (key, ring)
         index_of: dict[str, int] = {}
-        for i, _ in key:
+        for i in ring.endpoints:
             index_of[i] = real_idx.get(i, _PROVISIONAL + len(index_of))
-        after = self._build(key, index_of)
-        idx = tuple(index_of[i] for i, _ in key)
-        if all(i < _PROVISIONAL for i in idx):
-            self._pending[new.id] = _RingEntry(new, key, idx, after)
+        after = maglev.ring_to_values(ring, index_of)
         # Indices are one-to-one with identities, so differing values = moved slots.
         return len(maglev.changed_slots(before, after)) / self.ring_size
 
     def forget(self, keep: Iterable[str]) -> None:
-        """Drop the rings of VIPs not in `keep`, and every plan's leftovers."""
+        """Drop the rings of VIPs not in `keep`, and every leftover built ahead."""
         keep = set(keep)
         for vid in [v for v in self._entries if v not in keep]:
             del self._entries[vid]
