@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -284,6 +285,21 @@ class ControlPlane:
                 if self._last_error is not None:
                     raise KernelError(f"repair failed: {self._last_error}")
             return drifts
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold every write back for the block (e.g. around Host.upgrade), then resync.
+
+        On leaving, the maps are read back and brought to the state, so a program swap that
+        brought new, empty maps is reprogrammed before the next write is served.
+        """
+        with self._lock:
+            try:
+                yield
+            finally:
+                if self._reconciler is not None:
+                    self._reconciler.invalidate()
+                    self._reconcile()
 
     def close(self) -> None:
         """Close the store (the maps keep their content)."""

@@ -280,3 +280,24 @@ def test_full_table_swaps_one_vip_for_another_in_one_change(control: ControlPlan
     control.apply_state(State(vips=swapped))
     assert control.vip_number("tcp:198.18.0.10:2000") == gone  # the only free number
     assert control.verify() == []
+
+
+def test_paused_holds_writes_and_resyncs_after(control: ControlPlane, maps: Any) -> None:
+    import threading
+
+    from tests.control.conftest import clear_maps
+
+    control.create_vip(vip(80, "198.18.1.1"))
+    done = threading.Event()
+
+    def writer() -> None:
+        control.add_backend(V4, BackendSpec.model_validate({"address": "198.18.1.2"}))
+        done.set()
+
+    with control.paused():
+        t = threading.Thread(target=writer)
+        t.start()
+        assert not done.wait(0.2), "a write went through while paused"
+        clear_maps(maps)  # as if the program came back with new, empty maps
+    t.join(timeout=30)
+    assert done.is_set() and control.verify() == []
