@@ -676,16 +676,6 @@ def _delegate(module: str, argv: list[str]) -> int:
     return int(rc or 0)
 
 
-def cmd_lab(args: argparse.Namespace) -> int:
-    """lbctl lab up|down|status: the network lab (lb.lab.main)."""
-    return _delegate("lb.lab", [args.action, *args.rest])
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    """lbctl doctor: check the host (lb.doctor.main)."""
-    return _delegate("lb.doctor", list(args.rest))
-
-
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -803,14 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interface")
     sp.add_argument("--netns")
 
-    sp = sub.add_parser("lab", help="the network lab (lb.lab)")
-    sp.set_defaults(fn=cmd_lab)
-    sp.add_argument("action", choices=["up", "down", "status"])
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
-    # "+" so that every "-"/"--" option (--lab, -q, -h) reaches lb.doctor's own parser.
-    sp = sub.add_parser("doctor", help="check this host (lb.doctor)", prefix_chars="+")
-    sp.set_defaults(fn=cmd_doctor)
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    # Listed for --help; main() hands their arguments to lb.lab / lb.doctor untouched.
+    sub.add_parser("lab", help="the network lab: up|down|status (lb.lab)", add_help=False)
+    sub.add_parser("doctor", help="check this host or a lab (lb.doctor)", add_help=False)
     return p
 
 
@@ -823,7 +808,11 @@ def _vip_flags(sp: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lbctl`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        # The lab and the doctor own their options (and their --help).
+        if argv and argv[0] in ("lab", "doctor"):
+            return _delegate(f"lb.{argv[0]}", argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.fn(args))
     except CliError as e:

@@ -32,8 +32,6 @@ from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
 from lb.dataplane import Balancer, get_addr
 from lb.errors import KernelError
 
-VIP_FIELDS = ("packets", "bytes", "new_conns")
-REAL_FIELDS = ("packets", "bytes")
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 #: Entries fetched per BPF_MAP_LOOKUP_BATCH call when counting or scanning a map.
 BATCH = 4096
@@ -103,16 +101,16 @@ class StatsReader:
         return out
 
     def vip(self, vip_num: int) -> dict[str, PerCpu]:
-        """One VIP's counters (packets, bytes, new_conns), per CPU."""
+        """One VIP's counters (struct vip_stats: packets, bytes, new_conns), per CPU."""
         table = self._b.vip_stats
         cpus = table.getvalue(table.Key(vip_num))
-        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in VIP_FIELDS}
+        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in _fields(table)}
 
     def real(self, index: int) -> dict[str, PerCpu]:
-        """One backend's counters (packets, bytes), per CPU."""
+        """One backend's counters (struct real_stats: packets, bytes, ...), per CPU."""
         table = self._b.real_stats
         cpus = table.getvalue(table.Key(index))
-        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in REAL_FIELDS}
+        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in _fields(table)}
 
     def snapshot(self, *, vips: Iterable[str] | None = None) -> Snapshot:
         """Every counter now (or only these VIP ids' and all backends')."""
@@ -133,6 +131,11 @@ class StatsReader:
     def conn_table_capacity(self) -> int:
         """Entries the connection table can hold."""
         return int(self._b.config.conn_table_size)
+
+
+def _fields(table: Any) -> tuple[str, ...]:
+    """Counter names of a per-CPU struct map, from the struct BCC built (xdp/structs.h)."""
+    return tuple(name for name, *_ in table.sLeaf._fields_ if not name.startswith("pad"))
 
 
 def _lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[Any, Any, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,14 +62,24 @@ def api_balancer() -> Iterator[Any]:
 class Served:
     """A running app: its URL, clients and the objects behind it."""
 
-    def __init__(self, url: str, app: FastAPI, control: ControlPlane, balancer: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        app: FastAPI,
+        control: ControlPlane,
+        balancer: Any,
+        verify: Path | bool = True,
+    ) -> None:
         self.url = url
         self.app = app
         self.control = control
         self.balancer = balancer
         self.auth = {"Authorization": f"Bearer {TOKEN}"}
-        self.client = httpx.Client(base_url=url, headers=self.auth, timeout=30)
-        self.anon = httpx.Client(base_url=url, timeout=30)
+        ctx: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(verify)) if isinstance(verify, Path) else verify
+        )
+        self.client = httpx.Client(base_url=url, headers=self.auth, timeout=30, verify=ctx)
+        self.anon = httpx.Client(base_url=url, timeout=30, verify=ctx)
 
     def close(self) -> None:
         """Close the clients."""
@@ -91,9 +102,13 @@ def running_api(
     attached: bool = True,
     open_reads: bool = True,
     token: str | None = TOKEN,
+    tls: tuple[Path, Path] | None = None,
     **kw: Any,
 ) -> Iterator[Served]:
-    """A fresh control plane on `state_dir` served by uvicorn (in a thread, real TCP)."""
+    """A fresh control plane on `state_dir` served by uvicorn (in a thread, real TCP).
+
+    `tls` = (certificate, key) serves HTTPS through uvicorn's ssl_certfile/ssl_keyfile.
+    """
     control = ControlPlane(StateDir(state_dir), balancer)
     settings = ApiSettings(
         token=SecretStr(token) if token else None,
@@ -112,11 +127,21 @@ def running_api(
     sock = _free_socket()
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            ssl_certfile=str(tls[0]) if tls else None,
+            ssl_keyfile=str(tls[1]) if tls else None,
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    served = Served(f"http://127.0.0.1:{port}", app, control, balancer)
+    scheme = "https" if tls else "http"
+    served = Served(
+        f"{scheme}://127.0.0.1:{port}", app, control, balancer, verify=tls[0] if tls else True
+    )
     try:
         deadline = time.monotonic() + 20
         while not server.started:

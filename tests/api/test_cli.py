@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from tests.api.conftest import TOKEN, Served
+from tests.api.conftest import TOKEN, Served, running_api
 
 pytestmark = pytest.mark.bpf
 
@@ -168,6 +169,23 @@ def test_stats_explain_and_watch(api: Served) -> None:
     assert data["global"]["STAT_XDP_TX"]["per_cpu"] is not None
 
 
-def test_lab_and_doctor_hooks_delegate_or_say_why(api: Served) -> None:
+def test_lab_and_doctor_get_their_own_options(api: Served) -> None:
     p = lbctl(api, "doctor", "--help")
-    assert p.returncode in (0, 2) and "Traceback" not in p.stderr
+    assert p.returncode == 0 and p.stdout.startswith("usage: lbctl doctor"), p.stderr
+    p = lbctl(api, "lab", "--help")
+    assert p.returncode == 0 and "up" in p.stdout and "status" in p.stdout, p.stderr
+
+
+def test_https_with_uvicorn_tls_and_cacert(api_balancer: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with running_api(api_balancer, tmp_path / "state", tls=(cert, key)) as api:
+        assert api.url.startswith("https://")
+        ok(lbctl(api, "--cacert", str(cert), "vip", "add", "tcp", "198.18.0.10:80"))
+        p = lbctl(api, "vip", "list")  # no CA given: the self-signed certificate is refused
+        assert p.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in p.stderr
