@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 _M = TypeVar("_M", VipSpec, BackendSpec)
 
 
+def _own(spec: VipSpec) -> VipSpec:
+    # Specs are frozen but their backend list is not: keep a list no caller holds.
+    return spec.model_copy(update={"backends": list(spec.backends)})
+
+
 class ControlSettings(Protocol):
     """What the control plane needs from lb.settings.Settings."""
 
@@ -152,6 +157,7 @@ class ControlPlane:
     def create_vip(self, spec: VipSpec) -> VipSpec:
         """Create a VIP with its backends; Conflict, LimitReached, InvalidInput."""
         with self._lock:
+            spec = _own(spec)
             validate_vip(spec, self.limits)
             if spec.id in self._store.vips:
                 raise Conflict(f"VIP {spec.id} already exists", field="vip_id")
@@ -257,7 +263,7 @@ class ControlPlane:
             if plan.empty:
                 return plan  # nothing stored, nothing bumped: to_generation stays None
             current = self._store.vips
-            upserts = [v for v in state.vips if current.get(v.id) != v]
+            upserts = [_own(v) for v in state.vips if current.get(v.id) != v]
             self._commit(upserts=upserts, deletes=plan.removed_vips)
             return plan.model_copy(update={"to_generation": self.generation})
 
