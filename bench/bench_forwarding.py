@@ -27,13 +27,27 @@ mean anything:
   syn_flood    native, TCP SYNs from random sources and ports: every packet a new flow;
   kernel_fwd   no XDP: the LB namespace's kernel routes the packets back to the router.
 
-Every rate is the median of per-window rates (5 windows after a warm-up), repeated over
-`rounds` interleaved passes in the headline set. The generator, the veth skb path and the
-return path share the sender's CPU (veth runs the LB's NAPI on the CPU that transmitted),
-so the program under test is only part of each packet's cost: a ratio near 1 against
-fwd_floor says the balancer adds little to the cheapest XDP_TX forwarding, not that it runs
-at line rate. Traffic only ever flows between the two namespaces made here, with addresses
-from 198.18.0.0/15; every trafgen run is bounded by `timeout` and stopped with SIGINT.
+Two figures per scenario, both medians over 5 windows after a warm-up, pooled over `rounds`
+interleaved passes:
+  mpps           forwarded packets per wall-clock second, as the brief defines the benchmark;
+  ns_per_packet  CPU time of the path (trafgen's workers plus the sender CPUs' ksoftirqd,
+                 from /proc/PID/schedstat) per forwarded packet.
+veth runs the LB's NAPI, the program under test, the XDP_TX to the peer and the sink all in
+softirq on the CPU that transmitted, on the back of trafgen's sendto(): the path is one CPU's
+work per sender, so ns_per_packet is its cost whatever else runs on the machine, while
+wall-clock Mpps fall whenever another process takes that CPU. On a shared machine the ratios
+by CPU time (`ratio_to_floor_cpu`) are the ones to read. Windows in which the path got less
+than CLEAN_SHARE of its CPU are left out when enough others remain (`clean_windows`).
+
+The generator and the veth skb path dominate every packet's cost here (native XDP on veth
+converts each skb from the packet socket, copying it), so the program under test is a part of
+it: a ratio near 1 against fwd_floor says the balancer adds little to the cheapest XDP_TX
+forwarding on this path, not that it runs at line rate.
+
+Traffic only ever flows between the two namespaces made here (named `xbench<pid>-*`, deleted on
+the way out and swept by later runs if this process dies), with addresses from
+198.18.0.0/15; every trafgen run is bounded by `timeout` and stopped with SIGINT to its own
+process group.
 """
 
 from __future__ import annotations
@@ -897,6 +911,9 @@ def main(smoke: bool = False, results_dir: Path | None = None) -> dict[str, Any]
 
 
 def _cli(argv: list[str] | None = None) -> int:
+    # Ctrl-C runs the cleanup even if this process started with SIGINT ignored. (No SIGTERM
+    # handler: pyroute2 stops its forked netns helpers with SIGTERM; see bench/run.py.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="short windows, no matrix")
     args = ap.parse_args(argv)

@@ -139,6 +139,10 @@ def _dataplane(ax: Any, dp: dict[str, Any] | None) -> None:
     top = max(vals)
     for i, v in enumerate(vals):
         ax.text(v + top * 0.01, i, f"{v:.0f}", va="center", fontsize=8)
+    floor = (dp or {}).get("floor_ns")
+    if isinstance(floor, int | float) and floor > 0:
+        ax.axvline(float(floor), color="0.3", ls=":", lw=1)
+        ax.text(float(floor), -0.6, f" test-run floor {floor:.0f} ns", fontsize=7, color="0.3")
     ax.set_xlim(0, top * 1.15)
 
 

@@ -47,8 +47,14 @@ STOP_GRACE_S = 15.0
 # Per module: how many summary rows at most, so the table stays one screen.
 MAX_ROWS = 12
 
+# The child restores Python's SIGINT handler even when it was started with SIGINT ignored
+# (a background job of a non-interactive shell), so that stopping it runs its cleanup
+# (trafgen stopped, XDP detached, namespaces deleted). Not SIGTERM: pyroute2 stops its
+# forked netns helpers with SIGTERM, and a raising handler would unwind the parent's stack
+# (and its cleanup) inside them.
 _CHILD = """
-import json, sys
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from bench import bench_{name} as m
 figures = m.main(smoke={smoke})
 with open(sys.argv[1], "w") as f:
@@ -184,8 +190,9 @@ def rows_generic(fig: dict[str, Any]) -> list[Row]:
                     continue
                 walk(f"{prefix}.{k}" if prefix else str(k), sub)
         elif _num(v) is not None:
-            unit = next((u for u in ("ns", "ms", "us", "mpps", "pps", "per_s", "s")
-                         if prefix.lower().endswith(u)), "")
+            low = prefix.lower()
+            unit = next((u for u in ("per_s", "mpps", "pps", "ns", "us", "ms", "s")
+                         if low.endswith(f"_{u}") or low == u), "")
             flat.append((prefix, float(v), unit, ""))
 
     walk("", fig)
