@@ -52,7 +52,7 @@ def build_runtime(
     """Assemble the objects the routes use around a control plane (and its data plane)."""
     rt = Runtime(control=control, token=settings.expected_token())
     if balancer is not None:
-        rt.stats = StatsReader(balancer)
+        rt.stats = StatsReader(balancer, conn_count_ttl=settings.conn_count_ttl_s)
         rt.sampler = RateSampler(
             rt.stats, interval=settings.stats_interval_s, window=settings.stats_window_s
         )

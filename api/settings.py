@@ -44,7 +44,7 @@ class ApiSettings(BaseSettings):
     stats_interval_s: float = Field(1.0, gt=0, le=60, description="statistics sampling period")
     stats_window_s: float = Field(10.0, gt=0, le=3600, description="window of the rates")
     conn_count_ttl_s: float = Field(
-        10.0, ge=0, le=3600, description="how long a connection-table count is reused"
+        2.0, ge=0, le=3600, description="how long a connection-table count is reused"
     )
     log_level: str = Field("info", description="uvicorn log level")
 

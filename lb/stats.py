@@ -66,8 +66,11 @@ def _vip_id(proto: int, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, por
 class StatsReader:
     """Reads the counters of one loaded balancer."""
 
-    def __init__(self, balancer: Balancer) -> None:
+    def __init__(self, balancer: Balancer, *, conn_count_ttl: float = 0.0) -> None:
         self._b = balancer
+        self._conn_ttl = conn_count_ttl
+        self._conn_cache: tuple[float, int] | None = None
+        self._conn_lock = threading.Lock()
 
     def glob(self) -> dict[str, PerCpu]:
         """Global counters by their C name (lb.consts.GLOB_STATS), per CPU."""
@@ -124,8 +127,14 @@ class StatsReader:
         )
 
     def conn_table_count(self) -> int:
-        """Entries in the connection table now (a snapshot; see the module docstring)."""
-        return count_entries(self._b.conn_table)
+        """Entries in the connection table (a snapshot, reused for `conn_count_ttl` seconds)."""
+        with self._conn_lock:
+            now = time.monotonic()
+            if self._conn_cache is not None and now - self._conn_cache[0] < self._conn_ttl:
+                return self._conn_cache[1]
+            n = count_entries(self._b.conn_table)
+            self._conn_cache = (now, n)
+            return n
 
     @property
     def conn_table_capacity(self) -> int:

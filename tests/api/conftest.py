@@ -115,6 +115,7 @@ def running_api(
         open_reads=open_reads,
         stats_interval_s=0.2,
         stats_window_s=2.0,
+        conn_count_ttl_s=0.0,
         **kw,
     )
     app = create_app(

@@ -209,3 +209,28 @@ def test_per_cpu_lists_cover_every_possible_cpu(lb: Served) -> None:
     s = lb.client.get("/v1/stats", params={"per_cpu": "true"}).json()
     n = len(s["global"]["STAT_XDP_PASS"]["per_cpu"])
     assert n >= 1 and all(len(c["per_cpu"]) == n for c in s["global"].values())
+
+
+def test_explain_ipv6_flow(api: Served) -> None:
+    body = {
+        "protocol": "udp",
+        "address": "2001:db8::10",
+        "port": 53,
+        "encap": "gue",
+        "backends": [{"address": "2001:db8:1::2"}, {"address": "2001:db8:1::3"}],
+    }
+    api.client.post("/v1/vips", json=body).raise_for_status()
+    r = api.client.get(
+        "/v1/explain",
+        params={
+            "protocol": "udp",
+            "src": "2001:db8:2::1",
+            "sport": 5353,
+            "dst": "2001:db8::10",
+            "dport": 53,
+        },
+    )
+    e = r.json()
+    assert r.status_code == 200 and e["reason"] == "ring", e
+    assert e["backend"] in ("2001:db8:1::2", "2001:db8:1::3") and e["encap"] == "gue"
+    assert e["vip_id"] == "udp:[2001:db8::10]:53"

@@ -172,3 +172,10 @@ def test_unknown_path_is_problem_404(api: Served) -> None:
 
 def test_wrong_method_is_problem_405(api: Served) -> None:
     assert_problem(api.client.put("/v1/vips", json={}), 405, "method-not-allowed")
+
+
+def test_update_vip_outer_source_null_goes_back_to_default(api: Served) -> None:
+    api.client.post("/v1/vips", json={**VIP, "outer_source": "lb"}).raise_for_status()
+    r = api.client.patch("/v1/vips/tcp:198.18.0.10:80", json={"outer_source": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["outer_source"] is None and r.json()["effective_outer_source"] == "rss"
