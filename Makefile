@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-quick demo check bench bench-smoke clean
+.PHONY: setup test test-quick demo demo-dataplane check bench bench-smoke clean
 
 setup:
 	@./scripts/setup.sh
@@ -16,8 +16,12 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-## The project's main job, end to end.
+## The project's main job, end to end: lab, daemon, REST calls, real traffic, teardown.
 demo: setup
+	$(PY) -m lb.demo_lab
+
+## The data plane alone: packets through the balancer with BPF_PROG_TEST_RUN.
+demo-dataplane: setup
 	$(PY) -m lb.demo
 
 check: setup
