@@ -86,6 +86,25 @@ def vip_id(protocol: str, address: str, port: int) -> str:
     return f"{protocol}:[{address}]:{port}" if ":" in address else f"{protocol}:{address}:{port}"
 
 
+@pytest.fixture(scope="session")
+def lab_daemon(lab: Lab) -> Iterator[LabApi]:
+    """The lab's daemon (native mode), shared by the e2e modules; stopped at the end."""
+    why = forwarding_missing()
+    if why:
+        pytest.skip(why)
+    ensure_daemon(lab)
+    try:
+        yield LabApi(lab)
+    finally:
+        labmod.stop_daemon(lab)
+
+
+def ensure_daemon(lab: Lab) -> None:
+    """Start the lab's daemon unless it runs (a test may have stopped or crashed it)."""
+    if labmod.daemon_pid(lab) is None:
+        labmod.start_daemon(lab)
+
+
 @contextlib.contextmanager
 def daemon_running(lab: Lab) -> Iterator[LabApi]:
     """The lab's daemon for the duration of a block (stopped, not detached, afterwards)."""

@@ -16,22 +16,22 @@ from lb import doctor, netns
 from lb import lab as labmod
 from lb.dataplane import prog_fd_by_id
 from lb.lab import Lab, LabApi
-from tests.e2e.conftest import Vips, daemon_running
+from tests.e2e.conftest import Vips, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
 
 @pytest.fixture(scope="module")
-def api(lab: Lab) -> Iterator[LabApi]:
+def api(lab: Lab, lab_daemon: LabApi) -> Iterator[LabApi]:
     """The daemon with a TCP IPv4 VIP and a UDP IPv6 VIP over every backend."""
-    with daemon_running(lab) as client:
-        v = Vips(client)
-        v.create("tcp", lab.vip4, labmod.HTTP_PORT, [(lab.backend4(i), 1) for i in lab.backend_ids])
-        v.create("udp", lab.vip6, labmod.UDP_PORT, [(lab.backend6(i), 1) for i in lab.backend_ids])
-        try:
-            yield client
-        finally:
-            v.cleanup()
+    ensure_daemon(lab)
+    v = Vips(lab_daemon)
+    v.create("tcp", lab.vip4, labmod.HTTP_PORT, [(lab.backend4(i), 1) for i in lab.backend_ids])
+    v.create("udp", lab.vip6, labmod.UDP_PORT, [(lab.backend6(i), 1) for i in lab.backend_ids])
+    try:
+        yield lab_daemon
+    finally:
+        v.cleanup()
 
 
 def _failures(report: doctor.Report) -> set[tuple[str, str]]:

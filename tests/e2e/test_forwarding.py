@@ -15,7 +15,7 @@ import pytest
 from lb import lab as labmod
 from lb import netns
 from lb.lab import Lab, LabApi
-from tests.e2e.conftest import Vips, daemon_running
+from tests.e2e.conftest import Vips, daemon_running, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -27,12 +27,21 @@ WEIGHTS = (1, 2, 1)
 @pytest.fixture(
     scope="module", params=["native", pytest.param("generic", marks=pytest.mark.slow)]
 )
-def api(request: pytest.FixtureRequest, lab: Lab) -> Iterator[LabApi]:
+def api(request: pytest.FixtureRequest, lab: Lab, lab_daemon: LabApi) -> Iterator[LabApi]:
     """The daemon, with the balancer attached in the mode of the parameter."""
-    mode_lab = dataclasses.replace(lab, xdp_mode=request.param)
-    with daemon_running(mode_lab) as client:
-        assert netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == request.param
-        yield client
+    if request.param == "native":
+        ensure_daemon(lab)
+        assert netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == "native"
+        yield lab_daemon
+        return
+    labmod.stop_daemon(lab)
+    try:
+        with daemon_running(dataclasses.replace(lab, xdp_mode="generic")) as client:
+            assert netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == "generic"
+            yield client
+    finally:
+        # Back to the shared native daemon for the modules that follow.
+        ensure_daemon(lab)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from lb import lab as labmod
 from lb import netns
 from lb.lab import Lab, LabApi, Stream, Tally
-from tests.e2e.conftest import Vips, daemon_running
+from tests.e2e.conftest import Vips, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -26,10 +26,10 @@ PROGRESS = 5
 
 
 @pytest.fixture(scope="module")
-def api(lab: Lab) -> Iterator[LabApi]:
+def api(lab: Lab, lab_daemon: LabApi) -> LabApi:
     """The daemon, native mode."""
-    with daemon_running(lab) as client:
-        yield client
+    ensure_daemon(lab)
+    return lab_daemon
 
 
 @pytest.fixture
