@@ -220,7 +220,9 @@ def human(n: float) -> str:
     """1234567 -> 1.2M."""
     for unit in ("", "k", "M", "G", "T"):
         if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+            if unit == "" and (n == int(n) or abs(n) >= 10):
+                return f"{n:.0f}"
+            return f"{n:.1f}{unit}"
         n /= 1000
     return f"{n:.1f}P"
 

@@ -213,24 +213,26 @@ class RateSampler:
                 self._samples.popleft()
 
     def rates(self, now: Snapshot) -> tuple[dict[str, float], float]:
-        """Per-second rates of `now`'s totals against the oldest sample in the window.
+        """Per-second rates of `now`'s totals over the window.
 
-        Returns the rates (missing keys: no earlier sample) and the span in seconds (0 when
-        there is no earlier sample yet).
+        Each counter's rate runs from the oldest sample in the window that has it (a VIP or
+        backend created meanwhile gets a rate over its own shorter span). Returns the rates
+        (a counter without an earlier sample has none) and the longest span in seconds (0
+        when there is no earlier sample yet).
         """
         with self._lock:
-            base = None
-            for t, totals in self._samples:
-                if now.time - t <= self.window + self.interval / 2 and now.time - t > 0:
-                    base = (t, totals)
-                    break
-        if base is None:
-            return {}, 0.0
-        span = now.time - base[0]
-        cur = now.totals()
+            samples = [
+                (t, totals)
+                for t, totals in self._samples
+                if 0 < now.time - t <= self.window + self.interval / 2
+            ]
         out: dict[str, float] = {}
-        for k, v in cur.items():
-            old = base[1].get(k)
-            if old is not None and v >= old:
-                out[k] = (v - old) / span
+        for k, v in now.totals().items():
+            for t, totals in samples:  # oldest first
+                old = totals.get(k)
+                if old is not None:
+                    if v >= old:
+                        out[k] = (v - old) / (now.time - t)
+                    break
+        span = now.time - samples[0][0] if samples else 0.0
         return out, span
