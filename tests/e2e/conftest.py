@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,9 +127,9 @@ class Vips:
         self.made: list[str] = []
 
     def create(self, protocol: str, address: str, port: int,
-               backends: list[tuple[str, int]]) -> str:
-        """Create a VIP with (address, weight) backends; returns its id."""
-        body = {"protocol": protocol, "address": address, "port": port,
+               backends: list[tuple[str, int]], **flags: Any) -> str:
+        """Create a VIP with (address, weight) backends and flags (encap=...); returns its id."""
+        body = {"protocol": protocol, "address": address, "port": port, **flags,
                 "backends": [{"address": a, "weight": w} for a, w in backends]}
         vid = str(self.api.post("/v1/vips", body)["id"])
         self.made.append(vid)

@@ -54,17 +54,20 @@ def vips(api: LabApi) -> Iterator[Vips]:
 
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 @pytest.mark.parametrize(
-    ("vip_family", "backend_family"), [(4, 4), (6, 6), (4, 6)], ids=["ipv4", "ipv6", "ipv4-in-ipv6"]
+    ("vip_family", "backend_family", "encap"),
+    [(4, 4, "ipip"), (6, 6, "ipip"), (4, 6, "ipip"), (4, 4, "gue"), (6, 6, "gue")],
+    ids=["ipv4", "ipv6", "ipv4-in-ipv6", "ipv4-gue", "ipv6-gue"],
 )
 def test_connections_spread_over_backends_by_weight(
-    lab: Lab, vips: Vips, protocol: str, vip_family: int, backend_family: int
+    lab: Lab, vips: Vips, protocol: str, vip_family: int, backend_family: int, encap: str
 ) -> None:
     """Each backend gets its weight's share of new flows, within 15 %, and none fails."""
     weights = {f"b{i}": WEIGHTS[(i - 1) % len(WEIGHTS)] for i in lab.backend_ids}
     addr = (lab.backend4 if backend_family == 4 else lab.backend6)
     vip = lab.vip4 if vip_family == 4 else lab.vip6
     port = labmod.HTTP_PORT if protocol == "tcp" else labmod.UDP_PORT
-    vips.create(protocol, vip, port, [(addr(i), weights[f"b{i}"]) for i in lab.backend_ids])
+    vips.create(protocol, vip, port, [(addr(i), weights[f"b{i}"]) for i in lab.backend_ids],
+                encap=encap)
 
     if protocol == "tcp":
         tally = labmod.http_requests(lab, vip, CONNECTIONS)
