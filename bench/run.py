@@ -36,11 +36,11 @@ MODULES = ("dataplane", "maglev", "controlplane", "api", "forwarding")
 # its own share plus what the modules before it left unused, so one slow benchmark cannot
 # starve the others; one that overstays is stopped and counted as failed.
 SHARE_S: dict[str, tuple[float, float]] = {
-    "dataplane": (90.0, 8.0),
-    "maglev": (60.0, 5.0),
-    "controlplane": (120.0, 10.0),
-    "api": (90.0, 10.0),
-    "forwarding": (240.0, 27.0),
+    "dataplane": (110.0, 12.0),
+    "maglev": (30.0, 3.0),
+    "controlplane": (100.0, 12.0),
+    "api": (80.0, 9.0),
+    "forwarding": (280.0, 24.0),
 }
 BUDGET_S = {False: sum(f for f, _ in SHARE_S.values()), True: sum(s for _, s in SHARE_S.values())}
 STOP_GRACE_S = 15.0
