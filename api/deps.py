@@ -1,4 +1,9 @@
-"""Dependencies of the routes: the running daemon's objects, settings, authentication."""
+"""Dependencies of the routes: the running daemon's objects, settings, authentication.
+
+They are `async def` on purpose: none of them blocks, and FastAPI runs a plain `def`
+dependency in the thread pool, one hop per dependency per request. The routes that call the
+control plane stay `def` (its calls block: SQLite commit, map writes).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ class Runtime:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     """The daemon's runtime; NotReady while the lifespan has not set it up."""
     rt = getattr(request.app.state, "runtime", None)
     if rt is None:
@@ -47,10 +52,16 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+async def get_api_settings(request: Request) -> ApiSettings:
+    """The app's settings (`create_app(settings=...)`, else the cached `get_settings()`)."""
+    settings = getattr(request.app.state, "settings", None)
+    return settings if isinstance(settings, ApiSettings) else get_settings()
 
 
-def get_control(rt: RuntimeDep) -> ControlPlane:
+SettingsDep = Annotated[ApiSettings, Depends(get_api_settings)]
+
+
+async def get_control(rt: RuntimeDep) -> ControlPlane:
     """The control plane facade."""
     return rt.control
 
@@ -58,7 +69,7 @@ def get_control(rt: RuntimeDep) -> ControlPlane:
 ControlDep = Annotated[ControlPlane, Depends(get_control)]
 
 
-def get_stats(rt: RuntimeDep) -> StatsReader:
+async def get_stats(rt: RuntimeDep) -> StatsReader:
     """The counter reader; NotReady without a data plane."""
     if rt.stats is None:
         raise NotReady("no data plane is loaded: statistics are unavailable")
@@ -68,7 +79,7 @@ def get_stats(rt: RuntimeDep) -> StatsReader:
 StatsDep = Annotated[StatsReader, Depends(get_stats)]
 
 
-def get_explainer(rt: RuntimeDep) -> Explainer:
+async def get_explainer(rt: RuntimeDep) -> Explainer:
     """The flow explainer; NotReady without a data plane."""
     if rt.explainer is None:
         raise NotReady("no data plane is loaded: flows cannot be explained")
@@ -103,12 +114,12 @@ def _check(rt: Runtime, creds: HTTPAuthorizationCredentials | None) -> None:
         raise Unauthorized("the bearer token is not the daemon's token")
 
 
-def require_write(rt: RuntimeDep, creds: Credentials) -> None:
+async def require_write(rt: RuntimeDep, creds: Credentials) -> None:
     """Changes always need the bearer token (compared in constant time)."""
     _check(rt, creds)
 
 
-def require_read(
+async def require_read(
     request: Request, rt: RuntimeDep, settings: SettingsDep, creds: Credentials
 ) -> None:
     """Reads are open from loopback when `open_reads`; a token that is sent must be right."""
@@ -117,7 +128,7 @@ def require_read(
     _check(rt, creds)
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """A request with a body must send it as application/json (or +json)."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return
@@ -143,7 +154,7 @@ def _query_names(dependant: Any) -> set[str]:
     return names
 
 
-def reject_unknown_query(request: Request) -> None:
+async def reject_unknown_query(request: Request) -> None:
     """A query parameter the operation does not define is refused (`?dryrun=1` is a typo)."""
     if not request.query_params:
         return

@@ -164,8 +164,7 @@ def create_app(
         dependencies=[Depends(reject_unknown_query)],
     )
     app.state.runtime = None
-    if settings is not None:
-        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = api_settings
     install_problem_handlers(app)
 
     def openapi() -> dict[str, Any]:

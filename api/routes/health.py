@@ -32,7 +32,7 @@ class ReadyPublic(BaseModel):
 
 
 @router.get("/healthz")
-def healthz(request: Request) -> HealthPublic:
+async def healthz(request: Request) -> HealthPublic:
     """The process is alive (always 200 while it answers)."""
     rt = getattr(request.app.state, "runtime", None)
     return HealthPublic(uptime_s=round(time.time() - rt.started, 3) if rt else None)
@@ -42,7 +42,7 @@ def healthz(request: Request) -> HealthPublic:
     "/readyz",
     responses={503: {"model": ReadyPublic, "description": "not ready, with the reasons"}},
 )
-def readyz(request: Request, response: Response) -> ReadyPublic:
+async def readyz(request: Request, response: Response) -> ReadyPublic:
     """Ready when the data plane is attached and the stored state is applied to the maps."""
     rt = getattr(request.app.state, "runtime", None)
     if rt is None:
