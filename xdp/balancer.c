@@ -112,6 +112,8 @@ static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *flo
  * forwarded ICMP error, which opens no flow). A table entry is ignored when it is a UDP
  * entry idle past the timeout or its backend was removed (address zeroed in reals): that is
  * how removed backends' flows move while draining ones (still in reals) keep theirs.
+ * The table key is always the full 5-tuple, F_HASH_SRC_ONLY included: that flag changes only
+ * the ring hash, so every new flow of a client lands on the same backend.
  */
 static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta *vip,
 				   const struct lb_cfg *cfg, struct lb_choice *ch)

@@ -10,6 +10,9 @@
  * It is sent whether or not an IPv4 packet had DF: XDP cannot fragment, and an
  * encapsulated frame over max_frame would be dropped further on anyway; a sender that set
  * no DF mostly ignores the reply, as it would ignore a silent loss.
+ * The MTU reported is max_frame - 14 - the flow's encapsulation overhead, whatever it is: with
+ * max_frame below 1342 an IPv6 client is told less than 1280, which RFC 8201 tells it to
+ * ignore; the control plane should not configure that.
  */
 #ifndef XLB_ICMP_H
 #define XLB_ICMP_H
