@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationErro
 from lb.config import DataplaneConfig
 from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
 from lb.errors import InvalidInput, LimitReached
+from lb.health import HealthCheck
 
 Protocol = Literal["tcp", "udp"]
 Encap = Literal["ipip", "gue"]
@@ -98,6 +99,9 @@ class VipSpec(BaseModel):
         None, description="rss (flow-derived) or lb (own address); default rss/ipip, lb/gue"
     )
     backends: list[BackendSpec] = Field(default_factory=list)
+    health_check: HealthCheck | None = Field(
+        None, description="how the backends are probed (lb/health.py); null: not checked"
+    )
 
     @property
     def id(self) -> str:
@@ -142,6 +146,8 @@ class VipUpdate(BaseModel):
     encap: Encap | None = None
     #: Explicitly set to None to go back to the encapsulation's default.
     outer_source: OuterSource | None = None
+    #: Explicitly set to None to stop checking the VIP's backends.
+    health_check: HealthCheck | None = None
 
 
 class BackendUpdate(BaseModel):
@@ -339,6 +345,11 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                            field="protocol")
     if not 0 <= vip.port <= 65535:
         raise InvalidInput(f"port: must be in 0..65535, got {vip.port}", field="port")
+    if vip.health_check is not None and vip.health_check.port is None and vip.port == 0:
+        raise InvalidInput(
+            "health_check.port: a VIP on every port (port 0) needs a port to probe",
+            field="health_check.port",
+        )
     seen: dict[str, int] = {}
     for i, b in enumerate(vip.backends):
         field = f"backends[{i}]"
