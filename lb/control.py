@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +92,8 @@ class ControlPlane:
         )
         self._reconcile_errors = 0
         self._last_error: str | None = None
+        #: Maps each stored VIP to the VIP the maps carry (health checks; see set_overlay).
+        self._overlay: Callable[[VipSpec], VipSpec] | None = None
         with self._lock:
             self._reconcile()
 
@@ -307,6 +309,22 @@ class ControlPlane:
                     self._reconciler.invalidate()
                     self._reconcile()
 
+    def set_overlay(self, overlay: Callable[[VipSpec], VipSpec] | None) -> None:
+        """Program each VIP as `overlay(stored VIP)` from now on (None: as stored); reconcile.
+
+        The overlay (lb/prober.py: health) never changes the stored state or its generation;
+        it must return the same object while its answer for a VIP does not change, so an
+        unchanged VIP costs nothing. `verify()` compares the maps with the overlaid state.
+        """
+        with self._lock:
+            self._overlay = overlay
+            self._reconcile()
+
+    def reapply(self) -> None:
+        """Bring the maps to the stored state through the overlay again (no generation bump)."""
+        with self._lock:
+            self._reconcile()
+
     def close(self) -> None:
         """Close the store (the maps keep their content)."""
         with self._lock:
@@ -345,7 +363,16 @@ class ControlPlane:
         # Recomputed from scratch, so verify() also catches a slip of the incremental image.
         assert self._reconciler is not None
         store = self._store
-        return self._reconciler.full_image(store.vips.values(), store.vip_nums, store.real_idx)
+        return self._reconciler.full_image(
+            self._effective().values(), store.vip_nums, store.real_idx
+        )
+
+    def _effective(self) -> Mapping[str, VipSpec]:
+        vips = self._store.vips
+        overlay = self._overlay
+        if overlay is None:
+            return vips
+        return {vid: overlay(v) for vid, v in vips.items()}
 
     def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> None:
         # The durable write runs on the store's thread (SQLite lets go of the GIL while it
@@ -373,7 +400,7 @@ class ControlPlane:
             return
         store = self._store
         try:
-            rec.apply(store.vips, store.vip_nums, store.real_idx,
+            rec.apply(self._effective(), store.vip_nums, store.real_idx,
                       new_vip_nums=new_vip_nums, new_real_idx=new_real_idx)
         except Exception as e:
             # The change is stored and acknowledged whatever happens here: count the
