@@ -26,6 +26,7 @@ from api.routes import backends, explain, health, state, stats, vips
 from api.settings import ApiSettings, get_settings
 from lb.control import ControlPlane
 from lb.dataplane import Balancer
+from lb.errors import XlbError
 from lb.explain import Explainer
 from lb.stats import RateSampler, StatsReader
 
@@ -80,6 +81,10 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
 
     # Load (reusing the pins) and bring the maps to the stored state first, then attach, so
     # the first packet the program sees already meets the stored state.
+    if lb_settings is None:
+        from lb.settings import load_settings
+
+        lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False))
     balancer = host.balancer
     control = ControlPlane(lb_settings, balancer)
@@ -97,9 +102,20 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         log.info("attached to %s in %s mode (%s)", s.interface, info.mode, info.reason)
 
     def attachment() -> tuple[bool, str]:
-        info = getattr(host, "attach_info", None)
+        # Asked from the kernel each time, so a detach or a foreign replacement behind the
+        # daemon's back shows. Blocking (netlink): call it from a worker thread.
+        info = host.attach_info
         if info is None:
+            if s.interface:
+                return False, f"detached from {s.interface}"
             return False, "no interface configured (XLB_INTERFACE)"
+        try:
+            now = host.xdp_state()
+        except XlbError as e:
+            return False, f"cannot query {info.interface}: {e.detail}"
+        if now is None or now.prog_id != info.prog_id:
+            what = f"{now.prog_name} (id {now.prog_id})" if now and now.prog_id else "nothing"
+            return False, f"{info.interface} no longer runs our program (it runs {what})"
         return True, f"{info.mode} on {info.interface}"
 
     def mode() -> str | None:

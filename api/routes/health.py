@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request, Response
@@ -54,7 +55,7 @@ async def readyz(request: Request, response: Response) -> ReadyPublic:
             generation=None,
         )
     reasons: list[str] = []
-    attached, where = rt.attachment()
+    attached, where = await asyncio.to_thread(rt.attachment)
     if not attached:
         reasons.append(f"not attached: {where}")
     if not rt.control.in_sync:

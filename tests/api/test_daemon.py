@@ -165,3 +165,14 @@ def test_serve_restart_detach(daemon_env: dict[str, str], tmp_path: Path) -> Non
         assert d.stop() in (0, -signal.SIGTERM), d.log.read_text()
     assert xdp.query(IFACE, netns=ns).prog_id is None, d.log.read_text()
     assert not sock.exists()
+
+    # A detach behind the daemon's back shows in /readyz.
+    d = Daemon(env, "--port", str(port))
+    try:
+        d.wait_ready(url)
+        assert lbctl(env, "detach").returncode == 0
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503, r.text
+        assert f"{IFACE} no longer runs our program" in r.json()["reasons"][0]
+    finally:
+        assert d.stop() in (0, -signal.SIGTERM), d.log.read_text()
