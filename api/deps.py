@@ -52,6 +52,8 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
 async def get_api_settings(request: Request) -> ApiSettings:
     """The app's settings (`create_app(settings=...)`, else the cached `get_settings()`)."""
     settings = getattr(request.app.state, "settings", None)
