@@ -162,10 +162,11 @@ def running_api(
 def serve(api_balancer: Any, tmp_path: Path) -> Iterator[Callable[..., Served]]:
     """Factory: start a fresh API (stopped after the test, also on failure)."""
     with ExitStack() as stack:
+        count = iter(range(1_000))
 
         def start(**kw: Any) -> Served:
-            n = len(stack._exit_callbacks)  # a distinct state directory per server
-            return stack.enter_context(running_api(api_balancer, tmp_path / f"s{n}", **kw))
+            state = tmp_path / f"s{next(count)}"  # a distinct state directory per server
+            return stack.enter_context(running_api(api_balancer, state, **kw))
 
         yield start
 
