@@ -16,7 +16,8 @@ class Server:
     """A TCP or UDP server on 127.0.0.1 in a thread; `stop()` closes its port."""
 
     def __init__(self, kind: str, *, status: int = 200, answer: bytes | None = None,
-                 tls: ssl.SSLContext | None = None, port: int = 0) -> None:
+                 tls: ssl.SSLContext | None = None, port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         self.kind = kind
         self.status = status
         self.answer = answer
@@ -25,7 +26,7 @@ class Server:
         stype = socket.SOCK_DGRAM if kind in ("udp", "dns", "mute") else socket.SOCK_STREAM
         self.sock = socket.socket(socket.AF_INET, stype)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         if stype == socket.SOCK_STREAM:
             self.sock.listen(64)

@@ -1,0 +1,414 @@
+"""The daemon's health checker: probes every VIP-backend pair and steers the rings.
+
+`HealthManager.run()` is one asyncio task of the daemon. It reads the desired state every
+`sync_interval` seconds and keeps one probe task per VIP-backend pair of every VIP that has
+a `health_check` (backends that are not disabled). Each result goes through the pair's
+`lb.health.Target`; a status change wakes the applier, which calls `ControlPlane.reapply()`
+in a worker thread. The control plane then asks `overlay()` for each VIP: the stored VIP
+with the backends health takes out programmed as draining (out of the ring, tracked flows
+go on) and slow-start weights, within the safety floor (`lb.health.decide`).
+
+Generation semantics: health never writes the store and never bumps the generation; the
+desired state keeps saying "active", the API shows health next to it (`/v1/health`). Health
+state lives in memory only: after a restart every backend starts "up" again.
+
+Shutting down stops the probes but leaves the maps as they are (a backend that was out
+stays out until the next start reconciles the stored state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lb.health import HealthCheck, Member, Target, VipDecision, decide
+from lb.model import VipSpec
+from lb.probe import ProbeResult, probe
+
+if TYPE_CHECKING:
+    from lb.control import ControlPlane
+
+log = logging.getLogger("xlb.health")
+
+#: Recent transitions kept for the API.
+EVENTS_KEPT = 200
+
+
+class Tunnel(Protocol):
+    """What the tunnelled mode needs: a socket mark that steers probes to one backend."""
+
+    def mark(self, index: int, address: str, gue: bool) -> int:
+        """The SO_MARK for probes to `address` (backend index `index`), programmed."""
+        ...
+
+    def release(self, mark: int) -> None:
+        """Forget a mark no probe uses any more."""
+        ...
+
+
+@dataclass
+class _Pair:
+    vip_id: str
+    backend: str
+    check: HealthCheck
+    address: str
+    port: int
+    mark: int | None
+    target: Target
+    #: Why the pair cannot be probed (e.g. tunnel mode without a tunnel), or None.
+    unusable: str | None = None
+    task: asyncio.Task[None] | None = None
+    ramp_seen: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.vip_id, self.backend)
+
+    def same_setup(self, other: _Pair) -> bool:
+        return (self.check, self.address, self.port, self.mark, self.unusable) == (
+            other.check, other.address, other.port, other.mark, other.unusable)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One health transition, as the API lists it."""
+
+    time: float
+    vip_id: str
+    backend: str | None
+    kind: str
+    detail: str
+
+
+@dataclass
+class _VipState:
+    decision: VipDecision = field(default_factory=VipDecision)
+    floor_events: Counter[str] = field(default_factory=Counter)
+    effective: tuple[VipSpec, tuple[Any, ...], VipSpec] | None = None
+
+
+class HealthManager:
+    """Probes VIP-backend pairs and applies their health to the rings as an overlay."""
+
+    def __init__(
+        self,
+        control: ControlPlane,
+        *,
+        tunnel: Callable[[], Tunnel] | None = None,
+        sync_interval: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.control = control
+        self._tunnel_source = tunnel
+        self._tunnel: Tunnel | None = None
+        self._tunnel_error: str | None = None
+        self.sync_interval = sync_interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._vips: dict[str, _VipState] = {}
+        self._wake: asyncio.Event | None = None
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)
+        #: Transitions by kind ("down", "up", "floor_held", "all_down"), for /metrics.
+        self.totals: Counter[str] = Counter()
+        self.reapplies = 0
+        self.started = False
+
+    # -- the overlay (called by the control plane, under its lock, in any thread) ---------
+
+    def overlay(self, spec: VipSpec) -> VipSpec:
+        """The VIP as the maps should carry it, given its backends' health."""
+        check = spec.health_check
+        if check is None:
+            return spec
+        with self._lock:
+            now = self.clock()
+            members = []
+            for b in spec.backends:
+                pair = self._pairs.get((spec.id, b.identity))
+                t = pair.target if pair is not None else None
+                members.append(Member(
+                    b.identity,
+                    b.weight,
+                    b.in_ring,
+                    t.changed_at if t is not None and t.wants_out else None,
+                    t.ramp(now) if t is not None else None,
+                ))
+            vs = self._vips.setdefault(spec.id, _VipState())
+            d = decide(members, check.max_down_fraction, vs.decision)
+            self._note_floor(spec.id, vs, d)
+            vs.decision = d
+            if not d.changes_ring:
+                vs.effective = None
+                return spec
+            sig = (d.out, d.weights)
+            if vs.effective is not None and vs.effective[0] is spec and vs.effective[1] == sig:
+                return vs.effective[2]
+            weights = dict(d.weights)
+            backends = []
+            for b in spec.backends:
+                if b.identity in d.out:
+                    b = b.model_copy(update={"state": "draining"})
+                elif b.identity in weights:
+                    b = b.model_copy(update={"weight": weights[b.identity]})
+                backends.append(b)
+            eff = spec.model_copy(update={"backends": backends})
+            vs.effective = (spec, sig, eff)
+            return eff
+
+    def _note_floor(self, vip_id: str, vs: _VipState, d: VipDecision) -> None:
+        before = vs.decision
+        for who in sorted(d.held - before.held):
+            self._event(vip_id, who, "floor_held",
+                        "down, but kept in the ring: the safety floor allows no more out")
+            vs.floor_events["floor_held"] += 1
+        if d.all_down and not before.all_down:
+            self._event(vip_id, None, "all_down",
+                        "every backend fails its check: the last healthy set stays")
+            vs.floor_events["all_down"] += 1
+        elif before.all_down and not d.all_down:
+            self._event(vip_id, None, "all_down_cleared", "a backend answers again")
+
+    def _event(self, vip_id: str, backend: str | None, kind: str, detail: str) -> None:
+        self.events.append(Event(time.time(), vip_id, backend, kind, detail))
+        self.totals[kind] += 1
+        level = logging.INFO if kind in ("up", "all_down_cleared") else logging.WARNING
+        log.log(level, "health %s %s%s: %s", kind, vip_id,
+                f" backend {backend}" if backend else "", detail)
+
+    # -- reads for the API ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every checked VIP with its decision and its pairs' health (plain data)."""
+        now = self.clock()
+        with self._lock:
+            vips: dict[str, Any] = {}
+            for (vid, addr), p in sorted(self._pairs.items()):
+                vs = self._vips.get(vid) or _VipState()
+                v = vips.setdefault(vid, {
+                    "vip_id": vid,
+                    "check": p.check,
+                    "all_down": vs.decision.all_down,
+                    "out": sorted(vs.decision.out),
+                    "held": sorted(vs.decision.held),
+                    "floor_events": dict(vs.floor_events),
+                    "backends": [],
+                })
+                t = p.target
+                v["backends"].append({
+                    "address": addr,
+                    "status": t.status,
+                    "in_ring": addr not in vs.decision.out,
+                    "held_by_floor": addr in vs.decision.held,
+                    "suppressed": t.suppressed,
+                    "penalty": round(t.penalty_now(now), 3),
+                    "ramp": t.ramp(now),
+                    "successes": t.successes,
+                    "failures": t.failures,
+                    "probes": t.probes,
+                    "last_ok": t.last_ok,
+                    "last_error": p.unusable or t.last_error,
+                    "last_probe_age_s": None if t.last_probe_at is None
+                    else round(now - t.last_probe_at, 3),
+                    "latency_s": None if t.last_latency_s is None
+                    else round(t.last_latency_s, 6),
+                    "since_s": round(now - t.changed_at, 3),
+                    "transitions": {"up": t.transitions["up"], "down": t.transitions["down"]},
+                    "probe_address": p.address,
+                    "probe_port": p.port,
+                    "mark": p.mark,
+                })
+            return {"vips": list(vips.values()), "events": list(self.events),
+                    "totals": dict(self.totals)}
+
+    def status_of(self, vip_id: str, backend: str) -> tuple[str, bool] | None:
+        """(health status, in the ring by health) of one pair, or None when unchecked."""
+        with self._lock:
+            p = self._pairs.get((vip_id, backend))
+            if p is None:
+                return None
+            vs = self._vips.get(vip_id)
+            out = vs.decision.out if vs is not None else frozenset()
+            return p.target.status, backend not in out
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Probe until cancelled (the maps are left as they are on the way out)."""
+        self._wake = asyncio.Event()
+        await asyncio.to_thread(self.control.set_overlay, self.overlay)
+        self.started = True
+        applier = asyncio.create_task(self._applier(), name="xlb-health-apply")
+        try:
+            while True:
+                try:
+                    vips, indices = await asyncio.to_thread(self._read_state)
+                    self._sync(vips, indices)
+                    self._tick()
+                except Exception as e:  # the checker must outlive a bad read
+                    log.warning("health sync failed: %r", e)
+                await asyncio.sleep(self.sync_interval)
+        finally:
+            applier.cancel()
+            tasks = [p.task for p in self._pairs.values() if p.task is not None]
+            for t in tasks:
+                t.cancel()
+            for t in [applier, *tasks]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    async def _applier(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await asyncio.to_thread(self._apply)
+                self.reapplies += 1
+            except Exception as e:
+                log.error("applying health to the maps failed: %r", e)
+
+    def _apply(self) -> None:
+        self.control.reapply()
+        # Without a data plane the control plane never asks for the overlay: decide here
+        # too, so the API shows the same health either way (deciding twice is idempotent).
+        for v in self.control.list_vips():
+            self.overlay(v)
+
+    def _wake_applier(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _tunnel_now(self) -> Tunnel | None:
+        # Loaded on first use: the tc program costs a BCC compile that most daemons never need.
+        if self._tunnel is None and self._tunnel_error is None and self._tunnel_source:
+            try:
+                self._tunnel = self._tunnel_source()
+            except Exception as e:
+                self._tunnel_error = f"tunnel mode unavailable: {e}"
+                log.error("%s", self._tunnel_error)
+        return self._tunnel
+
+    def _read_state(self) -> tuple[list[VipSpec], dict[str, int]]:
+        # Runs in a worker thread: it takes the control plane's lock and may compile the
+        # tunnel program, neither of which the event loop should wait for.
+        vips = self.control.list_vips()
+        tunnelled = [v for v in vips if v.health_check and v.health_check.mode == "tunnel"]
+        indices: dict[str, int] = {}
+        if tunnelled and self._tunnel_now() is not None:
+            for v in tunnelled:
+                for b in v.backends:
+                    with contextlib.suppress(Exception):
+                        indices[b.identity] = self.control.backend_index(b.identity)
+        return vips, indices
+
+    def _plan(
+        self, vip: VipSpec, check: HealthCheck, address: str, indices: dict[str, int]
+    ) -> _Pair:
+        port = check.port or vip.port
+        if check.mode == "direct":
+            return _Pair(vip.id, address, check, address, port, None, Target(check))
+        tunnel = self._tunnel
+        index = indices.get(address)
+        if tunnel is None or index is None:
+            why = self._tunnel_error or "tunnel mode unavailable: no interface to encapsulate on"
+            return _Pair(vip.id, address, check, str(vip.address), port, None, Target(check),
+                         unusable=why)
+        mark = tunnel.mark(index, address, vip.encap == "gue")
+        return _Pair(vip.id, address, check, str(vip.address), port, mark, Target(check))
+
+    def _sync(self, vips: list[VipSpec], indices: dict[str, int]) -> None:
+        want: dict[tuple[str, str], _Pair] = {}
+        for v in vips:
+            check = v.health_check
+            if check is None:
+                continue
+            for b in v.backends:
+                if b.state != "disabled":
+                    want[(v.id, b.identity)] = self._plan(v, check, b.identity, indices)
+        changed = False
+        with self._lock:
+            for key in [k for k in self._pairs if k not in want]:
+                self._drop(self._pairs.pop(key))
+                changed = True
+            for key, new in want.items():
+                old = self._pairs.get(key)
+                if old is not None and old.same_setup(new):
+                    continue
+                if old is not None:
+                    self._drop(old)
+                new.target.changed_at = self.clock()
+                self._pairs[key] = new
+                new.task = asyncio.create_task(self._probe_loop(new),
+                                               name=f"xlb-health {key[0]} {key[1]}")
+                changed = True
+            live = {k[0] for k in self._pairs}
+            for vid in [v for v in self._vips if v not in live]:
+                del self._vips[vid]
+        if changed:
+            self._wake_applier()
+
+    def _drop(self, pair: _Pair) -> None:
+        if pair.task is not None:
+            pair.task.cancel()
+        if pair.mark is not None and self._tunnel is not None:
+            still = any(p.mark == pair.mark for p in self._pairs.values() if p is not pair)
+            if not still:
+                with contextlib.suppress(Exception):
+                    self._tunnel.release(pair.mark)
+
+    def _tick(self) -> None:
+        # Slow-start steps and damping release happen with time, not with a probe result.
+        now = self.clock()
+        wake = False
+        with self._lock:
+            for p in self._pairs.values():
+                r = p.target.ramp(now)
+                if r != p.ramp_seen:
+                    p.ramp_seen = r
+                    wake = True
+        if wake:
+            self._wake_applier()
+
+    async def _probe_loop(self, pair: _Pair) -> None:
+        check = pair.check
+        # A random phase spreads the pairs' probes over the interval.
+        await asyncio.sleep(random.uniform(0, check.interval_s * max(check.jitter, 0.05)))
+        while True:
+            start = self.clock()
+            if pair.unusable is not None:
+                result = ProbeResult(False, pair.unusable)
+            else:
+                result = await probe(check, pair.address, pair.port, mark=pair.mark)
+            self._record(pair, result)
+            delay = check.interval_s * (1 + random.uniform(-check.jitter, check.jitter))
+            await asyncio.sleep(max(0.0, start + delay - self.clock()))
+
+    def _record(self, pair: _Pair, result: ProbeResult) -> None:
+        with self._lock:
+            if self._pairs.get(pair.key) is not pair:
+                return  # replaced or removed meanwhile
+            change = pair.target.record(
+                result.ok, self.clock(), error=result.error, latency_s=result.latency_s
+            )
+            if change is None:
+                return
+            t = pair.target
+            if change == "down":
+                detail = f"{t.failures} failed probes in a row (last: {result.error})"
+                if t.suppressed:
+                    detail += f"; flapping (penalty {t.penalty:.2f}): held down until it decays"
+            else:
+                detail = f"{t.successes} good probes in a row"
+                if t.up_since is not None:
+                    detail += f"; weight ramps up over {pair.check.slow_start_s:g} s"
+            self._event(pair.vip_id, pair.backend, change, detail)
+        self._wake_applier()
