@@ -151,6 +151,14 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 					/* An ICMP error is no sign of life of the flow. */
 					if (is_udp && !pkt->icmp_fwd)
 						cv->atime = now;
+					/* A client FIN or RST marks a TCP entry closing: atime
+					 * becomes when (TCP entries are 0 while open). The entry
+					 * still steers the flow; a drain counts it only for a
+					 * grace period after (lb/drain.py).
+					 */
+					if (is_tcp && !pkt->icmp_fwd && !cv->atime &&
+					    (pkt->tcp_flags & (PARSE_TCP_FIN | PARSE_TCP_RST)))
+						cv->atime = bpf_ktime_get_ns();
 					if (!pkt->icmp_fwd)
 						stats_inc(STAT_LRU_HIT);
 					ch->real_idx = key;
