@@ -470,8 +470,13 @@ def cmd_backend_set(args: argparse.Namespace) -> int:
 
 
 def cmd_backend_drain(args: argparse.Namespace) -> int:
-    """lbctl backend drain VIP ADDRESS: no new flows, tracked flows go on."""
-    return _patch_backend(args, {"state": "draining"}, "draining")
+    """lbctl backend drain VIP ADDRESS [--wait]: no new flows, tracked flows go on."""
+    rc = _patch_backend(args, {"state": "draining"}, "draining")
+    if getattr(args, "wait", False):
+        from api.cli_health import wait_drained
+
+        return wait_drained(args)
+    return rc
 
 
 def cmd_backend_enable(args: argparse.Namespace) -> int:
@@ -493,17 +498,19 @@ def cmd_backend_rm(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """lbctl stats [--watch [SECONDS]]."""
+    from api.cli_health import stats_with_health
+
     client = client_from(args)
     query = {"per_cpu": "true"} if args.per_cpu else None
     if args.watch is None:
-        emit(args, client.get("/v1/stats", query=query), _stats_text)
+        emit(args, client.get("/v1/stats", query=query), stats_with_health(client, _stats_text))
         return EXIT_OK
     n = 0
     while args.count is None or n < args.count:
         data = client.get("/v1/stats", query=query)
         if args.output == "table" and sys.stdout.isatty():
             print("\033[H\033[2J", end="")
-        emit(args, data, _stats_text)
+        emit(args, data, stats_with_health(client, _stats_text))
         n += 1
         if args.count is not None and n >= args.count:
             break
@@ -750,6 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp = leaf(be, name, fn, text)
         sp.add_argument("vip")
         sp.add_argument("address")
+        if name == "drain":
+            from api.cli_health import add_drain_flags
+
+            add_drain_flags(sp)
+
+    from api.cli_health import add_health_commands
+
+    add_health_commands(sub, leaf)
 
     sp = leaf(sub, "stats", cmd_stats, "counters and rates")
     sp.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS")

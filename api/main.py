@@ -22,12 +22,13 @@ from fastapi import Depends, FastAPI
 
 from api.deps import Runtime, reject_unknown_query
 from api.problems import install_problem_handlers, problem_only_openapi
-from api.routes import backends, explain, health, state, stats, vips
+from api.routes import backends, checks, explain, health, state, stats, vips
 from api.settings import ApiSettings, get_settings
 from lb.control import ControlPlane
 from lb.dataplane import Balancer
 from lb.errors import XlbError
 from lb.explain import Explainer
+from lb.prober import HealthManager
 from lb.stats import RateSampler, StatsReader
 
 log = logging.getLogger("xlb.api")
@@ -53,6 +54,7 @@ def build_runtime(
     """Assemble the objects the routes use around a control plane (and its data plane)."""
     rt = Runtime(control=control, token=settings.expected_token())
     if balancer is not None:
+        rt.extra["balancer"] = balancer
         rt.stats = StatsReader(balancer, conn_count_ttl=settings.conn_count_ttl_s)
         rt.sampler = RateSampler(
             rt.stats, interval=settings.stats_interval_s, window=settings.stats_window_s
@@ -124,6 +126,7 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
 
     rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode)
     rt.extra["host"] = host
+    rt.extra["health"] = HealthManager(control)
     return rt
 
 
@@ -135,8 +138,13 @@ def create_app(
     lb_settings: Any = None,
     attachment: Callable[[], tuple[bool, str]] | None = None,
     attach_mode: Callable[[], str | None] | None = None,
+    health_manager: HealthManager | None = None,
 ) -> FastAPI:
-    """Build the app; with `control` it wraps that control plane instead of opening one."""
+    """Build the app; with `control` it wraps that control plane instead of opening one.
+
+    The daemon runs the health checker; a wrapped control plane runs the one given in
+    `health_manager` (none by default: probes would leave the test's namespace).
+    """
     api_settings = settings or get_settings()
 
     @asynccontextmanager
@@ -153,6 +161,8 @@ def create_app(
                     attachment=attachment,
                     attach_mode=attach_mode,
                 )
+                if health_manager is not None:
+                    app.state.runtime.extra["health"] = health_manager
             else:
                 app.state.runtime = await asyncio.to_thread(
                     _host_runtime, stack, api_settings, lb_settings
@@ -161,13 +171,16 @@ def create_app(
                     stack.callback(_detach, app.state.runtime.extra["host"])
             rt: Runtime = app.state.runtime
             task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
+            hm: HealthManager | None = rt.extra.get("health")
+            htask = asyncio.create_task(hm.run(), name="xlb-health") if hm else None
             try:
                 yield
             finally:
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                for t in (task, htask):
+                    if t is not None:
+                        t.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await t
                 app.state.runtime = None
         finally:
             await asyncio.to_thread(stack.close)
@@ -191,7 +204,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health):
+    for module in (vips, backends, state, stats, explain, health, checks):
         app.include_router(module.router)
     return app
 

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from api.deps import Runtime
+from api.health_metrics import HealthCollector
 
 
 class XlbCollector(Collector):
@@ -105,4 +106,5 @@ def make_registry(runtime: Runtime) -> CollectorRegistry:
     """A registry of this daemon's metrics (one per app, never the global one)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(XlbCollector(runtime))
+    reg.register(HealthCollector(runtime))
     return reg

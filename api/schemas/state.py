@@ -24,6 +24,7 @@ class StateVip(VipCreate):
             encap=spec.encap,
             outer_source=spec.outer_source,
             backends=[_backend(b) for b in spec.backends],
+            health_check=spec.health_check,
         )
 
 

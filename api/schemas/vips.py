@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.backends import BackendCreate, BackendPublic
 from api.schemas.common import Address
+from lb.health import HealthCheck
 from lb.model import Encap, OuterSource, Protocol, VipSpec
 
 
@@ -33,6 +34,9 @@ class VipCreate(BaseModel):
         None, description="rss (flow-derived) or lb (own address); default rss for ipip, lb for gue"
     )
     backends: list[BackendCreate] = Field(default_factory=list)
+    health_check: HealthCheck | None = Field(
+        None, description="probe the backends and take failing ones out of the ring"
+    )
 
     def to_spec(self) -> VipSpec:
         """The model's VIP."""
@@ -45,6 +49,7 @@ class VipCreate(BaseModel):
             encap=self.encap,
             outer_source=self.outer_source,
             backends=[b.to_spec() for b in self.backends],
+            health_check=self.health_check,
         )
 
 
@@ -64,6 +69,7 @@ class VipUpdate(BaseModel):
     lru_bypass: bool | None = None
     encap: Encap | None = None
     outer_source: OuterSource | None = None
+    health_check: HealthCheck | None = Field(None, description="null removes the check")
 
 
 class VipPublic(BaseModel):
@@ -79,6 +85,7 @@ class VipPublic(BaseModel):
     outer_source: OuterSource | None = Field(description="as configured (null: the default)")
     effective_outer_source: OuterSource
     backends: list[BackendPublic]
+    health_check: HealthCheck | None = Field(None, description="the check (null: none)")
 
     @classmethod
     def of(cls, spec: VipSpec) -> VipPublic:
@@ -94,6 +101,7 @@ class VipPublic(BaseModel):
             outer_source=spec.outer_source,
             effective_outer_source=spec.effective_outer_source,
             backends=[BackendPublic.of(b) for b in spec.backends],
+            health_check=spec.health_check,
         )
 
 
