@@ -79,6 +79,7 @@ async def _sample_forever(sampler: RateSampler) -> None:
 def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> Runtime:
     """Open the data plane the daemon's way: load, pin, reconcile, attach."""
     from lb import attach as xdp
+    from lb.hcencap import tunnel_factory
     from lb.host import open_host
 
     # Load (reusing the pins) and bring the maps to the stored state first, then attach, so
@@ -126,7 +127,8 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
 
     rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode)
     rt.extra["host"] = host
-    rt.extra["health"] = HealthManager(control)
+    # Tunnelled probes need a tc program on the interface, compiled on first use only.
+    rt.extra["health"] = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
     return rt
 
 
