@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -182,3 +183,25 @@ def test_drain_wait_completes_when_the_streams_end(hlab: Lab, api: LabApi) -> No
     finally:
         for s in streams:
             s.close()
+
+
+@pytest.mark.parametrize("encap", ["ipip", "gue"])
+def test_tunnel_mode_probes_each_backend_through_the_vip(
+    hlab: Lab, api: LabApi, encap: str
+) -> None:
+    body = {"protocol": "tcp", "address": hlab.vip4, "port": 80, "encap": encap,
+            "backends": [{"address": hlab.backend4(i)} for i in hlab.backend_ids],
+            "health_check": {**CHECK, "mode": "tunnel"}}
+    vid = str(api.post("/v1/vips", body)["id"])
+    _until(lambda: _all_probed(api, vid), 15, "every backend answers through the tunnel")
+    pairs = _health(api, vid)["backends"]
+    assert {b["probe_address"] for b in pairs} == {hlab.vip4}, "probes go to the VIP"
+    assert len({b["mark"] for b in pairs}) == 3, "one mark per backend"
+    egress = subprocess.run(["tc", "-n", hlab.lb_ns, "filter", "show", "dev", labmod.LB_IF,
+                             "egress"], capture_output=True, text=True, check=True).stdout
+    assert "tc_hc_encap" in egress, "the tunnel program runs on the LB's egress"
+    stop_server(hlab, 1)
+    _until(lambda: _health(api, vid)["out"] == [hlab.backend4(1)], FALL * INTERVAL + 1,
+           "only the stopped backend leaves (each probe reached its own backend)")
+    assert all(b["status"] == "up" for b in _health(api, vid)["backends"]
+               if b["address"] != hlab.backend4(1))
