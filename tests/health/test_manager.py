@@ -199,3 +199,24 @@ def test_ring_follows_health_and_verify_sees_no_drift(
     finally:
         cp.close()
         clear_maps(balancer)
+
+
+def test_returning_backend_ramps_its_weight(tmp_path: Path, pool: Pool) -> None:
+    cp = ControlPlane(StateSettings(tmp_path), None)
+    vip = cp.create_vip(_vip(pool.port, n=2, slow_start_s=2))
+
+    def weights(hm: HealthManager) -> dict[str, int]:
+        return {b.identity: b.weight for b in hm.overlay(cp.get_vip(vip.id)).backends}
+
+    async def body(hm: HealthManager) -> None:
+        pool.stop("127.0.0.3")
+        await _until(lambda: _out(hm, vip.id) == {"127.0.0.3"}, 2, "out")
+        pool.start("127.0.0.3")
+        await _until(lambda: not _out(hm, vip.id), 3, "back")
+        first = weights(hm)
+        assert first["127.0.0.2"] == 10 and 1 <= first["127.0.0.3"] <= 5, first
+        await _until(lambda: weights(hm) == {"127.0.0.2": 1, "127.0.0.3": 1}, 4,
+                     "full weight after the slow-start period")
+
+    _run(cp, body)
+    cp.close()
