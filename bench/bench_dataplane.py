@@ -45,10 +45,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, merge_results
+from lb.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf_errno
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import STAT_INDEX, XDP_PASS, XDP_TX
 from lb.dataplane import Balancer, compile_program, set_addr, write_runtime_config
-from lb.testrun import _SYS_BPF, BPF_PROG_TEST_RUN, _TestAttr
 
 RESULTS_NAME = "dataplane"
 PACKETS, RUNS = 200_000, 5
@@ -160,19 +160,16 @@ class Timer:
     """BPF_PROG_TEST_RUN of one program, one call per frame, kernel-measured durations."""
 
     def __init__(self, prog_fd: int) -> None:
-        self.attr = _TestAttr()
+        self.attr = TestRunAttr()
         self.attr.prog_fd = prog_fd
         self.attr.repeat = 1
         # No data_out: the kernel then skips copying the output frame back.
-        self._libc = ctypes.CDLL(None, use_errno=True)
 
     def run(self, frames: Frames) -> tuple[float, int]:
         """Mean ns per frame and how many frames got a verdict other than XDP_TX/PASS."""
         a = self.attr
         a.data_size_in = frames.size
         addresses = frames.addresses()
-        syscall = self._libc.syscall
-        nr, ref, size = _SYS_BPF["x86_64"], ctypes.byref(a), ctypes.sizeof(a)
         total = 0
         odd = 0
         for addr in addresses:
@@ -180,8 +177,8 @@ class Timer:
             # The kernel writes the output size back here and treats it as the next call's
             # buffer size: reset it, or a larger output fails with ENOSPC.
             a.data_size_out = 0
-            if syscall(nr, BPF_PROG_TEST_RUN, ref, size):
-                err = ctypes.get_errno()
+            err = bpf_errno(BPF_PROG_TEST_RUN, a)
+            if err:
                 raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
             total += a.duration
             odd += a.retval != XDP_TX and a.retval != XDP_PASS

@@ -1,9 +1,9 @@
 """Compile and load the XDP programs with BCC and hand out their maps.
 
-This is one of the few modules that imports `bcc`, and the boundary where bpf(2) object
-calls (BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID) are made and their errnos
-translated. Map key/value types are the ctypes classes BCC generates from xdp/structs.h
-(`table.Key`, `table.Leaf`): Python never keeps a hand-written copy of a C layout.
+This is one of the few modules that imports `bcc`; the raw bpf(2) object calls it needs
+(pins, program ids, map and program info) are lb.bpf's, re-exported here. Map key/value
+types are the ctypes classes BCC generates from xdp/structs.h (`table.Key`, `table.Leaf`):
+Python never keeps a hand-written copy of a C layout.
 
 Pinned maps: with a pin dir, every map is pinned as PIN_DIR/<name> and BCC silently reuses an
 existing pin whatever its size. `Balancer` therefore compares each reused map with what the
@@ -14,17 +14,23 @@ difference rather than mixing layouts.
 from __future__ import annotations
 
 import ctypes
-import errno
 import ipaddress
 import os
-import platform
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# lb.bpf's object calls, re-exported for the callers of lb.dataplane.
+from lb.bpf import MapInfo as MapInfo
+from lb.bpf import ProgInfo as ProgInfo
+from lb.bpf import map_info as map_info
+from lb.bpf import obj_get as obj_get
+from lb.bpf import pinned_map_info as pinned_map_info
+from lb.bpf import prog_fd_by_id as prog_fd_by_id
+from lb.bpf import prog_info as prog_info
+from lb.bpf import prog_info_by_id as prog_info_by_id
 from lb.config import DataplaneConfig, RuntimeConfig, xdp_source_dir
 from lb.consts import FAMILY_V4, FAMILY_V6
 from lb.errors import BccUnavailable, IncompatiblePins, KernelError
@@ -91,179 +97,12 @@ def family_of(addr: IPAddress) -> int:
     return FAMILY_V4 if addr.version == 4 else FAMILY_V6
 
 
-# --- bpf(2) object calls -------------------------------------------------------------------
-
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_OBJ_GET = 7
-BPF_PROG_GET_FD_BY_ID = 13
-BPF_MAP_GET_FD_BY_ID = 14
-BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_OBJ_NAME_LEN = 16
 # Map types as the kernel numbers them (enum bpf_map_type), for messages only.
 MAP_TYPE_NAMES = {
     1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash",
     10: "lru_percpu_hash", 11: "lpm_trie", 12: "array_of_maps", 13: "hash_of_maps",
     14: "devmap", 16: "cpumap",
 }  # fmt: skip
-
-
-class _ObjGetAttr(ctypes.Structure):
-    # The BPF_OBJ_GET member of union bpf_attr.
-    _fields_ = [
-        ("pathname", ctypes.c_uint64),
-        ("bpf_fd", ctypes.c_uint32),
-        ("file_flags", ctypes.c_uint32),
-        ("path_fd", ctypes.c_int32),
-    ]
-
-
-class _GetIdAttr(ctypes.Structure):
-    # The BPF_*_GET_FD_BY_ID member of union bpf_attr.
-    _fields_ = [
-        ("id", ctypes.c_uint32),
-        ("next_id", ctypes.c_uint32),
-        ("open_flags", ctypes.c_uint32),
-    ]
-
-
-class _InfoAttr(ctypes.Structure):
-    # The BPF_OBJ_GET_INFO_BY_FD member of union bpf_attr.
-    _fields_ = [
-        ("bpf_fd", ctypes.c_uint32),
-        ("info_len", ctypes.c_uint32),
-        ("info", ctypes.c_uint64),
-    ]
-
-
-class _MapInfo(ctypes.Structure):
-    # Head of struct bpf_map_info; the kernel fills only as much as we pass.
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
-    ]
-
-
-class _ProgInfo(ctypes.Structure):
-    # Head of struct bpf_prog_info, up to and including `name`.
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64),
-        ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64),
-        ("created_by_uid", ctypes.c_uint32),
-        ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64),
-        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
-    ]
-
-
-@dataclass(frozen=True)
-class MapInfo:
-    """What the kernel says about one map."""
-
-    id: int
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
-    name: str
-
-
-@dataclass(frozen=True)
-class ProgInfo:
-    """What the kernel says about one program."""
-
-    id: int
-    type: int
-    name: str
-    map_ids: tuple[int, ...]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-_ERRNO_HINTS = {
-    errno.EPERM: "needs root (CAP_BPF and CAP_NET_ADMIN)",
-    errno.EACCES: "needs root (CAP_BPF and CAP_NET_ADMIN)",
-    errno.ENOENT: "no such object",
-}
-
-
-def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
-    """One bpf(2) call; a failure becomes a KernelError naming `what` and the errno."""
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise KernelError(f"bpf(2): unsupported architecture {platform.machine()}")
-    rc = int(_libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
-    if rc < 0:
-        err = ctypes.get_errno()
-        hint = _ERRNO_HINTS.get(err)
-        raise KernelError(
-            f"{what}: {os.strerror(err)} (errno {err}{', ' + hint if hint else ''})"
-        )
-    return rc
-
-
-def obj_get(path: Path) -> int:
-    """Open a pinned BPF object; returns a new fd the caller closes."""
-    raw = ctypes.create_string_buffer(os.fsencode(path))
-    attr = _ObjGetAttr(pathname=ctypes.addressof(raw))
-    return _bpf(BPF_OBJ_GET, attr, f"opening pin {path}")
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    """Open a program by id; returns a new fd the caller closes."""
-    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id), f"opening program id {prog_id}")
-
-
-def map_info(fd: int) -> MapInfo:
-    """BPF_OBJ_GET_INFO_BY_FD on a map fd."""
-    info = _MapInfo()
-    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading map info of fd {fd}")
-    return MapInfo(
-        id=info.id, type=info.type, key_size=info.key_size, value_size=info.value_size,
-        max_entries=info.max_entries, flags=info.map_flags, name=info.name.decode(),
-    )  # fmt: skip
-
-
-def prog_info(fd: int) -> ProgInfo:
-    """BPF_OBJ_GET_INFO_BY_FD on a program fd, with the ids of the maps it uses."""
-    ids = (ctypes.c_uint32 * 64)()
-    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
-    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading program info of fd {fd}")
-    n = min(info.nr_map_ids, len(ids))
-    return ProgInfo(
-        id=info.id, type=info.type, name=info.name.decode(), map_ids=tuple(ids[:n])
-    )
-
-
-def prog_info_by_id(prog_id: int) -> ProgInfo:
-    """ProgInfo of a program known by id (e.g. the one netlink reports on an interface)."""
-    fd = prog_fd_by_id(prog_id)
-    try:
-        return prog_info(fd)
-    finally:
-        os.close(fd)
-
-
-def pinned_map_info(path: Path) -> MapInfo:
-    """MapInfo of a pinned map."""
-    fd = obj_get(path)
-    try:
-        return map_info(fd)
-    finally:
-        os.close(fd)
 
 
 def is_bpffs(path: Path) -> bool:

@@ -24,14 +24,13 @@ import ctypes
 import errno
 import ipaddress
 import os
-import platform
 import socket
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lb import maglev
+from lb import bpf, maglev
 from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
 from lb.errors import KernelError
 from lb.model import (
@@ -412,34 +411,13 @@ def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> lis
 
 # -- kernel: reading and writing the maps ----------------------------------------------
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_MAP_LOOKUP_BATCH = 24
-BPF_MAP_UPDATE_BATCH = 26
-
-
-class _BatchAttr(ctypes.Structure):
-    # The `batch` member of union bpf_attr (include/uapi/linux/bpf.h).
-    _fields_ = [
-        ("in_batch", ctypes.c_uint64),
-        ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64),
-        ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32),
-        ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
-    ]
-
-
 class MapIO:
     """Reads and writes the balancer's maps (the one place here that makes bpf(2) calls)."""
 
     def __init__(self, balancer: Balancer) -> None:
         self.b = balancer
         self.ring_size = balancer.config.ring_size
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._nr = _SYS_BPF.get(platform.machine())
-        self.batched = self._nr is not None
+        self.batched = bpf.supported()
 
     @property
     def _ring_fd(self) -> int:
@@ -447,11 +425,6 @@ class MapIO:
         return int(self.b.ch_rings.map_fd)
 
     # -- batched u32 array access --
-
-    def _batch(self, cmd: int, attr: _BatchAttr) -> int:
-        assert self._nr is not None
-        rc = int(self._libc.syscall(self._nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
-        return 0 if rc == 0 else ctypes.get_errno()
 
     def _ring_lookup(self, start: int, count: int) -> array[int]:
         out = array("I", bytes(4 * count))
@@ -461,7 +434,7 @@ class MapIO:
         nxt = ctypes.c_uint32()
         kaddr, vaddr = keys.buffer_info()[0], out.buffer_info()[0]
         while done < count:
-            attr = _BatchAttr()
+            attr = bpf.BatchAttr()
             if start + done > 0:
                 # An array's batch token is the last index read; the next one follows it.
                 prev.value = start + done - 1
@@ -471,7 +444,7 @@ class MapIO:
             attr.values = vaddr + 4 * done
             attr.count = count - done
             attr.map_fd = self._ring_fd
-            err = self._batch(BPF_MAP_LOOKUP_BATCH, attr)
+            err = bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_BATCH, attr)
             if err not in (0, errno.ENOENT):
                 raise OSError(err, os.strerror(err))
             if attr.count == 0:
@@ -486,12 +459,12 @@ class MapIO:
         n = len(keys)
         kaddr, vaddr = keys.buffer_info()[0], values.buffer_info()[0]
         while done < n:
-            attr = _BatchAttr()
+            attr = bpf.BatchAttr()
             attr.keys = kaddr + 4 * done
             attr.values = vaddr + 4 * done
             attr.count = n - done
             attr.map_fd = self._ring_fd
-            err = self._batch(BPF_MAP_UPDATE_BATCH, attr)
+            err = bpf.bpf_errno(bpf.BPF_MAP_UPDATE_BATCH, attr)
             done += attr.count
             if err:
                 raise OSError(err, os.strerror(err))
