@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lb import bpf, netns
 from lb import lab as labmod
-from lb import netns
 from lb.errors import KernelError, XlbError
 from lb.lab import Lab
 
@@ -110,18 +110,7 @@ class Report:
 
 # Pinned maps, read with raw bpf(2): the doctor must not need a compiler or the daemon.
 
-BPF_MAP_LOOKUP_ELEM = 1
 _PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, LRU percpu hash
-
-
-class _LookupAttr(ctypes.Structure):
-    _fields_ = [
-        ("map_fd", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-        ("key", ctypes.c_uint64),
-        ("value", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
-    ]
 
 
 def _possible_cpus() -> int:
@@ -135,22 +124,18 @@ def _possible_cpus() -> int:
 
 @contextlib.contextmanager
 def _pinned(path: Path) -> Iterator[tuple[int, Any]]:
-    from lb.dataplane import map_info, obj_get
-
-    fd = obj_get(path)
+    fd = bpf.obj_get(path)
     try:
-        yield fd, map_info(fd)
+        yield fd, bpf.map_info(fd)
     finally:
         os.close(fd)
 
 
 def _lookup(fd: int, key: bytes, size: int) -> bytes | None:
-    libc = ctypes.CDLL(None, use_errno=True)
     kbuf = ctypes.create_string_buffer(key, len(key))
     vbuf = ctypes.create_string_buffer(size)
-    attr = _LookupAttr(map_fd=fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
-    nr = 321 if os.uname().machine == "x86_64" else 280
-    if libc.syscall(nr, BPF_MAP_LOOKUP_ELEM, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+    attr = bpf.ElemAttr(map_fd=fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
+    if bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_ELEM, attr):
         return None
     return vbuf.raw
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lb.consts import FAMILY_V4, FAMILY_V6
 from lb.model import VipSpec
-from lb.stats import BATCH, _lookup_batch
+from lb.stats import BATCH, lookup_batch
 
 if TYPE_CHECKING:
     from lb.dataplane import Balancer
@@ -59,7 +59,7 @@ def count_flows(
     port = socket.htons(vip.port)
     n = 0
     table: Any = balancer.conn_table
-    for keys, values, count in _lookup_batch(table, BATCH, want_values=True):
+    for keys, values, count in lookup_batch(table, BATCH, want_values=True):
         for i in range(count):
             v = values[i]
             if int(v.real_idx) != real_idx:

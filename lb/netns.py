@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import ipaddress
 import os
-import platform
 import re
 import subprocess
 import threading
@@ -30,6 +29,7 @@ from typing import Any, Literal, TypeVar
 from pyroute2 import IPRoute
 from pyroute2 import netns as _pr_netns
 
+from lb import bpf
 from lb.errors import KernelError
 
 NETNS_RUN_DIR = Path("/run/netns")
@@ -468,30 +468,14 @@ def xdp_attached(
             xdp_detach(name, ifname, mode)
 
 
-# Raw bpf(2): the two-instruction XDP_PASS program and program names by id.
+# Raw bpf(2) through lb.bpf: the two-instruction XDP_PASS program and program names by id.
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_PROG_LOAD = 5
-BPF_PROG_GET_FD_BY_ID = 13
-BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_PROG_TYPE_XDP = 6
 XDP_PASS = 2
 PASS_PROG_NAME = "xlb_pass"
 
 
-def _bpf(cmd_: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise KernelError(f"bpf(2): unsupported architecture {platform.machine()}")
-    rc = int(_libc.syscall(nr, cmd_, attr, len(attr)))
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise KernelError(f"bpf({cmd_}) failed: {os.strerror(err)} (errno {err})")
-    return rc
-
-
-def load_xdp_pass() -> int:
-    """Load `r0 = XDP_PASS; exit` as an XDP program named xlb_pass; returns its fd.
+def load_xdp_pass(name: str = PASS_PROG_NAME) -> int:
+    """Load `r0 = XDP_PASS; exit` as an XDP program named `name`; returns its fd.
 
     Attached to a veth peer it makes native XDP_TX/XDP_REDIRECT into that veth deliver, at no
     cost worth measuring. No compiler involved, so it loads in microseconds. Close the fd when
@@ -500,16 +484,11 @@ def load_xdp_pass() -> int:
     # BPF_MOV64_IMM(R0, XDP_PASS); BPF_EXIT_INSN()
     insns = (ctypes.c_uint64 * 2)(0xB7 | (XDP_PASS << 32), 0x95)
     lic = ctypes.create_string_buffer(b"GPL")
-    attr = ctypes.create_string_buffer(128)
-    ctypes.memmove(ctypes.addressof(attr), ctypes.byref(ctypes.c_uint32(BPF_PROG_TYPE_XDP)), 4)
-    ctypes.memmove(ctypes.addressof(attr) + 4, ctypes.byref(ctypes.c_uint32(2)), 4)
-    ctypes.memmove(ctypes.addressof(attr) + 8,
-                   ctypes.byref(ctypes.c_uint64(ctypes.addressof(insns))), 8)
-    ctypes.memmove(ctypes.addressof(attr) + 16,
-                   ctypes.byref(ctypes.c_uint64(ctypes.addressof(lic))), 8)
-    # prog_name[16] sits at offset 48 of the BPF_PROG_LOAD attr.
-    ctypes.memmove(ctypes.addressof(attr) + 48, PASS_PROG_NAME.encode(), len(PASS_PROG_NAME))
-    return _bpf(BPF_PROG_LOAD, attr)
+    attr = bpf.ProgLoadAttr(
+        prog_type=bpf.BPF_PROG_TYPE_XDP, insn_cnt=2, insns=ctypes.addressof(insns),
+        license=ctypes.addressof(lic), prog_name=name.encode(),
+    )  # fmt: skip
+    return bpf.bpf(bpf.BPF_PROG_LOAD, attr, f"bpf({bpf.BPF_PROG_LOAD}) failed", hints=False)
 
 
 @contextmanager
@@ -534,22 +513,12 @@ def attach_xdp_pass(name: str | None, ifname: str, mode: XdpMode = "native") -> 
 
 def prog_name(prog_id: int) -> str | None:
     """The name of a loaded BPF program by id (None if it is gone)."""
-    attr = ctypes.create_string_buffer(16)
-    ctypes.memmove(ctypes.addressof(attr), ctypes.byref(ctypes.c_uint32(prog_id)), 4)
     try:
-        fd = _bpf(BPF_PROG_GET_FD_BY_ID, attr)
+        fd = bpf.prog_fd_by_id(prog_id)
     except KernelError:
         return None
     try:
-        info = ctypes.create_string_buffer(256)
-        attr = ctypes.create_string_buffer(16)
-        ctypes.memmove(ctypes.addressof(attr), ctypes.byref(ctypes.c_uint32(fd)), 4)
-        ctypes.memmove(ctypes.addressof(attr) + 4, ctypes.byref(ctypes.c_uint32(len(info))), 4)
-        ctypes.memmove(ctypes.addressof(attr) + 8,
-                       ctypes.byref(ctypes.c_uint64(ctypes.addressof(info))), 8)
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-        # struct bpf_prog_info: name[BPF_OBJ_NAME_LEN] at offset 64.
-        return info.raw[64:80].split(b"\0", 1)[0].decode()
+        return bpf.prog_info(fd).name
     finally:
         os.close(fd)
 

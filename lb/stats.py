@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
-import os
 import socket
 import threading
 import time
@@ -28,9 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb import bpf
 from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
 from lb.dataplane import Balancer, get_addr
-from lb.errors import KernelError
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 #: Entries fetched per BPF_MAP_LOOKUP_BATCH call when counting or scanning a map.
@@ -147,31 +146,27 @@ def _fields(table: Any) -> tuple[str, ...]:
     return tuple(name for name, *_ in table.sLeaf._fields_ if not name.startswith("pad"))
 
 
-def _lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[Any, Any, int]]:
+def lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[Any, Any, int]]:
     """Yield (keys buffer, values buffer, count) chunks of a map through BPF_MAP_LOOKUP_BATCH."""
-    from bcc.libbcc import lib  # the libbcc wrapper; the one kernel boundary here
-
     keys = (table.Key * chunk)()
     values = (table.Leaf * chunk)()
     in_batch = ctypes.c_uint32(0)
     out_batch = ctypes.c_uint32(0)
     first = True
     while True:
-        count = ctypes.c_uint32(chunk)
-        rc = lib.bpf_lookup_batch(
-            table.map_fd,
-            None if first else ctypes.byref(in_batch),
-            ctypes.byref(out_batch),
-            ctypes.byref(keys),
-            ctypes.byref(values),
-            ctypes.byref(count),
+        attr = bpf.BatchAttr(
+            in_batch=0 if first else ctypes.addressof(in_batch),
+            out_batch=ctypes.addressof(out_batch),
+            keys=ctypes.addressof(keys),
+            values=ctypes.addressof(values),
+            count=chunk,
+            map_fd=table.map_fd,
         )
-        err = ctypes.get_errno() if rc != 0 else 0
-        if rc != 0 and err not in (errno.ENOENT, 0) and -rc != errno.ENOENT:
-            e = err or -rc
-            raise KernelError(f"BPF_MAP_LOOKUP_BATCH failed: {os.strerror(e)} (errno {e})")
-        yield keys, values, int(count.value)
-        if rc != 0 or count.value == 0:
+        err = bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_BATCH, attr)
+        if err not in (0, errno.ENOENT):
+            raise bpf.error("BPF_MAP_LOOKUP_BATCH failed", err, hints=False)
+        yield keys, values, int(attr.count)
+        if err or attr.count == 0:
             return
         in_batch.value = out_batch.value
         first = False
@@ -179,11 +174,11 @@ def _lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[A
 
 def count_entries(table: Any) -> int:
     """Number of entries of a hash map, by batch lookups."""
-    return sum(n for _, _, n in _lookup_batch(table, BATCH, want_values=False))
+    return sum(n for _, _, n in lookup_batch(table, BATCH, want_values=False))
 
 
 def _array_items(table: Any) -> Iterable[tuple[int, Any]]:
-    for keys, values, n in _lookup_batch(table, BATCH, want_values=True):
+    for keys, values, n in lookup_batch(table, BATCH, want_values=True):
         for i in range(n):
             yield int(keys[i]), values[i]
 
