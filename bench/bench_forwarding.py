@@ -238,22 +238,12 @@ def _say(msg: str) -> None:
 # The lab.
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale() -> list[str]:
     """Delete namespaces this benchmark left behind in processes that no longer run."""
     gone = []
     for name in netns.names("xbench"):
         m = _STALE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not netns.pid_alive(int(m.group(1))):
             netns.delete(name)
             gone.append(name)
     return gone

@@ -466,7 +466,7 @@ def _stop_pids(pids: list[int], timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if netns.pid_alive(p)]
         if alive:
             time.sleep(0.05)
     for pid in alive:
@@ -479,23 +479,6 @@ def _cmdline_mentions(pid: int, text: str) -> bool:
         return text in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        # Reap our own children so they do not linger as zombies that look alive.
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return False
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    with contextlib.suppress(OSError):
-        for line in status.read_text().splitlines():
-            if line.startswith("State:"):
-                return "Z" not in line.split()[1]
-    return True
 
 
 def lab_namespaces(prefix: str) -> list[str]:
@@ -659,7 +642,7 @@ def start_daemon(lab: Lab, *, timeout: float = 180.0, extra_toml: str = "") -> i
     api = LabApi(lab, timeout=5)
     deadline = time.monotonic() + timeout
     while True:
-        if not _alive(pid):
+        if not netns.pid_alive(pid):
             raise KernelError(f"the daemon exited while starting:\n{_tail(lab.daemon_log)}")
         if lab.api_socket.exists():
             with contextlib.suppress(OSError, ApiError):
@@ -680,7 +663,7 @@ def stop_daemon(lab: Lab, *, kill: bool = False, timeout: float = 15.0) -> bool:
     if kill:
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while netns.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
     else:
         _stop_pids([pid], timeout)
@@ -700,7 +683,7 @@ def _pid_from(f: Path) -> int | None:
 def daemon_pid(lab: Lab) -> int | None:
     """Pid of the lab's daemon if it runs."""
     pid = _pid_from(lab.daemon_pid_file)
-    return pid if pid is not None and _alive(pid) else None
+    return pid if pid is not None and netns.pid_alive(pid) else None
 
 
 def status(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:

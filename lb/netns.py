@@ -561,6 +561,26 @@ _TC_PROG_RE = re.compile(r"\bid (\d+) name (\S+)")
 # Processes inside a namespace.
 
 
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie child of ours is reaped and counts as gone)."""
+    try:
+        # Reap our own children so they do not linger as zombies that look alive.
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    with contextlib.suppress(OSError):
+        for line in status.read_text().splitlines():
+            if line.startswith("State:"):
+                return "Z" not in line.split()[1]
+    return True
+
 def pids_in(name: str) -> list[int]:
     """Pids of processes whose network namespace is the named one (never this process)."""
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lb.config import DataplaneConfig
+from lb.netns import pid_alive
 
 PREFIX = f"xlbt{os.getpid()}"
 BPFFS = Path("/sys/fs/bpf")
@@ -25,16 +26,6 @@ _STALE = re.compile(r"^xlbt(\d+)")
 
 # Small enough to compile and create quickly, large enough for every packet test.
 TEST_CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=64, conn_table_size=65536)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _netns_names() -> list[str]:
@@ -50,12 +41,12 @@ def delete_netns(name: str) -> None:
 def _sweep_stale() -> None:
     for name in _netns_names():
         m = _STALE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             delete_netns(name)
     if BPFFS.is_dir():
         for p in BPFFS.iterdir():
             m = _STALE.match(p.name)
-            if m and not _pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True)
 
 

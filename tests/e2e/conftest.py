@@ -23,14 +23,6 @@ from lb.lab import ApiError, Lab, LabApi
 _STALE_RUN = re.compile(r"^xlbt(\d+)")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _sweep_stale_labs() -> None:
     """Remove labs of earlier test processes that no longer run (by prefix and dead pid)."""
@@ -38,7 +30,7 @@ def _sweep_stale_labs() -> None:
         return
     for d in labmod.RUN_ROOT.iterdir():
         m = _STALE_RUN.match(d.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not netns.pid_alive(int(m.group(1))):
             labmod.down(d.name)
 
 

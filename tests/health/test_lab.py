@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from lb import lab as labmod
+from lb import netns
 from lb.lab import ApiError, Lab, LabApi, vip_path
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -61,7 +62,7 @@ def _server_alive(lab: Lab, i: int) -> bool:
         os.kill(pid, 0)
     except (OSError, ValueError):
         return False
-    return labmod._alive(pid)
+    return netns.pid_alive(pid)
 
 
 def stop_server(lab: Lab, i: int) -> None:
@@ -69,7 +70,7 @@ def stop_server(lab: Lab, i: int) -> None:
     pid = int(lab.server_pid_file(i).read_text().split()[0])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while labmod._alive(pid) and time.monotonic() < deadline:
+    while netns.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
