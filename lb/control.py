@@ -351,8 +351,11 @@ class ControlPlane:
     @staticmethod
     def _copy(model: _M, fields: dict[str, object]) -> _M:
         # Re-validate through pydantic so a change can never store what a create refuses.
+        # Nested specs go in as they are (validated when made, and pydantic keeps model
+        # instances): no dump and re-parse of every backend, and their identities stay cached.
+        current = {f: getattr(model, f) for f in type(model).model_fields}
         try:
-            return type(model).model_validate({**model.model_dump(), **fields})
+            return type(model).model_validate({**current, **fields})
         except ValidationError as e:
             raise invalid_from_validation(e) from None
 

@@ -14,8 +14,9 @@ Pure data (pydantic) and pure checks: nothing here touches the kernel or the dis
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from typing import Literal, NamedTuple
+from collections.abc import Iterable, Mapping
+from functools import cached_property
+from typing import Any, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError
 
@@ -68,10 +69,22 @@ class BackendSpec(BaseModel):
         description="active: in the ring; draining: tracked flows only; disabled: out",
     )
 
-    @property
+    @cached_property
     def identity(self) -> str:
-        """Canonical text of the address (the backend's identity across VIPs)."""
+        """Canonical text of the address (the backend's identity across VIPs).
+
+        Computed once per spec: a change reads it about ten times per backend of the VIPs
+        it touches (store refcounts, validation, ring key, image).
+        """
         return _text(self.address)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False,
+                   ) -> Self:
+        """A copy with `update` applied (unvalidated, as pydantic's); identity follows it."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update and "address" in update:
+            copy.__dict__.pop("identity", None)  # cached from the old address
+        return copy
 
     @property
     def in_ring(self) -> bool:

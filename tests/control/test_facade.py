@@ -159,3 +159,21 @@ def test_without_maps_verify_is_empty(make_control: CP) -> None:
     cp = make_control()
     cp.create_vip(vip(80, "198.18.1.1"))
     assert cp.verify() == [] and cp.repair() == [] and cp.reconcile_errors == 0
+
+
+def test_a_change_computes_identities_of_new_specs_only(
+    make_control: CP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Identities are cached per spec and a change keeps the specs it does not touch: no
+    # per-change work proportional to the VIP's backends (was ~11 per backend per change).
+    import lb.model
+
+    cp = make_control()
+    cp.create_vip(vip(80, *[f"198.18.{i // 250}.{i % 250 + 1}" for i in range(100)]))
+    made: list[object] = []
+    text = lb.model._text
+    monkeypatch.setattr(lb.model, "_text", lambda a: made.append(a) or text(a))
+    cp.add_backend("tcp:198.18.0.10:80", be("198.18.9.1"))
+    cp.update_backend("tcp:198.18.0.10:80", "198.18.0.5", BackendUpdate(weight=7))
+    cp.remove_backend("tcp:198.18.0.10:80", "198.18.9.1")
+    assert len(made) <= 3, f"{len(made)} identities computed for 3 changes"

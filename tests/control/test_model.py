@@ -179,3 +179,24 @@ def test_backend_states_decide_ring_and_reals() -> None:
     disabled = active.model_copy(update={"state": "disabled"})
     assert [(b.in_ring, b.in_reals) for b in (active, zero, draining, disabled)] == [
         (True, True), (False, True), (False, True), (False, False)]
+
+
+def test_identity_is_canonical_text_computed_once_per_spec(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    import lb.model
+
+    made: list[object] = []
+    text = lb.model._text
+    monkeypatch.setattr(lb.model, "_text", lambda a: made.append(a) or text(a))
+    b = BackendSpec.model_validate({"address": "2001:DB8:0::2"})
+    assert [b.identity for _ in range(3)] == ["2001:db8::2"] * 3
+    assert len(made) == 1
+
+
+def test_model_copy_with_another_address_has_that_identity() -> None:
+    b = BackendSpec.model_validate({"address": "198.18.1.1"})
+    assert b.identity == "198.18.1.1"
+    moved = b.model_copy(update={"address": ipaddress.ip_address("198.18.1.2")})
+    assert moved.identity == "198.18.1.2"
+    assert b.model_copy(update={"weight": 3}).identity == "198.18.1.1"
+    assert moved == BackendSpec.model_validate({"address": "198.18.1.2"})  # cache not compared
