@@ -1,4 +1,4 @@
-"""Durable desired state: SQLite in WAL mode, one transaction per change.
+"""Durable desired state: SQLite in WAL mode, one transaction per change or batch of changes.
 
 The store is the authority. It keeps the VIPs (as JSON, in creation order), the generation,
 and the index allocations the maps use: each VIP's number (its ring and counters) and each
@@ -7,8 +7,15 @@ needs them, so a restart finds the same indices and a crash can never leave a VI
 without its number.
 
 `synchronous=FULL` makes COMMIT return only once the WAL is on disk: a change is durable
-before it is acknowledged. The store also keeps an in-memory copy, updated only after a
-COMMIT succeeded, so reads never touch the disk.
+before it is acknowledged. The store also keeps an in-memory copy, so reads never touch the
+disk.
+
+Group commit: `stage` applies a change to the in-memory copy as the next generation (with
+an undo log, so nothing is copied whole), and `write` stores every change staged since the
+last write in one transaction, one fsync. Each staged change gets the indices it would have
+got alone, and one that fails (LimitReached) is undone alone. If the transaction fails, the
+in-memory copy goes back to the last write. `commit` is one change staged and written. The
+control plane stages under its lock and acknowledges nothing before `write` returned.
 
 Freed indices go to the back of a free list and are handed out oldest-freed first, and only
 after every never-used index: a connection-table entry that still names a freed backend
@@ -18,13 +25,14 @@ possible instead of landing on whichever backend got the index next.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lb.errors import KernelError, LimitReached
 from lb.model import Limits, VipSpec
@@ -99,6 +107,54 @@ class _Allocator:
         return idx
 
 
+_MISSING: Any = object()  # "no entry" in the undo log
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """Where a batch stood before one of its changes (what undoing back to it restores)."""
+
+    undo: int  # length of the undo log
+    order: list[str] | None  # VIP ids in order, when the change deletes one
+    generation: int
+    clock: int
+    next_unused: tuple[int, int]  # of the VIP and the real allocators
+
+
+class _Batch:
+    """Changes staged in the store's in-memory copy since the last write, and their undo."""
+
+    def __init__(self, store: Store) -> None:
+        self.generation = store._generation
+        self.clock = store._clock
+        self._alloc = (store._vip_alloc, store._real_alloc)
+        #: (dict, key, value before) for every entry set or removed, oldest first.
+        self.undo: list[tuple[dict[Any, Any], Any, Any]] = []
+        #: VIPs given a number in this batch -> their seq (creation order).
+        self.created: dict[str, int] = {}
+        self.begun = self.mark(None)
+
+    def mark(self, order: list[str] | None) -> _Mark:
+        """The batch as it stands; `order`: the VIP order, if the next change deletes one."""
+        m = _Mark(len(self.undo), order, self.generation, self.clock,
+                  (self._alloc[0].next_unused, self._alloc[1].next_unused))
+        if order is not None and self.begun.order is None:
+            # Before the batch's first VIP deletion: the order abort() restores.
+            self.begun = dataclasses.replace(self.begun, order=order)
+        return m
+
+    def set(self, d: dict[Any, Any], key: Any, value: Any) -> None:
+        """d[key] = value, undoably."""
+        self.undo.append((d, key, d.get(key, _MISSING)))
+        d[key] = value
+
+    def pop(self, d: dict[Any, Any], key: Any) -> Any:
+        """d.pop(key), undoably."""
+        old = d.pop(key)
+        self.undo.append((d, key, old))
+        return old
+
+
 class Store:
     """The SQLite state store of one state directory."""
 
@@ -122,6 +178,7 @@ class Store:
         self._refs: dict[str, int] = {}  # backend address -> number of VIPs listing it
         self._generation = 0
         self._clock = 0
+        self._batch: _Batch | None = None
         self._load()
 
     # -- reads (in memory) ------------------------------------------------------------
@@ -201,133 +258,208 @@ class Store:
 
     # -- write ------------------------------------------------------------------------
 
+    @property
+    def staged_generation(self) -> int:
+        """Generation of the in-memory state: `generation` plus the changes staged since."""
+        return self._batch.generation if self._batch is not None else self._generation
+
     def commit(self, upserts: Iterable[VipSpec] = (), deletes: Iterable[str] = ()) -> Committed:
         """Store one change (VIPs created/replaced, VIPs deleted) in one transaction.
 
-        Returns once the change is on disk. The in-memory copy changes only on success.
+        Returns once the change is on disk; on failure the in-memory copy is as before.
         """
+        try:
+            done = self.stage(upserts, deletes)
+        except BaseException:
+            self.abort()
+            raise
+        self.write()
+        return done
+
+    def stage(self, upserts: Iterable[VipSpec] = (), deletes: Iterable[str] = ()) -> Committed:
+        """Apply one change to the in-memory copy as the next generation; nothing on disk yet.
+
+        The first change staged after a `write` (or `abort`) begins a batch; `write` stores
+        the whole batch in one transaction. A change that fails (LimitReached: no index
+        left) is undone alone: the batch stays as the changes before it left it.
+        """
+        if self._batch is None:
+            self._batch = _Batch(self)
+        b = self._batch
         upserts = list(upserts)
         deletes = list(deletes)
-        vips = dict(self._vips)
-        vip_nums = dict(self._vip_nums)
-        real_idx = dict(self._real_idx)
-        refs = dict(self._refs)
-        vip_alloc = _copy_alloc(self._vip_alloc)
-        real_alloc = _copy_alloc(self._real_alloc)
-        clock = self._clock + 1
+        mark = b.mark(list(self._vips) if deletes else None)
+        try:
+            return self._stage(b, upserts, deletes)
+        except BaseException:
+            self._undo(b, mark)
+            raise
+
+    def _stage(self, b: _Batch, upserts: list[VipSpec], deletes: list[str]) -> Committed:
+        # The same steps, in the same order, as storing the change alone: each change of a
+        # batch gets the indices it would have got on its own.
+        vips, vip_nums, real_idx, refs = self._vips, self._vip_nums, self._real_idx, self._refs
+        b.clock += 1
+        clock = b.clock
         new_nums: set[int] = set()
         new_idx: set[int] = set()
         freed_nums: list[int] = []
         freed_idx: list[int] = []
-
         dropped: list[str] = []  # addresses whose last reference went in this change
 
         def unref(v: VipSpec) -> None:
-            for b in v.backends:
-                refs[b.identity] -= 1
-                if not refs[b.identity]:
-                    dropped.append(b.identity)
+            for be in v.backends:
+                n = refs[be.identity] - 1
+                b.set(refs, be.identity, n)
+                if not n:
+                    dropped.append(be.identity)
 
         # Free first, allocate after: a full table can then swap one VIP for another in
         # one change (the reconciler orders the writes for a reused index).
         for vid in deletes:
-            old = vips.pop(vid)
+            old = b.pop(vips, vid)
             unref(old)
-            freed_nums.append(vip_nums.pop(vid))
+            freed_nums.append(b.pop(vip_nums, vid))
         for v in upserts:
             old_v = vips.get(v.id)
             if old_v is not None:
                 unref(old_v)
-            vips[v.id] = v
-            for b in v.backends:
-                refs[b.identity] = refs.get(b.identity, 0) + 1
+            b.set(vips, v.id, v)
+            for be in v.backends:
+                b.set(refs, be.identity, refs.get(be.identity, 0) + 1)
         for addr in dropped:
             if refs.get(addr) == 0:
-                del refs[addr]
-                freed_idx.append(real_idx.pop(addr))
+                b.pop(refs, addr)
+                freed_idx.append(b.pop(real_idx, addr))
         for num in freed_nums:
-            vip_alloc.free[num] = clock
+            b.set(self._vip_alloc.free, num, clock)
         for idx in freed_idx:
-            real_alloc.free[idx] = clock
-        for v in upserts:
+            b.set(self._real_alloc.free, idx, clock)
+        for i, v in enumerate(upserts):
             if v.id not in vip_nums:
-                vip_nums[v.id] = num = vip_alloc.take()
+                num = self._take(b, self._vip_alloc)
+                b.set(vip_nums, v.id, num)
                 new_nums.add(num)
-            for b in v.backends:
-                if b.identity not in real_idx:
-                    real_idx[b.identity] = idx = real_alloc.take()
+                # New VIPs sort after every stored one (clock only grows).
+                b.set(b.created, v.id, (clock << 20) + i)
+            for be in v.backends:
+                if be.identity not in real_idx:
+                    idx = self._take(b, self._real_alloc)
+                    b.set(real_idx, be.identity, idx)
                     new_idx.add(idx)
-        generation = self._generation + 1
+        b.generation += 1
+        return Committed(b.generation, frozenset(new_nums), frozenset(new_idx))
 
-        # New VIPs sort after every stored one (clock only grows); replaced ones keep theirs.
-        seq = {v.id: (clock << 20) + i for i, v in enumerate(upserts)}
+    def _take(self, b: _Batch, alloc: _Allocator) -> int:
+        # _Allocator.take, with the free-list removal undoable.
+        if alloc.next_unused < alloc.limit:
+            return alloc.take()
+        if not alloc.free:
+            alloc.take()  # raises LimitReached
+        idx = min(alloc.free, key=alloc.free.__getitem__)
+        b.pop(alloc.free, idx)
+        return idx
+
+    def write(self) -> None:
+        """Store every staged change in one transaction; returns once it is on disk.
+
+        On failure the in-memory copy goes back to the last write and StoreError is raised.
+        """
+        b = self._batch
+        if b is None:
+            return
+        if b.generation == self._generation:  # every staged change was undone
+            self._batch = None
+            return
         try:
-            self._transaction(
-                upserts, deletes, vip_nums, seq, real_idx, new_idx, freed_idx,
-                new_nums, freed_nums, vip_alloc, real_alloc, clock, generation,
-            )
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot store the change in {self.path}: {e}") from e
-        self._vips, self._vip_nums, self._real_idx, self._refs = vips, vip_nums, real_idx, refs
-        self._vip_alloc, self._real_alloc = vip_alloc, real_alloc
-        self._clock, self._generation = clock, generation
-        return Committed(generation, frozenset(new_nums), frozenset(new_idx))
+            self._transaction(b)
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot store the change in {self.path}: {e}") from e
+            raise
+        self._clock, self._generation = b.clock, b.generation
+        self._batch = None
 
-    def _transaction(
-        self,
-        upserts: list[VipSpec],
-        deletes: list[str],
-        vip_nums: dict[str, int],
-        seq: dict[str, int],
-        real_idx: dict[str, int],
-        new_idx: set[int],
-        freed_idx: list[int],
-        new_nums: set[int],
-        freed_nums: list[int],
-        vip_alloc: _Allocator,
-        real_alloc: _Allocator,
-        clock: int,
-        generation: int,
-    ) -> None:
+    def abort(self) -> None:
+        """Undo every change staged since the last write."""
+        if self._batch is not None:
+            self._undo(self._batch, self._batch.begun)
+            self._batch = None
+
+    def _undo(self, b: _Batch, mark: _Mark) -> None:
+        undo = b.undo
+        while len(undo) > mark.undo:
+            d, key, old = undo.pop()
+            if old is _MISSING:
+                del d[key]
+            else:
+                d[key] = old
+        if mark.order is not None:  # a deleted VIP came back: at its place, not at the end
+            vips = dict(self._vips)
+            self._vips.clear()
+            self._vips.update((vid, vips.pop(vid)) for vid in mark.order if vid in vips)
+            self._vips.update(vips)
+        b.generation, b.clock = mark.generation, mark.clock
+        self._vip_alloc.next_unused, self._real_alloc.next_unused = mark.next_unused
+
+    def _transaction(self, b: _Batch) -> None:
+        # The rows every key the batch touched should have now (first undo entry = before).
+        before: dict[int, dict[Any, Any]] = {}
+        for d, key, old in b.undo:
+            before.setdefault(id(d), {}).setdefault(key, old)
+        vips_before = before.get(id(self._vips), {})
+        idx_before = before.get(id(self._real_idx), {})
+        vip_rows = [(vid, v) for vid in vips_before if (v := self._vips.get(vid)) is not None]
+        free_rows: list[tuple[str, int, int]] = []
+        taken: list[tuple[str, int]] = []
+        for kind, alloc in (("vip", self._vip_alloc), ("real", self._real_alloc)):
+            for idx in before.get(id(alloc.free), {}):
+                if idx in alloc.free:
+                    free_rows.append((kind, idx, alloc.free[idx]))
+                else:
+                    taken.append((kind, idx))
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for vid in deletes:
-                db.execute("DELETE FROM vips WHERE id = ?", (vid,))
-            for v in upserts:
-                db.execute(
-                    "INSERT INTO vips (id, seq, vip_num, spec) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET spec = excluded.spec",
-                    (v.id, seq[v.id], vip_nums[v.id], v.model_dump_json()),
-                )
-            if freed_idx:
-                db.executemany(
-                    "DELETE FROM backends WHERE idx = ?", [(i,) for i in freed_idx]
-                )
-            if new_idx:
-                by_idx = {i: a for a, i in real_idx.items() if i in new_idx}
-                db.executemany(
-                    "INSERT INTO backends (address, idx) VALUES (?, ?)",
-                    [(a, i) for i, a in sorted(by_idx.items())],
-                )
-            free_rows = [("vip", n, clock) for n in freed_nums]
-            free_rows += [("real", i, clock) for i in freed_idx]
+            # Deleted (or deleted and created again) VIPs and dropped addresses go first:
+            # their numbers and indices may be handed to others in the same batch.
+            gone = [(vid,) for vid, old in vips_before.items()
+                    if old is not _MISSING and (vid in b.created or vid not in self._vips)]
+            if gone:
+                db.executemany("DELETE FROM vips WHERE id = ?", gone)
+            moved = [(a,) for a, old in idx_before.items()
+                     if old is not _MISSING and self._real_idx.get(a) != old]
+            if moved:
+                db.executemany("DELETE FROM backends WHERE address = ?", moved)
+            for vid, v in vip_rows:
+                if vid in b.created:
+                    db.execute(
+                        "INSERT INTO vips (id, seq, vip_num, spec) VALUES (?, ?, ?, ?)",
+                        (vid, b.created[vid], self._vip_nums[vid], v.model_dump_json()),
+                    )
+                elif v is not vips_before[vid]:
+                    db.execute("UPDATE vips SET spec = ? WHERE id = ?",
+                               (v.model_dump_json(), vid))
+            added = [(a, i) for a, old in idx_before.items()
+                     if (i := self._real_idx.get(a)) is not None and i != old]
+            if added:
+                db.executemany("INSERT INTO backends (address, idx) VALUES (?, ?)", added)
             if free_rows:
                 db.executemany(
                     "INSERT OR REPLACE INTO free_indices (kind, idx, freed_at) VALUES (?, ?, ?)",
                     free_rows,
                 )
-            taken = [("vip", n) for n in new_nums] + [("real", i) for i in new_idx]
             if taken:
                 db.executemany("DELETE FROM free_indices WHERE kind = ? AND idx = ?", taken)
             db.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [
                     ("schema", SCHEMA_VERSION),
-                    ("generation", generation),
-                    ("clock", clock),
-                    ("next_vip", vip_alloc.next_unused),
-                    ("next_real", real_alloc.next_unused),
+                    ("generation", b.generation),
+                    ("clock", b.clock),
+                    ("next_vip", self._vip_alloc.next_unused),
+                    ("next_real", self._real_alloc.next_unused),
                 ],
             )
             crash_point("store-before-commit")
@@ -343,13 +475,6 @@ class Store:
             self._db.close()
         except sqlite3.Error as e:  # pragma: no cover - close rarely fails
             raise StoreError(f"cannot close the state store {self.path}: {e}") from e
-
-
-def _copy_alloc(a: _Allocator) -> _Allocator:
-    c = _Allocator(a.kind, a.first, a.limit)
-    c.next_unused = a.next_unused
-    c.free = dict(a.free)
-    return c
 
 
 #: Test hook: XLB_CRASH_AT=<point>[:<n>] makes the process SIGKILL itself the n-th time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,90 @@ def test_unreadable_store_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / DB_NAME).write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
         Store(tmp_path, LIMITS)
+
+
+def _random_changes(tmp: Path, count: int) -> list[tuple[list[VipSpec], list[str], bool]]:
+    """Changes made against a store committing one at a time: (upserts, deletes, refused)."""
+    rng = random.Random(11)
+    s = Store(tmp, LIMITS)
+    out: list[tuple[list[VipSpec], list[str], bool]] = []
+    for _ in range(count):
+        ports = list(s.vips)
+        roll = rng.random()
+        deletes = [rng.choice(ports)] if ports and roll < 0.2 else []
+        upserts = []
+        if not deletes or roll < 0.1:  # sometimes a swap: one VIP out, another in
+            port = rng.randrange(80, 88)
+            addrs = rng.sample([f"198.18.1.{i}" for i in range(1, 12)], rng.randrange(0, 4))
+            upserts = [vip(port, *addrs)]
+            if f"tcp:198.18.0.10:{port}" in deletes:
+                upserts = []
+        try:
+            s.commit(upserts, deletes)
+            out.append((upserts, deletes, False))
+        except LimitReached:
+            out.append((upserts, deletes, True))
+    s.close()
+    return out
+
+
+def _everything(s: Store) -> tuple[object, ...]:
+    return (s.generation, list(s.vips.items()), dict(s.vip_nums), dict(s.real_idx),
+            dict(s._vip_alloc.free), dict(s._real_alloc.free), s._vip_alloc.next_unused,
+            s._real_alloc.next_unused, dict(s._refs))
+
+
+def test_a_batch_stores_what_its_changes_store_one_by_one(tmp_path: Path) -> None:
+    changes = _random_changes(tmp_path / "one-by-one", 400)
+    assert 10 < sum(refused for *_, refused in changes) < 200  # the limits are reached
+    rng = random.Random(5)
+    s = Store(tmp_path / "batched", LIMITS)
+    gens: list[int] = []
+    for k, (upserts, deletes, refused) in enumerate(changes):
+        if refused:
+            before = _everything(s)
+            with pytest.raises(LimitReached):
+                s.stage(upserts, deletes)
+            assert _everything(s) == before, f"change {k}: a refused change left a trace"
+        else:
+            gens.append(s.stage(upserts, deletes).generation)
+            assert s.generation < s.staged_generation == gens[-1]
+        if rng.random() < 0.3:
+            s.write()
+            assert s.generation == s.staged_generation
+    s.write()
+    assert gens == list(range(1, len(gens) + 1)), "generations are not contiguous"
+    reference = Store(tmp_path / "one-by-one", LIMITS)
+    assert _everything(s) == _everything(reference)
+    s.close()
+    assert _everything(Store(tmp_path / "batched", LIMITS)) == _everything(reference)
+
+
+def test_abort_puts_back_a_deleted_vip_in_its_place(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80, "198.18.1.1"), vip(81, "198.18.1.2"), vip(82, "198.18.1.1")])
+    before = _everything(s)
+    s.stage([vip(83, "198.18.1.3")])
+    s.stage(deletes=["tcp:198.18.0.10:80", "tcp:198.18.0.10:81"])
+    s.stage([vip(80, "198.18.1.4")])
+    assert list(s.vips) == ["tcp:198.18.0.10:82", "tcp:198.18.0.10:83", "tcp:198.18.0.10:80"]
+    s.abort()
+    assert _everything(s) == before
+    s.write()  # nothing staged: nothing written
+    assert s.generation == 1
+
+
+def test_failed_batch_write_changes_nothing(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    s.commit([vip(80, "198.18.1.1"), vip(81, "198.18.1.2")])
+    before = _everything(s)
+    s.stage(deletes=["tcp:198.18.0.10:80"])
+    s.stage([vip(82, "198.18.1.3")])
+    s._db.execute("CREATE TRIGGER boom BEFORE INSERT ON vips BEGIN "
+                  "SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(StoreError, match="disk says no"):
+        s.write()
+    assert _everything(s) == before
+    s._db.execute("DROP TRIGGER boom")
+    s.close()
+    assert _everything(Store(tmp_path, LIMITS)) == before
