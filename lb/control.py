@@ -1,10 +1,13 @@
 """The control plane facade: desired state in, durable store, maps brought to it.
 
 Every write runs under one lock and follows the same write-ahead order: validate fully,
-store durably (one SQLite transaction, generation bumped), apply to the maps, return. A
-write that is stored but cannot be applied is still acknowledged (the state is durable):
-it is counted in `reconcile_errors` and retried by the next change, `repair()` or the next
-start, which always brings the maps to the stored state.
+store durably (its own generation), apply to the maps, return. Writes that arrive together
+are group-committed (see `_write`): each is validated against the state the ones before
+it left and gets its own generation or its own error, then the whole group goes to disk in
+one SQLite transaction (one fsync), is applied to the maps once, and only then is each
+write answered. A write that is stored but cannot be applied is still acknowledged (the
+state is durable): it is counted in `reconcile_errors` and retried by the next change,
+`repair()` or the next start, which always brings the maps to the stored state.
 
 Without a balancer (``ControlPlane(settings, None)``) the control plane keeps and stores the
 desired state only: what the API tests and a dry run need.
@@ -19,8 +22,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -52,6 +56,57 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", VipSpec, BackendSpec)
+_R = TypeVar("_R")
+
+
+class _Lock:
+    """A re-entrant lock that tells whether the calling thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._owner = None
+        self._lock.release()
+
+    def held(self) -> bool:
+        """True when the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
+
+class _Write(Generic[_R]):
+    """One write: its change, then, once its group is done, its result or its error."""
+
+    def __init__(self, change: Callable[[], _R]) -> None:
+        self.change = change
+        self.ready = threading.Event()  # set when done, or when this write is to lead
+        self.lead = False
+        self.result: _R | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> _R:
+        """The result, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return cast(_R, self.result)
+
+
+@dataclass
+class _Group:
+    """What the changes staged in one group need from the apply that follows."""
+
+    upserted: dict[str, None] = field(default_factory=dict)  # VIP ids, in order
+    new_vip_nums: frozenset[int] = frozenset()
+    new_real_idx: frozenset[int] = frozenset()
 
 
 def _own(spec: VipSpec) -> VipSpec:
@@ -79,7 +134,12 @@ class ControlPlane:
         config: DataplaneConfig | None = None,
         seed: int = maglev.DEFAULT_SEED,
     ) -> None:
-        self._lock = threading.RLock()
+        #: Held by a group's leader and by every read (see _write).
+        self._lock = _Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Write[Any]] = []  # writes waiting for the next group
+        self._leading = False  # a writer is leading a group (or about to)
+        self._group: _Group | None = None  # the group being staged
         self._balancer = balancer
         if config is None:
             config = balancer.config if balancer is not None else DataplaneConfig()
@@ -158,39 +218,48 @@ class ControlPlane:
 
     def create_vip(self, spec: VipSpec) -> VipSpec:
         """Create a VIP with its backends; Conflict, LimitReached, InvalidInput."""
-        with self._lock:
-            spec = _own(spec)
-            validate_vip(spec, self.limits)
+        spec = _own(spec)
+        validate_vip(spec, self.limits)
+
+        def change() -> VipSpec:
             if spec.id in self._store.vips:
                 raise Conflict(f"VIP {spec.id} already exists", field="vip_id")
             self._commit(upserts=[spec])
             return spec
 
+        return self._write(change)
+
     def update_vip(self, vip_id: str, changes: VipUpdate) -> VipSpec:
         """Change a VIP's flags, encapsulation or outer source; NotFound, InvalidInput."""
-        with self._lock:
+        fields = {f: getattr(changes, f) for f in changes.model_fields_set}
+        for f in ("hash_src_only", "lru_bypass", "encap"):
+            if fields.get(f, True) is None:
+                raise InvalidInput(f"{f}: must not be null", field=f)
+
+        def change() -> VipSpec:
             vip = self._vip(vip_id)
-            fields = {f: getattr(changes, f) for f in changes.model_fields_set}
-            for f in ("hash_src_only", "lru_bypass", "encap"):
-                if fields.get(f, True) is None:
-                    raise InvalidInput(f"{f}: must not be null", field=f)
             new = self._copy(vip, fields)
             validate_vip(new, self.limits)
             if new != vip:
                 self._commit(upserts=[new])
             return new
 
+        return self._write(change)
+
     def delete_vip(self, vip_id: str) -> None:
         """Delete a VIP; NotFound."""
-        with self._lock:
-            vip = self._vip(vip_id)
-            self._commit(deletes=[vip.id])
+
+        def change() -> None:
+            self._commit(deletes=[self._vip(vip_id).id])
+
+        self._write(change)
 
     # -- backend writes ---------------------------------------------------------------
 
     def add_backend(self, vip_id: str, spec: BackendSpec) -> BackendSpec:
         """Add a backend to a VIP; NotFound, Conflict, LimitReached, InvalidInput."""
-        with self._lock:
+
+        def change() -> BackendSpec:
             vip = self._vip(vip_id)
             if vip.backend(spec.identity) is not None:
                 raise Conflict(f"VIP {vip.id} already has backend {spec.identity}",
@@ -201,15 +270,18 @@ class ControlPlane:
             self._commit(upserts=[new])
             return spec
 
+        return self._write(change)
+
     def update_backend(self, vip_id: str, address: str, changes: BackendUpdate) -> BackendSpec:
         """Change a backend's weight or state; NotFound, InvalidInput."""
-        with self._lock:
+        fields = {f: getattr(changes, f) for f in changes.model_fields_set}
+        for f, v in fields.items():
+            if v is None:
+                raise InvalidInput(f"{f}: must not be null", field=f)
+
+        def change() -> BackendSpec:
             vip = self._vip(vip_id)
             old = self._backend(vip, address)
-            fields = {f: getattr(changes, f) for f in changes.model_fields_set}
-            for f, v in fields.items():
-                if v is None:
-                    raise InvalidInput(f"{f}: must not be null", field=f)
             new_b = self._copy(old, fields)
             validate_backend(vip, new_b, "backend")
             if new_b == old:
@@ -220,30 +292,39 @@ class ControlPlane:
             self._commit(upserts=[new])
             return new_b
 
+        return self._write(change)
+
     def remove_backend(self, vip_id: str, address: str) -> None:
         """Remove a backend from a VIP; NotFound."""
-        with self._lock:
+
+        def change() -> None:
             vip = self._vip(vip_id)
             old = self._backend(vip, address)
             backends = [b for b in vip.backends if b.identity != old.identity]
             self._commit(upserts=[self._copy(vip, {"backends": backends})])
 
+        self._write(change)
+
     def replace_backends(self, vip_id: str, backends: list[BackendSpec]) -> list[BackendSpec]:
         """Replace a VIP's whole backend list in one change; NotFound, InvalidInput."""
-        with self._lock:
+        backends = list(backends)
+
+        def change() -> list[BackendSpec]:
             vip = self._vip(vip_id)
-            new = self._copy(vip, {"backends": list(backends)})
+            new = self._copy(vip, {"backends": backends})
             validate_vip(new, self.limits)
             if new != vip:
                 self._commit(upserts=[new])
             return list(new.backends)
 
+        return self._write(change)
+
     # -- whole state ------------------------------------------------------------------
 
     def plan(self, state: State) -> Plan:
         """What apply_state(state) would change, without changing anything."""
+        validate_state(state.vips, self.limits)
         with self._lock:
-            validate_state(state.vips, self.limits)
             return plan_change(
                 self._store.vips, state.vips, self.generation, self._plan_rings,
                 self._store.real_idx,
@@ -251,23 +332,27 @@ class ControlPlane:
 
     def apply_state(self, state: State, *, if_generation: int | None = None) -> Plan:
         """Make `state` the desired state in one change; PreconditionFailed, InvalidInput."""
-        with self._lock:
-            if if_generation is not None and if_generation != self.generation:
+        validate_state(state.vips, self.limits)
+
+        def change() -> Plan:
+            store = self._store
+            generation = store.staged_generation  # as left by the changes before this one
+            if if_generation is not None and if_generation != generation:
                 raise PreconditionFailed(
-                    f"generation is {self.generation}, not {if_generation}",
+                    f"generation is {generation}, not {if_generation}",
                     field="if_generation",
                 )
-            validate_state(state.vips, self.limits)
             plan = plan_change(
-                self._store.vips, state.vips, self.generation, self._plan_rings,
-                self._store.real_idx,
+                store.vips, state.vips, generation, self._plan_rings, store.real_idx
             )
             if plan.empty:
                 return plan  # nothing stored, nothing bumped: to_generation stays None
-            current = self._store.vips
+            current = store.vips
             upserts = [_own(v) for v in state.vips if current.get(v.id) != v]
-            self._commit(upserts=upserts, deletes=plan.removed_vips)
-            return plan.model_copy(update={"to_generation": self.generation})
+            to = self._commit(upserts=upserts, deletes=plan.removed_vips)
+            return plan.model_copy(update={"to_generation": to})
+
+        return self._write(change)
 
     # -- drift ------------------------------------------------------------------------
 
@@ -377,20 +462,107 @@ class ControlPlane:
             return vips
         return {vid: overlay(v) for vid, v in vips.items()}
 
-    def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> None:
+    # -- group commit -----------------------------------------------------------------
+    #
+    # A write queues its change and waits. The first writer to find no group running leads
+    # one: under the lock it runs every queued change in order (each validated against the
+    # state as the changes before it left it, and staged in the store as its own
+    # generation, or failed alone), stores them all in one transaction and fsync, applies
+    # the result to the maps once, then wakes every writer of the group and hands the lead
+    # to the first writer that queued meanwhile. Nothing is acknowledged before it is on
+    # disk; a lone writer finds the queue empty and pays what it always did.
+
+    def _write(self, change: Callable[[], _R]) -> _R:
+        """Run `change` (checks, then `_commit`) in the next group; its result once applied."""
+        if self._group is not None and self._lock.held():
+            return change()  # a write made by a change: part of that change's group
+        w = _Write(change)
+        if self._lock.held():
+            # Within paused() or an overlay: the queue's leader may be waiting for this
+            # very lock, so run the change now as a group of its own.
+            self._run_group([w])
+            return w.outcome()
+        with self._queue_lock:
+            self._queue.append(w)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            w.ready.wait()
+            if not w.lead:
+                return w.outcome()
+        try:
+            with self._lock:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._run_group(group)
+        finally:
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].lead = True
+                    self._queue[0].ready.set()
+                else:
+                    self._leading = False
+        return w.outcome()
+
+    def _run_group(self, group: list[_Write[Any]]) -> None:
+        store = self._store
+        checked: list[_Write[Any]] = []  # saw the staged state: acknowledged with it
+        self._group = _Group()
+        try:
+            for w in group:
+                before = store.staged_generation
+                try:
+                    w.result = w.change()
+                except Exception as e:
+                    if store.staged_generation != before:
+                        raise  # failed after staging: nothing of this group may be stored
+                    w.error = e  # its own error (nothing staged); the others go on
+                else:
+                    checked.append(w)
+            if store.staged_generation != store.generation:
+                self._store_and_apply(self._group)
+        except BaseException as e:
+            store.abort()
+            for w in checked if isinstance(e, Exception) else group:
+                w.error = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._group = None
+            for w in group:
+                w.ready.set()
+
+    def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> int:
+        """Stage one change in the running group (outside one: store and apply it now).
+
+        Returns its generation. Call it last in a change: once staged, a change is stored
+        with its group.
+        """
+        group = self._group
+        if group is None:
+            return self._write(lambda: self._commit(upserts, deletes))
+        done = self._store.stage(upserts, deletes)  # LimitReached: nothing staged
+        group.upserted.update((v.id, None) for v in upserts)
+        group.new_vip_nums |= done.new_vip_nums
+        group.new_real_idx |= done.new_real_idx
+        return done.generation
+
+    def _store_and_apply(self, group: _Group) -> None:
         # The durable write runs on the store's thread (SQLite lets go of the GIL while it
         # syncs); meanwhile the changed VIPs' Maglev rings are built, which is pure and needs
-        # no index. The maps are touched only once the change is on disk.
-        pending = self._store_thread.submit(self._store.commit, upserts, deletes)
+        # no index. The maps are touched only once every change is on disk.
+        pending = self._store_thread.submit(self._store.write)
         if self._reconciler is not None:
             try:
-                for v in upserts:
-                    self._reconciler.rings.prebuild(v)
+                for vid in group.upserted:
+                    v = self._store.vips.get(vid)
+                    if v is not None:
+                        self._reconciler.rings.prebuild(v)
             except Exception as e:  # only a head start: the apply builds what is missing
                 log.debug("ring prebuild failed: %r", e)
-        done = pending.result()
+        pending.result()  # StoreError: the store went back to the last write
         crash_point("after-store")
-        self._reconcile(done.new_vip_nums, done.new_real_idx)
+        self._reconcile(frozenset(group.new_vip_nums), frozenset(group.new_real_idx))
 
     def _reconcile(
         self,

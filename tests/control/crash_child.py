@@ -1,22 +1,29 @@
 """Child process of test_durability.py: runs the control plane on pinned maps until killed.
 
     python -m tests.control.crash_child run   STATE_DIR PIN_DIR   # apply OPS, print acks
+    python -m tests.control.crash_child group STATE_DIR PIN_DIR   # concurrent writers
     python -m tests.control.crash_child check STATE_DIR PIN_DIR   # restart, print JSON
 
 `run` prints ``BEGIN k`` before and ``ACK k <generation>`` after the k-th change returned;
 the test kills it (XLB_CRASH_AT, or SIGKILL from outside) and then runs `check`.
+
+`group` creates GROUP_WRITERS VIPs (generation 1) of two backends, then runs one thread per
+VIP whose k-th change sets the weight of the VIP's first backend to k + 1, printing
+``BEGIN t k`` / ``ACK t k``; each store write prints ``WRITE <generation before> <after>``,
+so the test sees groups of several changes go to disk at once.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from lb.config import DataplaneConfig
 from lb.control import ControlPlane
-from lb.model import BackendSpec, BackendUpdate, VipSpec
+from lb.model import BackendSpec, BackendUpdate, State, VipSpec
 
 CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=64, conn_table_size=65536)
 VIP = "tcp:198.18.0.10:80"
@@ -54,6 +61,46 @@ def _ops() -> list[Callable[[ControlPlane], object]]:
 OPS = _ops()
 
 
+#: Concurrent writers of the `group` mode, each on its VIP (port GROUP_PORT + t).
+GROUP_WRITERS = 6
+GROUP_PORT = 2000
+
+
+def _say(lock: threading.Lock, line: str) -> None:
+    with lock:  # one write per line: threads never interleave inside a line
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _group(cp: ControlPlane) -> None:
+    lock = threading.Lock()
+    store = cp._store
+    write = store.write
+
+    def logged_write() -> None:
+        before, after = store.generation, store.staged_generation
+        write()
+        _say(lock, f"WRITE {before} {after}")
+
+    store.write = logged_write  # type: ignore[method-assign]
+    # Two backends each, so that every weight change moves ring slots.
+    cp.apply_state(State(vips=[_vip(GROUP_PORT + t, f"198.18.3.{t + 1}", f"198.18.4.{t + 1}")
+                               for t in range(GROUP_WRITERS)]))
+
+    def writer(t: int) -> None:
+        for k in range(1, 1000):  # weights 2..1000: every change changes something
+            _say(lock, f"BEGIN {t} {k}")
+            cp.update_backend(f"tcp:198.18.0.10:{GROUP_PORT + t}", f"198.18.3.{t + 1}",
+                              BackendUpdate(weight=k + 1))
+            _say(lock, f"ACK {t} {k}")
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(GROUP_WRITERS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 class _Settings:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -76,6 +123,10 @@ def main(argv: list[str]) -> int:
             "drifts": [d.model_dump() for d in cp.verify()],
             "in_sync": cp.in_sync,
         }), flush=True)
+        return 0
+    if mode == "group":
+        _group(cp)
+        print("DONE", flush=True)
         return 0
     for k, op in enumerate(OPS, start=1):
         print(f"BEGIN {k}", flush=True)

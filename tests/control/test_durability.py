@@ -118,3 +118,59 @@ def test_sigkill_from_outside_at_any_instant(tmp_path: Path, pin_dir: Path) -> N
     assert after["drifts"] == [] and after["in_sync"]
     assert after["generation"] in (acked, acked + 1) and after["generation"] >= acked
     assert after["state"]["vips"] == _expected_state(tmp_path, after["generation"])
+
+
+def _group_acks(out: str) -> tuple[dict[int, int], dict[int, int], list[int]]:
+    """(last acknowledged change per writer, last begun per writer, changes per write)."""
+    acked: dict[int, int] = dict.fromkeys(range(crash_child.GROUP_WRITERS), 0)
+    begun = dict(acked)
+    writes: list[int] = []
+    for line in out.splitlines():
+        word, *rest = line.split()
+        if word in ("ACK", "BEGIN"):
+            t, k = map(int, rest)
+            book = acked if word == "ACK" else begun
+            assert k == book[t] + 1, f"writer {t}: {word} {k} out of order"
+            book[t] = k
+        elif word == "WRITE":
+            before, after = map(int, rest)
+            writes.append(after - before)
+    return acked, begun, writes
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [None, "store-before-commit:8", "after-store:8", "reconcile-write:40"],
+    ids=["from-outside", "in-transaction", "between-store-and-ack", "mid-reconcile"],
+)
+def test_sigkill_during_group_commit_loses_nothing_acknowledged(
+    crash_at: str | None, tmp_path: Path, pin_dir: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    p = _child("group", state_dir, pin_dir, crash_at)
+    assert p.stdout is not None
+    lines: list[str] = []
+    if crash_at is None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            lines.append(line)
+            if not line or sum(x.startswith("ACK ") for x in lines) >= 60:
+                break
+        os.kill(p.pid, signal.SIGKILL)
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL, f"child was not killed: {p.returncode} {err}"
+    acked, begun, writes = _group_acks("".join(lines) + rest)
+    assert max(writes, default=0) > 1, f"no group of several changes was written: {writes}"
+
+    after = _restart(state_dir, pin_dir)
+    assert after["drifts"] == [] and after["in_sync"], "maps do not match the state"
+    stored: dict[int, int] = {}
+    for v in after["state"]["vips"]:
+        t = v["port"] - crash_child.GROUP_PORT
+        stored[t] = v["backends"][0]["weight"] - 1  # the k-th change set weight k + 1
+    for t in range(crash_child.GROUP_WRITERS):
+        # Every acknowledged change is there; at most the one in flight besides.
+        assert acked[t] <= stored[t] <= begun[t] <= acked[t] + 1, (t, acked, stored, begun)
+    # One generation per stored change, none skipped: the setup, then each writer's changes.
+    assert after["generation"] == 1 + sum(stored.values())
