@@ -146,6 +146,8 @@ class ControlPlane:
         self.limits = Limits.from_config(config)
         self._store = Store(Path(settings.state_dir), self.limits)
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
+        #: Builds a group's rings alongside the leader (two VIPs changed or more).
+        self._ring_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-ring")
         self._reconciler = Reconciler(balancer, seed) if balancer is not None else None
         self._plan_rings = (
             self._reconciler.rings if self._reconciler else RingCache(config.ring_size, seed)
@@ -414,6 +416,7 @@ class ControlPlane:
         """Close the store (the maps keep their content)."""
         with self._lock:
             self._store_thread.shutdown()
+            self._ring_thread.shutdown()
             self._store.close()
 
     # -- internals --------------------------------------------------------------------
@@ -553,11 +556,10 @@ class ControlPlane:
         # no index. The maps are touched only once every change is on disk.
         pending = self._store_thread.submit(self._store.write)
         if self._reconciler is not None:
+            vips = self._store.vips
+            changed = [v for vid in group.upserted if (v := vips.get(vid)) is not None]
             try:
-                for vid in group.upserted:
-                    v = self._store.vips.get(vid)
-                    if v is not None:
-                        self._reconciler.rings.prebuild(v)
+                self._reconciler.rings.prebuild_all(changed, self._ring_thread)
             except Exception as e:  # only a head start: the apply builds what is missing
                 log.debug("ring prebuild failed: %r", e)
         pending.result()  # StoreError: the store went back to the last write

@@ -27,6 +27,7 @@ import os
 import socket
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,21 +131,47 @@ class RingCache:
         self._keys[id(vip)] = (vip, k)
         return k
 
-    def _ring(self, vip_id: str, key: tuple[tuple[str, int], ...]) -> maglev.Ring:
-        p = self._pending.pop(vip_id, None)
-        if p is not None and p[0] == key:
-            return p[1]
+    def _build(self, key: tuple[tuple[str, int], ...]) -> maglev.Ring:
         return maglev.build_ring(
             (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
         )
 
+    def _ring(self, vip_id: str, key: tuple[tuple[str, int], ...]) -> maglev.Ring:
+        p = self._pending.pop(vip_id, None)
+        if p is not None and p[0] == key:
+            return p[1]
+        return self._build(key)
+
     def prebuild(self, vip: VipSpec) -> None:
         """Build the VIP's ring now (e.g. while the store syncs) for the next `values`."""
-        e = self._entries.get(vip.id)
-        key = self.key(vip)
-        if e is not None and e.key == key:
-            return
-        self._pending[vip.id] = (key, self._ring(vip.id, key))
+        self.prebuild_all([vip])
+
+    def prebuild_all(self, vips: Iterable[VipSpec], helper: Executor | None = None) -> None:
+        """`prebuild` these VIPs' rings; with a `helper` thread, two at a time.
+
+        The ring fill lets go of the GIL, so two rings build in parallel on two cores.
+        """
+        todo: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+        for vip in vips:
+            e = self._entries.get(vip.id)
+            key = self.key(vip)
+            p = self._pending.get(vip.id)
+            if (e is None or e.key != key) and (p is None or p[0] != key):
+                todo.append((vip.id, key))
+        built: dict[str, tuple[tuple[tuple[str, int], ...], maglev.Ring]] = {}
+        jobs = iter(todo)  # shared: each ring is taken by whichever thread is free
+
+        def work() -> None:
+            for vid, key in jobs:
+                built[vid] = (key, self._build(key))
+
+        other = helper.submit(work) if helper is not None and len(todo) > 1 else None
+        try:
+            work()
+        finally:
+            if other is not None:
+                other.result()
+            self._pending.update(built)
 
     def values(self, vip: VipSpec, real_idx: Mapping[str, int]) -> array[int]:
         """The VIP's ring as backend indices; the same object while nothing changed."""

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from lb.model import BackendSpec, Limits, VipSpec
 from lb.reconcile import DesiredImage, RingCache, desired_image
@@ -51,3 +56,35 @@ def test_incremental_image_matches_full_recompute(tmp_path: Path) -> None:
         full = desired_image(store.vips.values(), store.vip_nums, store.real_idx, rings)
         assert image.image == full, f"step {step}: incremental image drifted"
     store.close()
+
+
+def test_rings_built_ahead_two_at_a_time_are_the_rings_built_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vips = [VipSpec.model_validate({
+        "protocol": "tcp", "address": "198.18.0.10", "port": 80 + n,
+        "backends": [{"address": f"198.18.{n}.{k}", "weight": k} for k in range(1, 6)],
+    }) for n in range(6)]
+    real_idx = {b.identity: i + 1 for i, b in enumerate(b for v in vips for b in v.backends)}
+    ahead = RingCache(LIMITS.ring_size)
+    builders: set[str] = set()
+    helper_took_one = threading.Event()
+    build = ahead._build
+
+    def counted(key: tuple[tuple[str, int], ...]) -> Any:
+        name = threading.current_thread().name
+        if name.startswith("helper"):
+            helper_took_one.set()
+        else:  # the caller waits for the helper to take a ring, however slow it starts
+            helper_took_one.wait(10)
+        builders.add(name)
+        return build(key)
+
+    monkeypatch.setattr(ahead, "_build", counted)
+    with ThreadPoolExecutor(1, thread_name_prefix="helper") as helper:
+        ahead.prebuild_all(vips, helper)
+    assert len(builders) == 2, "the helper thread built no ring"
+    monkeypatch.setattr(ahead, "_build", lambda key: pytest.fail("built again"))
+    alone = RingCache(LIMITS.ring_size)
+    for v in vips:
+        assert ahead.values(v, real_idx) == alone.values(v, real_idx), v.id
