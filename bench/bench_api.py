@@ -9,8 +9,9 @@
   DELETE of the same backend, so every add meets 100 backends. 1,000 adds (100 in smoke).
 - ``changes_per_s``: 10 VIPs x 10 backends, 8 clients (threads, one keep-alive connection
   each) sending PATCH weight changes as fast as answers come, for 10 s (2 s in smoke):
-  successful changes per second. Writes are serialised by the daemon, so this is the
-  end-to-end rate of durable, applied changes.
+  successful changes per second. The daemon group-commits concurrent writes (one fsync
+  and one map apply per group; each change is durable before it is answered), so this is
+  the end-to-end rate of durable, applied changes.
 
 The daemon is a separate process (`lbctl serve`, not attached to any interface, maps pinned
 in a bpffs directory of this run, removed afterwards) so the client never shares its GIL.
