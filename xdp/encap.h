@@ -107,16 +107,7 @@ static __always_inline __u32 encap_push(struct xdp_md *ctx, const struct parse_p
 		return 0;
 
 	eth_proto = outer_v6 ? __constant_htons(ETH_P_IPV6) : __constant_htons(ETH_P_IP);
-	__builtin_memcpy(eth->h_dest, cfg->gw_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, orig_dst, ETH_ALEN);
-	if (pkt->has_vlan) {
-		eth->h_proto = __constant_htons(ETH_P_8021Q);
-		vlan = (void *)(eth + 1);
-		vlan->tci = pkt->vlan_tci;
-		vlan->proto = eth_proto;
-	} else {
-		eth->h_proto = eth_proto;
-	}
+	parse_write_eth(eth, cfg->gw_mac, orig_dst, pkt, eth_proto);
 
 	if (gue)
 		proto = IPPROTO_UDP;

@@ -162,16 +162,7 @@ static __always_inline int icmp_make_room(struct xdp_md *ctx, const struct parse
 	eth = data;
 	if (data + sizeof(*eth) + sizeof(*vlan) > data_end)
 		return -1;
-	__builtin_memcpy(eth->h_dest, macs + ETH_ALEN, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, macs, ETH_ALEN);
-	if (pkt->has_vlan) {
-		eth->h_proto = __constant_htons(ETH_P_8021Q);
-		vlan = (void *)(eth + 1);
-		vlan->tci = pkt->vlan_tci;
-		vlan->proto = eth_proto;
-	} else {
-		eth->h_proto = eth_proto;
-	}
+	parse_write_eth(eth, macs + ETH_ALEN, macs, pkt, eth_proto);
 	return 0;
 }
 

@@ -208,4 +208,25 @@ static __always_inline int parse_ports(void *l4, void *data_end, struct parse_pk
 	return FURTHER_PROCESSING;
 }
 
+/* Write a rebuilt frame's Ethernet header (and the VLAN tag the packet came with) in front of
+ * an L3 header of `proto`. The caller has checked that eth + one VLAN header are in bounds.
+ */
+static __always_inline void parse_write_eth(struct ethhdr *eth, const __u8 *dst,
+					    const __u8 *src, const struct parse_pkt *pkt,
+					    __be16 proto)
+{
+	struct parse_vlan_hdr *vlan;
+
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
+	if (pkt->has_vlan) {
+		eth->h_proto = __constant_htons(ETH_P_8021Q);
+		vlan = (void *)(eth + 1);
+		vlan->tci = pkt->vlan_tci;
+		vlan->proto = proto;
+	} else {
+		eth->h_proto = proto;
+	}
+}
+
 #endif /* XLB_PARSE_H */
