@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lb.consts import CONN_WAYS
+
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -50,7 +52,11 @@ class DataplaneConfig(BaseModel):
     ring_size: int = Field(65537, description="Maglev ring slots per VIP (a prime)")
     max_vips: int = Field(512, ge=1, le=65536)
     max_reals: int = Field(4096, ge=2, le=1 << 20, description="backend slots; 0 is reserved")
-    conn_table_size: int = Field(1_000_000, ge=1024, le=1 << 28)
+    conn_table_size: int = Field(
+        4_194_304, ge=1024, le=1 << 28,
+        description="connection-table slots (16 bytes each), rounded up to a power of two;"
+        " sets of 8, so hold about a quarter as many flows before sets fill",
+    )
     features: Features = Features()
 
     @field_validator("ring_size")
@@ -69,6 +75,17 @@ class DataplaneConfig(BaseModel):
             )
         return self
 
+    @property
+    def conn_sets(self) -> int:
+        """Sets of the connection table: a power of two, CONN_WAYS slots each."""
+        need = -(-self.conn_table_size // CONN_WAYS)
+        return 1 << (need - 1).bit_length()
+
+    @property
+    def conn_capacity(self) -> int:
+        """Slots the connection table really has (conn_table_size rounded up)."""
+        return self.conn_sets * CONN_WAYS
+
     def cflags(self) -> list[str]:
         """The -D flags that override xdp/consts.h defaults."""
         f = self.features
@@ -76,7 +93,7 @@ class DataplaneConfig(BaseModel):
             f"-DRING_SIZE={self.ring_size}",
             f"-DMAX_VIPS={self.max_vips}",
             f"-DMAX_REALS={self.max_reals}",
-            f"-DCONN_TABLE_SIZE={self.conn_table_size}",
+            f"-DCONN_SETS={self.conn_sets}",
             f"-DFEAT_ICMP_ECHO={int(f.icmp_echo)}",
             f"-DFEAT_ICMP_FWD={int(f.icmp_fwd)}",
             f"-DFEAT_TOO_BIG={int(f.too_big)}",

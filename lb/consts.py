@@ -11,6 +11,23 @@ FAMILY_V6 = 6
 
 REAL_NONE = 0
 
+# The connection table (docs/conn-table.md): ways per set, way tags, the meta word's fields.
+CONN_WAYS = 8
+CONN_TAG_EMPTY = 0
+CONN_TAG_BUSY = 1
+CONN_TAG_SET = 2
+CONN_REAL_MASK = 0xFFFFF
+CONN_VIP_SHIFT = 20
+CONN_VIP_MASK = 0xFFFF
+CONN_F_UDP = 1 << 36
+CONN_F_CLOSING = 1 << 37
+CONN_STAMP_SHIFT = 38
+CONN_STAMP_MASK = 0x3FFFFFF
+CONN_STAMP_NS_SHIFT = 24
+CONN_SEED_INDEX = 0x636F6E6E
+CONN_SEED_TAG_HI = 0x74616768
+CONN_SEED_TAG_LO = 0x7461676C
+
 # UDP connection-table idle timeout when lb_cfg.udp_timeout_ns is 0.
 UDP_TIMEOUT_DEFAULT_S = 30
 
@@ -44,6 +61,7 @@ GLOB_STATS: tuple[str, ...] = (
     "STAT_PASS_ICMP",
     "STAT_LRU_EXPIRED",
     "STAT_LRU_REAL_GONE",
+    "STAT_CONN_EVICT",
 )
 STAT_MAX = len(GLOB_STATS)
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(GLOB_STATS)}

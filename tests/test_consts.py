@@ -10,24 +10,29 @@ from lb.config import xdp_source_dir
 HEADER = (xdp_source_dir() / "consts.h").read_text()
 
 
+# Build-time tunables (-D flags from lb.config), not mirrored in lb/consts.py.
+TUNABLES = {"CONN_SETS", "CONN_TABLE_SIZE"}
+
+
 def _defines() -> dict[str, int]:
     out: dict[str, int] = {}
     pattern = r"^#define\s+([A-Z][A-Z0-9_]+)\s+(\(?[0-9][^/\n]*?)\s*$"
     for name, expr in re.findall(pattern, HEADER, re.M):
         # Only integer literals, shifts and parentheses reach eval: our own header.
+        expr = re.sub(r"(?<=[0-9a-fA-F])(ULL|UL|U)\b", "", expr)
         out[name] = int(eval(expr, {"__builtins__": {}}))
     return out
 
 
 def test_python_flags_match_the_header() -> None:
     defines = _defines()
-    names = [n for n in dir(consts) if re.match(r"^(F_|REAL_F_|FAMILY_|REAL_NONE)", n)]
+    names = [n for n in dir(consts) if re.match(r"^(F_|REAL_F_|FAMILY_|REAL_NONE|CONN_)", n)]
     assert names, "no flag constants found in lb.consts"
     for name in names:
         assert name in defines, f"{name} is in lb/consts.py but not #defined in xdp/consts.h"
         assert getattr(consts, name) == defines[name], f"{name} differs between C and Python"
     for name in defines:
-        if re.match(r"^(F_|REAL_F_)", name):
+        if re.match(r"^(F_|REAL_F_|CONN_)", name) and name not in TUNABLES:
             assert hasattr(consts, name), f"{name} is in xdp/consts.h but not in lb/consts.py"
 
 

@@ -107,60 +107,178 @@ static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *flo
 	return vip_map.lookup(&key);
 }
 
+/* The connection table (docs/conn-table.md): a set-associative array of CONN_SETS sets of
+ * CONN_WAYS slots. A flow's set index and 63-bit tag are two hashes of its 5-tuple; a lookup
+ * reads one 128-byte set. Lock-free: writers claim a slot with cmpxchg on its tag, readers
+ * re-read the tag after the meta word, and the program's stores are kept in order by
+ * compiler barriers (x86 keeps stores, and loads, in program order).
+ */
+#define CONN_READ(x) (*(volatile __u64 *)&(x))
+#define CONN_BARRIER() asm volatile("" ::: "memory")
+
+/* A flow's place in the connection table. */
+struct conn_ref {
+	struct conn_set *set;
+	__u64 tag;
+	/* Now, in stamp units. */
+	__u64 now;
+	/* The UDP idle timeout, in stamp units. */
+	__u64 udp_timeout;
+};
+
+/* Units of CONN_STAMP_NS_SHIFT since `stamp`, modulo the stamp's width. */
+static __always_inline __u64 conn_age(__u64 meta, __u64 now)
+{
+	return (now - (meta >> CONN_STAMP_SHIFT)) & CONN_STAMP_MASK;
+}
+
+/* Locate the flow's set and compute its tag; 0 when the set cannot be read (never, for an
+ * index below CONN_SETS, but the verifier wants the check).
+ */
+static __always_inline int conn_locate(const struct flow_key *flow, const struct lb_cfg *cfg,
+				       struct conn_ref *ref)
+{
+	__u32 idx = conn_hash(flow, CONN_SEED_INDEX) & (CONN_SETS - 1);
+	__u64 timeout = cfg->udp_timeout_ns;
+
+	ref->set = conn_table.lookup(&idx);
+	if (!ref->set)
+		return 0;
+	ref->tag = ((__u64)conn_hash(flow, CONN_SEED_TAG_HI) << 32 |
+		    conn_hash(flow, CONN_SEED_TAG_LO)) | CONN_TAG_SET;
+	ref->now = (bpf_ktime_get_coarse_ns() >> CONN_STAMP_NS_SHIFT) & CONN_STAMP_MASK;
+	if (!timeout)
+		timeout = UDP_TIMEOUT_DEFAULT_S * LB_NSEC_PER_SEC;
+	ref->udp_timeout = timeout >> CONN_STAMP_NS_SHIFT;
+	return 1;
+}
+
+/* The slot holding the flow, its meta word in *meta; -1 when the flow has none. */
+static __always_inline int conn_find(const struct conn_ref *ref, __u64 *meta)
+{
+	struct conn_set *s = ref->set;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < CONN_WAYS; i++) {
+		if (CONN_READ(s->way[i].tag) == ref->tag) {
+			CONN_BARRIER();
+			*meta = CONN_READ(s->way[i].meta);
+			CONN_BARRIER();
+			/* Rewritten meanwhile (claimed, or another flow): a miss. */
+			if (CONN_READ(s->way[i].tag) != ref->tag)
+				return -1;
+			return i;
+		}
+	}
+	return -1;
+}
+
+/* Write the flow's slot: its own if it has one, else a free slot, else an expired UDP entry,
+ * else the least recently seen one of the set (an eviction, counted). A slot another CPU
+ * writes at the same moment is left to it: the flow misses again on its next packet.
+ */
+static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta)
+{
+	struct conn_set *s = ref->set;
+	__u64 seen = 0, oldest = 0, t, m, age;
+	/* What the pick is: 4 the flow's own slot, 3 free, 2 expired UDP, 1 live, 0 none. */
+	int pick = -1, rank = 0, i;
+
+#pragma unroll
+	for (i = 0; i < CONN_WAYS; i++) {
+		t = CONN_READ(s->way[i].tag);
+		if (t == ref->tag) {
+			pick = i;
+			seen = t;
+			rank = 4;
+			break;
+		}
+		if (t == CONN_TAG_BUSY || rank >= 3)
+			continue;
+		if (t == CONN_TAG_EMPTY) {
+			pick = i;
+			seen = t;
+			rank = 3;
+			continue;
+		}
+		if (rank == 2)
+			continue;
+		m = CONN_READ(s->way[i].meta);
+		age = conn_age(m, ref->now);
+		if ((m & CONN_F_UDP) && age > ref->udp_timeout) {
+			pick = i;
+			seen = t;
+			rank = 2;
+		} else if (rank == 0 || age > oldest) {
+			pick = i;
+			seen = t;
+			oldest = age;
+			rank = 1;
+		}
+	}
+	if (pick < 0)
+		return;
+	pick &= CONN_WAYS - 1;
+	if (__sync_val_compare_and_swap(&s->way[pick].tag, seen, CONN_TAG_BUSY) != seen)
+		return;
+	CONN_BARRIER();
+	s->way[pick].meta = meta;
+	CONN_BARRIER();
+	s->way[pick].tag = ref->tag;
+	if (rank == 1)
+		stats_inc(STAT_CONN_EVICT);
+}
+
 /* Choose the backend: connection table first (unless a TCP SYN or an LRU-bypass VIP), then
  * the VIP's Maglev ring; on a miss, remember the choice (unless a TCP RST, LRU bypass or a
  * forwarded ICMP error, which opens no flow). A table entry is ignored when it is a UDP
  * entry idle past the timeout or its backend was removed (address zeroed in reals): that is
  * how removed backends' flows move while draining ones (still in reals) keep theirs.
- * The table key is always the full 5-tuple, F_HASH_SRC_ONLY included: that flag changes only
+ * The table is keyed by the full 5-tuple, F_HASH_SRC_ONLY included: that flag changes only
  * the ring hash, so every new flow of a client lands on the same backend.
  */
 static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta *vip,
 				   const struct lb_cfg *cfg, struct lb_choice *ch)
 {
-	struct conn_val *cv, nv = {};
+	struct conn_ref ref = {};
 	struct real_def *real;
 	__u32 *ring_real;
 	__u32 key;
-	__u64 now = 0, timeout;
+	__u64 meta = 0, upd;
 	int is_tcp = pkt->flow.proto == IPPROTO_TCP;
 	int is_udp = pkt->flow.proto == IPPROTO_UDP;
 	int bypass = vip->flags & F_LRU_BYPASS;
 	int syn = is_tcp && (pkt->tcp_flags & PARSE_TCP_SYN);
 	int rst = is_tcp && (pkt->tcp_flags & PARSE_TCP_RST);
+	int way, table = !bypass && conn_locate(&pkt->flow, cfg, &ref);
 
-	if (!bypass && !syn) {
-		cv = conn_table.lookup(&pkt->flow);
-		if (cv) {
-			int fresh = 1;
-
-			if (is_udp) {
-				now = bpf_ktime_get_ns();
-				timeout = cfg->udp_timeout_ns;
-				if (!timeout)
-					timeout = UDP_TIMEOUT_DEFAULT_S * LB_NSEC_PER_SEC;
-				if (now - cv->atime > timeout) {
-					fresh = 0;
-					stats_inc(STAT_LRU_EXPIRED);
-				}
-			}
-			if (fresh) {
-				key = cv->real_idx;
+	if (table && !syn) {
+		way = conn_find(&ref, &meta);
+		if (way >= 0) {
+			way &= CONN_WAYS - 1;
+			if (is_udp && conn_age(meta, ref.now) > ref.udp_timeout) {
+				stats_inc(STAT_LRU_EXPIRED);
+			} else {
+				key = meta & CONN_REAL_MASK;
 				real = reals.lookup(&key);
 				if (real && lb_real_present(real)) {
-					/* An ICMP error is no sign of life of the flow. */
-					if (is_udp && !pkt->icmp_fwd)
-						cv->atime = now;
-					/* A client FIN or RST marks a TCP entry closing: atime
-					 * becomes when (TCP entries are 0 while open). The entry
-					 * still steers the flow; a drain counts it only for a
-					 * grace period after (lb/drain.py).
+					/* An ICMP error is no sign of life of the flow: only the
+					 * flow's own packets refresh the stamp, and a client FIN
+					 * or RST marks a TCP entry closing (a drain counts it
+					 * only for a grace period after, lb/drain.py).
 					 */
-					if (is_tcp && !pkt->icmp_fwd && !cv->atime &&
-					    (pkt->tcp_flags & (PARSE_TCP_FIN | PARSE_TCP_RST)))
-						cv->atime = bpf_ktime_get_ns();
-					if (!pkt->icmp_fwd)
+					if (!pkt->icmp_fwd) {
+						upd = (meta & ~((__u64)CONN_STAMP_MASK << CONN_STAMP_SHIFT)) |
+						      ref.now << CONN_STAMP_SHIFT;
+						if (is_tcp && (pkt->tcp_flags & (PARSE_TCP_FIN | PARSE_TCP_RST)))
+							upd |= CONN_F_CLOSING;
+						/* Lost to a writer of the slot: nothing is written. */
+						if (upd != meta)
+							__sync_val_compare_and_swap(&ref.set->way[way].meta,
+										    meta, upd);
 						stats_inc(STAT_LRU_HIT);
+					}
 					ch->real_idx = key;
 					ch->real = real;
 					return FURTHER_PROCESSING;
@@ -192,13 +310,10 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	if (bypass)
 		return FURTHER_PROCESSING;
 	stats_inc(syn ? STAT_LRU_MISS_SYN : STAT_LRU_MISS_OTHER);
-	if (!rst) {
-		nv.real_idx = key;
-		/* Only UDP entries age; TCP entries leave by LRU alone and keep atime 0. */
-		if (is_udp)
-			nv.atime = now ? now : bpf_ktime_get_ns();
-		conn_table.update(&pkt->flow, &nv);
-	}
+	if (table && !rst)
+		conn_insert(&ref, (key & CONN_REAL_MASK) |
+				  ((__u64)(vip->vip_num & CONN_VIP_MASK) << CONN_VIP_SHIFT) |
+				  (is_udp ? CONN_F_UDP : 0) | ref.now << CONN_STAMP_SHIFT);
 	return FURTHER_PROCESSING;
 }
 

@@ -27,10 +27,18 @@
 #define MAX_VIP_ADDRS MAX_VIPS
 #endif
 
-/* Entries in the connection table (an LRU with per-CPU LRU lists). */
-#ifndef CONN_TABLE_SIZE
-#define CONN_TABLE_SIZE 1000000
+/* Sets of the connection table (docs/conn-table.md), a power of two; the loader passes
+ * the next power of two >= conn_table_size / CONN_WAYS.
+ */
+#ifndef CONN_SETS
+#define CONN_SETS 524288
 #endif
+
+/* Ways (slots) per set: a set is 8 x 16 bytes, two cache lines fetched together. */
+#define CONN_WAYS 8
+
+/* Slots in the connection table. */
+#define CONN_TABLE_SIZE (CONN_SETS * CONN_WAYS)
 
 /* Feature switches (1 = compiled in). */
 #ifndef FEAT_ICMP_ECHO
@@ -55,6 +63,33 @@
 
 /* Backend index meaning "no backend" in ch_rings and conn_table. */
 #define REAL_NONE 0
+
+/* Connection-table way tags (struct conn_way.tag): free, being written; a flow's tag always
+ * has CONN_TAG_SET, so it is never one of the other two.
+ */
+#define CONN_TAG_EMPTY 0
+#define CONN_TAG_BUSY 1
+#define CONN_TAG_SET 2
+
+/* struct conn_way.meta, one 64-bit word: backend index (bits 0-19), VIP number (20-35),
+ * flags (36, 37), stamp (38-63): the last time the flow was seen, in units of
+ * 2^CONN_STAMP_NS_SHIFT ns of bpf_ktime_get_coarse_ns(), modulo 2^26 units (~13 days).
+ */
+#define CONN_REAL_MASK 0xfffff
+#define CONN_VIP_SHIFT 20
+#define CONN_VIP_MASK 0xffff
+/* A UDP entry: the idle timeout applies. */
+#define CONN_F_UDP (1ULL << 36)
+/* A TCP entry whose client sent FIN or RST. */
+#define CONN_F_CLOSING (1ULL << 37)
+#define CONN_STAMP_SHIFT 38
+#define CONN_STAMP_MASK 0x3ffffff
+#define CONN_STAMP_NS_SHIFT 24
+
+/* Seeds of the connection-table hashes: the set index, the tag's high and low words. */
+#define CONN_SEED_INDEX 0x636f6e6e
+#define CONN_SEED_TAG_HI 0x74616768
+#define CONN_SEED_TAG_LO 0x7461676c
 
 /* VIP flags (struct vip_meta.flags). */
 /* Hash on the client address only, not its port: all of a client's flows go to one backend. */
@@ -114,6 +149,10 @@ enum glob_stat {
 	STAT_LRU_EXPIRED,
 	/* Connection-table hit whose backend was removed (re-picked from the ring). */
 	STAT_LRU_REAL_GONE,
+	/* A new flow took the slot of a live one: its set of CONN_WAYS was full (table too small
+	 * for the flows, or an unlucky set).
+	 */
+	STAT_CONN_EVICT,
 	STAT_MAX,
 };
 

@@ -3,8 +3,9 @@
  *  - xdp_floor: swap the MAC addresses and send the frame back (XDP_TX), the least any
  *    forwarding XDP program does; the balancer's paths are reported above it.
  *  - xdp_floor_lru: the same plus one lookup (TCP SYN: one update) of the packet's 5-tuple in
- *    an LRU hash of the balancer's conn_table geometry. It tells how much of a path's cost is
- *    the kernel's own hash table, which no program can avoid, on the day of the run.
+ *    a kernel LRU hash as large as the balancer's conn_table: what a connection table built
+ *    on the kernel's hash map (Katran's kind, and ours before docs/conn-table.md) costs on
+ *    its own, on the day of the run.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -16,8 +17,17 @@
 #include "consts.h"
 #include "structs.h"
 
-/* The conn_table's twin: same key, value, size and per-CPU LRU lists. */
-BPF_F_TABLE("lru_hash", struct flow_key, struct conn_val, floor_lru, CONN_TABLE_SIZE,
+/* Value of the LRU reference: what the kernel-LRU connection table kept per flow. */
+struct floor_lru_val {
+	__u32 real_idx;
+	__u32 pad;
+	__u64 atime;
+};
+
+/* A kernel LRU hash of the connection table's size, keyed by the 5-tuple, with per-CPU LRU
+ * lists: what the balancer's table was before docs/conn-table.md, kept as the reference.
+ */
+BPF_F_TABLE("lru_hash", struct flow_key, struct floor_lru_val, floor_lru, CONN_TABLE_SIZE,
 	    BPF_F_NO_COMMON_LRU);
 
 /* Swap the MAC addresses of a frame whose Ethernet header is in bounds. */
@@ -48,7 +58,7 @@ int xdp_floor_lru(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct flow_key key = {};
-	struct conn_val val = {};
+	struct floor_lru_val val = {};
 	struct ipv6hdr *ip6h;
 	struct iphdr *iph;
 	struct tcphdr *th;

@@ -7,7 +7,7 @@
  * where every word is the u32 read from the packet's network-order bytes in host order
  * (little-endian on x86), and `ports` is the word holding the source port in its first two
  * bytes and the destination port in the last two. With F_HASH_SRC_ONLY `ports` is 0.
- * A ring slot is hash % RING_SIZE. tests/dataplane/packets.py reimplements this exactly.
+ * A ring slot is hash % RING_SIZE. lb/flowhash.py reimplements this exactly.
  */
 #ifndef XLB_HASH_H
 #define XLB_HASH_H
@@ -98,6 +98,20 @@ static __always_inline __u32 hash_flow(const struct flow_key *f, int src_only)
 	if (f->family == FAMILY_V4)
 		return hash_jhash_3words(f->src[0], f->dst[0], ports, initval);
 	/* src[4] then dst[4]: the first eight words of the key. */
+	return hash_jhash2_9((const __u32 *)f, ports, initval);
+}
+
+/* A connection-table hash of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
+ * words with another initval, seed + proto + (family << 8). lb/flowhash.py mirrors it.
+ */
+static __always_inline __u32 conn_hash(const struct flow_key *f, __u32 seed)
+{
+	__u32 ports;
+	__u32 initval = seed + f->proto + ((__u32)f->family << 8);
+
+	__builtin_memcpy(&ports, &f->sport, sizeof(ports));
+	if (f->family == FAMILY_V4)
+		return hash_jhash_3words(f->src[0], f->dst[0], ports, initval);
 	return hash_jhash2_9((const __u32 *)f, ports, initval);
 }
 

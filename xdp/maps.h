@@ -17,8 +17,8 @@
 #define LB_MAP(type, key, val, name, size, flags) BPF_F_TABLE(type, key, val, name, size, flags)
 #endif
 
-/* LRU with a per-CPU LRU list: evictions never contend across CPUs, lookups see every CPU. */
-#define NO_COMMON_LRU 2 /* BPF_F_NO_COMMON_LRU */
+/* An array user space can mmap (lb/conntab.py reads the connection table that way). */
+#define MMAPABLE 1024 /* BPF_F_MMAPABLE */
 
 /* VIP (address, port, protocol) -> VIP number and flags. */
 LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
@@ -28,8 +28,8 @@ LB_MAP("hash", struct vip_addr, __u32, vip_addrs, MAX_VIP_ADDRS, 0);
 LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 /* Maglev rings, flat: ch_rings[vip_num * RING_SIZE + slot] = backend index (0 = none). */
 LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, 0);
-/* Connection table: flow 5-tuple -> backend. */
-LB_MAP("lru_hash", struct flow_key, struct conn_val, conn_table, CONN_TABLE_SIZE, NO_COMMON_LRU);
+/* Connection table: flow -> backend, set-associative (docs/conn-table.md). */
+LB_MAP("array", __u32, struct conn_set, conn_table, CONN_SETS, MMAPABLE);
 /* Runtime configuration, one entry. */
 LB_MAP("array", __u32, struct lb_cfg, lb_cfg, 1, 0);
 /* Per-VIP counters. */

@@ -36,7 +36,9 @@ struct real_def {
 	__u32 flags;
 };
 
-/* Key of conn_table: a flow's 5-tuple as the client sent it. */
+/* A flow's 5-tuple as the client sent it (parse.h fills it; the flow and connection-table
+ * hashes of hash.h read it).
+ */
 struct flow_key {
 	__be32 src[4];
 	__be32 dst[4];
@@ -47,13 +49,17 @@ struct flow_key {
 	__u16 pad;
 };
 
-/* Value of conn_table. */
-struct conn_val {
-	/* Backend index into reals. */
-	__u32 real_idx;
-	__u32 pad;
-	/* bpf_ktime_get_ns() of the last packet (kept for UDP idle expiry). */
-	__u64 atime;
+/* One slot of the connection table (docs/conn-table.md): the flow's tag (CONN_TAG_*) and its
+ * meta word (backend, VIP, CONN_F_* flags, stamp; layout in consts.h).
+ */
+struct conn_way {
+	__u64 tag;
+	__u64 meta;
+};
+
+/* Value of conn_table: the CONN_WAYS slots a flow's set index selects. */
+struct conn_set {
+	struct conn_way way[CONN_WAYS];
 };
 
 /* Runtime configuration: lb_cfg[0], written by the control plane. */
