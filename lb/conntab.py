@@ -1,0 +1,388 @@
+"""The connection table from user space: the BPF array mapped into this process.
+
+`conn_table` is a set-associative cache of flows (docs/conn-table.md): CONN_SETS sets of
+CONN_WAYS slots, each slot a 64-bit tag and a 64-bit meta word. It is created with
+BPF_F_MMAPABLE, so `ConnTable` maps it (mmap of the map fd) and reads and writes slots in
+place, with no syscall per entry: one flow is a few loads, and counting or decoding every
+slot is numpy over the mapping.
+
+User space follows the data plane's lock-free protocol, word by word (8-byte aligned loads
+and stores are single accesses on x86, which keeps stores, and loads, in program order):
+
+- read: tag, then meta, then the tag again; a hit only when the tag did not change;
+- write: claim the slot with compare-and-swap of its tag to CONN_TAG_BUSY, store meta, store
+  the flow's tag; delete: compare-and-swap the flow's tag to CONN_TAG_EMPTY.
+
+Compare-and-swap comes from the GCC runtime's libatomic (`__atomic_compare_exchange_8`,
+`lock cmpxchg`). XXX: without libatomic it falls back to compare-then-store, so a write
+racing with the data plane's claim of the same slot can leave that slot with one flow's
+tag and another's meta until either flow is written again.
+
+Ages use the data plane's clock, CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns), in
+stamp units of 2**CONN_STAMP_NS_SHIFT ns (16.78 ms) modulo 2**26 units (about 13 days).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from lb.bpf import map_info
+from lb.consts import (
+    CONN_F_CLOSING,
+    CONN_F_UDP,
+    CONN_REAL_MASK,
+    CONN_STAMP_MASK,
+    CONN_STAMP_NS_SHIFT,
+    CONN_STAMP_SHIFT,
+    CONN_TAG_BUSY,
+    CONN_TAG_EMPTY,
+    CONN_VIP_MASK,
+    CONN_VIP_SHIFT,
+    CONN_WAYS,
+    UDP_TIMEOUT_DEFAULT_S,
+)
+from lb.errors import KernelError
+from lb.flowhash import Flow5, Flows, conn_index, conn_index_many, conn_tag, conn_tag_many
+
+if TYPE_CHECKING:
+    from lb.dataplane import Balancer
+
+#: The clock of bpf_ktime_get_coarse_ns (Linux clockid 6; `time` names it from Python 3.13).
+CLOCK_MONOTONIC_COARSE: int = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)
+#: One stamp unit in seconds.
+STAMP_S = (1 << CONN_STAMP_NS_SHIFT) / 1e9
+#: Sets decoded per numpy pass by count() and entries() (8 MiB of table), to bound memory.
+CHUNK_SETS = 1 << 16
+#: Attempts at claiming a slot the data plane keeps winning before giving up.
+CLAIM_TRIES = 8
+_U64 = np.uint64
+_SLOT_WORDS = 2  # tag, meta
+
+
+def now_stamp() -> int:
+    """The data plane's clock now, in stamp units (the `stamp` field's domain)."""
+    ns = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+    return (ns >> CONN_STAMP_NS_SHIFT) & CONN_STAMP_MASK
+
+
+def udp_timeout_ns(balancer: Balancer) -> int:
+    """The UDP idle timeout the data plane applies (lb_cfg, else its default), in ns."""
+    leaf = balancer.lb_cfg[balancer.lb_cfg.Key(0)]
+    return int(leaf.udp_timeout_ns) or UDP_TIMEOUT_DEFAULT_S * 1_000_000_000
+
+
+def make_meta(real_idx: int, vip_num: int, *, udp: bool, closing: bool, stamp: int) -> int:
+    """A slot's meta word (layout in xdp/consts.h)."""
+    if not 0 < real_idx <= CONN_REAL_MASK:
+        raise ValueError(f"real_idx must be in 1..{CONN_REAL_MASK}, got {real_idx}")
+    if not 0 <= vip_num <= CONN_VIP_MASK:
+        raise ValueError(f"vip_num must be in 0..{CONN_VIP_MASK}, got {vip_num}")
+    return (
+        real_idx
+        | vip_num << CONN_VIP_SHIFT
+        | (CONN_F_UDP if udp else 0)
+        | (CONN_F_CLOSING if closing else 0)
+        | (stamp & CONN_STAMP_MASK) << CONN_STAMP_SHIFT
+    )
+
+
+def _stamp_ago(age_s: float) -> int:
+    ns = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) - round(age_s * 1e9)
+    return (ns >> CONN_STAMP_NS_SHIFT) & CONN_STAMP_MASK
+
+
+@dataclass(frozen=True)
+class ConnEntry:
+    """One flow's entry: backend index, VIP number, flags, seconds since last seen."""
+
+    real_idx: int
+    vip_num: int
+    udp: bool
+    closing: bool
+    age_s: float
+
+    @classmethod
+    def decode(cls, meta: int, now: int) -> ConnEntry:
+        """Decode a meta word; `now` in stamp units."""
+        age = (now - (meta >> CONN_STAMP_SHIFT)) & CONN_STAMP_MASK
+        return cls(
+            real_idx=meta & CONN_REAL_MASK,
+            vip_num=(meta >> CONN_VIP_SHIFT) & CONN_VIP_MASK,
+            udp=bool(meta & CONN_F_UDP),
+            closing=bool(meta & CONN_F_CLOSING),
+            age_s=age * STAMP_S,
+        )
+
+
+@dataclass(frozen=True)
+class ConnEntries:
+    """Every valid slot of the table, decoded into parallel arrays."""
+
+    real_idx: NDArray[np.uint32]
+    vip_num: NDArray[np.uint32]
+    udp: NDArray[np.bool_]
+    closing: NDArray[np.bool_]
+    age_s: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.real_idx)
+
+
+class _Atomic:
+    """64-bit compare-and-swap on an address (libatomic), or its non-atomic stand-in."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("atomic")
+        self._cas: Any = None
+        if name is not None:
+            try:
+                # getattr: a literal __name inside a class body would be name-mangled.
+                fn = getattr(ctypes.CDLL(name), "__atomic_compare_exchange_8")
+            except (OSError, AttributeError):
+                return
+            fn.restype = ctypes.c_bool
+            fn.argtypes = [
+                ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64,
+                ctypes.c_int, ctypes.c_int,
+            ]  # fmt: skip
+            self._cas = fn
+
+    @property
+    def lock_free(self) -> bool:
+        """Whether compare-and-swap is the real (atomic) one."""
+        return self._cas is not None
+
+    def cas(self, addr: int, expected: int, new: int) -> bool:
+        """Store `new` at `addr` if it holds `expected`; whether it did."""
+        if self._cas is not None:
+            seq_cst = 5  # __ATOMIC_SEQ_CST
+            return bool(self._cas(addr, ctypes.c_uint64(expected), new, seq_cst, seq_cst))
+        word = ctypes.c_uint64.from_address(addr)
+        if word.value != expected:
+            return False
+        word.value = new
+        return True
+
+
+_atomic = _Atomic()
+
+
+class ConnTable:
+    """The balancer's connection table, mapped into this process."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        table = balancer.conn_table
+        fd = int(table.map_fd)
+        info = map_info(fd)
+        set_size = ctypes.sizeof(table.Leaf)
+        slot_size = _SLOT_WORDS * 8
+        if info.value_size != set_size or set_size != CONN_WAYS * slot_size:
+            raise KernelError(
+                f"conn_table holds {info.value_size}-byte values; this control plane reads"
+                f" sets of {CONN_WAYS} x {slot_size}-byte slots (docs/conn-table.md)"
+            )
+        sets = info.max_entries
+        if sets & (sets - 1):
+            raise KernelError(f"conn_table has {sets} sets, not a power of two")
+        self.sets = sets
+        self.ways = CONN_WAYS
+        self.map_id = info.id
+        self._balancer = balancer
+        try:
+            self._mm = mmap.mmap(fd, sets * set_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        except OSError as e:
+            raise KernelError(
+                f"conn_table cannot be mapped ({e.strerror}): it is not the mmapable array"
+                " this control plane expects (an older data plane's table?)"
+            ) from e
+        # [set, way, 0] is the tag, [set, way, 1] the meta word.
+        self._w: NDArray[np.uint64] = np.frombuffer(self._mm, dtype=_U64).reshape(
+            sets, CONN_WAYS, _SLOT_WORDS
+        )
+        self._base: int = self._w.ctypes.data
+
+    @property
+    def capacity(self) -> int:
+        """Slots in the table (sets x ways)."""
+        return self.sets * self.ways
+
+    def close(self) -> None:
+        """Unmap the table (the map itself lives on while the program or a pin holds it)."""
+        if self._mm.closed:
+            return
+        del self._w
+        self._base = 0
+        self._mm.close()
+
+    def __enter__(self) -> ConnTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _addr(self, s: int, way: int, word: int) -> int:
+        return self._base + ((s * CONN_WAYS + way) * _SLOT_WORDS + word) * 8
+
+    def _find(self, s: int, tag: int) -> Iterator[tuple[int, int]]:
+        """(way, meta) of the slots of set `s` holding `tag`, each read tag-meta-tag."""
+        w = self._w[s]
+        for way in range(CONN_WAYS):
+            if int(w[way, 0]) != tag:
+                continue
+            meta = int(w[way, 1])
+            if int(w[way, 0]) == tag:
+                yield way, meta
+
+    def lookup(self, flow: Flow5) -> ConnEntry | None:
+        """The flow's entry, or None when the table has none for it."""
+        s, tag = conn_index(flow, self.sets), conn_tag(flow)
+        for _, meta in self._find(s, tag):
+            return ConnEntry.decode(meta, now_stamp())
+        return None
+
+    def insert(self, flow: Flow5, real_idx: int, vip_num: int, *, udp: bool = False,
+               closing: bool = False, age_s: float = 0.0) -> None:
+        """Write the flow's entry, choosing its slot as the data plane does."""
+        meta = make_meta(real_idx, vip_num, udp=udp, closing=closing, stamp=_stamp_ago(age_s))
+        s, tag = conn_index(flow, self.sets), conn_tag(flow)
+        for _ in range(CLAIM_TRIES):
+            pick = self._pick(s, tag)
+            if pick is None:
+                continue
+            way, seen = pick
+            if not _atomic.cas(self._addr(s, way, 0), seen, CONN_TAG_BUSY):
+                continue
+            self._w[s, way, 1] = meta
+            self._w[s, way, 0] = tag
+            return
+        raise KernelError(
+            f"conn_table set {s}: every slot stayed busy (written by the data plane)"
+            f" over {CLAIM_TRIES} attempts"
+        )
+
+    def _pick(self, s: int, tag: int) -> tuple[int, int] | None:
+        """(way, tag seen) to write `tag` into, by conn_insert's preference (xdp/balancer.c):
+        the flow's own slot, a free one, an expired UDP entry, the least recently seen."""
+        w = self._w[s]
+        now = now_stamp()
+        udp_timeout = udp_timeout_ns(self._balancer) >> CONN_STAMP_NS_SHIFT
+        rank, pick, oldest = 0, None, -1
+        for way in range(CONN_WAYS):
+            t = int(w[way, 0])
+            if t == tag:
+                return way, t
+            if t == CONN_TAG_BUSY or rank >= 3:
+                continue
+            if t == CONN_TAG_EMPTY:
+                rank, pick = 3, (way, t)
+                continue
+            if rank == 2:
+                continue
+            m = int(w[way, 1])
+            age = (now - (m >> CONN_STAMP_SHIFT)) & CONN_STAMP_MASK
+            if m & CONN_F_UDP and age > udp_timeout:
+                rank, pick = 2, (way, t)
+            elif age > oldest:
+                rank, pick, oldest = 1, (way, t), age
+        return pick
+
+    def delete(self, flow: Flow5) -> bool:
+        """Remove the flow's entry; whether it had one."""
+        s, tag = conn_index(flow, self.sets), conn_tag(flow)
+        gone = False
+        for way in range(CONN_WAYS):
+            if int(self._w[s, way, 0]) == tag:
+                gone |= _atomic.cas(self._addr(s, way, 0), tag, CONN_TAG_EMPTY)
+        return gone
+
+    def clear(self) -> None:
+        """Empty every slot (plain stores: a flow the data plane writes meanwhile may stay)."""
+        for lo in range(0, self.sets, CHUNK_SETS):
+            self._w[lo : lo + CHUNK_SETS, :, 0] = CONN_TAG_EMPTY
+
+    def count(self) -> int:
+        """Slots holding a flow (a snapshot: the data plane writes meanwhile)."""
+        n = 0
+        for lo in range(0, self.sets, CHUNK_SETS):
+            tags = self._w[lo : lo + CHUNK_SETS, :, 0]
+            n += int(np.count_nonzero(tags > CONN_TAG_BUSY))
+        return n
+
+    def entries(self) -> ConnEntries:
+        """Every slot holding a flow, decoded (a snapshot; each slot read tag-meta-tag)."""
+        metas: list[NDArray[np.uint64]] = []
+        for lo in range(0, self.sets, CHUNK_SETS):
+            chunk = self._w[lo : lo + CHUNK_SETS]
+            before = chunk[:, :, 0].copy()
+            meta = chunk[:, :, 1].copy()
+            keep = (before > CONN_TAG_BUSY) & (before == chunk[:, :, 0])
+            metas.append(meta[keep])
+        # After the reads, so no stamp is newer than `now` (a negative age would wrap).
+        now = _U64(now_stamp())
+        m = np.concatenate(metas) if metas else np.zeros(0, _U64)
+        age = (now - (m >> _U64(CONN_STAMP_SHIFT))) & _U64(CONN_STAMP_MASK)
+        return ConnEntries(
+            real_idx=(m & _U64(CONN_REAL_MASK)).astype(np.uint32),
+            vip_num=((m >> _U64(CONN_VIP_SHIFT)) & _U64(CONN_VIP_MASK)).astype(np.uint32),
+            udp=(m & _U64(CONN_F_UDP)) != 0,
+            closing=(m & _U64(CONN_F_CLOSING)) != 0,
+            age_s=age.astype(np.float64) * STAMP_S,
+        )
+
+    def insert_many(self, flows: Flows, real_idx: Any, vip_num: Any, *, udp: bool = False,
+                    age_s: float = 0.0) -> int:
+        """Write many flows' entries at once (vectorised); returns how many were written.
+
+        Each flow takes its own slot if it has one, else a free slot of its set; a flow
+        whose set has no free slot left is not written (no eviction). Claims are plain
+        stores, not compare-and-swap: meant for filling a table the data plane does not
+        write to meanwhile (a benchmark's prefill); use insert() on a live table.
+        """
+        n = len(flows)
+        if n == 0:
+            return 0
+        real = np.broadcast_to(np.asarray(real_idx, _U64), (n,))
+        vip = np.broadcast_to(np.asarray(vip_num, _U64), (n,))
+        if (real == 0).any() or (real > CONN_REAL_MASK).any() or (vip > CONN_VIP_MASK).any():
+            raise ValueError("real_idx must be in 1..CONN_REAL_MASK, vip_num in 0..CONN_VIP_MASK")
+        idx = conn_index_many(flows, self.sets).astype(np.int64)
+        tag = conn_tag_many(flows)
+        meta = (real | (vip << _U64(CONN_VIP_SHIFT)) | _U64(CONN_F_UDP if udp else 0)
+                | _U64(_stamp_ago(age_s)) << _U64(CONN_STAMP_SHIFT))  # fmt: skip
+        # One write per (set, tag), the last one given; grouped by set for the ranks below.
+        order = np.lexsort((np.arange(n), tag, idx))
+        idx, tag, meta = idx[order], tag[order], meta[order]
+        last = np.ones(n, bool)
+        last[:-1] = (idx[1:] != idx[:-1]) | (tag[1:] != tag[:-1])
+        idx, tag, meta = idx[last], tag[last], meta[last]
+        tags = self._w[idx, :, 0]  # (flows, ways), a copy
+        own = tags == tag[:, None]
+        has_own = own.any(axis=1)
+        way = np.where(has_own, own.argmax(axis=1), -1)
+        # The k-th new flow of a set takes the set's k-th free slot.
+        new = ~has_own
+        nidx = idx[new]
+        first = np.ones(len(nidx), bool)
+        first[1:] = nidx[1:] != nidx[:-1]
+        pos = np.arange(len(nidx))
+        rank = pos - np.maximum.accumulate(np.where(first, pos, 0))
+        free = tags[new] == CONN_TAG_EMPTY
+        target = (np.cumsum(free, axis=1) == (rank + 1)[:, None]) & free
+        way[new] = np.where(target.any(axis=1), target.argmax(axis=1), -1)
+        ok = way >= 0
+        slot = idx[ok] * CONN_WAYS + way[ok]
+        flat = self._w.reshape(-1, _SLOT_WORDS)
+        flat[slot, 0] = CONN_TAG_BUSY
+        flat[slot, 1] = meta[ok]
+        flat[slot, 0] = tag[ok]
+        return int(ok.sum())

@@ -1,0 +1,321 @@
+"""lb.flowhash and lb.conntab against the real program: packets run through the loaded
+balancer with BPF_PROG_TEST_RUN create exactly the slots Python predicts, and what Python
+writes steers the program's next packet (docs/conn-table.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from lb import flowhash
+from lb.config import RuntimeConfig, xdp_source_dir
+from lb.conntab import STAMP_S, ConnTable
+from lb.consts import (
+    CONN_TAG_BUSY,
+    CONN_TAG_EMPTY,
+    GLOB_STATS,
+    REAL_F_V6,
+    XDP_TX,
+)
+from lb.dataplane import set_addr, write_runtime_config
+from lb.flowhash import (
+    Flow5,
+    Flows,
+    conn_hash,
+    conn_index,
+    conn_index_many,
+    conn_tag,
+    hash_flow,
+)
+from lb.testrun import TestRunner
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+VIP4, VIP6 = ipaddress.ip_address("198.18.0.10"), ipaddress.ip_address("2001:db8::10")
+CLIENT4, CLIENT6 = ipaddress.ip_address("198.18.2.1"), ipaddress.ip_address("2001:db8:2::1")
+LB_MAC, PEER_MAC, GW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:aa", "02:00:00:00:00:fe"
+# Backends: every ring slot names RING[v]; Python's entries name CONN[v].
+RING = {4: (1, ipaddress.ip_address("198.18.1.1")), 6: (3, ipaddress.ip_address("2001:db8:1::1"))}
+CONN = {4: (2, ipaddress.ip_address("198.18.1.2")), 6: (4, ipaddress.ip_address("2001:db8:1::2"))}
+# VIP numbers: (version, proto) -> vip_num.
+VIP_NUMS = {(4, "tcp"): 1, (4, "udp"): 2, (6, "tcp"): 3, (6, "udp"): 4}
+PORT = 80
+CASES = [pytest.param(v, p, id=f"ipv{v}-{p}") for v in (4, 6) for p in ("tcp", "udp")]
+TIMEOUT_S = 30.0
+
+pytestmark = pytest.mark.bpf
+
+
+def c_define(header: str, name: str) -> int:
+    """The value of `#define NAME <integer>` in xdp/<header>."""
+    text = (xdp_source_dir() / header).read_text()
+    m = re.search(rf"^#define\s+{name}\s+(0x[0-9a-fA-F]+|[0-9]+)\s*$", text, re.M)
+    assert m, f"#define {name} not found in xdp/{header}"
+    return int(m.group(1), 0)
+
+
+@dataclass
+class Bed:
+    """The shared balancer programmed with four VIPs (v4/v6 x tcp/udp) and four backends."""
+
+    b: Any
+    table: ConnTable
+    runner: TestRunner
+
+    def flow(self, version: int, proto: str, sport: int = 40000,
+             client: IPAddress | None = None) -> Flow5:
+        """A client->VIP flow."""
+        src = client or (CLIENT4 if version == 4 else CLIENT6)
+        return Flow5.of(src, VIP4 if version == 4 else VIP6, sport, PORT, proto)
+
+    def send(self, flow: Flow5, flags: str = "A") -> str | None:
+        """Run one packet of `flow` (TCP with `flags`); the backend it went to, or None."""
+        ip = IP if flow.src.version == 4 else IPv6
+        l4 = TCP(sport=flow.sport, dport=flow.dport, flags=flags) if flow.proto == 6 else \
+            UDP(sport=flow.sport, dport=flow.dport)
+        frame = bytes(Ether(src=PEER_MAC, dst=LB_MAC) / ip(src=str(flow.src),
+                                                         dst=str(flow.dst)) / l4 / b"xlb")
+        res = self.runner.run(frame)
+        if res.verdict != XDP_TX:
+            return None
+        out = Ether(res.packet)
+        return str(out[IP].dst if IP in out and flow.src.version == 4 else out[IPv6].dst)
+
+    def counter(self, name: str) -> int:
+        """A global counter summed over CPUs."""
+        t = self.b.glob_stats
+        return sum(int(v) for v in t[t.Key(GLOB_STATS.index(name))])
+
+
+@pytest.fixture
+def bed(balancer: Any) -> Iterator[Bed]:
+    b = balancer
+    write_runtime_config(b, RuntimeConfig(gateway_mac=GW_MAC, udp_timeout_s=TIMEOUT_S,
+                                          src_v4=ipaddress.IPv4Address("198.18.0.1"),
+                                          src_v6=ipaddress.IPv6Address("2001:db8::1")))
+    for idx, addr in [*RING.values(), *CONN.values()]:
+        leaf = b.reals.Leaf()
+        set_addr(leaf.addr, addr)
+        leaf.flags = REAL_F_V6 if addr.version == 6 else 0
+        b.reals[b.reals.Key(idx)] = leaf
+    ring = b.config.ring_size
+    for (version, proto), num in VIP_NUMS.items():
+        vip = VIP4 if version == 4 else VIP6
+        meta = b.vip_map.Leaf()
+        meta.vip_num = num
+        b.vip_map[b.vip_key(vip, PORT, proto)] = meta
+        b.vip_addrs[b.vip_addr_key(vip)] = b.vip_addrs.Leaf(2)
+        keys = (b.ch_rings.Key * ring)(*range(num * ring, (num + 1) * ring))
+        b.ch_rings.items_update_batch(keys, (b.ch_rings.Leaf * ring)(*[RING[version][0]] * ring))
+    table = ConnTable(b)
+    table.clear()
+    try:
+        yield Bed(b, table, TestRunner(b.prog_fd))
+    finally:
+        table.clear()
+        table.close()
+        b.vip_map.clear()
+        b.vip_addrs.clear()
+        for idx, _ in [*RING.values(), *CONN.values()]:
+            b.reals[b.reals.Key(idx)] = b.reals.Leaf()
+        for num in VIP_NUMS.values():
+            keys = (b.ch_rings.Key * ring)(*range(num * ring, (num + 1) * ring))
+            b.ch_rings.items_update_batch(keys, (b.ch_rings.Leaf * ring)())
+        b.lb_cfg[b.lb_cfg.Key(0)] = b.lb_cfg.Leaf()
+
+
+def _random_flows(n: int, seed: int = 7) -> list[Flow5]:
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if r.random() < 0.5:
+            src: IPAddress = ipaddress.IPv4Address(r.getrandbits(32))
+            dst: IPAddress = ipaddress.IPv4Address(r.getrandbits(32))
+        else:
+            src, dst = ipaddress.IPv6Address(r.getrandbits(128)), ipaddress.IPv6Address(
+                r.getrandbits(128))
+        out.append(Flow5(src, dst, r.getrandbits(16), r.getrandbits(16), r.choice((6, 17))))
+    return out
+
+
+# --- pure: flowhash ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["HASH_SEED", "HASH_JHASH_INITVAL"])
+def test_hash_constants_are_hash_h(name: str) -> None:
+    assert getattr(flowhash, name) == c_define("hash.h", name), f"{name} differs from hash.h"
+
+
+def test_jhash_matches_lookup3_reference_values() -> None:
+    # jhash2 of nine words is three rounds; jhash_3words equals jhash2 of three words.
+    words = [0x01020304, 0x05060708, 0x090A0B0C]
+    assert flowhash.jhash_3words(*words, 17) == flowhash.jhash2(words, 17)
+    assert flowhash.jhash2([], 0) == 0xDEADBEEF
+
+
+def test_conn_hash_is_the_flow_hash_with_the_family_in_the_initval() -> None:
+    f4 = Flow5.of(CLIENT4, VIP4, 40000, 80, "tcp")
+    words = flowhash.addr_words
+    ports = flowhash.ports_word(40000, 80)
+    assert ports == int.from_bytes((40000).to_bytes(2, "big") + (80).to_bytes(2, "big"),
+                                   "little")
+    assert conn_hash(f4, 5) == flowhash.jhash_3words(words(CLIENT4)[0], words(VIP4)[0], ports,
+                                                     5 + 6 + (4 << 8))
+    assert hash_flow(f4) == flowhash.jhash_3words(words(CLIENT4)[0], words(VIP4)[0], ports,
+                                                  flowhash.HASH_SEED + 6)
+    f6 = Flow5.of(CLIENT6, VIP6, 40000, 80, "udp")
+    assert conn_hash(f6, 5) == flowhash.jhash2([*words(CLIENT6), *words(VIP6), ports],
+                                               5 + 17 + (6 << 8))
+    assert conn_tag(f4) & 2 and conn_tag(f4) >> 32 == conn_hash(f4, flowhash.CONN_SEED_TAG_HI)
+
+
+def test_vectorised_hashes_equal_the_scalar_ones() -> None:
+    flows = _random_flows(600)
+    for version in (4, 6):
+        fl = [f for f in flows if f.src.version == version]
+        many = Flows.of(fl)
+        assert list(flowhash.hash_flow_many(many)) == [hash_flow(f) for f in fl]
+        assert list(flowhash.hash_flow_many(many, src_only=True)) == [
+            hash_flow(f, src_only=True) for f in fl]
+        assert list(flowhash.conn_tag_many(many)) == [conn_tag(f) for f in fl]
+        assert list(conn_index_many(many, 1 << 20)) == [conn_index(f, 1 << 20) for f in fl]
+    v4 = [f for f in flows if f.src.version == 4]
+    from_ints = Flows.v4([int(f.src) for f in v4], [int(f.dst) for f in v4],
+                         [f.sport for f in v4], [f.dport for f in v4], [f.proto for f in v4])
+    assert list(flowhash.conn_tag_many(from_ints)) == [conn_tag(f) for f in v4]
+
+
+def test_flow5_refuses_mixed_families_and_bad_ports() -> None:
+    with pytest.raises(ValueError, match="different address families"):
+        Flow5.of(CLIENT4, VIP6, 1, 2, "tcp")
+    with pytest.raises(ValueError, match="sport"):
+        Flow5.of(CLIENT4, VIP4, 70000, 2, "tcp")
+
+
+# --- against the program ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "proto"), CASES)
+def test_a_packet_creates_the_slot_python_predicts(bed: Bed, version: int, proto: str) -> None:
+    flow = bed.flow(version, proto)
+    flags = "S" if proto == "tcp" else ""
+    assert bed.send(flow, flags) == str(RING[version][1]), "the ring picks a new flow"
+    entry = bed.table.lookup(flow)
+    assert entry is not None, "the packet left no entry where Python looks"
+    assert entry.real_idx == RING[version][0] and entry.vip_num == VIP_NUMS[(version, proto)]
+    assert entry.udp == (proto == "udp") and not entry.closing
+    assert entry.age_s < 2 * STAMP_S, "the stamp is not the data plane's clock now"
+    # Read back through bpf(2), independently of the mmap: the set index and tag agree.
+    s = conn_index(flow, bed.table.sets)
+    tags = [int(w.tag) for w in bed.b.conn_table[bed.b.conn_table.Key(s)].way]
+    assert conn_tag(flow) in tags, "the C put the flow in another set or with another tag"
+    assert bed.table.count() == 1 and len(bed.table.entries()) == 1
+
+
+@pytest.mark.parametrize(("version", "proto"), CASES)
+def test_insert_steers_the_next_packet_and_delete_makes_it_miss(
+    bed: Bed, version: int, proto: str
+) -> None:
+    flow = bed.flow(version, proto, sport=40100)
+    idx, addr = CONN[version]
+    bed.table.insert(flow, idx, VIP_NUMS[(version, proto)], udp=proto == "udp")
+    hits = bed.counter("STAT_LRU_HIT")
+    assert bed.send(flow) == str(addr), "the program did not follow the entry Python wrote"
+    assert bed.counter("STAT_LRU_HIT") == hits + 1
+    assert bed.table.delete(flow), "delete did not find the entry"
+    assert bed.table.lookup(flow) is None and bed.table.count() == 0
+    assert not bed.table.delete(flow), "a second delete found something"
+    assert bed.send(flow) == str(RING[version][1]), "after delete the flow still hit the table"
+    assert bed.table.lookup(flow) is not None, "the miss re-inserted the flow (program)"
+
+
+@pytest.mark.parametrize(("version", "proto"), CASES)
+def test_count_and_entries_agree_with_what_was_written(
+    bed: Bed, version: int, proto: str
+) -> None:
+    num = VIP_NUMS[(version, proto)]
+    by_packet = [bed.flow(version, proto, sport=41000 + i) for i in range(20)]
+    by_python = [bed.flow(version, proto, sport=42000 + i) for i in range(30)]
+    for f in by_packet:
+        bed.send(f, "S" if proto == "tcp" else "")
+    for f in by_python:
+        bed.table.insert(f, CONN[version][0], num, udp=proto == "udp", age_s=5.0)
+    assert bed.table.count() == 50
+    e = bed.table.entries()
+    assert len(e) == 50
+    assert sorted(e.real_idx.tolist()) == [RING[version][0]] * 20 + [CONN[version][0]] * 30
+    assert (e.vip_num == num).all() and (e.udp == (proto == "udp")).all()
+    aged = e.age_s[e.real_idx == CONN[version][0]]
+    assert (abs(aged - 5.0) <= 2 * STAMP_S).all(), "insert's age_s does not read back"
+
+
+def test_fin_marks_the_entry_closing_and_a_packet_refreshes_its_stamp(bed: Bed) -> None:
+    flow = bed.flow(4, "tcp", sport=40200)
+    bed.table.insert(flow, CONN[4][0], VIP_NUMS[(4, "tcp")], age_s=10.0)
+    assert bed.send(flow, "FA") == str(CONN[4][1])
+    entry = bed.table.lookup(flow)
+    assert entry is not None and entry.closing, "a client FIN marks the entry closing"
+    assert entry.age_s < 2 * STAMP_S, "the packet did not refresh the stamp"
+
+
+def test_insert_replaces_an_expired_udp_entry_before_the_oldest_live_one(bed: Bed) -> None:
+    flow = bed.flow(4, "udp", sport=40300)
+    mates = _set_mates(flow, bed.table.sets, 9)
+    num = VIP_NUMS[(4, "udp")]
+    for i, m in enumerate(mates[:8]):  # fill the set: one expired, the others live
+        bed.table.insert(m, CONN[4][0], num, udp=True,
+                         age_s=TIMEOUT_S + 5 if i == 3 else 1.0 + i)
+    assert bed.table.count() == 8
+    bed.table.insert(flow, CONN[4][0], num, udp=True)
+    assert bed.table.lookup(mates[3]) is None, "the expired entry was not the one replaced"
+    assert all(bed.table.lookup(m) for m in mates[:3] + mates[4:8])
+    bed.table.insert(mates[8], CONN[4][0], num, udp=True)
+    assert bed.table.lookup(mates[7]) is None, "a full set evicts its least recently seen"
+    assert bed.send(flow) == str(CONN[4][1])
+
+
+def test_insert_many_writes_what_lookup_and_the_program_see(bed: Bed) -> None:
+    n = 5000
+    base = int(ipaddress.IPv4Address("198.18.16.0"))
+    many = Flows.v4(base + np.arange(n) // 1000, int(VIP4), 1024 + np.arange(n) % 1000, PORT, 17)
+    written = bed.table.insert_many(many, CONN[4][0], VIP_NUMS[(4, "udp")], udp=True)
+    assert written == n, "a 65,536-slot table has room for 5,000 flows"
+    assert bed.table.count() == n
+    # Writing them again finds each flow's own slot: nothing new.
+    assert bed.table.insert_many(many, CONN[4][0], VIP_NUMS[(4, "udp")], udp=True) == n
+    assert bed.table.count() == n
+    for i in (0, 1234, n - 1):
+        f = Flow5.of(ipaddress.IPv4Address(base + i // 1000), VIP4, 1024 + i % 1000, PORT,
+                     "udp")
+        entry = bed.table.lookup(f)
+        assert entry is not None and entry.real_idx == CONN[4][0] and entry.udp
+        assert bed.send(f) == str(CONN[4][1])
+
+
+def test_slot_words_are_never_left_busy(bed: Bed) -> None:
+    for i in range(100):
+        bed.table.insert(bed.flow(6, "tcp", sport=43000 + i), CONN[6][0], VIP_NUMS[(6, "tcp")])
+    s = conn_index(bed.flow(6, "tcp", sport=43000), bed.table.sets)
+    tags = [int(w.tag) for w in bed.b.conn_table[bed.b.conn_table.Key(s)].way]
+    assert CONN_TAG_BUSY not in tags and any(t != CONN_TAG_EMPTY for t in tags)
+
+
+def _set_mates(flow: Flow5, sets: int, n: int) -> list[Flow5]:
+    """`n` other flows from the same client to the same VIP and port in `flow`'s set."""
+    ports = np.arange(1024, 65536)
+    cands = Flows.v4(int(flow.src), int(flow.dst), ports, flow.dport, flow.proto)
+    hit = ports[conn_index_many(cands, sets) == conn_index(flow, sets)]
+    mates = [Flow5(flow.src, flow.dst, int(p), flow.dport, flow.proto) for p in hit
+             if p != flow.sport]
+    assert len(mates) >= n
+    return mates[:n]
