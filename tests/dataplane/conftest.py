@@ -18,7 +18,9 @@ CASES_FILE = "tests/dataplane/test_balancer.py"
 def wiped_balancer(balancer: Any) -> Any:
     """The shared balancer with every map emptied once per module: tests elsewhere may have
     left VIPs or backends behind."""
-    Lab(balancer).wipe()
+    lab = Lab(balancer)
+    lab.wipe()
+    lab.close()
     return balancer
 
 
@@ -32,6 +34,7 @@ def lab(wiped_balancer: Any) -> Iterator[Lab]:
         yield lab
     finally:
         lab.reset()
+        lab.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

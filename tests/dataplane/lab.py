@@ -2,27 +2,41 @@
 
 The compiled program and its maps are shared by every test of the process, so `Lab` records
 what it writes and `reset()` puts it back to empty: VIPs, VIP addresses, backends, the ring
-slots of the VIPs it filled, the connection table, lb_cfg and every counter.
+slots of the VIPs it filled, the connection table, lb_cfg and every counter. The connection
+table is read and written through lb.conntab (docs/conn-table.md), as the control plane does.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from lb.config import RuntimeConfig
-from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6
+from lb.conntab import ConnEntry, ConnTable
+from lb.consts import GLOB_STATS, REAL_F_V6
 from lb.dataplane import set_addr, write_runtime_config
+from lb.flowhash import (
+    PROTO_NUMBERS,
+    Flow5,
+    Flows,
+    addr_words,
+    conn_index,
+    conn_index_many,
+    hash_flow,
+)
 from lb.testrun import RunResult, TestRunner
 from tests.dataplane import packets as P
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+# Source ports of the flows set_mates() draws from, for each of SET_MATE_CLIENTS clients.
+SET_MATE_PORTS = range(1024, 65536)
+SET_MATE_CLIENTS = 4
 
 
 @dataclass(frozen=True)
@@ -35,21 +49,42 @@ class Flow:
     dport: int
     proto: str = "tcp"
 
-    def key(self, table: Any) -> Any:
-        """The conn_table key of this flow."""
-        k = table.Key()
-        set_addr(k.src, self.src)
-        set_addr(k.dst, self.dst)
-        k.sport = socket.htons(self.sport)
-        k.dport = socket.htons(self.dport)
-        k.proto = PROTOS[self.proto]
-        k.family = FAMILY_V4 if self.src.version == 4 else FAMILY_V6
-        return k
+    def five(self) -> Flow5:
+        """The flow as lb.flowhash and lb.conntab take it."""
+        return Flow5(self.src, self.dst, self.sport, self.dport, PROTO_NUMBERS[self.proto])
 
     def hash(self, src_only: bool = False) -> int:
-        """The data plane's flow hash of this flow."""
-        return P.flow_hash(self.src, self.dst, self.sport, self.dport, PROTOS[self.proto],
-                           src_only)
+        """The data plane's flow hash of this flow (the ring's)."""
+        return hash_flow(self.five(), src_only=src_only)
+
+
+@functools.cache
+def set_mates(flow: Flow, sets: int, n: int, proto: str | None = None) -> tuple[Flow, ...]:
+    """`n` other flows in `flow`'s connection-table set: to the same VIP address and port,
+    from `flow.src` and the next few addresses, every source port, of `proto` (default the
+    flow's), in a fixed order."""
+    proto = proto or flow.proto
+    want = conn_index(flow.five(), sets)
+    clients = [flow.src + k for k in range(SET_MATE_CLIENTS)]
+    ports = np.tile(np.asarray(SET_MATE_PORTS, np.uint16), len(clients))
+    count = len(ports)
+    cands = Flows(
+        flow.src.version,
+        np.repeat(np.array([addr_words(c) for c in clients], np.uint32), len(SET_MATE_PORTS),
+                  axis=0),
+        np.tile(np.array(addr_words(flow.dst), np.uint32), (count, 1)),
+        ports,
+        np.full(count, flow.dport, np.uint16),
+        np.full(count, PROTO_NUMBERS[proto], np.uint8),
+    )
+    out = []
+    for i in np.flatnonzero(conn_index_many(cands, sets) == want):
+        mate = Flow(clients[i // len(SET_MATE_PORTS)], flow.dst, int(ports[i]), flow.dport, proto)
+        if mate != flow:
+            out.append(mate)
+        if len(out) == n:
+            return tuple(out)
+    raise LookupError(f"fewer than {n} flows share the set of {flow}")
 
 
 def default_runtime(**changes: Any) -> RuntimeConfig:
@@ -79,6 +114,8 @@ class Lab:
         self._addr_keys: dict[bytes, Any] = {}
         self._reals: set[int] = set()
         self._rings: set[int] = set()
+        self._vip_nums: dict[tuple[IPAddress, int, str], int] = {}
+        self.conns = ConnTable(balancer)
 
     # --- seeding -----------------------------------------------------------------------------
 
@@ -95,6 +132,7 @@ class Lab:
         key = self.b.vip_key(addr, port, proto)
         self.b.vip_map[key] = meta
         self._vip_keys.append(key)
+        self._vip_nums[(addr, port, proto)] = num
         akey = self.b.vip_addr_key(addr)
         raw = bytes(ctypes.string_at(ctypes.addressof(akey), ctypes.sizeof(akey)))
         count = self.b.vip_addrs.get(akey)
@@ -129,12 +167,27 @@ class Lab:
         """The backend a ring filled by ring(num, reals) gives a flow hash."""
         return reals[(flow_hash % self.ring_size) % len(reals)]
 
-    def conn(self, flow: Flow, real_idx: int, age_s: float = 0.0) -> None:
-        """Put a flow in the connection table, last seen `age_s` seconds ago."""
-        val = self.b.conn_table.Leaf()
-        val.real_idx = real_idx
-        val.atime = time.monotonic_ns() - int(age_s * 1e9)
-        self.b.conn_table[flow.key(self.b.conn_table)] = val
+    def conn(self, flow: Flow, real_idx: int, age_s: float = 0.0, *, vip_num: int | None = None,
+             closing: bool = False) -> None:
+        """Put a flow in the connection table, last seen `age_s` seconds ago, as the control
+        plane does (lb.conntab); the VIP number defaults to the seeded VIP the flow goes to."""
+        if vip_num is None:
+            vip_num = self._vip_nums.get((flow.dst, flow.dport, flow.proto),
+                                         self._vip_nums.get((flow.dst, 0, flow.proto), 0))
+        self.conns.insert(flow.five(), real_idx, vip_num, udp=flow.proto == "udp",
+                          closing=closing, age_s=age_s)
+
+    def delete_conn(self, flow: Flow) -> bool:
+        """Remove a flow from the connection table; whether it was there."""
+        return self.conns.delete(flow.five())
+
+    def set_of(self, flow: Flow) -> int:
+        """The flow's set in the connection table."""
+        return conn_index(flow.five(), self.conns.sets)
+
+    def set_mates(self, flow: Flow, n: int, proto: str | None = None) -> tuple[Flow, ...]:
+        """`n` other flows that share `flow`'s set (see set_mates())."""
+        return set_mates(flow, self.conns.sets, n, proto)
 
     # --- running and reading -----------------------------------------------------------------
 
@@ -158,14 +211,13 @@ class Lab:
         per_cpu = self.b.real_stats[self.b.real_stats.Key(idx)]
         return sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)
 
-    def lookup_conn(self, flow: Flow) -> tuple[int, int] | None:
-        """(real_idx, atime) of a flow in the connection table, or None."""
-        val = self.b.conn_table.get(flow.key(self.b.conn_table))
-        return None if val is None else (int(val.real_idx), int(val.atime))
+    def lookup_conn(self, flow: Flow) -> ConnEntry | None:
+        """A flow's connection-table entry, or None."""
+        return self.conns.lookup(flow.five())
 
     def conn_count(self) -> int:
         """Entries in the connection table."""
-        return len(list(self.b.conn_table.items()))
+        return self.conns.count()
 
     # --- undo ----------------------------------------------------------------------------------
 
@@ -191,7 +243,7 @@ class Lab:
             self.b.reals[self.b.reals.Key(idx)] = self.b.reals.Leaf()
         for num in self._rings:
             self._write_ring(num, [0] * self.ring_size)
-        self.b.conn_table.clear()
+        self.conns.clear()
         self.b.lb_cfg[self.b.lb_cfg.Key(0)] = self.b.lb_cfg.Leaf()
         for name in ("glob_stats", "vip_stats", "real_stats"):
             table = self.b.maps[name]
@@ -201,3 +253,8 @@ class Lab:
         self._addr_keys.clear()
         self._reals.clear()
         self._rings.clear()
+        self._vip_nums.clear()
+
+    def close(self) -> None:
+        """Unmap the connection table (the maps stay as they are)."""
+        self.conns.close()

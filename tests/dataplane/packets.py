@@ -1,9 +1,10 @@
 """Packet builders and reference models for the balancer's packet tests.
 
 Everything here is written from the documented behaviour in xdp/*.h, independently of the
-C code: the flow hash (xdp/hash.h), the RSS-friendly outer sources and GUE source port
-(xdp/encap.h), the expected encapsulated frames and ICMP replies. Constants that C defines
-are read from the headers, so the two cannot drift apart silently.
+C code: the RSS-friendly outer sources and GUE source port (xdp/encap.h), the expected
+encapsulated frames and ICMP replies. The flow hashes (xdp/hash.h) are lb/flowhash.py's, which
+tests/kernel checks against the header. Constants that C defines are read from the headers, so
+the two cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -66,99 +67,12 @@ def c_define(header: str, name: str) -> int:
     return int(m.group(1), 0)
 
 
-HASH_SEED = c_define("hash.h", "HASH_SEED")
-JHASH_INITVAL = c_define("hash.h", "HASH_JHASH_INITVAL")
 GUE_SPORT_BASE = c_define("encap.h", "ENCAP_GUE_SPORT_BASE")
 GUE_SPORT_MASK = c_define("encap.h", "ENCAP_GUE_SPORT_MASK")
 ICMP_TTL = c_define("icmp.h", "ICMP_TTL")
 # Minimum-MTU rules for how much of the original a too-big reply quotes (xdp/icmp.h).
 ICMP4_QUOTE_MAX = 576 - 20 - 8
 ICMP6_QUOTE_MAX = 1280 - 40 - 8
-
-_M = 0xFFFFFFFF
-
-
-# --- the flow hash (xdp/hash.h) -------------------------------------------------------------
-
-
-def _rol(x: int, k: int) -> int:
-    return ((x << k) | (x >> (32 - k))) & _M
-
-
-def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - c) & _M
-    a ^= _rol(c, 4)
-    c = (c + b) & _M
-    b = (b - a) & _M
-    b ^= _rol(a, 6)
-    a = (a + c) & _M
-    c = (c - b) & _M
-    c ^= _rol(b, 8)
-    b = (b + a) & _M
-    a = (a - c) & _M
-    a ^= _rol(c, 16)
-    c = (c + b) & _M
-    b = (b - a) & _M
-    b ^= _rol(a, 19)
-    a = (a + c) & _M
-    c = (c - b) & _M
-    c ^= _rol(b, 4)
-    b = (b + a) & _M
-    return a, b, c
-
-
-def _final(a: int, b: int, c: int) -> int:
-    c ^= b
-    c = (c - _rol(b, 14)) & _M
-    a ^= c
-    a = (a - _rol(c, 11)) & _M
-    b ^= a
-    b = (b - _rol(a, 25)) & _M
-    c ^= b
-    c = (c - _rol(b, 16)) & _M
-    a ^= c
-    a = (a - _rol(c, 4)) & _M
-    b ^= a
-    b = (b - _rol(a, 14)) & _M
-    c ^= b
-    c = (c - _rol(b, 24)) & _M
-    return c
-
-
-def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
-    """The kernel's jhash_3words()."""
-    iv = (initval + JHASH_INITVAL + (3 << 2)) & _M
-    return _final((a + iv) & _M, (b + iv) & _M, (c + iv) & _M)
-
-
-def jhash2(words: list[int], initval: int) -> int:
-    """The kernel's jhash2() (a whole number of 3-word blocks plus a tail)."""
-    a = b = c = (JHASH_INITVAL + (len(words) << 2) + initval) & _M
-    k = list(words)
-    while len(k) > 3:
-        a, b, c = (a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M
-        a, b, c = _mix(a, b, c)
-        k = k[3:]
-    if not k:
-        return c
-    k = k + [0] * (3 - len(k))
-    return _final((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
-
-
-def _words(addr: IPAddress) -> list[int]:
-    # Network-order bytes read as host-order (little-endian) u32, as the program reads them.
-    return list(struct.unpack("<4I", addr.packed.ljust(16, b"\0")))
-
-
-def flow_hash(
-    src: IPAddress, dst: IPAddress, sport: int, dport: int, proto: int, src_only: bool = False
-) -> int:
-    """The data plane's hash of a client->VIP 5-tuple (xdp/hash.h)."""
-    ports = 0 if src_only else struct.unpack("<I", struct.pack("!HH", sport, dport))[0]
-    initval = (HASH_SEED + proto) & _M
-    if src.version == 4:
-        return jhash_3words(_words(src)[0], _words(dst)[0], ports, initval)
-    return jhash2([*_words(src), *_words(dst), ports], initval)
 
 
 # --- outer header model (xdp/encap.h) ---------------------------------------------------------

@@ -9,7 +9,6 @@ and the global counters that must have moved (every other slot must stay at zero
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from scapy.packet import Packet, Raw
 from scapy.utils import checksum
 
 from lb.consts import (
+    CONN_WAYS,
     F_ENCAP_GUE,
     F_HASH_SRC_ONLY,
     F_LRU_BYPASS,
@@ -117,9 +117,19 @@ def seeds(*fns: Callable[[Lab], None]) -> Callable[[Lab], None]:
     return seed
 
 
-def with_conn(flow: Flow, real_idx: int, age_s: float = 0.0) -> Callable[[Lab], None]:
-    """Seed a connection-table entry."""
-    return lambda lab: lab.conn(flow, real_idx, age_s)
+def with_conn(flow: Flow, real_idx: int, age_s: float = 0.0, closing: bool = False
+              ) -> Callable[[Lab], None]:
+    """Seed a connection-table entry from Python (lb.conntab), as the control plane writes."""
+    return lambda lab: lab.conn(flow, real_idx, age_s, closing=closing)
+
+
+def without_conn(flow: Flow) -> Callable[[Lab], None]:
+    """Delete a flow's connection-table entry from Python; it must have been there."""
+
+    def seed(lab: Lab) -> None:
+        assert lab.delete_conn(flow), "the entry to delete was not in the table"
+
+    return seed
 
 
 def with_config(**changes: object) -> Callable[[Lab], None]:
@@ -197,19 +207,56 @@ def hashed_enc(frame: bytes, flow: Flow, reals: Sequence[IPAddress], src: IPAddr
 # --- checks that run after the steps ---------------------------------------------------------
 
 
-def conn_is(flow: Flow, real_idx: int | None, fresh: bool = False) -> Callable[[Lab], None]:
-    """The connection table maps `flow` to `real_idx` (None: no entry)."""
+# A refreshed entry was seen this long ago at most (stamps are 16.78 ms units; a slow run).
+FRESH_S = 5.0
+
+
+def conn_is(flow: Flow, real_idx: int | None, *, fresh: bool = False, closing: bool | None = None,
+            udp: bool | None = None, vip_num: int | None = None) -> Callable[[Lab], None]:
+    """The connection table maps `flow` to `real_idx` (None: no entry), with these fields."""
 
     def check(lab: Lab) -> None:
         got = lab.lookup_conn(flow)
         if real_idx is None:
-            assert got is None, f"the flow was inserted in the connection table ({got})"
+            assert got is None, f"the flow is in the connection table ({got})"
             return
         assert got is not None, "the flow is not in the connection table"
-        assert got[0] == real_idx, f"the table entry points at backend {got[0]}, not {real_idx}"
+        assert got.real_idx == real_idx, (
+            f"the table entry points at backend {got.real_idx}, not {real_idx}")
         if fresh:
-            age = time.monotonic_ns() - got[1]
-            assert 0 <= age < 5e9, f"the entry's atime was not refreshed (age {age} ns)"
+            assert got.age_s < FRESH_S, (
+                f"the entry's stamp was not refreshed (seen {got.age_s:.1f} s ago)")
+        if closing is not None:
+            assert got.closing == closing, (
+                "the entry is not marked closing" if closing else "the entry is marked closing")
+        if udp is not None:
+            assert got.udp == udp, (
+                "the entry is not marked UDP" if udp else "a TCP entry is marked UDP")
+        if vip_num is not None:
+            assert got.vip_num == vip_num, (
+                f"the entry records VIP {got.vip_num}, not {vip_num}")
+
+    return check
+
+
+def conn_untouched(flow: Flow, age_s: float) -> Callable[[Lab], None]:
+    """The flow's entry, seeded `age_s` ago, was neither refreshed nor rewritten."""
+
+    def check(lab: Lab) -> None:
+        got = lab.lookup_conn(flow)
+        assert got is not None, "the flow is not in the connection table"
+        assert got.age_s >= age_s - 1, (
+            f"the entry's stamp was refreshed (seen {got.age_s:.1f} s ago, seeded {age_s} s)")
+
+    return check
+
+
+def conn_count_is(n: int) -> Callable[[Lab], None]:
+    """The connection table holds exactly `n` entries."""
+
+    def check(lab: Lab) -> None:
+        got = lab.conn_count()
+        assert got == n, f"the connection table holds {got} entries, expected {n}"
 
     return check
 
@@ -280,17 +327,18 @@ def _hash_src_only_steps(lab: Lab) -> list[Step]:
 
 
 def _two_ports_same_backend(lab: Lab) -> None:
-    picks = {lab.lookup_conn(Flow(CLIENT4, VIP4, p, 80)) for p in (40000, 40001)}
-    idxs = {p[0] for p in picks if p}
+    entries = [lab.lookup_conn(Flow(CLIENT4, VIP4, p, 80)) for p in (40000, 40001)]
+    assert all(entries), "each client port has its own entry (the full 5-tuple)"
+    idxs = {e.real_idx for e in entries if e}
     assert len(idxs) == 1, f"two ports of one client went to different backends: {idxs}"
-
-
-def _hit_refreshes_atime(lab: Lab) -> None:
-    conn_is(Flow(CLIENT4, VIP4, 40000, 80, "udp"), 2, fresh=True)(lab)
 
 
 UF4 = Flow(CLIENT4, VIP4, 40000, 80, "udp")
 UF6 = Flow(CLIENT6, VIP6, 40000, 80, "udp")
+FIN4 = P.tcp4(flags="FA")
+FIN6 = P.tcp6(flags="FA")
+UDP_TWO4 = vip_with(proto="udp", backends=(REAL4[0], REAL4[1]), ring=[1])
+UDP_TWO6 = vip_with(vip=VIP6, proto="udp", backends=(REAL6[0], REAL6[1]), ring=[1])
 
 VLAN_SYN4 = P.tcp4(vlan=42)
 VLAN_SYN6 = P.tcp6(vlan=42)
@@ -358,6 +406,142 @@ def _ihl(frame: bytes, ihl: int) -> bytes:
     return bytes(raw)
 
 
+# --- the connection table's sets (docs/conn-table.md) ----------------------------------------
+#
+# Rows about one set of CONN_WAYS ways. Flows 1-8 share the set of flow 0 (F4 or F6), found
+# with lb.flowhash (Lab.set_mates); "udp" is a UDP flow of the same set. Flows 0-7 are seeded
+# from Python in that order, flow 8 is new. Seeded entries name backend 2, the ring backend 1.
+
+Which = int | str
+SEEDED, RING = 2, 1
+# Seconds since flows 0-7 were last seen: flow 3 is the least recently seen, then flow 5.
+AGES = dict(enumerate((50, 40, 30, 80, 20, 70, 10, 60)))
+
+
+def set_flow(lab: Lab, base: Flow, which: Which) -> Flow:
+    """Flow `which` of `base`'s set (see above)."""
+    if which == "udp":
+        return lab.set_mates(base, 1, "udp")[0]
+    assert isinstance(which, int)
+    return (base, *lab.set_mates(base, CONN_WAYS))[which]
+
+
+def fill_set(base: Flow, ages: dict[Which, float]) -> Callable[[Lab], None]:
+    """Seed these flows of `base`'s set, in order, last seen `age` seconds ago."""
+
+    def seed(lab: Lab) -> None:
+        for which, age in ages.items():
+            lab.conn(set_flow(lab, base, which), SEEDED, age)
+
+    return seed
+
+
+def drop_from_set(base: Flow, which: Which) -> Callable[[Lab], None]:
+    """Delete flow `which` of `base`'s set from Python."""
+    return lambda lab: without_conn(set_flow(lab, base, which))(lab)
+
+
+def flow_step(flow: Flow, flags: str, backend_idx: int) -> Step:
+    """A TCP packet of `flow` (SYN: empty, else with data) sent to backend 1 or 2 of TWO4/6."""
+    payload = b"" if "S" in flags else b"hello"
+    if flow.src.version == 4:
+        frame = P.tcp4(src=flow.src, dst=flow.dst, sport=flow.sport, dport=flow.dport,
+                       flags=flags, payload=payload)
+        return Step(frame, XDP_TX, enc(frame, REAL4[backend_idx - 1],
+                                       P.rss_src4(flow.src, flow.sport)))
+    frame = P.tcp6(src=flow.src, dst=flow.dst, sport=flow.sport, dport=flow.dport, flags=flags,
+                   payload=payload)
+    return Step(frame, XDP_TX, enc(frame, REAL6[backend_idx - 1],
+                                   P.rss_src6(flow.src, flow.sport)))
+
+
+def set_steps(base: Flow, *sends: tuple[Which, str, int]) -> Callable[[Lab], list[Step]]:
+    """Packets (flow, TCP flags, expected backend) of flows of `base`'s set, in order."""
+    return lambda lab: [flow_step(set_flow(lab, base, w), flags, idx) for w, flags, idx in sends]
+
+
+def set_holds(base: Flow, expect: dict[Which, int | None]) -> Callable[[Lab], None]:
+    """Each listed flow of the set maps to this backend (None: evicted), nothing else is
+    in the table."""
+
+    def check(lab: Lab) -> None:
+        for which, idx in expect.items():
+            got = lab.lookup_conn(set_flow(lab, base, which))
+            if idx is None:
+                assert got is None, f"flow {which} of the set was not evicted"
+            else:
+                assert got is not None, f"flow {which} of the set was evicted"
+                assert got.real_idx == idx, (
+                    f"flow {which} of the set points at backend {got.real_idx}, not {idx}")
+        conn_count_is(sum(idx is not None for idx in expect.values()))(lab)
+
+    return check
+
+
+def one_evicted(base: Flow) -> Callable[[Lab], None]:
+    """Flow 8 of `base`'s set is in, and exactly one of flows 0-7 was evicted."""
+
+    def check(lab: Lab) -> None:
+        assert lab.lookup_conn(set_flow(lab, base, 8)) is not None, "the 9th flow is not in"
+        gone = [i for i in range(CONN_WAYS) if lab.lookup_conn(set_flow(lab, base, i)) is None]
+        assert len(gone) == 1, f"flows {gone} of the set were evicted, expected one"
+        conn_count_is(CONN_WAYS)(lab)
+
+    return check
+
+
+def kept(*which: Which) -> dict[Which, int | None]:
+    """These flows keep their seeded entries."""
+    return dict.fromkeys(which, SEEDED)
+
+
+def set_cases(family: str, base: Flow, vip: Callable[[Lab], None]) -> list[Case]:
+    """The set rows of one address family."""
+    return [
+        Case(f"{family} full set: a 9th new flow evicts the least recently seen",
+             seeds(vip, fill_set(base, AGES)), set_steps(base, (8, "S", RING)),
+             {"STAT_LRU_MISS_SYN": 1, "STAT_CONN_EVICT": 1},
+             set_holds(base, {3: None, 8: RING, **kept(0, 1, 2, 4, 5, 6, 7)})),
+        Case(f"{family} full set: a hit makes its flow recent, the next oldest is evicted",
+             seeds(vip, fill_set(base, AGES)), set_steps(base, (3, "A", SEEDED), (8, "S", RING)),
+             {"STAT_LRU_HIT": 1, "STAT_LRU_MISS_SYN": 1, "STAT_CONN_EVICT": 1},
+             set_holds(base, {5: None, 8: RING, **kept(0, 1, 2, 3, 4, 6, 7)})),
+        Case(f"{family} full set: an expired UDP entry is reused before a live flow is evicted",
+             seeds(vip, fill_set(base, {0: 100, 1: 110, "udp": 31, 2: 120, 3: 130, 4: 140,
+                                        5: 150, 6: 160})),
+             set_steps(base, (8, "S", RING)), MISS_SYN,
+             set_holds(base, {"udp": None, 8: RING, **kept(0, 1, 2, 3, 4, 5, 6)})),
+        Case(f"{family} full set: a SYN of a flow in it rewrites its own way, nothing evicted",
+             seeds(vip, fill_set(base, AGES)), set_steps(base, (3, "S", RING)), MISS_SYN,
+             set_holds(base, {3: RING, **kept(0, 1, 2, 4, 5, 6, 7)})),
+        Case(f"{family} set filled by 8 SYNs: a 9th evicts one of them",
+             vip, set_steps(base, *((i, "S", RING) for i in range(CONN_WAYS + 1))),
+             {"STAT_LRU_MISS_SYN": CONN_WAYS + 1, "STAT_CONN_EVICT": 1}, one_evicted(base)),
+        Case(f"{family} full set: a way freed from Python is taken before any eviction",
+             seeds(vip, fill_set(base, AGES), drop_from_set(base, 5)),
+             set_steps(base, (8, "S", RING)), MISS_SYN,
+             set_holds(base, {5: None, 8: RING, **kept(0, 1, 2, 3, 4, 6, 7)})),
+    ]
+
+
+SET_CASES = [
+    *set_cases("IPv4", F4, TWO4),
+    *set_cases("IPv6", F6, TWO6),
+    Case("IPv4 full set: a UDP entry within its timeout is live, evicted as the least recent",
+         seeds(TWO4, fill_set(F4, {0: 1, 1: 2, "udp": 29, 2: 3, 3: 4, 4: 5, 5: 6, 6: 7})),
+         set_steps(F4, (8, "S", RING)), {"STAT_LRU_MISS_SYN": 1, "STAT_CONN_EVICT": 1},
+         set_holds(F4, {"udp": None, 8: RING, **kept(0, 1, 2, 3, 4, 5, 6)})),
+    Case("IPv4 set with a free way: taken before an expired UDP entry",
+         seeds(TWO4, fill_set(F4, {0: 10, "udp": 31, 1: 10, 2: 10, 3: 10, 4: 10, 5: 10})),
+         set_steps(F4, (8, "S", RING)), MISS_SYN,
+         set_holds(F4, {8: RING, **kept("udp", 0, 1, 2, 3, 4, 5)})),
+    Case("IPv4 packets of a full set's flows all hit their own ways",
+         seeds(TWO4, fill_set(F4, AGES)),
+         set_steps(F4, *((i, "A", SEEDED) for i in range(CONN_WAYS))),
+         {"STAT_LRU_HIT": CONN_WAYS}, set_holds(F4, kept(*range(CONN_WAYS)))),
+]
+
+
 CASES: list[Case] = [
     # --- not ours: passed untouched ------------------------------------------------------
     Case("ARP frame is passed", V4,
@@ -394,12 +578,15 @@ CASES: list[Case] = [
     # --- IPv4 forwarding ---------------------------------------------------------------------
     Case("IPv4 TCP SYN -> IPIP to the backend, RSS source, inserted", V4,
          tx(SYN4, enc(SYN4, REAL4[0], RSS4)), MISS_SYN,
-         all_of(conn_is(F4, 1), stats_are(vip=(1, ip_len(SYN4), 1),
+         all_of(conn_is(F4, 1, fresh=True, closing=False, udp=False, vip_num=0),
+                conn_count_is(1), stats_are(vip=(1, ip_len(SYN4), 1),
                                           reals={1: (1, ip_len(SYN4) + 20)}))),
     Case("IPv4 TCP SYN with VLAN keeps the tag", V4,
          tx(VLAN_SYN4, enc(VLAN_SYN4, REAL4[0], RSS4)), MISS_SYN),
     Case("IPv4 UDP -> IPIP, inserted", vip_with(proto="udp"),
-         tx(UDP4, enc(UDP4, REAL4[0], RSS4)), MISS, conn_is(UF4, 1, fresh=True)),
+         tx(UDP4, enc(UDP4, REAL4[0], RSS4)), MISS, conn_is(UF4, 1, fresh=True, udp=True)),
+    Case("IPv4 insert records the VIP number", vip_with(proto="udp", num=5),
+         tx(UDP4, enc(UDP4, REAL4[0], RSS4)), MISS, conn_is(UF4, 1, udp=True, vip_num=5)),
     Case("IPv4 outer source is the LB with F_SRC_LB", vip_with(flags=F_SRC_LB),
          tx(SYN4, enc(SYN4, REAL4[0], LB_SRC4)), MISS_SYN),
     Case("IPv4 GUE, RSS source", vip_with(flags=F_ENCAP_GUE),
@@ -433,29 +620,52 @@ CASES: list[Case] = [
     Case("IPv4 UDP ring slot follows the documented flow hash",
          vip_with(proto="udp", backends=MANY4),
          tx(UDP4, hashed_enc(UDP4, UF4, MANY4, RSS4)), MISS),
-    Case("IPv4 connection-table hit wins over the ring", seeds(TWO4, with_conn(F4, 2)),
+    Case("IPv4 entry inserted from Python: the table hit wins over the ring",
+         seeds(TWO4, with_conn(F4, 2)),
          tx(ACK4, enc(ACK4, REAL4[1], RSS4)), HIT,
          stats_are(vip=(1, ip_len(ACK4), 0), reals={2: (1, ip_len(ACK4) + 20), 1: (0, 0)})),
-    Case("IPv4 TCP SYN ignores the table and re-inserts", seeds(TWO4, with_conn(F4, 2)),
-         tx(SYN4, enc(SYN4, REAL4[0], RSS4)), MISS_SYN, conn_is(F4, 1)),
+    Case("IPv4 entry deleted from Python: the next packet misses and takes the ring",
+         seeds(TWO4, with_conn(F4, 2), without_conn(F4)),
+         tx(ACK4, enc(ACK4, REAL4[0], RSS4)), MISS, all_of(conn_is(F4, 1), conn_count_is(1))),
+    Case("IPv4 ACK hit refreshes the entry's stamp", seeds(TWO4, with_conn(F4, 2, age_s=10)),
+         tx(ACK4, enc(ACK4, REAL4[1], RSS4)), HIT, conn_is(F4, 2, fresh=True, closing=False)),
+    Case("IPv4 TCP SYN ignores the table and rewrites the flow's entry, no second one",
+         seeds(TWO4, with_conn(F4, 2, age_s=10)),
+         tx(SYN4, enc(SYN4, REAL4[0], RSS4)), MISS_SYN,
+         all_of(conn_is(F4, 1, fresh=True), conn_count_is(1))),
+    Case("IPv4 client FIN marks the entry closing, which still steers the flow",
+         seeds(TWO4, with_conn(F4, 2)),
+         tx(FIN4, enc(FIN4, REAL4[1], RSS4)), HIT, conn_is(F4, 2, closing=True)),
+    Case("IPv4 closing entry steers the last ACKs and stays closing",
+         seeds(TWO4, with_conn(F4, 2, age_s=10, closing=True)),
+         tx(ACK4, enc(ACK4, REAL4[1], RSS4)), HIT, conn_is(F4, 2, fresh=True, closing=True)),
+    Case("IPv4 TCP SYN reopens a closing entry",
+         seeds(TWO4, with_conn(F4, 2, closing=True)),
+         tx(SYN4, enc(SYN4, REAL4[0], RSS4)), MISS_SYN, conn_is(F4, 1, closing=False)),
+    Case("IPv4 table entries are per protocol: a TCP entry does not steer UDP",
+         seeds(UDP_TWO4, with_conn(F4, 2)),
+         tx(UDP4, enc(UDP4, REAL4[0], RSS4)), MISS,
+         all_of(conn_is(UF4, 1, udp=True), conn_is(F4, 2, udp=False), conn_count_is(2))),
     Case("IPv4 ACK miss takes the ring and inserts", TWO4,
          tx(ACK4, enc(ACK4, REAL4[0], RSS4)), MISS, conn_is(F4, 1)),
     Case("IPv4 TCP RST miss is forwarded but not inserted", TWO4,
          tx(P.tcp4(flags="R"), enc(P.tcp4(flags="R"), REAL4[0], RSS4)), MISS, table_empty),
-    Case("IPv4 TCP RST hit follows the table", seeds(TWO4, with_conn(F4, 2)),
-         tx(P.tcp4(flags="RA"), enc(P.tcp4(flags="RA"), REAL4[1], RSS4)), HIT),
-    Case("IPv4 UDP fresh entry hit refreshes atime",
-         seeds(vip_with(proto="udp", backends=(REAL4[0], REAL4[1]), ring=[1]),
-               with_conn(UF4, 2, age_s=10)),
-         tx(UDP4, enc(UDP4, REAL4[1], RSS4)), HIT, _hit_refreshes_atime),
-    Case("IPv4 UDP entry idle past 30 s is re-picked from the ring",
-         seeds(vip_with(proto="udp", backends=(REAL4[0], REAL4[1]), ring=[1]),
-               with_conn(UF4, 2, age_s=31)),
+    Case("IPv4 TCP RST hit follows the table and marks the entry closing",
+         seeds(TWO4, with_conn(F4, 2)),
+         tx(P.tcp4(flags="RA"), enc(P.tcp4(flags="RA"), REAL4[1], RSS4)), HIT,
+         conn_is(F4, 2, closing=True)),
+    Case("IPv4 UDP entry hit refreshes its stamp",
+         seeds(UDP_TWO4, with_conn(UF4, 2, age_s=10)),
+         tx(UDP4, enc(UDP4, REAL4[1], RSS4)), HIT, conn_is(UF4, 2, fresh=True)),
+    Case("IPv4 UDP entry idle past 30 s is re-picked from the ring, same entry rewritten",
+         seeds(UDP_TWO4, with_conn(UF4, 2, age_s=31)),
          tx(UDP4, enc(UDP4, REAL4[0], RSS4)), {"STAT_LRU_EXPIRED": 1, **MISS},
-         conn_is(UF4, 1, fresh=True)),
+         all_of(conn_is(UF4, 1, fresh=True), conn_count_is(1))),
+    Case("IPv4 UDP entry idle just under 30 s still steers",
+         seeds(UDP_TWO4, with_conn(UF4, 2, age_s=29)),
+         tx(UDP4, enc(UDP4, REAL4[1], RSS4)), HIT, conn_is(UF4, 2, fresh=True)),
     Case("IPv4 UDP timeout comes from lb_cfg",
-         seeds(vip_with(proto="udp", backends=(REAL4[0], REAL4[1]), ring=[1]),
-               with_config(udp_timeout_s=1.0), with_conn(UF4, 2, age_s=2)),
+         seeds(UDP_TWO4, with_config(udp_timeout_s=1.0), with_conn(UF4, 2, age_s=2)),
          tx(UDP4, enc(UDP4, REAL4[0], RSS4)), {"STAT_LRU_EXPIRED": 1, **MISS}),
     Case("IPv4 TCP entries never expire by age",
          seeds(TWO4, with_conn(F4, 2, age_s=100000)),
@@ -470,11 +680,17 @@ CASES: list[Case] = [
     Case("IPv4 hash-src-only: two client ports, one backend",
          vip_with(flags=F_HASH_SRC_ONLY, backends=MANY4),
          _hash_src_only_steps, {"STAT_LRU_MISS_SYN": 2}, _two_ports_same_backend),
-    Case("IPv4 LRU bypass ignores the table and does not fill it",
+    Case("IPv4 hash-src-only: the table is keyed by the full 5-tuple",
+         seeds(vip_with(flags=F_HASH_SRC_ONLY, backends=(REAL4[0], REAL4[1]), ring=[1]),
+               with_conn(Flow(CLIENT4, VIP4, 40001, 80), 2)),
+         tx(ACK4, enc(ACK4, REAL4[0], RSS4)), MISS,
+         all_of(conn_is(F4, 1), conn_is(Flow(CLIENT4, VIP4, 40001, 80), 2))),
+    Case("IPv4 LRU bypass ignores the table and does not touch it",
          seeds(vip_with(flags=F_LRU_BYPASS, backends=(REAL4[0], REAL4[1]), ring=[1]),
-               with_conn(F4, 2)),
+               with_conn(F4, 2, age_s=10)),
          tx(ACK4, enc(ACK4, REAL4[0], RSS4)), {},
-         all_of(conn_is(F4, 2), stats_are(vip=(1, ip_len(ACK4), 0)))),
+         all_of(conn_is(F4, 2), conn_untouched(F4, 10), conn_count_is(1),
+                stats_are(vip=(1, ip_len(ACK4), 0)))),
     Case("IPv4 LRU bypass: a SYN counts as a new connection, not inserted",
          vip_with(flags=F_LRU_BYPASS),
          tx(SYN4, enc(SYN4, REAL4[0], RSS4)), {},
@@ -492,12 +708,16 @@ CASES: list[Case] = [
     # --- IPv6 forwarding ---------------------------------------------------------------------
     Case("IPv6 TCP SYN -> IPv6-in-IPv6, RSS source, inserted", V6,
          tx(SYN6, enc(SYN6, REAL6[0], RSS6)), MISS_SYN,
-         all_of(conn_is(F6, 1), stats_are(vip=(1, ip_len(SYN6), 1),
+         all_of(conn_is(F6, 1, fresh=True, closing=False, udp=False, vip_num=0),
+                conn_count_is(1), stats_are(vip=(1, ip_len(SYN6), 1),
                                           reals={1: (1, ip_len(SYN6) + 40)}))),
     Case("IPv6 TCP SYN with VLAN keeps the tag", V6,
          tx(VLAN_SYN6, enc(VLAN_SYN6, REAL6[0], RSS6)), MISS_SYN),
     Case("IPv6 UDP -> IPv6-in-IPv6", vip_with(vip=VIP6, proto="udp", backends=(REAL6[0],)),
-         tx(UDP6, enc(UDP6, REAL6[0], RSS6)), MISS, conn_is(UF6, 1, fresh=True)),
+         tx(UDP6, enc(UDP6, REAL6[0], RSS6)), MISS, conn_is(UF6, 1, fresh=True, udp=True)),
+    Case("IPv6 insert records the VIP number",
+         vip_with(vip=VIP6, proto="udp", backends=(REAL6[0],), num=7),
+         tx(UDP6, enc(UDP6, REAL6[0], RSS6)), MISS, conn_is(UF6, 1, udp=True, vip_num=7)),
     Case("IPv6 outer source is the LB with F_SRC_LB",
          vip_with(vip=VIP6, backends=(REAL6[0],), flags=F_SRC_LB),
          tx(SYN6, enc(SYN6, REAL6[0], LB_SRC6)), MISS_SYN),
@@ -517,16 +737,25 @@ CASES: list[Case] = [
     Case("IPv6 GUE source port follows the flow hash",
          vip_with(vip=VIP6, backends=MANY6, flags=F_ENCAP_GUE),
          tx(SYN6, hashed_enc(SYN6, F6, MANY6, RSS6, gue=True)), MISS_SYN),
-    Case("IPv6 connection-table hit wins over the ring", seeds(TWO6, with_conn(F6, 2)),
-         tx(ACK6, enc(ACK6, REAL6[1], RSS6)), HIT),
-    Case("IPv6 TCP SYN ignores the table and re-inserts", seeds(TWO6, with_conn(F6, 2)),
-         tx(SYN6, enc(SYN6, REAL6[0], RSS6)), MISS_SYN, conn_is(F6, 1)),
+    Case("IPv6 entry inserted from Python: the table hit wins over the ring",
+         seeds(TWO6, with_conn(F6, 2)),
+         tx(ACK6, enc(ACK6, REAL6[1], RSS6)), HIT, conn_is(F6, 2, fresh=True)),
+    Case("IPv6 entry deleted from Python: the next packet misses and takes the ring",
+         seeds(TWO6, with_conn(F6, 2), without_conn(F6)),
+         tx(ACK6, enc(ACK6, REAL6[0], RSS6)), MISS, all_of(conn_is(F6, 1), conn_count_is(1))),
+    Case("IPv6 TCP SYN ignores the table and rewrites the flow's entry, no second one",
+         seeds(TWO6, with_conn(F6, 2, age_s=10)),
+         tx(SYN6, enc(SYN6, REAL6[0], RSS6)), MISS_SYN,
+         all_of(conn_is(F6, 1, fresh=True), conn_count_is(1))),
+    Case("IPv6 client FIN marks the entry closing, which still steers the flow",
+         seeds(TWO6, with_conn(F6, 2)),
+         tx(FIN6, enc(FIN6, REAL6[1], RSS6)), HIT, conn_is(F6, 2, closing=True)),
     Case("IPv6 TCP RST miss is not inserted", TWO6,
          tx(P.tcp6(flags="R"), enc(P.tcp6(flags="R"), REAL6[0], RSS6)), MISS, table_empty),
     Case("IPv6 UDP entry idle past the timeout is re-picked",
-         seeds(vip_with(vip=VIP6, proto="udp", backends=(REAL6[0], REAL6[1]), ring=[1]),
-               with_conn(UF6, 2, age_s=31)),
-         tx(UDP6, enc(UDP6, REAL6[0], RSS6)), {"STAT_LRU_EXPIRED": 1, **MISS}),
+         seeds(UDP_TWO6, with_conn(UF6, 2, age_s=31)),
+         tx(UDP6, enc(UDP6, REAL6[0], RSS6)), {"STAT_LRU_EXPIRED": 1, **MISS},
+         all_of(conn_is(UF6, 1, fresh=True), conn_count_is(1))),
     Case("IPv6 removed backend in the table: re-picked from the ring",
          seeds(TWO6, with_conn(F6, 2), lambda lab: lab.remove_real(2)),
          tx(ACK6, enc(ACK6, REAL6[0], RSS6)), {"STAT_LRU_REAL_GONE": 1, **MISS},
@@ -536,8 +765,9 @@ CASES: list[Case] = [
          tx(SYN6, hashed_enc(SYN6, F6, MANY6, RSS6, src_only=True)), MISS_SYN),
     Case("IPv6 LRU bypass ignores the table",
          seeds(vip_with(vip=VIP6, flags=F_LRU_BYPASS, backends=(REAL6[0], REAL6[1]), ring=[1]),
-               with_conn(F6, 2)),
-         tx(ACK6, enc(ACK6, REAL6[0], RSS6)), {}, conn_is(F6, 2)),
+               with_conn(F6, 2, age_s=10)),
+         tx(ACK6, enc(ACK6, REAL6[0], RSS6)), {},
+         all_of(conn_is(F6, 2), conn_untouched(F6, 10))),
     Case("IPv6 VIP with an empty ring slot: dropped",
          vip_with(vip=VIP6, backends=(REAL6[0],), ring=[0]),
          dropped(SYN6), {"STAT_NO_BACKEND": 1}),
@@ -574,18 +804,24 @@ CASES: list[Case] = [
          {"STAT_PASS_ICMP": 1}),
 
     # --- ICMP errors along their flow ----------------------------------------------------------
-    Case("ICMP frag-needed for a VIP flow goes to the flow's table backend",
-         seeds(TWO4, with_conn(F4, 2)),
+    Case("ICMP frag-needed for a VIP flow goes to the flow's table backend, entry untouched",
+         seeds(TWO4, with_conn(F4, 2, age_s=10)),
          tx(FRAG_NEEDED4, enc(FRAG_NEEDED4, REAL4[1], RSS4)), {"STAT_ICMP_FWD": 1},
-         stats_are(vip=(1, ip_len(FRAG_NEEDED4), 0))),
+         all_of(stats_are(vip=(1, ip_len(FRAG_NEEDED4), 0)), conn_untouched(F4, 10),
+                conn_is(F4, 2, closing=False))),
     Case("ICMP frag-needed without a table entry hashes the reversed flow",
          vip_with(backends=MANY4),
          tx(FRAG_NEEDED4, hashed_enc(FRAG_NEEDED4, F4, MANY4, RSS4)), {"STAT_ICMP_FWD": 1},
          table_empty),
-    Case("ICMP frag-needed for a UDP VIP flow",
-         seeds(vip_with(proto="udp", backends=(REAL4[0], REAL4[1]), ring=[1]),
-               with_conn(UF4, 2)),
-         tx(FRAG_NEEDED4_UDP, enc(FRAG_NEEDED4_UDP, REAL4[1], RSS4)), {"STAT_ICMP_FWD": 1}),
+    Case("ICMP frag-needed for a UDP VIP flow, entry untouched",
+         seeds(UDP_TWO4, with_conn(UF4, 2, age_s=10)),
+         tx(FRAG_NEEDED4_UDP, enc(FRAG_NEEDED4_UDP, REAL4[1], RSS4)), {"STAT_ICMP_FWD": 1},
+         conn_untouched(UF4, 10)),
+    Case("ICMP frag-needed for an expired UDP entry takes the ring, entry left as it was",
+         seeds(UDP_TWO4, with_conn(UF4, 2, age_s=31)),
+         tx(FRAG_NEEDED4_UDP, enc(FRAG_NEEDED4_UDP, REAL4[0], RSS4)),
+         {"STAT_ICMP_FWD": 1, "STAT_LRU_EXPIRED": 1},
+         all_of(conn_is(UF4, 2), conn_untouched(UF4, 31), conn_count_is(1))),
     Case("ICMP frag-needed for a GUE VIP is sent like the flow",
          vip_with(backends=MANY4, flags=F_ENCAP_GUE),
          tx(FRAG_NEEDED4, hashed_enc(FRAG_NEEDED4, F4, MANY4, RSS4, gue=True)),
@@ -607,11 +843,11 @@ CASES: list[Case] = [
                        / Raw(bytes(IP(src=str(VIP4), dst=str(CLIENT4)) / TCP())[:22]))),
          {"STAT_MALFORMED": 1}),
     Case("ICMPv6 packet-too-big for a VIP flow goes to the flow's table backend",
-         seeds(TWO6, with_conn(F6, 2)),
-         tx(PTB6, enc(PTB6, REAL6[1], RSS6)), {"STAT_ICMP_FWD": 1}),
+         seeds(TWO6, with_conn(F6, 2, age_s=10)),
+         tx(PTB6, enc(PTB6, REAL6[1], RSS6)), {"STAT_ICMP_FWD": 1}, conn_untouched(F6, 10)),
     Case("ICMPv6 packet-too-big without a table entry hashes the reversed flow",
          vip_with(vip=VIP6, backends=MANY6),
-         tx(PTB6, hashed_enc(PTB6, F6, MANY6, RSS6)), {"STAT_ICMP_FWD": 1}),
+         tx(PTB6, hashed_enc(PTB6, F6, MANY6, RSS6)), {"STAT_ICMP_FWD": 1}, table_empty),
     Case("ICMPv6 packet-too-big for a non-VIP flow is passed", V6,
          passed(P.packet_too_big6(quoted_src=NONVIP6)), {"STAT_PASS_NON_VIP": 1}),
     Case("ICMPv6 packet-too-big with a truncated quote is dropped", V6,
@@ -693,6 +929,7 @@ CASES: list[Case] = [
          dropped(_v6_plen(SYN6, 8)), {"STAT_MALFORMED": 1}),
     Case("truncated ICMP header is dropped", V4,
          dropped(_truncated_ip_len(ECHO4[:14 + 20 + 4], 24)), {"STAT_MALFORMED": 1}),
+    *SET_CASES,
 ]
 
 
@@ -775,7 +1012,7 @@ def test_packet_case(lab: Lab, case: Case) -> None:
 
 
 def test_there_are_enough_cases() -> None:
-    assert len(CASES) >= 60
+    assert len(CASES) >= 118
     assert len({c.id for c in CASES}) == len(CASES), "two packet cases share a description"
 
 
@@ -839,3 +1076,32 @@ def test_echo_reply_checksum_is_valid_for_every_id(lab: Lab) -> None:
         reply6 = Ether(lab.run(frame6).packet)
         icmp6 = bytes(reply6[IPv6].payload)
         assert in6_chksum(58, reply6[IPv6], icmp6) == 0, f"ICMPv6 checksum wrong for id {ident:#x}"
+
+
+def test_entries_decode_what_the_program_wrote(lab: Lab) -> None:
+    vip_with(num=3)(lab)
+    vip_with(proto="udp", num=5)(lab)
+    for frame in (SYN4, UDP4, FIN4):
+        assert lab.run(frame).verdict == XDP_TX
+    e = lab.conns.entries()
+    got = sorted(zip(e.real_idx.tolist(), e.vip_num.tolist(), e.udp.tolist(),
+                     e.closing.tolist(), strict=True))
+    assert got == [(1, 3, False, True), (1, 5, True, False)], (
+        f"entries (real_idx, vip_num, udp, closing) are {got}")
+    assert all(0 <= a < FRESH_S for a in e.age_s.tolist()), f"entry ages are {e.age_s}"
+
+
+def test_deleting_a_flow_the_table_does_not_hold_is_false(lab: Lab) -> None:
+    V4(lab)
+    assert not lab.delete_conn(F4), "a delete on an empty table reported an entry"
+    assert lab.run(SYN4).verdict == XDP_TX
+    assert not lab.delete_conn(Flow(CLIENT4, VIP4, 40001, 80)), "another port's flow deleted"
+    assert lab.delete_conn(F4) and lab.conn_count() == 0, "the flow's entry was not deleted"
+
+
+@pytest.mark.parametrize("base", [F4, F6, UF4, UF6], ids=["IPv4", "IPv6", "IPv4 UDP", "IPv6 UDP"])
+def test_set_mates_share_the_flows_set(lab: Lab, base: Flow) -> None:
+    mates = lab.set_mates(base, CONN_WAYS)
+    assert len(set(mates)) == CONN_WAYS and base not in mates, "the set's flows repeat"
+    assert {lab.set_of(f) for f in mates} == {lab.set_of(base)}, "a flow is in another set"
+    assert {f.proto for f in mates} == {base.proto}, "a flow of another protocol"
