@@ -89,11 +89,13 @@ class XlbCollector(Collector):
         yield from real_fams.values()
         ct = GaugeMetricFamily(
             "xlb_conn_table_entries",
-            "connection-table entries (snapshot count by batch lookup: an estimate under load)",
+            "connection-table slots holding a flow (a snapshot count: an estimate under load)",
         )
         ct.add_metric([], rt.stats.conn_table_count())
         yield ct
-        cap = GaugeMetricFamily("xlb_conn_table_capacity", "connection-table size")
+        cap = GaugeMetricFamily(
+            "xlb_conn_table_capacity", "connection-table slots (sets x 8 ways)"
+        )
         cap.add_metric([], rt.stats.conn_table_capacity)
         yield cap
 

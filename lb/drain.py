@@ -2,43 +2,36 @@
 
 A draining backend is out of the ring and keeps its tracked flows; it is drained once the
 connection table tracks no live flow of the VIP to it. An entry counts when it names the
-backend's index, carries the VIP's destination (address, protocol, and port unless the VIP
-is on every port), and is live:
+backend's index and the VIP's number (as vip_map holds it) and is live:
 
-- TCP: open (atime 0), or closing (the client sent FIN or RST, atime = when; see
-  xdp/balancer.c) for less than `closing_grace_s`;
+- TCP: open (not closing), or closing (the client sent FIN or RST; the data plane marks the
+  entry and keeps refreshing its stamp, xdp/balancer.c) and seen less than
+  `closing_grace_s` ago;
 - UDP: seen within the UDP idle timeout of lb_cfg (30 s when unset).
 
-The walk is one BPF_MAP_LOOKUP_BATCH per 4096 entries (lb.stats); it is a snapshot, so a
-flow that starts or ends meanwhile may be missed or counted once more.
+Ages come from the entries' stamps, in units of 16.78 ms (docs/conn-table.md). The scan is
+numpy over the table mapped into this process (lb.conntab); it is a snapshot, so a flow that
+starts or ends meanwhile may be missed or counted once more.
 """
 
 from __future__ import annotations
 
-import ctypes
-import socket
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lb.consts import FAMILY_V4, FAMILY_V6
+from lb.conntab import ConnTable, udp_timeout_ns
 from lb.model import VipSpec
-from lb.stats import BATCH, lookup_batch
 
 if TYPE_CHECKING:
     from lb.dataplane import Balancer
 
-#: A closing TCP entry counts this long after the client's FIN or RST (the last ACKs).
+#: A closing TCP entry counts this long after the client's last FIN or RST (the last ACKs).
 CLOSING_GRACE_S = 2.0
-#: UDP idle timeout when lb_cfg holds none (UDP_TIMEOUT_DEFAULT_S in xdp/consts.h).
-UDP_TIMEOUT_DEFAULT_S = 30.0
-
-_NS = 1_000_000_000
 
 
-def udp_timeout_ns(balancer: Balancer) -> int:
-    """The UDP idle timeout the data plane applies, in nanoseconds."""
-    leaf = balancer.lb_cfg[balancer.lb_cfg.Key(0)]
-    return int(leaf.udp_timeout_ns) or int(UDP_TIMEOUT_DEFAULT_S * _NS)
+def vip_number(balancer: Balancer, vip: VipSpec) -> int | None:
+    """The VIP's number as the data plane holds it (None: not programmed)."""
+    leaf = balancer.vip_map.get(balancer.vip_key(vip.address, vip.port, vip.protocol))
+    return None if leaf is None else int(leaf.vip_num)
 
 
 def count_flows(
@@ -47,34 +40,20 @@ def count_flows(
     real_idx: int,
     *,
     closing_grace_s: float = CLOSING_GRACE_S,
-    now_ns: int | None = None,
+    later_s: float = 0.0,
+    table: ConnTable | None = None,
 ) -> int:
-    """Live flows of `vip` that the connection table sends to backend `real_idx`."""
-    now = time.monotonic_ns() if now_ns is None else now_ns  # bpf_ktime_get_ns's clock
-    udp_ns = udp_timeout_ns(balancer)
-    grace_ns = int(closing_grace_s * _NS)
-    family = FAMILY_V4 if vip.address.version == 4 else FAMILY_V6
-    dst = vip.address.packed.ljust(16, b"\0")
-    proto = socket.IPPROTO_TCP if vip.protocol == "tcp" else socket.IPPROTO_UDP
-    port = socket.htons(vip.port)
-    n = 0
-    table: Any = balancer.conn_table
-    for keys, values, count in lookup_batch(table, BATCH, want_values=True):
-        for i in range(count):
-            v = values[i]
-            if int(v.real_idx) != real_idx:
-                continue
-            k = keys[i]
-            if int(k.family) != family or int(k.proto) != proto:
-                continue
-            if vip.port and int(k.dport) != port:
-                continue
-            if ctypes.string_at(ctypes.addressof(k.dst), 16) != dst:
-                continue
-            atime = int(v.atime)
-            if proto == socket.IPPROTO_TCP:
-                live = atime == 0 or now - atime < grace_ns
-            else:
-                live = now - atime < udp_ns
-            n += live
-    return n
+    """Live flows of `vip` that the connection table sends to backend `real_idx`.
+
+    `later_s` counts as if that many seconds had passed without a packet (for tests);
+    `table` reuses a mapping of the connection table (one is made otherwise).
+    """
+    num = vip_number(balancer, vip)
+    if num is None:
+        return 0
+    e = (table or ConnTable(balancer)).entries()
+    mine = (e.real_idx == real_idx) & (e.vip_num == num)
+    age = e.age_s + later_s
+    udp_s = udp_timeout_ns(balancer) / 1e9
+    live = (e.udp & (age <= udp_s)) | (~e.udp & (~e.closing | (age < closing_grace_s)))
+    return int((mine & live).sum())

@@ -10,10 +10,14 @@ counter's delta during the run confirms it.
 Side effects, and how they are undone:
 
 - TCP: the packet is an ACK, never a SYN, so it is explained as the flow's next packet.
-- A run that misses the table may insert the flow (UDP always does; TCP may on a miss, as
-  Katran does). When the flow had no entry before the run, its entry is deleted afterwards,
-  so explaining leaves no trace. A real packet of the very same flow arriving during the
+- A run that misses the table inserts the flow (any miss but a TCP RST does, as Katran
+  does). When the flow had no entry before the run, its entry is deleted afterwards, so
+  explaining leaves no trace. A real packet of the very same flow arriving during the
   microseconds of the run would lose its fresh entry and be re-hashed to the same backend.
+  The insert may have taken the slot of another flow of the same set (a full set evicts its
+  least recently seen flow); that flow is re-hashed on its next packet, as after any
+  eviction.
+- A hit refreshes the entry's stamp, as the flow's next packet would.
 - Counters: the run counts like a real packet (one packet and its bytes on the VIP and the
   backend, the global verdict counters). Explaining is rare; the counters are not rolled
   back, since per-CPU counters cannot be decremented safely while the program runs.
@@ -21,17 +25,18 @@ Side effects, and how they are undone:
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from lb.conntab import ConnTable
 from lb.consts import VERDICT_NAMES, XDP_PASS, XDP_TX
-from lb.dataplane import PROTO_NUMBERS, Balancer, family_of, set_addr
+from lb.dataplane import PROTO_NUMBERS, Balancer
 from lb.errors import InvalidInput
+from lb.flowhash import Flow5
 from lb.stats import StatsReader
 from lb.testrun import TestRunner
 
@@ -161,15 +166,9 @@ class Explainer:
         self._b = balancer
         self._reader = reader or StatsReader(balancer)
 
-    def _flow_key(self, flow: Flow) -> Any:
-        k = self._b.conn_table.Key()
-        set_addr(k.src, flow.source)
-        set_addr(k.dst, flow.destination)
-        k.sport = socket.htons(flow.source_port)
-        k.dport = socket.htons(flow.destination_port)
-        k.proto = PROTO_NUMBERS[flow.protocol]
-        k.family = family_of(flow.source)
-        return k
+    def _flow5(self, flow: Flow) -> Flow5:
+        return Flow5(flow.source, flow.destination, flow.source_port, flow.destination_port,
+                     PROTO_NUMBERS[flow.protocol])
 
     def _vip_id(self, flow: Flow) -> str | None:
         vip_map = self._b.vip_map
@@ -185,27 +184,25 @@ class Explainer:
             return f"{flow.protocol}:{host}:{port}"
         return None
 
-    def _conn_entry(self, key: Any) -> int | None:
-        try:
-            return int(self._b.conn_table[key].real_idx)
-        except KeyError:
-            return None
+    def _conn_entry(self, table: ConnTable, flow: Flow5) -> int | None:
+        entry = table.lookup(flow)
+        return None if entry is None else entry.real_idx
 
     def _glob_totals(self) -> dict[str, int]:
         return {name: sum(v) for name, v in self._reader.glob().items()}
 
     def explain(self, flow: Flow) -> Explanation:
         """Run one packet of `flow` through the live program and tell what happened."""
-        key = self._flow_key(flow)
+        key = self._flow5(flow)
         names = {i: a for a, i in self._reader.real_indices().items()}
+        table = self._reader.conn_table()
         with _lock:
-            before_idx = self._conn_entry(key)
+            before_idx = self._conn_entry(table, key)
             before = self._glob_totals()
             result = TestRunner(self._b.prog_fd).run(build_packet(flow))
             after = self._glob_totals()
-            if before_idx is None and self._conn_entry(key) is not None:
-                with contextlib.suppress(KeyError):
-                    del self._b.conn_table[key]
+            if before_idx is None:
+                table.delete(key)
         moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
         verdict = VERDICT_NAMES.get(result.verdict, str(result.verdict))
         vip = self._vip_id(flow)

@@ -8,10 +8,10 @@ the data plane itself uses, never a copy of the control plane's bookkeeping.
 `RateSampler` keeps a small ring of totals taken every few seconds; a rate is the change
 between the newest sample and the oldest one inside the window.
 
-Connection-table usage is counted with BPF_MAP_LOOKUP_BATCH (one syscall per 4096 entries,
-no per-entry Python work). It is a snapshot, not an atomic count: entries the data plane adds
-or the LRU evicts during the walk may be missed or counted once more, so callers report it as
-an estimate.
+Connection-table usage is counted over the table mapped into this process (lb.conntab, numpy
+over the mapping, no syscall). It is a snapshot, not an atomic count: slots the data plane
+writes during the scan may be missed or counted once more, so callers report it as an
+estimate.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb import bpf
+from lb.bpf import map_info
+from lb.conntab import ConnTable
 from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
 from lb.dataplane import Balancer, get_addr
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
-#: Entries fetched per BPF_MAP_LOOKUP_BATCH call when counting or scanning a map.
+#: Entries fetched per BPF_MAP_LOOKUP_BATCH call when scanning a map.
 BATCH = 4096
 
 PerCpu = tuple[int, ...]
@@ -70,6 +72,8 @@ class StatsReader:
         self._conn_ttl = conn_count_ttl
         self._conn_cache: tuple[float, int] | None = None
         self._conn_lock = threading.Lock()
+        self._conn_table: ConnTable | None = None
+        self._map_lock = threading.Lock()
 
     def glob(self) -> dict[str, PerCpu]:
         """Global counters by their C name (lb.consts.GLOB_STATS), per CPU."""
@@ -131,14 +135,24 @@ class StatsReader:
             now = time.monotonic()
             if self._conn_cache is not None and now - self._conn_cache[0] < self._conn_ttl:
                 return self._conn_cache[1]
-            n = count_entries(self._b.conn_table)
+            n = self.conn_table().count()
             self._conn_cache = (now, n)
             return n
 
+    def conn_table(self) -> ConnTable:
+        """The connection table mapped into this process (mapped again after an upgrade
+        brought another map)."""
+        with self._map_lock:
+            current = map_info(int(self._b.conn_table.map_fd)).id
+            if self._conn_table is None or self._conn_table.map_id != current:
+                # The old mapping goes with its last user (never unmapped under a reader).
+                self._conn_table = ConnTable(self._b)
+            return self._conn_table
+
     @property
     def conn_table_capacity(self) -> int:
-        """Entries the connection table can hold."""
-        return int(self._b.config.conn_table_size)
+        """Slots of the connection table (sets x ways: conn_table_size rounded up)."""
+        return int(self._b.config.conn_capacity)
 
 
 def _fields(table: Any) -> tuple[str, ...]:
@@ -170,11 +184,6 @@ def lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[An
             return
         in_batch.value = out_batch.value
         first = False
-
-
-def count_entries(table: Any) -> int:
-    """Number of entries of a hash map, by batch lookups."""
-    return sum(n for _, _, n in lookup_batch(table, BATCH, want_values=False))
 
 
 def _array_items(table: Any) -> Iterable[tuple[int, Any]]:

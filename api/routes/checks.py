@@ -89,7 +89,8 @@ def get_flows(
     balancer = rt.extra.get("balancer")
     if balancer is None:
         raise NotReady("no data plane is loaded: flows cannot be counted")
-    flows = count_flows(balancer, vip, control.backend_index(b.identity))
+    table = rt.stats.conn_table() if rt.stats is not None else None
+    flows = count_flows(balancer, vip, control.backend_index(b.identity), table=table)
     return FlowsPublic(
         vip_id=vip.id, address=b.identity, state=b.state, flows=flows,
         drained=b.state != "active" and flows == 0,

@@ -31,7 +31,7 @@ class ConnTablePublic(BaseModel):
     """Connection-table usage and lookups."""
 
     entries: int = Field(description="entries now (a snapshot count: an estimate under load)")
-    capacity: int
+    capacity: int = Field(description="slots: sets x 8 ways (conn_table_size rounded up)")
     hits: int = Field(description="STAT_LRU_HIT")
     misses: int = Field(description="STAT_LRU_MISS_SYN + STAT_LRU_MISS_OTHER")
 

@@ -3,16 +3,17 @@ program with BPF_PROG_TEST_RUN)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from lb.conntab import ConnTable
 from lb.drain import count_flows
+from lb.flowhash import Flow5
 from lb.model import BackendSpec, VipSpec
 from tests.dataplane import packets as P
-from tests.dataplane.lab import Flow, Lab
+from tests.dataplane.lab import Lab
 
 pytestmark = pytest.mark.bpf
 
@@ -51,19 +52,36 @@ def test_open_tcp_flows_count_until_the_client_closes(lab: Lab) -> None:
     assert count_flows(lab.b, TCP_VIP, 1) == 2
     assert count_flows(lab.b, TCP_VIP, 2) == 0, "flows of another backend do not count"
     assert count_flows(lab.b, UDP_VIP, 1) == 0, "flows of another VIP do not count"
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=3600) == 2, "open flows count however idle"
     _send(lab, P.tcp4(sport=40000, flags="FA"))
     _send(lab, P.tcp4(sport=40001, flags="R"))
-    entry = lab.lookup_conn(Flow(P.CLIENT4, P.VIP4, 40000, 80))
-    assert entry is not None and entry[1] != 0, "a client FIN marks the entry closing"
+    with ConnTable(lab.b) as table:
+        entry = table.lookup(Flow5.of(P.CLIENT4, P.VIP4, 40000, 80, "tcp"))
+    assert entry is not None and entry.closing, "a client FIN marks the entry closing"
     assert count_flows(lab.b, TCP_VIP, 1) == 2, "closing flows count for a grace period"
-    later = time.monotonic_ns() + 3_000_000_000
-    assert count_flows(lab.b, TCP_VIP, 1, now_ns=later) == 0
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=3) == 0
     _send(lab, P.tcp4(sport=40000))
-    assert count_flows(lab.b, TCP_VIP, 1, now_ns=later) == 1, "a new SYN reopens the entry"
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=3) == 1, "a new SYN reopens the entry"
 
 
 def test_udp_flows_count_within_the_idle_timeout(lab: Lab) -> None:
     _send(lab, P.udp4(dport=53))
     assert count_flows(lab.b, UDP_VIP, 1) == 1
-    later = time.monotonic_ns() + 31_000_000_000
-    assert count_flows(lab.b, UDP_VIP, 1, now_ns=later) == 0
+    assert count_flows(lab.b, UDP_VIP, 1, later_s=31) == 0
+
+
+def test_entries_written_by_the_control_plane_count_by_their_age(lab: Lab) -> None:
+    with ConnTable(lab.b) as table:
+        for sport, age in ((1000, 0.5), (1001, 29.0), (1002, 31.0)):
+            table.insert(Flow5.of(P.CLIENT4, P.VIP4, sport, 53, "udp"), 1, 2, udp=True,
+                         age_s=age)
+        for sport, age in ((2000, 0.5), (2001, 5.0)):
+            table.insert(Flow5.of(P.CLIENT4, P.VIP4, sport, 80, "tcp"), 1, 1, closing=True,
+                         age_s=age)
+        table.insert(Flow5.of(P.CLIENT4, P.VIP4, 2002, 80, "tcp"), 1, 1, age_s=600.0)
+        table.insert(Flow5.of(P.CLIENT4, P.VIP4, 2003, 80, "tcp"), 1, 7)
+        assert count_flows(lab.b, UDP_VIP, 1, table=table) == 2, "UDP within 30 s"
+        assert count_flows(lab.b, TCP_VIP, 1, table=table) == 2, (
+            "an open flow and one closing for less than the grace (not another VIP's)")
+    unknown = VipSpec(protocol="tcp", address=P.VIP4, port=8080)
+    assert count_flows(lab.b, unknown, 1) == 0, "a VIP the data plane lacks has no flows"

@@ -12,8 +12,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from lb.consts import FAMILY_V4, STAT_INDEX, XDP_TX
+from lb.conntab import ConnTable
+from lb.consts import STAT_INDEX, XDP_TX
 from lb.dataplane import Balancer, set_addr
+from lb.flowhash import Flow5
 
 VIP = ipaddress.IPv4Address("198.18.0.10")
 CLIENT = ipaddress.IPv4Address("198.18.2.1")
@@ -41,14 +43,8 @@ def write_config(
     return path
 
 
-def conn_key(b: Balancer) -> Any:
-    """The connection-table key of the test flow (5-tuple as the client sent it)."""
-    k = b.conn_table.Key()
-    set_addr(k.src, CLIENT)
-    set_addr(k.dst, VIP)
-    k.sport, k.dport = socket.htons(SPORT), socket.htons(DPORT)
-    k.proto, k.family = socket.IPPROTO_TCP, FAMILY_V4
-    return k
+#: The test flow (5-tuple as the client sent it).
+FLOW = Flow5(CLIENT, VIP, SPORT, DPORT, socket.IPPROTO_TCP)
 
 
 def seed(b: Balancer) -> None:
@@ -63,9 +59,8 @@ def seed(b: Balancer) -> None:
     meta = b.vip_map.Leaf()
     meta.vip_num = 0
     b.vip_map[b.vip_key(VIP, DPORT, "tcp")] = meta
-    conn = b.conn_table.Leaf()
-    conn.real_idx = 2
-    b.conn_table[conn_key(b)] = conn
+    with ConnTable(b) as table:
+        table.insert(FLOW, 2, 0)
     hits = b.glob_stats.Leaf()
     hits[0] = SEEDED_HITS
     b.glob_stats[b.glob_stats.Key(LRU_HIT)] = hits
@@ -76,9 +71,10 @@ def seed(b: Balancer) -> None:
 
 def snapshot(b: Balancer) -> dict[str, Any]:
     """What a restart must keep: the tracked flow, the VIP, the ring, the counters."""
-    conn = b.conn_table.get(conn_key(b))
+    with ConnTable(b) as table:
+        conn = table.lookup(FLOW)
     return {
-        "conn_real": None if conn is None else int(conn.real_idx),
+        "conn_real": None if conn is None else conn.real_idx,
         "vip_present": b.vip_map.get(b.vip_key(VIP, DPORT, "tcp")) is not None,
         "ring_slot_0": int(b.ch_rings[b.ch_rings.Key(0)].value),
         "lru_hits": sum(int(v) for v in b.glob_stats[b.glob_stats.Key(LRU_HIT)]),

@@ -83,7 +83,7 @@ def test_incompatible_pins_are_refused_with_what_differs(pin_dir: Path) -> None:
     msg, want = exc.value.detail, TEST_CONFIG.max_vips * TEST_CONFIG.ring_size
     for part in (f"ch_rings: max_entries {ring} pinned, {want} configured"
                  " (dataplane.max_vips x dataplane.ring_size)",
-                 "conn_table: type hash pinned, lru_hash in the program",
+                 "conn_table: type hash pinned, array in the program",
                  "--repin", f"rm -r {pin_dir}"):
         assert part in msg, f"message lacks {part!r}: {msg}"  # fmt: skip
     assert re.search(r"lb_cfg: value_size 8 pinned, \d+ in the program", msg), msg
@@ -93,6 +93,26 @@ def test_incompatible_pins_are_refused_with_what_differs(pin_dir: Path) -> None:
     with loaded_balancer(TEST_CONFIG, pin_dir=pin_dir, repin=True) as b:
         assert pinned_map_info(pin_dir / "ch_rings").max_entries == want, "--repin made new pins"
         assert b.map_ids()["conn_table"] == pinned_map_info(pin_dir / "conn_table").id
+
+
+def test_an_old_lru_connection_table_pin_is_refused_in_one_clear_line(pin_dir: Path) -> None:
+    # The connection table as data planes before docs/conn-table.md pinned it.
+    from bcc import BPF
+
+    old = BPF(text=f"""
+        struct flow_key {{ u32 src[4]; u32 dst[4]; u16 sport; u16 dport; u8 proto; u8 family;
+                           u16 pad; }};
+        struct conn_val {{ u32 real_idx; u32 pad; u64 atime; }};
+        BPF_TABLE_PINNED("lru_hash", struct flow_key, struct conn_val, conn_table, 65536,
+                         "{pin_dir}/conn_table", 2);
+    """.encode())  # fmt: skip
+    old.cleanup()
+    with pytest.raises(IncompatiblePins) as exc:
+        Balancer(TEST_CONFIG, pin_dir=pin_dir)
+    msg = exc.value.detail
+    assert "conn_table: the pinned connection table is the LRU hash of an older data plane" in msg
+    assert msg.count("conn_table:") == 1, f"one line for the old table, not one per field: {msg}"
+    assert "--repin" in msg and exc.value.field == "pin_dir"
 
 
 @pytest.mark.netns
