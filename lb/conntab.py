@@ -29,6 +29,7 @@ import ctypes.util
 import mmap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -304,6 +305,26 @@ class ConnTable:
             if int(self._w[s, way, 0]) == tag:
                 gone |= _atomic.cas(self._addr(s, way, 0), tag, CONN_TAG_EMPTY)
         return gone
+
+    @contextmanager
+    def restoring(self, flow: Flow5) -> Iterator[None]:
+        """Put the flow's set back as it was on entry, where the flow's entry now sits.
+
+        For a packet run that must leave no trace (lb.explain): the slot the program wrote
+        the flow into gets its previous content back, a flow it evicted included. Slots the
+        data plane rewrote for other flows meanwhile are left alone.
+        """
+        s, tag = conn_index(flow, self.sets), conn_tag(flow)
+        before = self._w[s].copy()
+        try:
+            yield
+        finally:
+            for way in range(CONN_WAYS):
+                old_tag, old_meta = int(before[way, 0]), int(before[way, 1])
+                if old_tag == tag or not _atomic.cas(self._addr(s, way, 0), tag, CONN_TAG_BUSY):
+                    continue
+                self._w[s, way, 1] = old_meta
+                self._w[s, way, 0] = old_tag
 
     def clear(self) -> None:
         """Empty every slot (plain stores: a flow the data plane writes meanwhile may stay)."""

@@ -11,12 +11,11 @@ Side effects, and how they are undone:
 
 - TCP: the packet is an ACK, never a SYN, so it is explained as the flow's next packet.
 - A run that misses the table inserts the flow (any miss but a TCP RST does, as Katran
-  does). When the flow had no entry before the run, its entry is deleted afterwards, so
-  explaining leaves no trace. A real packet of the very same flow arriving during the
-  microseconds of the run would lose its fresh entry and be re-hashed to the same backend.
-  The insert may have taken the slot of another flow of the same set (a full set evicts its
-  least recently seen flow); that flow is re-hashed on its next packet, as after any
-  eviction.
+  does), possibly in the slot of another flow of its set (a full set evicts its least
+  recently seen flow). When the flow had no entry before the run, the slot gets its previous
+  content back afterwards (ConnTable.restoring), so explaining leaves no trace. A real
+  packet of the very same flow arriving during the microseconds of the run would lose its
+  fresh entry and be re-hashed to the same backend.
 - A hit refreshes the entry's stamp, as the flow's next packet would.
 - Counters: the run counts like a real packet (one packet and its bytes on the VIP and the
   backend, the global verdict counters). Explaining is rare; the counters are not rolled
@@ -25,6 +24,7 @@ Side effects, and how they are undone:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -198,11 +198,11 @@ class Explainer:
         table = self._reader.conn_table()
         with _lock:
             before_idx = self._conn_entry(table, key)
-            before = self._glob_totals()
-            result = TestRunner(self._b.prog_fd).run(build_packet(flow))
-            after = self._glob_totals()
-            if before_idx is None:
-                table.delete(key)
+            undo = table.restoring(key) if before_idx is None else contextlib.nullcontext()
+            with undo:
+                before = self._glob_totals()
+                result = TestRunner(self._b.prog_fd).run(build_packet(flow))
+                after = self._glob_totals()
         moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
         verdict = VERDICT_NAMES.get(result.verdict, str(result.verdict))
         vip = self._vip_id(flow)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from lb.conntab import ConnTable
 from lb.explain import Flow, build_packet
+from lb.flowhash import Flow5, Flows, conn_index, conn_index_many
 from lb.testrun import TestRunner
 from tests.api.conftest import Served, assert_problem
 
@@ -103,6 +105,24 @@ def test_explain_udp_removes_the_entry_it_made(lb: Served) -> None:
     e = _explain(lb, "udp", 5353, 53)
     assert e["reason"] == "ring" and e["backend"] in BACKENDS
     assert _entries(lb) == 0
+
+
+def test_explain_in_a_full_set_leaves_the_set_as_it_was(lb: Served) -> None:
+    flow = Flow5.of("198.18.2.1", "198.18.0.10", 5353, 53, "udp")
+    with ConnTable(lb.balancer) as table:
+        ports = np.arange(1024, 65536)
+        cands = Flows.v4(int(flow.src), int(flow.dst), ports, 53, flow.proto)
+        same = ports[conn_index_many(cands, table.sets) == conn_index(flow, table.sets)]
+        mates = [Flow5(flow.src, flow.dst, int(p), 53, flow.proto) for p in same[:9]
+                 if p != flow.sport][:8]
+        num, idx = lb.control.vip_number("udp:198.18.0.10:53"), lb.control.backend_index(
+            BACKENDS[0])
+        for age, m in enumerate(mates):
+            table.insert(m, idx, num, udp=True, age_s=age + 1.0)
+        e = _explain(lb, "udp", 5353, 53)
+        assert e["reason"] == "ring" and e["in_conn_table"] is False
+        assert table.lookup(flow) is None, "explain left its entry"
+        assert all(table.lookup(m) is not None for m in mates), "explain evicted a tracked flow"
 
 
 def test_explain_not_a_vip(lb: Served) -> None:

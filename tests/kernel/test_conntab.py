@@ -311,11 +311,38 @@ def test_slot_words_are_never_left_busy(bed: Bed) -> None:
 
 
 def _set_mates(flow: Flow5, sets: int, n: int) -> list[Flow5]:
-    """`n` other flows from the same client to the same VIP and port in `flow`'s set."""
-    ports = np.arange(1024, 65536)
-    cands = Flows.v4(int(flow.src), int(flow.dst), ports, flow.dport, flow.proto)
-    hit = ports[conn_index_many(cands, sets) == conn_index(flow, sets)]
-    mates = [Flow5(flow.src, flow.dst, int(p), flow.dport, flow.proto) for p in hit
-             if p != flow.sport]
+    """`n` other flows to the same VIP and port in `flow`'s set, from `flow`'s client and the
+    next few addresses (every source port), in a fixed order."""
+    ports = np.tile(np.arange(1024, 65536), 4)
+    clients = int(flow.src) + np.repeat(np.arange(4), 65536 - 1024)
+    cands = Flows.v4(clients, int(flow.dst), ports, flow.dport, flow.proto)
+    hit = np.flatnonzero(conn_index_many(cands, sets) == conn_index(flow, sets))
+    mates = [Flow5(ipaddress.IPv4Address(int(clients[i])), flow.dst, int(ports[i]), flow.dport,
+                   flow.proto) for i in hit]
+    mates = [m for m in mates if m != flow]
     assert len(mates) >= n
     return mates[:n]
+
+
+def test_restoring_puts_back_the_flow_a_run_evicted(bed: Bed) -> None:
+    flow = bed.flow(4, "udp", sport=40400)
+    mates = _set_mates(flow, bed.table.sets, 8)
+    num = VIP_NUMS[(4, "udp")]
+    for i, m in enumerate(mates):
+        bed.table.insert(m, CONN[4][0], num, udp=True, age_s=1.0 + i)
+    s = conn_index(flow, bed.table.sets)
+    before = [(int(w.tag), int(w.meta)) for w in bed.b.conn_table[bed.b.conn_table.Key(s)].way]
+    evictions = bed.counter("STAT_CONN_EVICT")
+    with bed.table.restoring(flow):
+        assert bed.send(flow) == str(RING[4][1])
+        assert bed.table.lookup(flow) is not None and bed.table.lookup(mates[7]) is None
+    assert bed.counter("STAT_CONN_EVICT") == evictions + 1, "the run evicted the oldest"
+    after = [(int(w.tag), int(w.meta)) for w in bed.b.conn_table[bed.b.conn_table.Key(s)].way]
+    assert after == before, "the set is not as it was before the run"
+    with bed.table.restoring(bed.flow(6, "tcp", sport=40401)):
+        bed.send(bed.flow(6, "tcp", sport=40401))
+    assert bed.table.count() == 8, "a run into a free slot leaves it free again"
+
+
+def test_capacity_is_sets_times_ways(bed: Bed) -> None:
+    assert bed.table.capacity == bed.table.sets * 8 == bed.b.config.conn_capacity
