@@ -4,6 +4,7 @@ writes steers the program's next packet (docs/conn-table.md)."""
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import random
 import re
@@ -17,7 +18,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from lb import flowhash
+from lb import conntab, flowhash
 from lb.config import RuntimeConfig, xdp_source_dir
 from lb.conntab import STAMP_S, ConnTable
 from lb.consts import (
@@ -346,3 +347,12 @@ def test_restoring_puts_back_the_flow_a_run_evicted(bed: Bed) -> None:
 
 def test_capacity_is_sets_times_ways(bed: Bed) -> None:
     assert bed.table.capacity == bed.table.sets * 8 == bed.b.config.conn_capacity
+
+
+def test_compare_and_swap_with_libatomic_and_its_fallback() -> None:
+    fallback = conntab._Atomic()
+    fallback._cas = None
+    for atomic in (conntab._atomic, fallback):
+        word = ctypes.c_uint64(5)
+        assert atomic.cas(ctypes.addressof(word), 5, 1 << 63) and word.value == 1 << 63
+        assert not atomic.cas(ctypes.addressof(word), 5, 9) and word.value == 1 << 63
