@@ -1,10 +1,11 @@
 """The data plane's flow hashes in Python, bit for bit (xdp/hash.h).
 
-`hash_flow` is the hash whose value modulo the ring size picks a Maglev slot; `conn_hash` is
-the same hash with another initval, from which the connection table takes a flow's set index
-and tag (docs/conn-table.md). Both read a 5-tuple the way the program reads `struct
-flow_key`: every word is the u32 of the packet's network-order bytes in host order
-(little-endian), and `ports` is the word holding the source port then the destination port.
+`hash_flow` is the hash whose value modulo the ring size picks a Maglev slot; `conn_hash2`
+is the same hash with another initval, returning both of lookup3's results (c, b), from
+which the connection table takes a flow's set index and tag (docs/conn-table.md). Both read
+a 5-tuple the way the program reads `struct flow_key`: every word is the u32 of the packet's
+network-order bytes in host order (little-endian), and `ports` is the word holding the
+source port then the destination port.
 
 Each hash has a vectorised twin over `Flows` (numpy arrays of many flows of one family), for
 filling or scanning millions of connection-table entries; tests check the two agree.
@@ -23,8 +24,7 @@ from numpy.typing import NDArray
 
 from lb.consts import (
     CONN_SEED_INDEX,
-    CONN_SEED_TAG_HI,
-    CONN_SEED_TAG_LO,
+    CONN_SEED_TAG,
     CONN_TAG_SET,
     FAMILY_V4,
     FAMILY_V6,
@@ -97,7 +97,8 @@ def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
     return a, b, c
 
 
-def _final(a: int, b: int, c: int) -> int:
+def _final2(a: int, b: int, c: int) -> tuple[int, int]:
+    """lookup3's final(): (c, b), the primary result and the second one."""
     c = ((c ^ b) - _rol(b, 14)) & _M
     a = ((a ^ c) - _rol(c, 11)) & _M
     b = ((b ^ a) - _rol(a, 25)) & _M
@@ -105,26 +106,40 @@ def _final(a: int, b: int, c: int) -> int:
     a = ((a ^ c) - _rol(c, 4)) & _M
     b = ((b ^ a) - _rol(a, 14)) & _M
     c = ((c ^ b) - _rol(b, 24)) & _M
-    return c
+    return c, b
+
+
+def _final(a: int, b: int, c: int) -> int:
+    return _final2(a, b, c)[0]
+
+
+def jhash_3words2(a: int, b: int, c: int, initval: int) -> tuple[int, int]:
+    """The kernel's jhash_3words(), and lookup3's second result: (c, b)."""
+    iv = (initval + HASH_JHASH_INITVAL + (3 << 2)) & _M
+    return _final2((a + iv) & _M, (b + iv) & _M, (c + iv) & _M)
 
 
 def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
     """The kernel's jhash_3words()."""
-    iv = (initval + HASH_JHASH_INITVAL + (3 << 2)) & _M
-    return _final((a + iv) & _M, (b + iv) & _M, (c + iv) & _M)
+    return jhash_3words2(a, b, c, initval)[0]
 
 
-def jhash2(words: list[int], initval: int) -> int:
-    """The kernel's jhash2() over any number of u32 words."""
+def jhash2_2(words: list[int], initval: int) -> tuple[int, int]:
+    """The kernel's jhash2() over any number of u32 words, and lookup3's second result."""
     a = b = c = (HASH_JHASH_INITVAL + (len(words) << 2) + initval) & _M
     k = list(words)
     while len(k) > 3:
         a, b, c = _mix((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
         k = k[3:]
     if not k:
-        return c
+        return c, b
     k += [0] * (3 - len(k))
-    return _final((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
+    return _final2((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
+
+
+def jhash2(words: list[int], initval: int) -> int:
+    """The kernel's jhash2() over any number of u32 words."""
+    return jhash2_2(words, initval)[0]
 
 
 def addr_words(addr: IPAddress) -> tuple[int, int, int, int]:
@@ -139,10 +154,14 @@ def ports_word(sport: int, dport: int) -> int:
     return word
 
 
-def _hash5(flow: Flow5, ports: int, initval: int) -> int:
+def _hash5_2(flow: Flow5, ports: int, initval: int) -> tuple[int, int]:
     if flow.src.version == 4:
-        return jhash_3words(addr_words(flow.src)[0], addr_words(flow.dst)[0], ports, initval)
-    return jhash2([*addr_words(flow.src), *addr_words(flow.dst), ports], initval)
+        return jhash_3words2(addr_words(flow.src)[0], addr_words(flow.dst)[0], ports, initval)
+    return jhash2_2([*addr_words(flow.src), *addr_words(flow.dst), ports], initval)
+
+
+def _hash5(flow: Flow5, ports: int, initval: int) -> int:
+    return _hash5_2(flow, ports, initval)[0]
 
 
 def hash_flow(flow: Flow5, *, src_only: bool = False) -> int:
@@ -151,20 +170,22 @@ def hash_flow(flow: Flow5, *, src_only: bool = False) -> int:
     return _hash5(flow, ports, (HASH_SEED + flow.proto) & _M)
 
 
-def conn_hash(flow: Flow5, seed: int) -> int:
-    """hash.h `conn_hash`: the full 5-tuple hashed with initval seed + proto + (family << 8)."""
+def conn_hash2(flow: Flow5, seed: int) -> tuple[int, int]:
+    """hash.h `conn_hash2`: the full 5-tuple hashed with initval seed + proto + (family << 8);
+    (c, b), lookup3's primary and second results."""
     initval = (seed + flow.proto + (flow.family << 8)) & _M
-    return _hash5(flow, ports_word(flow.sport, flow.dport), initval)
+    return _hash5_2(flow, ports_word(flow.sport, flow.dport), initval)
 
 
 def conn_index(flow: Flow5, sets: int) -> int:
     """The flow's set in a connection table of `sets` sets (a power of two)."""
-    return conn_hash(flow, CONN_SEED_INDEX) & (sets - 1)
+    return conn_hash2(flow, CONN_SEED_INDEX)[0] & (sets - 1)
 
 
 def conn_tag(flow: Flow5) -> int:
     """The flow's 64-bit tag in the connection table (never CONN_TAG_EMPTY or _BUSY)."""
-    hi, lo = conn_hash(flow, CONN_SEED_TAG_HI), conn_hash(flow, CONN_SEED_TAG_LO)
+    hi = conn_hash2(flow, CONN_SEED_INDEX)[1]
+    lo = conn_hash2(flow, CONN_SEED_TAG)[0]
     return (hi << 32 | lo) | CONN_TAG_SET
 
 
@@ -244,14 +265,14 @@ def _mix_np(a: U32, b: U32, c: U32) -> tuple[U32, U32, U32]:
     return a, b, c
 
 
-def _final_np(a: U32, b: U32, c: U32) -> U32:
+def _final2_np(a: U32, b: U32, c: U32) -> tuple[U32, U32]:
     c = (c ^ b) - _rol_np(b, 14)
     a = (a ^ c) - _rol_np(c, 11)
     b = (b ^ a) - _rol_np(a, 25)
     c = (c ^ b) - _rol_np(b, 16)
     a = (a ^ c) - _rol_np(c, 4)
     b = (b ^ a) - _rol_np(a, 14)
-    return (c ^ b) - _rol_np(b, 24)
+    return (c ^ b) - _rol_np(b, 24), b
 
 
 def _ports_np(flows: Flows) -> U32:
@@ -260,15 +281,19 @@ def _ports_np(flows: Flows) -> U32:
     return sport | (dport << np.uint32(16))
 
 
-def _hash5_np(flows: Flows, ports: U32, initval: U32) -> U32:
+def _hash5_2_np(flows: Flows, ports: U32, initval: U32) -> tuple[U32, U32]:
     s, d = flows.src, flows.dst
     if flows.version == 4:
         iv = initval + np.uint32((HASH_JHASH_INITVAL + (3 << 2)) & _M)
-        return _final_np(s[:, 0] + iv, d[:, 0] + iv, ports + iv)
+        return _final2_np(s[:, 0] + iv, d[:, 0] + iv, ports + iv)
     a = b = c = initval + np.uint32((HASH_JHASH_INITVAL + (9 << 2)) & _M)
     a, b, c = _mix_np(a + s[:, 0], b + s[:, 1], c + s[:, 2])
     a, b, c = _mix_np(a + s[:, 3], b + d[:, 0], c + d[:, 1])
-    return _final_np(a + d[:, 2], b + d[:, 3], c + ports)
+    return _final2_np(a + d[:, 2], b + d[:, 3], c + ports)
+
+
+def _hash5_np(flows: Flows, ports: U32, initval: U32) -> U32:
+    return _hash5_2_np(flows, ports, initval)[0]
 
 
 def _initval_np(flows: Flows, seed: int) -> U32:
@@ -282,18 +307,18 @@ def hash_flow_many(flows: Flows, *, src_only: bool = False) -> U32:
     return _hash5_np(flows, ports, flows.proto.astype(np.uint32) + np.uint32(HASH_SEED))
 
 
-def conn_hash_many(flows: Flows, seed: int) -> U32:
-    """`conn_hash` of every flow."""
-    return _hash5_np(flows, _ports_np(flows), _initval_np(flows, seed))
+def conn_hash2_many(flows: Flows, seed: int) -> tuple[U32, U32]:
+    """`conn_hash2` of every flow."""
+    return _hash5_2_np(flows, _ports_np(flows), _initval_np(flows, seed))
 
 
 def conn_index_many(flows: Flows, sets: int) -> U32:
     """`conn_index` of every flow."""
-    return conn_hash_many(flows, CONN_SEED_INDEX) & np.uint32(sets - 1)
+    return conn_hash2_many(flows, CONN_SEED_INDEX)[0] & np.uint32(sets - 1)
 
 
 def conn_tag_many(flows: Flows) -> U64:
     """`conn_tag` of every flow."""
-    hi = conn_hash_many(flows, CONN_SEED_TAG_HI).astype(np.uint64)
-    lo = conn_hash_many(flows, CONN_SEED_TAG_LO).astype(np.uint64)
+    hi = conn_hash2_many(flows, CONN_SEED_INDEX)[1].astype(np.uint64)
+    lo = conn_hash2_many(flows, CONN_SEED_TAG)[0].astype(np.uint64)
     return (hi << np.uint64(32)) | lo | np.uint64(CONN_TAG_SET)

@@ -86,10 +86,11 @@
 #define CONN_STAMP_MASK 0x3ffffff
 #define CONN_STAMP_NS_SHIFT 24
 
-/* Seeds of the connection-table hashes: the set index, the tag's high and low words. */
+/* Seeds of the connection-table hashes: the set index (and the tag's high word), the tag's
+ * low word.
+ */
 #define CONN_SEED_INDEX 0x636f6e6e
-#define CONN_SEED_TAG_HI 0x74616768
-#define CONN_SEED_TAG_LO 0x7461676c
+#define CONN_SEED_TAG 0x7461676c
 
 /* VIP flags (struct vip_meta.flags). */
 /* Hash on the client address only, not its port: all of a client's flows go to one backend. */

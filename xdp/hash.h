@@ -101,18 +101,41 @@ static __always_inline __u32 hash_flow(const struct flow_key *f, int src_only)
 	return hash_jhash2_9((const __u32 *)f, ports, initval);
 }
 
-/* A connection-table hash of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
- * words with another initval, seed + proto + (family << 8). lb/flowhash.py mirrors it.
+/* The connection-table hashes of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
+ * words with initval seed + proto + (family << 8). Returns lookup3's primary result c and
+ * stores its second one, b, in *second (both from one pass, as lookup3's hashlittle2 does).
+ * lb/flowhash.py mirrors it.
  */
-static __always_inline __u32 conn_hash(const struct flow_key *f, __u32 seed)
+static __always_inline __u32 conn_hash2(const struct flow_key *f, __u32 seed, __u32 *second)
 {
-	__u32 ports;
+	const __u32 *k = (const __u32 *)f;
+	__u32 a, b, c, ports;
 	__u32 initval = seed + f->proto + ((__u32)f->family << 8);
 
 	__builtin_memcpy(&ports, &f->sport, sizeof(ports));
-	if (f->family == FAMILY_V4)
-		return hash_jhash_3words(f->src[0], f->dst[0], ports, initval);
-	return hash_jhash2_9((const __u32 *)f, ports, initval);
+	if (f->family == FAMILY_V4) {
+		initval += HASH_JHASH_INITVAL + (3 << 2);
+		a = f->src[0] + initval;
+		b = f->dst[0] + initval;
+		c = ports + initval;
+	} else {
+		/* jhash2 of nine words: src[4], dst[4], ports. */
+		a = b = c = HASH_JHASH_INITVAL + (9 << 2) + initval;
+		a += k[0];
+		b += k[1];
+		c += k[2];
+		HASH_JHASH_MIX(a, b, c);
+		a += k[3];
+		b += k[4];
+		c += k[5];
+		HASH_JHASH_MIX(a, b, c);
+		a += k[6];
+		b += k[7];
+		c += ports;
+	}
+	HASH_JHASH_FINAL(a, b, c);
+	*second = b;
+	return c;
 }
 
 #endif /* XLB_HASH_H */
