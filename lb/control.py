@@ -417,6 +417,8 @@ class ControlPlane:
         with self._lock:
             self._store_thread.shutdown()
             self._ring_thread.shutdown()
+            if self._reconciler is not None:
+                self._reconciler.close()
             self._store.close()
 
     # -- internals --------------------------------------------------------------------

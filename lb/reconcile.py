@@ -11,10 +11,20 @@ Two halves, kept apart:
   VIP:
 
       create: reals -> ring slots -> vip_addrs -> vip_map
-      delete: vip_map -> vip_addrs -> ring slots -> reals
+      delete: vip_map -> vip_addrs -> ring slots -> reals -> purge conn_table
 
   Only ring slots that change are written. The reconciler remembers what it wrote; after a
   failed write it forgets, and the next apply reads the maps back first.
+
+Connection-table slots name a VIP number and a backend index, which the store hands out
+again once freed. So an apply that takes a number out of vip_map, or frees a backend index
+(out of every ring, zeroed in reals), frees the slots naming it right after (ConnTable
+purge): the data plane can no longer write such slots, and nothing names the number or
+index again before the purge. An index or number handed over within one apply (a full
+table) is taken out and purged first, before its new owner is written. An apply that reads
+the maps back (a start, after a failed write) first frees the slots naming a number no
+vip_map entry holds or a backend whose reals slot is empty: those of a purge that a crash
+or an error cut short (docs/conn-table.md).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lb import bpf, maglev
+from lb.conntab import ConnTable
 from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
 from lb.errors import KernelError
 from lb.model import (
@@ -71,6 +82,11 @@ def _addr_text(family: int, raw: bytes) -> str:
     if family == FAMILY_V4:
         return str(ipaddress.IPv4Address(raw[:4]))
     return str(ipaddress.IPv6Address(raw))
+
+
+def _real_identity(val: RealVal) -> str:
+    """The identity (canonical address text) of the backend a reals value holds."""
+    return _addr_text(FAMILY_V6 if val[1] & REAL_F_V6 else FAMILY_V4, val[0])
 
 
 def vip_map_key(vip: VipSpec) -> VipMapKey:
@@ -445,6 +461,7 @@ class MapIO:
         self.b = balancer
         self.ring_size = balancer.config.ring_size
         self.batched = bpf.supported()
+        self._conns: ConnTable | None = None
 
     @property
     def _ring_fd(self) -> int:
@@ -604,6 +621,31 @@ class MapIO:
             leaf.flags = val[1]
         t[t.Key(idx)] = leaf
 
+    # -- the connection table (mapped into this process) --
+
+    def conn_table(self) -> ConnTable:
+        """The connection table, mapped once (again when an upgrade brought another map)."""
+        t = self._conns
+        if t is None or t.map_id != bpf.map_info(int(self.b.conn_table.map_fd)).id:
+            if t is not None:
+                t.close()
+            t = self._conns = ConnTable(self.b)
+        return t
+
+    def purge_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
+        """Free the conn_table slots naming any of these VIP numbers or backend indices."""
+        return self.conn_table().purge_any(vip_nums=vip_nums, real_idx=real_idx)
+
+    def purge_stale_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
+        """Free the conn_table slots naming a VIP number or backend index not listed."""
+        return self.conn_table().purge_unless(vip_nums=vip_nums, real_idx=real_idx)
+
+    def close(self) -> None:
+        """Unmap the connection table (the maps keep their content)."""
+        if self._conns is not None:
+            self._conns.close()
+            self._conns = None
+
     def reset_counters(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
         """Zero the per-CPU counters of freshly allocated indices."""
         for name, keys in (("vip_stats", vip_nums), ("real_stats", real_idx)):
@@ -618,6 +660,8 @@ class ApplyResult:
 
     ring_slots: int = 0
     entries: int = 0
+    #: Connection-table slots freed (of numbers and indices freed, or found stale).
+    purged: int = 0
 
 
 class Reconciler:
@@ -633,6 +677,10 @@ class Reconciler:
     def invalidate(self) -> None:
         """Forget what the maps hold; the next apply reads them back first."""
         self._known = None
+
+    def close(self) -> None:
+        """Release what this process mapped (the maps keep their content)."""
+        self.io.close()
 
     def reset(self) -> None:
         """Forget everything: the next apply rebuilds the image and reads the maps back."""
@@ -667,17 +715,29 @@ class Reconciler:
         """Write what differs between the maps and this state; KernelError on failure.
 
         When the maps are known (every earlier write went through), only the keys of the
-        VIPs that changed are compared; otherwise the maps are read back and compared whole.
+        VIPs that changed are compared; otherwise the maps are read back and compared whole,
+        and the connection-table slots naming a VIP number or backend the maps do not hold
+        are freed first (left by a purge that a crash or a failed write cut short).
         """
         touched: Touched | None = self.desired.sync(vips, vip_nums, real_idx)
         want = self.desired.image
         have = self._known
+        read_back = have is None
         if have is None:
             have = self.read(want)
             touched = None
         self._known = None  # until every write went through
         try:
-            res = self._write(have, want, touched, set(new_vip_nums), set(new_real_idx))
+            purged = 0
+            if read_back:
+                # Before any write: a number or an index about to be programmed for a new
+                # owner must not find slots of its old one.
+                purged = self.io.purge_stale_conns(
+                    {num for num, _ in have.vip_map.values()}, have.reals
+                )
+            res = self._write(have, want, touched, set(new_vip_nums), set(new_real_idx),
+                              real_idx)  # fmt: skip
+            res.purged += purged
         except KernelError:
             raise
         except Exception as e:  # BCC raises bare Exception / KeyError for failed syscalls
@@ -698,9 +758,20 @@ class Reconciler:
         touched: Touched | None,
         new_nums: set[int],
         new_idx: set[int],
+        real_idx: Mapping[str, int],
     ) -> ApplyResult:
         io = self.io
         res = ApplyResult()
+        # VIP numbers and backend indices whose slots go, once nothing writes such slots.
+        gone_nums: set[int] = set()
+        gone_idx: set[int] = set()
+
+        def purge() -> None:
+            if gone_nums or gone_idx:
+                crash_point("before-purge")
+                res.purged += io.purge_conns(gone_nums, gone_idx)
+                gone_nums.clear()
+                gone_idx.clear()
 
         def step() -> None:
             res.entries += 1
@@ -725,16 +796,28 @@ class Reconciler:
             if h is not None and h[0] in owner and owner[h[0]] != key:
                 io.del_vip(key)
                 del have.vip_map[key]
+                gone_nums.add(h[0])
                 step()
-        # 1. Backends first: every index a ring is about to name is programmed.
+        # 1. Backends first: every index a ring is about to name is programmed. An index
+        #    that passes to another backend (reused within one change, only when max_reals
+        #    is full; or found so at a start) is emptied first: until step 2 rewrites them,
+        #    the ring slots still naming the old backend drop (STAT_NO_BACKEND) rather than
+        #    reach the new one, and no new conn_table slot names the index.
+        for idx in real_keys:
+            val, prev = want.reals.get(idx), have.reals.get(idx)
+            if val is not None and prev is not None and prev != val:
+                io.set_real(idx, None)
+                del have.reals[idx]
+                gone_idx.add(idx)
+                step()
+        # Slots of the numbers and indices handed over go before their new owners are written.
+        purge()
         fresh_reals = [i for i in real_keys if i in new_idx and i in want.reals]
         if fresh_reals:
             io.reset_counters((), fresh_reals)
         for idx in real_keys:
             val = want.reals.get(idx)
             if val is not None and have.reals.get(idx) != val:
-                # XXX: an index reused within one change (only when max_reals is full)
-                # briefly names the new backend in rings that still use the old one.
                 io.set_real(idx, val)
                 have.reals[idx] = val
                 step()
@@ -764,15 +847,19 @@ class Reconciler:
             io.reset_counters(fresh, ())
         for key in vip_keys:
             meta = want.vip_map.get(key)
-            if meta is not None and have.vip_map.get(key) != meta:
+            h = have.vip_map.get(key)
+            if meta is not None and h != meta:
                 io.set_vip(key, *meta)
                 have.vip_map[key] = meta
+                if h is not None and h[0] != meta[0]:
+                    gone_nums.add(h[0])  # the VIP was deleted and created again
                 step()
-        # 4. Deletions in reverse: VIP entries, addresses, rings, then unused backends.
+        # 4. Deletions in reverse: VIP entries, addresses, rings, then unused backends, then
+        #    the conn_table slots naming what was freed.
         for key in vip_keys:
             if key not in want.vip_map and key in have.vip_map:
                 io.del_vip(key)
-                del have.vip_map[key]
+                gone_nums.add(have.vip_map.pop(key)[0])
                 step()
         for akey in addr_keys:
             w = want.vip_addrs.get(akey, 0)
@@ -798,6 +885,10 @@ class Reconciler:
         for idx in real_keys:
             if idx not in want.reals and idx in have.reals:
                 io.set_real(idx, None)
-                del have.reals[idx]
+                # A disabled backend keeps its index (and its slots, which now miss); a
+                # removed one, or a stray entry, leaves it free.
+                if real_idx.get(_real_identity(have.reals.pop(idx))) != idx:
+                    gone_idx.add(idx)
                 step()
+        purge()
         return res

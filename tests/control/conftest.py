@@ -119,3 +119,18 @@ def make_control(state_dir: Path) -> Iterator[Callable[..., ControlPlane]]:
 def control(maps: Any, make_control: Callable[..., ControlPlane]) -> ControlPlane:
     """A ControlPlane on clean maps and a fresh state directory."""
     return make_control(maps)
+
+
+@pytest.fixture
+def live(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The session balancer (program and maps), emptied before and after; skipped, with the
+    reason, while xdp/balancer.c does not load."""
+    from lb.errors import KernelError
+
+    try:
+        b = request.getfixturevalue("balancer")
+    except KernelError as e:
+        pytest.skip(f"xdp/balancer.c does not load yet: {e}")
+    clear_maps(b)
+    yield b
+    clear_maps(b)

@@ -2,6 +2,8 @@
 
     python -m tests.control.crash_child run   STATE_DIR PIN_DIR   # apply OPS, print acks
     python -m tests.control.crash_child group STATE_DIR PIN_DIR   # concurrent writers
+    python -m tests.control.crash_child purge-delete STATE_DIR PIN_DIR   # see _purge
+    python -m tests.control.crash_child purge-swap   STATE_DIR PIN_DIR
     python -m tests.control.crash_child check STATE_DIR PIN_DIR   # restart, print JSON
 
 `run` prints ``BEGIN k`` before and ``ACK k <generation>`` after the k-th change returned;
@@ -101,6 +103,50 @@ def _group(cp: ControlPlane) -> None:
         th.join()
 
 
+def _purge(cp: ControlPlane, swap: bool) -> None:
+    """Give a VIP and a backend connection-table slots, then free them (the test kills this
+    process between taking them out of the maps and purging their slots).
+
+    `purge-delete`: VIP 80 (backend .1.1) is deleted, VIP 81 (.1.2) stays. `purge-swap`:
+    every VIP number is taken and VIP 80 is swapped for VIP 2000 in one change, which hands
+    it VIP 80's number. Prints ``STALE <vip_num> <real_idx>`` (-1: that index stays in use)
+    for the slots that must go, ``KEEP <vip_num> <real_idx> <n>`` for those that must stay.
+    """
+    from lb.conntab import ConnTable
+    from lb.flowhash import Flow5
+
+    others = [_vip(81, "198.18.1.2")]
+    if swap:
+        others = [_vip(1000 + i, "198.18.1.1") for i in range(CONFIG.max_vips - 1)]
+    cp.apply_state(State(vips=[_vip(80, "198.18.1.1"), *others]))
+    num, idx = cp.vip_number(VIP), cp.backend_index("198.18.1.1")
+    keep_num = cp.vip_number(others[0].id)
+    keep_idx = cp.backend_index(others[0].backends[0].identity)
+    with ConnTable(cp._balancer) as t:  # type: ignore[arg-type]
+        for sport in range(40000, 40020):
+            t.insert(Flow5.of("198.18.2.1", "198.18.0.10", sport, 80, "tcp"), idx, num)
+            t.insert(Flow5.of("198.18.2.1", "198.18.0.10", sport, others[0].port, "tcp"),
+                     keep_idx, keep_num)
+    print(f"STALE {num} {-1 if swap else idx}", flush=True)
+    print(f"KEEP {keep_num} {keep_idx} 20", flush=True)
+    if swap:
+        cp.apply_state(State(vips=[_vip(2000, "198.18.1.1"), *others]))
+    else:
+        cp.delete_vip(VIP)
+
+
+def _conns(cp: ControlPlane) -> list[list[int]]:
+    """[vip_num, real_idx, slots] of every pair the connection table names."""
+    from collections import Counter
+
+    from lb.conntab import ConnTable
+
+    with ConnTable(cp._balancer) as t:  # type: ignore[arg-type]
+        e = t.entries()
+    pairs = Counter(zip(e.vip_num.tolist(), e.real_idx.tolist(), strict=True))
+    return [[n, i, c] for (n, i), c in sorted(pairs.items())]
+
+
 class _Settings:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -122,7 +168,12 @@ def main(argv: list[str]) -> int:
             "state": cp.get_state().model_dump(mode="json"),
             "drifts": [d.model_dump() for d in cp.verify()],
             "in_sync": cp.in_sync,
+            "conns": _conns(cp),
         }), flush=True)
+        return 0
+    if mode in ("purge-delete", "purge-swap"):
+        _purge(cp, swap=mode == "purge-swap")
+        print("DONE", flush=True)
         return 0
     if mode == "group":
         _group(cp)

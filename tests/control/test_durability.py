@@ -174,3 +174,23 @@ def test_sigkill_during_group_commit_loses_nothing_acknowledged(
         assert acked[t] <= stored[t] <= begun[t] <= acked[t] + 1, (t, acked, stored, begun)
     # One generation per stored change, none skipped: the setup, then each writer's changes.
     assert after["generation"] == 1 + sum(stored.values())
+
+
+@pytest.mark.parametrize("mode", ["purge-delete", "purge-swap"])
+def test_sigkill_before_a_purge_leaves_no_stale_conn_slot_after_a_restart(
+    mode: str, tmp_path: Path, pin_dir: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    p = _child(mode, state_dir, pin_dir, "before-purge")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL, f"child was not killed: {p.returncode} {err}"
+    said = {w[0]: [int(x) for x in w[1:]] for w in map(str.split, out.splitlines())}
+    assert "DONE" not in said, "the kill did not land before the purge"
+    stale_num, stale_idx = said["STALE"]  # stale_idx -1: the index stays in use
+
+    after = _restart(state_dir, pin_dir)
+    assert after["drifts"] == [] and after["in_sync"], "maps do not match the state"
+    conns = after["conns"]
+    assert not [c for c in conns if c[0] == stale_num or c[1] == stale_idx], (
+        f"slots of a freed number or index survived the restart: {conns}")
+    assert conns == [said["KEEP"]], "the restart freed slots still in use"

@@ -20,7 +20,6 @@ import pytest
 
 from lb.consts import STAT_INDEX, XDP_ABORTED, XDP_PASS, XDP_TX
 from lb.control import ControlPlane
-from lb.errors import KernelError
 from lb.model import BackendSpec, BackendUpdate, VipSpec
 from lb.testrun import TestRunner
 from tests.control.conftest import StateSettings, clear_maps
@@ -50,17 +49,6 @@ def _packets(port: int) -> list[bytes]:
 def _vip(port: int, backends: list[str]) -> VipSpec:
     return VipSpec.model_validate({"protocol": "tcp", "address": VIP_A[0], "port": port,
                                    "backends": [{"address": a} for a in backends]})
-
-
-@pytest.fixture
-def live(request: pytest.FixtureRequest) -> Any:
-    """The session balancer, skipped (with the reason) until its program forwards."""
-    try:
-        b = request.getfixturevalue("balancer")
-    except KernelError as e:
-        pytest.skip(f"xdp/balancer.c does not load yet: {e}")
-    clear_maps(b)
-    return b
 
 
 def test_packets_never_reach_an_unprogrammed_backend(live: Any, tmp_path: Any) -> None:

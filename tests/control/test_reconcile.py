@@ -100,7 +100,8 @@ def test_a_freed_backend_index_is_not_reused_at_once(control: ControlPlane) -> N
 class Recorder:
     """Wraps the reconciler's map writers and records the order of writes."""
 
-    METHODS = ("set_real", "write_ring", "set_vip_addr", "del_vip_addr", "set_vip", "del_vip")
+    METHODS = ("set_real", "write_ring", "set_vip_addr", "del_vip_addr", "set_vip", "del_vip",
+               "purge_conns")
 
     def __init__(self, io: MapIO, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
@@ -133,7 +134,7 @@ def test_create_writes_reals_then_ring_then_vip(
         < rec.first("set_vip"), rec.calls
 
 
-def test_delete_removes_vip_then_ring_then_reals(
+def test_delete_removes_vip_then_ring_then_reals_then_their_conn_slots(
     control: ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     control.create_vip(vip(80, "198.18.1.1", "198.18.1.2"))
@@ -141,7 +142,8 @@ def test_delete_removes_vip_then_ring_then_reals(
     assert control._reconciler is not None
     rec = Recorder(control._reconciler.io, monkeypatch)
     control.delete_vip(V4)
-    assert rec.calls == ["del_vip", "set_vip_addr", "write_ring", "clear_real"], rec.calls
+    assert rec.calls == ["del_vip", "set_vip_addr", "write_ring", "clear_real",
+                         "purge_conns"], rec.calls
 
 
 def test_backend_changes_program_reals_before_and_clear_after_the_ring(
@@ -154,7 +156,7 @@ def test_backend_changes_program_reals_before_and_clear_after_the_ring(
     assert rec.calls == ["set_real", "write_ring"]
     rec.calls.clear()
     control.update_backend(V4, "198.18.1.3", BackendUpdate(state="disabled"))
-    assert rec.calls == ["write_ring", "clear_real"]
+    assert rec.calls == ["write_ring", "clear_real"]  # its index is kept: no purge
     rec.calls.clear()
     control.update_backend(V4, "198.18.1.1", BackendUpdate(weight=0))
     assert rec.calls == ["write_ring"]  # weight 0: out of the ring, still in reals

@@ -360,3 +360,144 @@ def test_compare_and_swap_with_libatomic_and_its_fallback() -> None:
         word = ctypes.c_uint64(5)
         assert atomic.cas(ctypes.addressof(word), 5, 1 << 63) and word.value == 1 << 63
         assert not atomic.cas(ctypes.addressof(word), 5, 9) and word.value == 1 << 63
+        words = (ctypes.c_uint64 * 4)(7, 8, 9, 1 << 63)
+        addrs = ctypes.addressof(words) + 8 * np.arange(4, dtype=np.int64)
+        expected = np.array([7, 0, 9, 1 << 63], np.uint64)
+        assert atomic.cas_many(addrs, expected, 0) == 3, "one expected value was wrong"
+        assert list(words) == [0, 8, 0, 0]
+
+
+# --- purge -----------------------------------------------------------------------------------
+
+# (vip_num, real_idx) -> how many flows name the pair.
+PURGE_MIX = {(1, 2): 30, (1, 3): 20, (2, 2): 25, (3, 4): 15}
+
+
+def _fill_mix(bed: Bed) -> dict[tuple[int, int], list[Flow5]]:
+    """Flows naming each pair of PURGE_MIX, written by insert() (UDP and TCP, some closing)."""
+    out: dict[tuple[int, int], list[Flow5]] = {}
+    sport = 50000
+    for (num, idx), n in PURGE_MIX.items():
+        flows = []
+        for i in range(n):
+            sport += 1
+            f = bed.flow(4, "udp" if i % 2 else "tcp", sport=sport)
+            bed.table.insert(f, idx, num, udp=i % 2 == 1, closing=i % 3 == 0, age_s=i)
+            flows.append(f)
+        out[(num, idx)] = flows
+    return out
+
+
+def _pairs(bed: Bed) -> dict[tuple[int, int], int]:
+    e = bed.table.entries()
+    pairs = zip(e.vip_num.tolist(), e.real_idx.tolist(), strict=True)
+    out: dict[tuple[int, int], int] = {}
+    for pair in pairs:
+        out[pair] = out.get(pair, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kw", "gone"),
+    [
+        ({"vip_num": 1}, {(1, 2), (1, 3)}),
+        ({"real_idx": 2}, {(1, 2), (2, 2)}),
+        ({"vip_num": 1, "real_idx": 2}, {(1, 2)}),
+        ({"vip_num": 9}, set()),
+    ],
+    ids=["vip-number", "backend-index", "both-the-pair", "nothing-named"],
+)
+def test_purge_frees_exactly_the_slots_naming_what_it_is_given(
+    bed: Bed, kw: dict[str, int], gone: set[tuple[int, int]]
+) -> None:
+    flows = _fill_mix(bed)
+    assert bed.table.purge(**kw) == sum(PURGE_MIX[p] for p in gone), "wrong number freed"
+    assert _pairs(bed) == {p: n for p, n in PURGE_MIX.items() if p not in gone}
+    for pair, fs in flows.items():
+        for f in fs[:3]:
+            assert (bed.table.lookup(f) is None) == (pair in gone), f"{pair}: {f}"
+    assert bed.table.purge(**kw) == 0, "a second purge found more"
+
+
+def test_purge_any_and_purge_unless_take_sets_of_values(bed: Bed) -> None:
+    _fill_mix(bed)
+    assert bed.table.purge_any() == 0
+    # Six VIP numbers: matched through a lookup table rather than comparisons.
+    assert bed.table.purge_any(vip_nums=[3, 10, 11, 12, 13, 14]) == PURGE_MIX[(3, 4)]
+    assert bed.table.purge_any(vip_nums=[2], real_idx=[3]) == PURGE_MIX[(2, 2)] + PURGE_MIX[
+        (1, 3)]
+    assert _pairs(bed) == {(1, 2): PURGE_MIX[(1, 2)]}
+    _fill_mix(bed)
+    assert bed.table.purge_unless(vip_nums=[1, 2, 3], real_idx=[2, 4]) == PURGE_MIX[(1, 3)]
+    assert bed.table.purge_unless(vip_nums=[1], real_idx=range(1, 10)) == (
+        PURGE_MIX[(2, 2)] + PURGE_MIX[(3, 4)])
+    assert bed.table.purge_unless(vip_nums=[], real_idx=[]) == PURGE_MIX[(1, 2)]
+    assert bed.table.count() == 0
+
+
+def test_purge_covers_the_whole_table(bed: Bed) -> None:
+    n = 20000  # about a third of the 65,536 slots, in every purge chunk of the table
+    base = int(ipaddress.IPv4Address("198.18.32.0"))
+    many = Flows.v4(base + np.arange(n) // 1000, int(VIP4), 1024 + np.arange(n) % 1000, PORT, 6)
+    written = bed.table.insert_many(many, 5, np.arange(n) % 2)
+    assert written > 0.99 * n
+    sets = np.unique(conn_index_many(many, bed.table.sets) // conntab.PURGE_CHUNK_SETS)
+    assert len(sets) == bed.table.sets // conntab.PURGE_CHUNK_SETS > 1
+    odd = int((bed.table.entries().vip_num == 1).sum())
+    assert bed.table.purge(vip_num=1) == odd
+    assert bed.table.count() == written - odd
+    assert bed.table.purge(real_idx=5) == written - odd and bed.table.count() == 0
+
+
+def test_a_purged_flow_takes_the_ring_again(bed: Bed) -> None:
+    flow = bed.flow(4, "tcp", sport=40500)
+    idx, addr = CONN[4]
+    bed.table.insert(flow, idx, VIP_NUMS[(4, "tcp")])
+    assert bed.send(flow) == str(addr)
+    assert bed.table.purge(real_idx=idx) == 1
+    assert bed.send(flow) == str(RING[4][1]), "the purged entry still steered the flow"
+    entry = bed.table.lookup(flow)
+    assert entry is not None and entry.real_idx == RING[4][0], "the miss re-inserted the flow"
+
+
+def test_purge_leaves_alone_a_slot_the_data_plane_rewrote_meanwhile(
+    bed: Bed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    num = VIP_NUMS[(4, "udp")]
+    stale = [bed.flow(4, "udp", sport=40600 + i) for i in range(5)]
+    for f in stale:
+        bed.table.insert(f, CONN[4][0], num, udp=True)
+    newcomer = _set_mates(stale[0], bed.table.sets, 1)[0]
+    s = conn_index(stale[0], bed.table.sets)
+    way = [int(t) for t in bed.table._w[s, :, 0]].index(conn_tag(stale[0]))
+    real_cas_many = conntab._atomic.cas_many
+
+    def racing(addrs: Any, expected: Any, new: int) -> int:
+        # Between the purge's read of the slot and its compare-and-swap, the program puts
+        # another flow there (claim, meta, tag), as conn_insert does when it evicts.
+        bed.table._w[s, way, 0] = CONN_TAG_BUSY
+        bed.table._w[s, way, 1] = conntab.make_meta(RING[4][0], num, udp=True, closing=False,
+                                                    stamp=conntab.now_stamp())
+        bed.table._w[s, way, 0] = conn_tag(newcomer)
+        return int(real_cas_many(addrs, expected, new))
+
+    monkeypatch.setattr(conntab._atomic, "cas_many", racing)
+    assert bed.table.purge(vip_num=num) == 4, "the rewritten slot was counted as freed"
+    monkeypatch.undo()
+    entry = bed.table.lookup(newcomer)
+    assert entry is not None and entry.real_idx == RING[4][0], "the newcomer's slot was freed"
+    assert all(bed.table.lookup(f) is None for f in stale)
+
+
+def test_purge_refuses_no_field_and_values_out_of_range(bed: Bed) -> None:
+    _fill_mix(bed)
+    with pytest.raises(ValueError, match="vip_num, real_idx or both"):
+        bed.table.purge()
+    with pytest.raises(ValueError, match="vip_num must be in"):
+        bed.table.purge(vip_num=1 << 16)
+    with pytest.raises(ValueError, match="real_idx must be in"):
+        bed.table.purge(real_idx=-1)
+    # The set forms take values read from the maps: one no slot can hold names no slot.
+    assert bed.table.purge_any(vip_nums=[1 << 16], real_idx=[-1, 1 << 20]) == 0
+    assert bed.table.purge_unless(vip_nums=[1, 2, 3, 1 << 16], real_idx=[2, 3, 4, -1]) == 0
+    assert bed.table.count() == sum(PURGE_MIX.values())
