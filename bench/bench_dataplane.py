@@ -57,6 +57,7 @@ from lb.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf_errno
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import CONN_WAYS, STAT_INDEX, XDP_PASS, XDP_TX
 from lb.dataplane import Balancer, compile_program, set_addr, write_runtime_config
+from lb.reconcile import MapIO
 
 RESULTS_NAME = "dataplane"
 PACKETS, RUNS = 200_000, 5
@@ -232,6 +233,11 @@ def program(balancer: Balancer) -> None:
             _ring(balancer, num, first, reals)
 
 
+def arm_filter(balancer: Balancer) -> None:
+    """Arm the VIP address filter with the two VIPs, as the control plane does."""
+    MapIO(balancer).write_vip_filter([(4, VIP4.packed.ljust(16, b"\0")), (6, VIP6.packed)])
+
+
 def counters(balancer: Balancer) -> dict[str, int]:
     """Global counters summed over CPUs."""
     t = balancer.glob_stats
@@ -267,6 +273,7 @@ def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[st
         floor_fn = floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP)
         lru_fn = floor_bpf.load_func(b"xdp_floor_lru", floor_bpf.XDP)
         program(balancer)
+        arm_filter(balancer)
         lb, floor = Timer(balancer.prog_fd), Timer(int(floor_fn.fd))
         lru = Timer(int(lru_fn.fd))
         rng = random.Random(0x5EED)

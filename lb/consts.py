@@ -11,6 +11,11 @@ FAMILY_V6 = 6
 
 REAL_NONE = 0
 
+# The VIP address filter (struct vip_filter): 2^VIP_FILTER_LOG2 bits, the hash's multiplier.
+VIP_FILTER_LOG2 = 16
+VIP_FILTER_WORDS = 1 << (VIP_FILTER_LOG2 - 6)
+VIP_FILTER_MULT = 0x9E3779B1
+
 # The connection table (docs/conn-table.md): ways per set, way tags, the meta word's fields.
 CONN_WAYS = 8
 CONN_TAG_EMPTY = 0

@@ -40,6 +40,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAP_NAMES = (
     "vip_map",
     "vip_addrs",
+    "vip_filter",
     "reals",
     "ch_rings",
     "conn_table",

@@ -28,6 +28,8 @@ from lb.consts import (
     CONN_TAG_SET,
     FAMILY_V4,
     FAMILY_V6,
+    VIP_FILTER_LOG2,
+    VIP_FILTER_MULT,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -322,3 +324,12 @@ def conn_tag_many(flows: Flows) -> U64:
     hi = conn_hash2_many(flows, CONN_SEED_INDEX)[1].astype(np.uint64)
     lo = conn_hash2_many(flows, CONN_SEED_TAG)[0].astype(np.uint64)
     return (hi << np.uint64(32)) | lo | np.uint64(CONN_TAG_SET)
+
+
+def vip_filter_bit(family: int, raw: bytes) -> int:
+    """The bit of an address in the VIP address filter (balancer.c `lb_maybe_vip`): the xor of
+    the four words of `__be32 addr[4]` (16 bytes, IPv4 in word 0) and the family, times
+    VIP_FILTER_MULT, top VIP_FILTER_LOG2 bits."""
+    w = struct.unpack("<4I", raw.ljust(16, b"\0"))
+    h: int = ((w[0] ^ w[1] ^ w[2] ^ w[3] ^ family) * VIP_FILTER_MULT) & _M
+    return h >> (32 - VIP_FILTER_LOG2)

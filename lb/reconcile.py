@@ -45,6 +45,7 @@ from lb import bpf, maglev
 from lb.conntab import ConnTable
 from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
 from lb.errors import KernelError
+from lb.flowhash import vip_filter_bit
 from lb.model import (
     BackendChange,
     Drift,
@@ -603,9 +604,35 @@ class MapIO:
             del self.b.vip_map[self._vip_key(key)]
 
     def set_vip_addr(self, key: AddrKey, count: int) -> None:
-        """Set how many VIPs sit on an address."""
+        """Set how many VIPs sit on an address, and let the address through the filter.
+
+        vip_addrs is written before vip_map (create order), so the address's filter bit is
+        set before any VIP on it can match. Bits are only added here; `write_vip_filter`
+        clears the ones no address needs any more.
+        """
         t = self.b.vip_addrs
         t[self._addr_key(key)] = t.Leaf(count)
+        f = self.b.vip_filter
+        leaf = f[f.Key(0)]
+        bit = vip_filter_bit(*key)
+        word = leaf.bits[bit >> 6] | (1 << (bit & 63))
+        if word != leaf.bits[bit >> 6]:
+            leaf.bits[bit >> 6] = word
+            f[f.Key(0)] = leaf
+
+    def write_vip_filter(self, addrs: Iterable[AddrKey]) -> None:
+        """Program the VIP address filter with exactly these addresses' bits, and arm it.
+
+        Until it is armed (`ready`, e.g. a new map, or a data plane upgraded from a build
+        without it) the program looks every packet up in vip_map.
+        """
+        f = self.b.vip_filter
+        leaf = f.Leaf()
+        for key in addrs:
+            bit = vip_filter_bit(*key)
+            leaf.bits[bit >> 6] |= 1 << (bit & 63)
+        leaf.ready = 1
+        f[f.Key(0)] = leaf
 
     def del_vip_addr(self, key: AddrKey) -> None:
         """Forget an address that carries no VIP any more (absent is fine)."""
@@ -673,10 +700,13 @@ class Reconciler:
         self.desired = DesiredImage(self.rings)
         #: What the maps hold, as far as this process wrote them (None: read them back).
         self._known: MapImage | None = None
+        #: The addresses the VIP filter was last armed with (None: write it on next apply).
+        self._filter_addrs: frozenset[AddrKey] | None = None
 
     def invalidate(self) -> None:
         """Forget what the maps hold; the next apply reads them back first."""
         self._known = None
+        self._filter_addrs = None
 
     def close(self) -> None:
         """Release what this process mapped (the maps keep their content)."""
@@ -685,6 +715,7 @@ class Reconciler:
     def reset(self) -> None:
         """Forget everything: the next apply rebuilds the image and reads the maps back."""
         self._known = None
+        self._filter_addrs = None
         self.desired = DesiredImage(self.rings)
 
     def read(self, want: MapImage) -> MapImage:
@@ -738,6 +769,12 @@ class Reconciler:
             res = self._write(have, want, touched, set(new_vip_nums), set(new_real_idx),
                               real_idx)  # fmt: skip
             res.purged += purged
+            addrs = frozenset(want.vip_addrs)
+            if addrs != self._filter_addrs:
+                # After the deletes: stale bits only cost a vip_map lookup, missing ones
+                # would pass a VIP's packets to the stack.
+                self.io.write_vip_filter(addrs)
+                self._filter_addrs = addrs
         except KernelError:
             raise
         except Exception as e:  # BCC raises bare Exception / KeyError for failed syscalls

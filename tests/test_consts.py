@@ -18,21 +18,22 @@ def _defines() -> dict[str, int]:
     out: dict[str, int] = {}
     pattern = r"^#define\s+([A-Z][A-Z0-9_]+)\s+(\(?[0-9][^/\n]*?)\s*$"
     for name, expr in re.findall(pattern, HEADER, re.M):
-        # Only integer literals, shifts and parentheses reach eval: our own header.
+        # Only integer literals, shifts, parentheses and earlier names reach eval: our header.
         expr = re.sub(r"(?<=[0-9a-fA-F])(ULL|UL|U)\b", "", expr)
-        out[name] = int(eval(expr, {"__builtins__": {}}))
+        out[name] = int(eval(expr, {"__builtins__": {}}, dict(out)))
     return out
 
 
 def test_python_flags_match_the_header() -> None:
     defines = _defines()
-    names = [n for n in dir(consts) if re.match(r"^(F_|REAL_F_|FAMILY_|REAL_NONE|CONN_)", n)]
+    mirrored = r"^(F_|REAL_F_|FAMILY_|REAL_NONE|CONN_|VIP_FILTER_)"
+    names = [n for n in dir(consts) if re.match(mirrored, n)]
     assert names, "no flag constants found in lb.consts"
     for name in names:
         assert name in defines, f"{name} is in lb/consts.py but not #defined in xdp/consts.h"
         assert getattr(consts, name) == defines[name], f"{name} differs between C and Python"
     for name in defines:
-        if re.match(r"^(F_|REAL_F_|CONN_)", name) and name not in TUNABLES:
+        if re.match(r"^(F_|REAL_F_|CONN_|VIP_FILTER_)", name) and name not in TUNABLES:
             assert hasattr(consts, name), f"{name} is in xdp/consts.h but not in lb/consts.py"
 
 

@@ -84,6 +84,20 @@ static __always_inline int parse_is_vip_addr(const __be32 *addr, __u32 family)
 	return vip_addrs.lookup(&key) != NULL;
 }
 
+/* Can a VIP live on the flow's destination? 0 only when the programmed filter says no. */
+static __always_inline int lb_maybe_vip(const struct flow_key *flow)
+{
+	__u32 zero = 0, h;
+	struct vip_filter *vf = vip_filter.lookup(&zero);
+
+	if (!vf || !vf->ready)
+		return 1;
+	h = (flow->dst[0] ^ flow->dst[1] ^ flow->dst[2] ^ flow->dst[3] ^ flow->family) *
+	    VIP_FILTER_MULT;
+	h >>= 32 - VIP_FILTER_LOG2;
+	return (vf->bits[(h >> 6) & (VIP_FILTER_WORDS - 1)] >> (h & 63)) & 1;
+}
+
 /* A backend slot whose address is all zero was removed (or never programmed). */
 static __always_inline int lb_real_present(const struct real_def *real)
 {
@@ -472,6 +486,8 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	action = parse_ports(data + pkt.l3_off + hdr_len, data_end, &pkt, pkt.ip_len - hdr_len);
 	if (action >= 0)
 		return action;
+	if (!lb_maybe_vip(&pkt.flow))
+		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
 	vip = lb_vip_lookup(&pkt.flow);
 	if (!vip)
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);

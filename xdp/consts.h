@@ -61,6 +61,12 @@
 #define FAMILY_V4 4
 #define FAMILY_V6 6
 
+/* The VIP address filter (vip_filter): 2^VIP_FILTER_LOG2 bits, in 64-bit words. */
+#define VIP_FILTER_LOG2 16
+#define VIP_FILTER_WORDS (1 << (VIP_FILTER_LOG2 - 6))
+/* The filter's multiplier (Knuth's multiplicative hash, 2^32 / golden ratio). */
+#define VIP_FILTER_MULT 0x9e3779b1
+
 /* Backend index meaning "no backend" in ch_rings and conn_table. */
 #define REAL_NONE 0
 

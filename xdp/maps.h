@@ -24,6 +24,8 @@
 LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
 /* Addresses carrying a VIP -> number of VIPs on it. */
 LB_MAP("hash", struct vip_addr, __u32, vip_addrs, MAX_VIP_ADDRS, 0);
+/* Bits of the addresses that carry a VIP (one entry). */
+LB_MAP("array", __u32, struct vip_filter, vip_filter, 1, 0);
 /* Backend index -> backend. */
 LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 /* Maglev rings, flat: ch_rings[vip_num * RING_SIZE + slot] = backend index (0 = none). */

@@ -29,6 +29,14 @@ struct vip_addr {
 	__u32 family;
 };
 
+/* Value of vip_filter[0]: one bit per hash of every address that carries a VIP, so a packet
+ * to any other address passes without a vip_map lookup. Unused until `ready` is set.
+ */
+struct vip_filter {
+	__u64 ready;
+	__u64 bits[VIP_FILTER_WORDS];
+};
+
 /* Value of reals: one backend. Index 0 is never used (REAL_NONE). */
 struct real_def {
 	__be32 addr[4];

@@ -244,6 +244,8 @@ class Lab:
         for num in self._rings:
             self._write_ring(num, [0] * self.ring_size)
         self.conns.clear()
+        # Disarmed: this lab seeds VIPs without the control plane, which arms the filter.
+        self.b.vip_filter[self.b.vip_filter.Key(0)] = self.b.vip_filter.Leaf()
         self.b.lb_cfg[self.b.lb_cfg.Key(0)] = self.b.lb_cfg.Leaf()
         for name in ("glob_stats", "vip_stats", "real_stats"):
             table = self.b.maps[name]

@@ -40,6 +40,7 @@ from lb.consts import (
     XDP_PASS,
     XDP_TX,
 )
+from lb.reconcile import MapIO
 from tests.dataplane import packets as P
 from tests.dataplane.lab import Flow, Lab
 from tests.dataplane.packets import (
@@ -1105,3 +1106,30 @@ def test_set_mates_share_the_flows_set(lab: Lab, base: Flow) -> None:
     assert len(set(mates)) == CONN_WAYS and base not in mates, "the set's flows repeat"
     assert {lab.set_of(f) for f in mates} == {lab.set_of(base)}, "a flow is in another set"
     assert {f.proto for f in mates} == {base.proto}, "a flow of another protocol"
+
+
+def _arm(lab: Lab, *addrs: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Arm the VIP address filter with these addresses, as the control plane does."""
+    MapIO(lab.b).write_vip_filter(
+        [(4 if a.version == 4 else 6, a.packed.ljust(16, b"\0")) for a in addrs])
+
+
+@pytest.mark.parametrize(("vip", "syn"), [(V4, SYN4), (V6, SYN6)], ids=["IPv4", "IPv6"])
+def test_the_armed_vip_filter_lets_vip_addresses_through(
+    lab: Lab, vip: Callable[[Lab], None], syn: bytes
+) -> None:
+    vip(lab)
+    _arm(lab, P.VIP4, P.VIP6)
+    assert lab.run(syn).verdict == XDP_TX, "a VIP address whose bit is set was filtered out"
+    # Armed without the VIP's address: the program must trust the filter (so the bit the
+    # control plane computes in Python is the one the program tests).
+    _arm(lab, P.NONVIP4)
+    before = lab.counters()["STAT_PASS_NON_VIP"]
+    assert lab.run(syn).verdict == XDP_PASS, "the program ignored the armed filter"
+    assert lab.counters()["STAT_PASS_NON_VIP"] == before + 1
+
+
+def test_an_unarmed_vip_filter_filters_nothing(lab: Lab) -> None:
+    V4(lab)
+    lab.b.vip_filter[lab.b.vip_filter.Key(0)] = lab.b.vip_filter.Leaf()
+    assert lab.run(SYN4).verdict == XDP_TX, "an unarmed (all-zero) filter dropped a VIP"
