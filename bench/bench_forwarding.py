@@ -21,6 +21,8 @@ mean anything:
   drop_limit   XDP_DROP at the LB: what the generator and the veth path can deliver at all;
   fwd_floor    rewrite MACs and XDP_TX: the cheapest possible forwarding on this path;
   lb_native    the balancer, native XDP, one VIP, four backends, ~64k flows (table hits);
+  lb_one_flow  the same with one flow: the program's own cost, its table lookup always cached
+               (the difference to lb_native is what a cache-missing table lookup costs here);
   lb_generic   the same program in generic (skb) mode;
   lb_1m_flows  native, with 1,000,000 flows already in the connection table, traffic spread
                at random over exactly those flows (cache-missing lookups in a large table);
@@ -77,7 +79,8 @@ from lb.consts import STAT_INDEX
 
 NAME = "forwarding"
 SCENARIOS = (
-    "drop_limit", "fwd_floor", "lb_native", "lb_generic", "lb_1m_flows", "syn_flood", "kernel_fwd",
+    "drop_limit", "fwd_floor", "lb_native", "lb_one_flow", "lb_generic", "lb_1m_flows",
+    "syn_flood", "kernel_fwd",
 )
 
 PREFIX = f"xbench{os.getpid()}"
@@ -133,7 +136,8 @@ class Traffic:
 
     proto: str = "udp"  # udp | syn
     frame: int = 64
-    flows: str = "seq"  # seq (~64k flows) | table (the 1M prefilled) | random (all new)
+    # seq (~64k flows) | one (a single flow) | table (the 1M prefilled) | random (all new)
+    flows: str = "seq"
     cpus: int = 1
     dst: str = str(VIP)
 
@@ -146,6 +150,8 @@ class Traffic:
         """The trafgen packet configuration."""
         if self.flows == "seq":
             src, sport = f"sa={CLIENT}", f"dinc({SPORT_MIN}, {SPORT_MAX})"
+        elif self.flows == "one":
+            src, sport = f"sa={CLIENT}", str(SPORT_MIN)
         elif self.flows == "table":
             src = f"sa={TABLE_NET}, sa[3]=drnd(0, {TABLE_CLIENTS - 1})"
             sport = f"drnd({SPORT_MIN}, {SPORT_MIN + TABLE_PORTS - 1})"
@@ -677,6 +683,7 @@ def headline(
         Scenario("drop_limit", "drop", base),
         Scenario("fwd_floor", "floor", base),
         Scenario("lb_native", "balancer", base),
+        Scenario("lb_one_flow", "balancer", Traffic(base.proto, base.frame, "one", base.cpus)),
         Scenario("lb_generic", "balancer", base, "generic"),
         Scenario("kernel_fwd", "kernel", Traffic(base.proto, base.frame, base.flows, base.cpus,
                                                  dst=str(BACKENDS[0]))),

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 SCENARIO_ORDER = (
-    "drop_limit", "fwd_floor", "lb_native", "lb_generic", "lb_1m_flows", "syn_flood", "kernel_fwd",
+    "drop_limit", "fwd_floor", "lb_native", "lb_one_flow", "lb_generic", "lb_1m_flows",
+    "syn_flood", "kernel_fwd",
 )
 _REFERENCE = {"drop_limit", "fwd_floor", "kernel_fwd"}
 _NS_KEY = re.compile(r"^(ns|ns_per_(packet|pkt)|median_ns|ns_median|ns_pkt)$")
