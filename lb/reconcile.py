@@ -10,8 +10,9 @@ Two halves, kept apart:
   to the desired image, in an order that never lets the data plane see a half-programmed
   VIP:
 
-      create: reals -> ring slots -> vip_addrs -> vip_map
+      create: reals -> ring slots -> vip_addrs (+ its vip_filter bit) -> vip_map
       delete: vip_map -> vip_addrs -> ring slots -> reals -> purge conn_table
+      after every apply whose addresses changed: vip_filter rewritten exactly, and armed
 
   Only ring slots that change are written. The reconciler remembers what it wrote; after a
   failed write it forgets, and the next apply reads the maps back first.
