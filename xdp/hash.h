@@ -53,21 +53,33 @@ static __always_inline __u32 hash_rol32(__u32 word, unsigned int shift)
 		c ^= b; c -= hash_rol32(b, 24);  \
 	}
 
-/* The kernel's jhash_3words(). */
-static __always_inline __u32 hash_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+/* The kernel's jhash_3words(); lookup3's second result in *second. */
+static __always_inline __u32 hash_jhash_3words2(__u32 a, __u32 b, __u32 c, __u32 initval,
+						__u32 *second)
 {
 	initval += HASH_JHASH_INITVAL + (3 << 2);
 	a += initval;
 	b += initval;
 	c += initval;
 	HASH_JHASH_FINAL(a, b, c);
+	*second = b;
 	return c;
 }
 
-/* The kernel's jhash2() for exactly nine words (an IPv6 5-tuple), unrolled; the ninth word is
- * passed by value so the ports can be left out without copying the key.
+/* The kernel's jhash_3words(). */
+static __always_inline __u32 hash_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+{
+	__u32 unused;
+
+	return hash_jhash_3words2(a, b, c, initval, &unused);
+}
+
+/* The kernel's jhash2() for exactly nine words (an IPv6 5-tuple), unrolled, and lookup3's
+ * second result in *second; the ninth word is passed by value so the ports can be left out
+ * without copying the key.
  */
-static __always_inline __u32 hash_jhash2_9(const __u32 *k, __u32 k8, __u32 initval)
+static __always_inline __u32 hash_jhash2_9_2(const __u32 *k, __u32 k8, __u32 initval,
+					     __u32 *second)
 {
 	__u32 a, b, c;
 
@@ -84,7 +96,16 @@ static __always_inline __u32 hash_jhash2_9(const __u32 *k, __u32 k8, __u32 initv
 	b += k[7];
 	c += k8;
 	HASH_JHASH_FINAL(a, b, c);
+	*second = b;
 	return c;
+}
+
+/* The kernel's jhash2() for exactly nine words. */
+static __always_inline __u32 hash_jhash2_9(const __u32 *k, __u32 k8, __u32 initval)
+{
+	__u32 unused;
+
+	return hash_jhash2_9_2(k, k8, initval, &unused);
 }
 
 /* The flow hash of a client->VIP 5-tuple (see the top of this file). */
@@ -108,34 +129,13 @@ static __always_inline __u32 hash_flow(const struct flow_key *f, int src_only)
  */
 static __always_inline __u32 conn_hash2(const struct flow_key *f, __u32 seed, __u32 *second)
 {
-	const __u32 *k = (const __u32 *)f;
-	__u32 a, b, c, ports;
+	__u32 ports;
 	__u32 initval = seed + f->proto + ((__u32)f->family << 8);
 
 	__builtin_memcpy(&ports, &f->sport, sizeof(ports));
-	if (f->family == FAMILY_V4) {
-		initval += HASH_JHASH_INITVAL + (3 << 2);
-		a = f->src[0] + initval;
-		b = f->dst[0] + initval;
-		c = ports + initval;
-	} else {
-		/* jhash2 of nine words: src[4], dst[4], ports. */
-		a = b = c = HASH_JHASH_INITVAL + (9 << 2) + initval;
-		a += k[0];
-		b += k[1];
-		c += k[2];
-		HASH_JHASH_MIX(a, b, c);
-		a += k[3];
-		b += k[4];
-		c += k[5];
-		HASH_JHASH_MIX(a, b, c);
-		a += k[6];
-		b += k[7];
-		c += ports;
-	}
-	HASH_JHASH_FINAL(a, b, c);
-	*second = b;
-	return c;
+	if (f->family == FAMILY_V4)
+		return hash_jhash_3words2(f->src[0], f->dst[0], ports, initval, second);
+	return hash_jhash2_9_2((const __u32 *)f, ports, initval, second);
 }
 
 #endif /* XLB_HASH_H */
