@@ -107,7 +107,7 @@ fi
 
 step "Python packages (pip install -e '.[dev]')"
 mkdir -p "$STAMP_DIR"
-# The C extension (lb/_maglev.c) is built by pip, so its source is part of the stamp too.
+# The C extensions (lb/_maglev.c, lb/_conntab.c) are built by pip: lb/*.c is in the stamp too.
 want="$(cat "$ROOT/pyproject.toml" "$ROOT"/lb/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" = "$want" ]; then skip "pyproject.toml and lb/*.c unchanged"; else
   # pip's chatter goes to a log; its tail is shown only if it fails.

@@ -4,8 +4,10 @@ writes steers the program's next packet (docs/conn-table.md)."""
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ipaddress
+import mmap
 import random
 import re
 from collections.abc import Iterator
@@ -14,16 +16,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from lb import conntab, flowhash
+from lb import _conntab, conntab, flowhash
 from lb.config import RuntimeConfig, xdp_source_dir
 from lb.conntab import STAMP_S, ConnTable
 from lb.consts import (
     CONN_TAG_BUSY,
     CONN_TAG_EMPTY,
+    CONN_WAYS,
     GLOB_STATS,
     REAL_F_V6,
     XDP_TX,
@@ -55,6 +59,7 @@ CASES = [pytest.param(v, p, id=f"ipv{v}-{p}") for v in (4, 6) for p in ("tcp", "
 TIMEOUT_S = 30.0
 
 pytestmark = pytest.mark.bpf
+_U64 = np.uint64
 
 
 def c_define(header: str, name: str) -> int:
@@ -133,6 +138,18 @@ def bed(balancer: Any) -> Iterator[Bed]:
             keys = (b.ch_rings.Key * ring)(*range(num * ring, (num + 1) * ring))
             b.ch_rings.items_update_batch(keys, (b.ch_rings.Leaf * ring)())
         b.lb_cfg[b.lb_cfg.Key(0)] = b.lb_cfg.Leaf()
+
+
+@pytest.fixture(params=["c", "libatomic"])
+def free_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How purge and delete free slots: lb._conntab's bulk compare-and-swap, or the fallback
+    without it (libatomic through ctypes, one call a slot)."""
+    if request.param == "libatomic":
+        monkeypatch.setattr(conntab, "_conntab", None)
+        assert conntab._atomic.lock_free, "libatomic is missing (scripts/setup.sh installs it)"
+    else:
+        assert conntab._conntab is _conntab
+    return str(request.param)
 
 
 def _random_flows(n: int, seed: int = 7) -> list[Flow5]:
@@ -229,7 +246,7 @@ def test_a_packet_creates_the_slot_python_predicts(bed: Bed, version: int, proto
 
 @pytest.mark.parametrize(("version", "proto"), CASES)
 def test_insert_steers_the_next_packet_and_delete_makes_it_miss(
-    bed: Bed, version: int, proto: str
+    bed: Bed, free_path: str, version: int, proto: str
 ) -> None:
     flow = bed.flow(version, proto, sport=40100)
     idx, addr = CONN[version]
@@ -367,6 +384,71 @@ def test_compare_and_swap_with_libatomic_and_its_fallback() -> None:
         assert list(words) == [0, 8, 0, 0]
 
 
+def _words(n: int) -> tuple[mmap.mmap, NDArray[np.uint64]]:
+    """An anonymous shared mapping of `n` 64-bit words (like the table's) and its view."""
+    mm = mmap.mmap(-1, 8 * n)
+    return mm, np.frombuffer(mm, np.uint64)
+
+
+def test_bulk_compare_and_swap_in_c_swaps_what_libatomic_swaps() -> None:
+    rng = np.random.default_rng(11)
+    n = 50_000
+    start = rng.integers(2, 1 << 63, n, dtype=np.uint64)
+    # Every other word, in random order with repeats (a second swap finds the new value).
+    at = rng.choice(np.arange(0, n, 2), 30_000)
+    expected = start[at].copy()
+    stale = rng.random(len(at)) < 0.3  # words rewritten since they were read
+    expected[stale] ^= _U64(4)
+    results = []
+    for path in ("c", "libatomic"):
+        mm, w = _words(n)
+        w[:] = start
+        if path == "c":
+            swapped = _conntab.cas_many(mm, at * 8, expected, 0)
+        else:
+            addrs = w.ctypes.data + at * 8
+            swapped = conntab._atomic.cas_many(addrs, expected.copy(), 0)
+        results.append((swapped, w.copy()))
+        del w
+        mm.close()
+    (c_n, c_w), (py_n, py_w) = results
+    assert c_n == py_n and np.array_equal(c_w, py_w), "the C path swapped other words"
+    want = np.unique(at[~stale])
+    assert c_n == len(want), "a repeated offset or a stale value was counted"
+    gone = np.zeros(n, bool)
+    gone[want] = True
+    assert (c_w[gone] == 0).all() and np.array_equal(c_w[~gone], start[~gone])
+
+
+def test_bulk_compare_and_swap_takes_numpy_arrays_and_buffers_of_8_byte_integers() -> None:
+    mm, w = _words(8)
+    w[:] = np.arange(10, 18, dtype=np.uint64)
+    assert _conntab.cas_many(mm, np.array([0, 16], np.intp), np.array([10, 12], np.uint64),
+                             1 << 63) == 2
+    assert _conntab.cas_many(mm, array.array("Q", [8, 24]), array.array("q", [11, 99]), 0) == 1
+    assert _conntab.cas_many(mm, np.array([], np.int64), np.array([], np.uint64), 0) == 0
+    assert w.tolist() == [1 << 63, 0, 1 << 63, *range(13, 18)]
+    before = w.copy()
+    # Every offset is checked before any word is touched: a bad one changes nothing.
+    cases: list[tuple[Any, Any, type[Exception], str]] = [
+        (np.array([24, 4]), np.array([13, 0], np.uint64), ValueError, r"offsets\[1\] = 4"),
+        (np.array([24, 64]), np.array([13, 0], np.uint64), ValueError, "64-byte table"),
+        (np.array([24, -8]), np.array([13, 0], np.uint64), ValueError, "not an aligned word"),
+        (np.array([24, 32]), np.array([13], np.uint64), ValueError, "differ in length"),
+        (np.array([24], np.int32), np.array([13], np.uint64), TypeError, "8-byte integers"),
+        (np.array([24.0]), np.array([13], np.uint64), TypeError, "8-byte integers"),
+        (np.array([24, 0, 32])[::2], np.array([13, 14], np.uint64), ValueError, "contiguous"),
+    ]
+    for offsets, expected, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            _conntab.cas_many(mm, offsets, expected, 0)
+    with pytest.raises(TypeError, match="read-write"):
+        _conntab.cas_many(bytes(64), np.array([24]), np.array([13], np.uint64), 0)
+    assert np.array_equal(w, before)
+    del w
+    mm.close()
+
+
 # --- purge -----------------------------------------------------------------------------------
 
 # (vip_num, real_idx) -> how many flows name the pair.
@@ -408,7 +490,7 @@ def _pairs(bed: Bed) -> dict[tuple[int, int], int]:
     ids=["vip-number", "backend-index", "both-the-pair", "nothing-named"],
 )
 def test_purge_frees_exactly_the_slots_naming_what_it_is_given(
-    bed: Bed, kw: dict[str, int], gone: set[tuple[int, int]]
+    bed: Bed, free_path: str, kw: dict[str, int], gone: set[tuple[int, int]]
 ) -> None:
     flows = _fill_mix(bed)
     assert bed.table.purge(**kw) == sum(PURGE_MIX[p] for p in gone), "wrong number freed"
@@ -419,7 +501,7 @@ def test_purge_frees_exactly_the_slots_naming_what_it_is_given(
     assert bed.table.purge(**kw) == 0, "a second purge found more"
 
 
-def test_purge_any_and_purge_unless_take_sets_of_values(bed: Bed) -> None:
+def test_purge_any_and_purge_unless_take_sets_of_values(bed: Bed, free_path: str) -> None:
     _fill_mix(bed)
     assert bed.table.purge_any() == 0
     # Six VIP numbers: matched through a lookup table rather than comparisons.
@@ -435,7 +517,7 @@ def test_purge_any_and_purge_unless_take_sets_of_values(bed: Bed) -> None:
     assert bed.table.count() == 0
 
 
-def test_purge_covers_the_whole_table(bed: Bed) -> None:
+def test_purge_covers_the_whole_table(bed: Bed, free_path: str) -> None:
     n = 20000  # about a third of the 65,536 slots, in every purge chunk of the table
     base = int(ipaddress.IPv4Address("198.18.32.0"))
     many = Flows.v4(base + np.arange(n) // 1000, int(VIP4), 1024 + np.arange(n) % 1000, PORT, 6)
@@ -449,7 +531,7 @@ def test_purge_covers_the_whole_table(bed: Bed) -> None:
     assert bed.table.purge(real_idx=5) == written - odd and bed.table.count() == 0
 
 
-def test_a_purged_flow_takes_the_ring_again(bed: Bed) -> None:
+def test_a_purged_flow_takes_the_ring_again(bed: Bed, free_path: str) -> None:
     flow = bed.flow(4, "tcp", sport=40500)
     idx, addr = CONN[4]
     bed.table.insert(flow, idx, VIP_NUMS[(4, "tcp")])
@@ -460,8 +542,9 @@ def test_a_purged_flow_takes_the_ring_again(bed: Bed) -> None:
     assert entry is not None and entry.real_idx == RING[4][0], "the miss re-inserted the flow"
 
 
+@pytest.mark.parametrize("claimed", [False, True], ids=["rewritten", "being-written"])
 def test_purge_leaves_alone_a_slot_the_data_plane_rewrote_meanwhile(
-    bed: Bed, monkeypatch: pytest.MonkeyPatch
+    bed: Bed, free_path: str, monkeypatch: pytest.MonkeyPatch, claimed: bool
 ) -> None:
     num = VIP_NUMS[(4, "udp")]
     stale = [bed.flow(4, "udp", sport=40600 + i) for i in range(5)]
@@ -470,23 +553,114 @@ def test_purge_leaves_alone_a_slot_the_data_plane_rewrote_meanwhile(
     newcomer = _set_mates(stale[0], bed.table.sets, 1)[0]
     s = conn_index(stale[0], bed.table.sets)
     way = [int(t) for t in bed.table._w[s, :, 0]].index(conn_tag(stale[0]))
-    real_cas_many = conntab._atomic.cas_many
+    real_free = bed.table._free
+    raced = []
 
-    def racing(addrs: Any, expected: Any, new: int) -> int:
+    def racing(slot: Any, tag: Any) -> int:
         # Between the purge's read of the slot and its compare-and-swap, the program puts
-        # another flow there (claim, meta, tag), as conn_insert does when it evicts.
+        # another flow there (claim, meta, tag), as conn_insert does when it evicts; or it
+        # has claimed the slot and not written it yet.
+        if s * CONN_WAYS + way not in slot:
+            return real_free(slot, tag)
+        raced.append(len(slot))
         bed.table._w[s, way, 0] = CONN_TAG_BUSY
-        bed.table._w[s, way, 1] = conntab.make_meta(RING[4][0], num, udp=True, closing=False,
-                                                    stamp=conntab.now_stamp())
-        bed.table._w[s, way, 0] = conn_tag(newcomer)
-        return int(real_cas_many(addrs, expected, new))
+        if not claimed:
+            bed.table._w[s, way, 1] = conntab.make_meta(RING[4][0], num, udp=True,
+                                                        closing=False, stamp=conntab.now_stamp())
+            bed.table._w[s, way, 0] = conn_tag(newcomer)
+        return real_free(slot, tag)
 
-    monkeypatch.setattr(conntab._atomic, "cas_many", racing)
+    monkeypatch.setattr(bed.table, "_free", racing)
     assert bed.table.purge(vip_num=num) == 4, "the rewritten slot was counted as freed"
+    assert len(raced) == 1, "the purge did not select the slot"
     monkeypatch.undo()
-    entry = bed.table.lookup(newcomer)
-    assert entry is not None and entry.real_idx == RING[4][0], "the newcomer's slot was freed"
-    assert all(bed.table.lookup(f) is None for f in stale)
+    if claimed:
+        assert int(bed.table._w[s, way, 0]) == CONN_TAG_BUSY, "a claimed slot was freed"
+        bed.table._w[s, way, 0] = conn_tag(stale[0])  # the program's store of the tag
+        assert bed.table.lookup(stale[0]) is not None
+    else:
+        entry = bed.table.lookup(newcomer)
+        assert entry is not None and entry.real_idx == RING[4][0], "the newcomer was freed"
+        assert bed.table.lookup(stale[0]) is None
+    assert all(bed.table.lookup(f) is None for f in stale[1:])
+
+
+def test_bulk_free_leaves_alone_a_tag_changed_after_the_candidates_were_read(
+    bed: Bed,
+) -> None:
+    """lb._conntab.cas_many on the mapped table itself: candidates read, then one slot's tag
+    rewritten and one claimed (BUSY) before the call; neither is freed nor counted."""
+    num = VIP_NUMS[(4, "tcp")]
+    flows = [bed.flow(4, "tcp", sport=40700 + i) for i in range(20)]
+    for f in flows:
+        bed.table.insert(f, CONN[4][0], num)
+    flat = bed.table._w.reshape(-1, 2)
+    slot = np.flatnonzero(flat[:, 0] > CONN_TAG_BUSY)
+    tag = flat[slot, 0].copy()
+    assert len(slot) == 20
+    flat[slot[3], 0] = conn_tag(bed.flow(4, "tcp", sport=40799))
+    flat[slot[7], 0] = CONN_TAG_BUSY
+    freed = _conntab.cas_many(bed.table._mm, slot * 16, tag, CONN_TAG_EMPTY)
+    assert freed == 18
+    assert flat[slot[3], 0] == conn_tag(bed.flow(4, "tcp", sport=40799))
+    assert flat[slot[7], 0] == CONN_TAG_BUSY
+    assert bed.table.count() == 1
+    assert _conntab.cas_many(bed.table._mm, slot * 16, tag, CONN_TAG_EMPTY) == 0
+    flat[slot[7], 0] = CONN_TAG_EMPTY
+
+
+def test_the_c_path_and_the_fallback_free_the_same_slots(
+    bed: Bed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same table purged both ways (restored in between), some slots rewritten by a
+    racing writer between selection and the swap: the same slots stay, the same count."""
+    n = 40_000
+    base = int(ipaddress.IPv4Address("198.18.64.0"))
+    many = Flows.v4(base + np.arange(n) // 1000, int(VIP4), 1024 + np.arange(n) % 1000, PORT, 6)
+    written = bed.table.insert_many(many, 1 + np.arange(n) % 7, np.arange(n) % 5)
+    assert written > 0.5 * bed.table.capacity
+    start = bed.table._w.copy()
+    rng = np.random.default_rng(3)
+    flat = bed.table._w.reshape(-1, 2)
+    # Slots the racing writer rewrites (another tag) or claims (BUSY) once a purge selected.
+    busy = np.flatnonzero(flat[:, 0] > CONN_TAG_BUSY)
+    rewrite, claim = np.split(rng.choice(busy, 600, replace=False), 2)
+    real_free = ConnTable._free
+
+    def racing(table: ConnTable, slot: Any, tag: Any) -> int:
+        mine = np.isin(rewrite, slot)
+        flat[rewrite[mine], 0] ^= _U64(4)
+        flat[claim[np.isin(claim, slot)], 0] = CONN_TAG_BUSY
+        return real_free(table, slot, tag)
+
+    monkeypatch.setattr(ConnTable, "_free", racing)
+    runs = [
+        lambda: bed.table.purge(vip_num=2),
+        lambda: bed.table.purge(real_idx=3),
+        lambda: bed.table.purge_any(vip_nums=[0, 4], real_idx=[5]),
+        lambda: bed.table.purge_unless(vip_nums=[0, 1, 2, 3], real_idx=range(1, 7)),
+    ]
+    results = {}
+    for path in ("c", "libatomic"):
+        out = []
+        for run in runs:
+            bed.table._w[:] = start
+            if path == "libatomic":
+                monkeypatch.setattr(conntab, "_conntab", None)
+            freed = run()
+            monkeypatch.setattr(conntab, "_conntab", _conntab)
+            out.append((freed, bed.table._w[:, :, 0].copy()))
+        results[path] = out
+    for k, ((c_n, c_tags), (py_n, py_tags)) in enumerate(
+            zip(results["c"], results["libatomic"], strict=True)):
+        assert c_n == py_n, f"run {k}: C freed {c_n}, the fallback {py_n}"
+        assert np.array_equal(c_tags, py_tags), f"run {k}: different slots freed"
+        tags = c_tags.reshape(-1)
+        assert c_n > 0 and (tags[rewrite] != start[:, :, 0].reshape(-1)[rewrite]).any(), \
+            f"run {k}: the racing writer rewrote no slot the purge had selected"
+        assert not (tags[rewrite] == CONN_TAG_EMPTY).any(), f"run {k}: a rewritten slot freed"
+        assert (tags[claim] != CONN_TAG_EMPTY).all(), f"run {k}: a claimed slot was freed"
+    bed.table._w[:] = start
 
 
 def test_purge_refuses_no_field_and_values_out_of_range(bed: Bed) -> None:
