@@ -18,14 +18,14 @@ test-quick: setup
 
 ## The project's main job, end to end: lab, daemon, REST calls, real traffic, teardown.
 demo: setup
-	$(PY) -m lb.demo_lab
+	$(PY) -m lb.lab.demo
 
 ## The data plane alone: packets through the balancer with BPF_PROG_TEST_RUN.
 demo-dataplane: setup
-	$(PY) -m lb.demo
+	$(PY) -m lb.lab.demo_dataplane
 
 check: setup
-	$(VENV)/bin/ruff check lb api tests bench
+	$(VENV)/bin/ruff check lb api lbctl tests bench
 	$(VENV)/bin/mypy
 
 bench: setup

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from lb.config import DataplaneConfig
-from lb.control import ControlPlane
-from lb.model import BackendSpec, State, VipSpec
-from lb.store import Store
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, State, VipSpec
+from lb.control.store import Store
 
 NAME = "controlplane"
 RING = 65537
@@ -69,19 +69,19 @@ def _own(n: int, count: int) -> list[str]:
 
 def _load_maps() -> tuple[Any, str]:
     """The balancer (or, if its program does not load, its maps alone) and what it was."""
-    from lb.dataplane import Balancer
+    from lb.dataplane.loader import Balancer
     from lb.errors import KernelError
 
     try:
         return Balancer(CONFIG), "balancer"
     except KernelError as e:
         _say(f"  balancer did not load ({e}); measuring on its maps alone")
-    import bcc  # the maps of xdp/maps.h with a stub program
+    import bcc  # the maps of xdp/balancer/maps.h with a stub program
 
     from lb.config import xdp_source_dir
-    from lb.dataplane import MAP_NAMES
+    from lb.dataplane.loader import MAP_NAMES
 
-    src = b'#include <uapi/linux/bpf.h>\n#include "maps.h"\n' \
+    src = b'#include <uapi/linux/bpf.h>\n#include "balancer/maps.h"\n' \
           b"int xdp_stub(struct xdp_md *ctx) { return XDP_PASS; }\n"
     bpf = bcc.BPF(text=src, cflags=[f"-I{xdp_source_dir()}", *CONFIG.cflags()])
 
@@ -135,8 +135,8 @@ def bench_apply_change(cp: ControlPlane, reps: int) -> dict[str, Any]:
 
 def bench_parts(state_dir: Path, reps: int) -> dict[str, float]:
     """Where one change's time goes: the durable store alone and the ring build alone."""
-    from lb import maglev
-    from lb.model import Limits
+    from lb.control import maglev
+    from lb.control.model import Limits
 
     store = Store(state_dir / "parts", Limits.from_config(CONFIG))
     a = _vip(0, _own(0, BACKENDS))

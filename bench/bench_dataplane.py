@@ -4,7 +4,7 @@
 
 One BPF_PROG_TEST_RUN call per packet (repeat = 1, so every packet is a fresh copy of its
 frame and flows really are new or really are known), the kernel-reported duration summed over
-a run of 200,000 packets, the median of 5 runs. The floor is xdp/floor.c (swap MACs, XDP_TX),
+a run of 200,000 packets, the median of 5 runs. The floor is bench/xdp/floor.c (swap MACs, XDP_TX),
 measured in the same rounds: `above_floor_ns` is what the balancer costs beyond the least an
 XDP_TX program does, the figure Katran was measured by on this machine (KATRAN_ABOVE_FLOOR_NS).
 For the paths bound by the connection table's memory, xdp_floor_lru is measured in the same
@@ -15,7 +15,7 @@ than the old table's lookup alone.
 
 The balancer is compiled with conn_table_size 8,000,000 (Katran's default), which the loader
 rounds up to 1,048,576 sets of 8 slots (8,388,608 slots, 128 MiB); the LRU reference has as
-many entries. A ring of 65537 slots per VIP is filled by lb.maglev from 100 backends per VIP
+many entries. A ring of 65537 slots per VIP is filled by lb.control.maglev from 100 backends per VIP
 (IPv4 VIP: IPv4 backends; IPv6 VIP: IPv6 backends), IPIP / IPv6-in-IPv6 with the RSS-friendly
 outer source. The runs leave up to 2.4 million flows in 1,048,576 sets, so a few hundred sets
 fill up and evict their least recently seen flow (STAT_CONN_EVICT, reported): now and then
@@ -52,12 +52,12 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, merge_results
-from lb.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf_errno
+from bench.common import XDP_DIR, environment, merge_results
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import CONN_WAYS, STAT_INDEX, XDP_PASS, XDP_TX
-from lb.dataplane import Balancer, compile_program, set_addr, write_runtime_config
-from lb.reconcile import MapIO
+from lb.control.reconcile import MapIO
+from lb.dataplane.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf_errno
+from lb.dataplane.loader import Balancer, compile_program, set_addr, write_runtime_config
 
 RESULTS_NAME = "dataplane"
 PACKETS, RUNS = 200_000, 5
@@ -200,7 +200,7 @@ class Timer:
 
 
 def _ring(balancer: Balancer, vip_num: int, first_idx: int, addrs: list[Any]) -> None:
-    from lb.maglev import Endpoint, build_ring, ring_to_values
+    from lb.control.maglev import Endpoint, build_ring, ring_to_values
 
     size = balancer.config.ring_size
     ring = build_ring([Endpoint(str(a)) for a in addrs], size)
@@ -212,7 +212,7 @@ def _ring(balancer: Balancer, vip_num: int, first_idx: int, addrs: list[Any]) ->
 
 
 def program(balancer: Balancer) -> None:
-    """One IPv4 and one IPv6 TCP VIP with 100 backends each, rings from lb.maglev."""
+    """One IPv4 and one IPv6 TCP VIP with 100 backends each, rings from lb.control.maglev."""
     write_runtime_config(balancer, RuntimeConfig(
         gateway_mac=GW_MAC, src_v4=ipaddress.IPv4Address("198.18.0.1"),
         src_v6=ipaddress.IPv6Address("2001:db8::1")))
@@ -268,7 +268,7 @@ def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[st
     progress(f"loading the balancer (conn table {cfg.conn_sets:,} sets x {CONN_WAYS} ="
              f" {cfg.conn_capacity:,} slots, ring {cfg.ring_size}) ...")
     balancer = Balancer(cfg)
-    floor_bpf = compile_program("floor.c", cfg.cflags())
+    floor_bpf = compile_program(XDP_DIR / "floor.c", cfg.cflags())
     try:
         floor_fn = floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP)
         lru_fn = floor_bpf.load_func(b"xdp_floor_lru", floor_bpf.XDP)
@@ -365,7 +365,8 @@ def table(figures: dict[str, Any]) -> str:
     """The figures as a human-readable table."""
     lines = [
         f"balancer via BPF_PROG_TEST_RUN, median of {figures['runs']} runs of "
-        f"{figures['packets_per_run']:,} packets; floor (xdp/floor.c) {figures['floor_ns']} ns",
+        f"{figures['packets_per_run']:,} packets; floor (bench/xdp/floor.c)"
+        f" {figures['floor_ns']} ns",
         f"{'path':<18}{'ns':>8}{'above floor':>13}{'Katran':>9}{'old LRU':>9}  verdict",
     ]
     for name, row in figures["paths"].items():

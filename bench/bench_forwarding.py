@@ -73,9 +73,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from lb import netns
 from lb.config import DataplaneConfig
 from lb.consts import STAT_INDEX
+from lb.dataplane import netlink, netns
 
 NAME = "forwarding"
 SCENARIOS = (
@@ -273,14 +273,14 @@ def lab(prefix: str = PREFIX) -> Iterator[Lab]:
             # No IPv6 autoconfiguration chatter reaching the sink.
             netns.set_sysctls(ns, {"net.ipv6.conf.all.disable_ipv6": 1,
                                    "net.ipv6.conf.default.disable_ipv6": 1})
-        netns.add_veth(netns.End(gen, GEN_IF, ROUTER_MAC, LAB_MTU),
-                       netns.End(lbns, LB_IF, LB_MAC, LAB_MTU))
+        netlink.add_veth(netlink.End(gen, GEN_IF, ROUTER_MAC, LAB_MTU),
+                       netlink.End(lbns, LB_IF, LB_MAC, LAB_MTU))
         # One queue per sender CPU, so two trafgen workers do not share one veth ring.
-        netns.set_queues(gen, GEN_IF, 2)
-        netns.set_queues(lbns, LB_IF, 2)
-        netns.set_offload(gen, GEN_IF, "tx", on=False)
-        netns.add_address(gen, GEN_IF, f"{ROUTER_IP}/{LAB_PREFIXLEN}")
-        netns.add_address(lbns, LB_IF, f"{LB_IP}/{LAB_PREFIXLEN}")
+        netlink.set_queues(gen, GEN_IF, 2)
+        netlink.set_queues(lbns, LB_IF, 2)
+        netlink.set_offload(gen, GEN_IF, "tx", on=False)
+        netlink.add_address(gen, GEN_IF, f"{ROUTER_IP}/{LAB_PREFIXLEN}")
+        netlink.add_address(lbns, LB_IF, f"{LB_IP}/{LAB_PREFIXLEN}")
         # kernel_fwd: the LB's kernel routes backends' traffic back to the router, like the LB.
         netns.set_sysctls(lbns, {
             "net.ipv4.ip_forward": 1,
@@ -289,7 +289,7 @@ def lab(prefix: str = PREFIX) -> Iterator[Lab]:
             "net.ipv4.conf.all.rp_filter": 0,
             f"net.ipv4.conf.{LB_IF}.rp_filter": 0,
         })
-        netns.add_route(lbns, BACKEND_NET, ROUTER_IP)
+        netlink.add_route(lbns, BACKEND_NET, ROUTER_IP)
         # The sink drops ARP too: the router's MAC is configured, never resolved.
         netns.run(lbns, ["ip", "neigh", "replace", ROUTER_IP, "lladdr", ROUTER_MAC,
                          "dev", LB_IF, "nud", "permanent"])
@@ -299,7 +299,7 @@ def lab(prefix: str = PREFIX) -> Iterator[Lab]:
 # Counters.
 
 
-# sink_count slots (enum sink_slot in xdp/bench_progs.c).
+# sink_count slots (enum sink_slot in bench/xdp/bench_progs.c).
 SINK_ALL, SINK_ENCAP = 0, 1
 
 
@@ -311,7 +311,7 @@ def percpu_packets(table: Any, slot: int = 0) -> int:
 
 def link_counters(ns: str, ifname: str) -> dict[str, int]:
     """tx/rx packet and drop counters of an interface (netlink stats64)."""
-    with netns.iproute(ns) as ipr:
+    with netlink.iproute(ns) as ipr:
         msg = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
     st = msg.get("IFLA_STATS64")
     return {k: int(st.get(k, 0)) for k in ("tx_packets", "tx_dropped", "rx_packets", "rx_dropped")}
@@ -419,12 +419,13 @@ def cpu_time_ns(pids: list[int]) -> int:
 
 
 class BenchPrograms:
-    """xdp/bench_progs.c: the sink, XDP_DROP at the LB and the forwarding floor."""
+    """bench/xdp/bench_progs.c: the sink, XDP_DROP at the LB and the forwarding floor."""
 
     def __init__(self) -> None:
-        from lb.dataplane import compile_program
+        from bench.common import XDP_DIR
+        from lb.dataplane.loader import compile_program
 
-        self.bpf = compile_program("bench_progs.c", [])
+        self.bpf = compile_program(XDP_DIR / "bench_progs.c", [])
         xdp = self.bpf.XDP
         self.sink = self.bpf.load_func(b"xdp_sink", xdp)
         self.drop = self.bpf.load_func(b"xdp_lb_drop", xdp)
@@ -445,7 +446,7 @@ class LoadedBalancer:
     """The balancer programmed with one UDP and one TCP VIP on port 80 and four backends."""
 
     def __init__(self) -> None:
-        from lb.dataplane import Balancer
+        from lb.dataplane.loader import Balancer
 
         self.cfg = DataplaneConfig(ring_size=RING_SIZE, max_vips=4, max_reals=16,
                                    conn_table_size=CONN_TABLE_SIZE)
@@ -463,9 +464,9 @@ class LoadedBalancer:
     def _program(self) -> str:
         """Runtime configuration, then VIPs and backends through the control plane."""
         from lb.config import RuntimeConfig
-        from lb.control import ControlPlane
-        from lb.dataplane import write_runtime_config
-        from lb.model import BackendSpec, VipSpec
+        from lb.control.facade import ControlPlane
+        from lb.control.model import BackendSpec, VipSpec
+        from lb.dataplane.loader import write_runtime_config
 
         write_runtime_config(self.b, RuntimeConfig(gateway_mac=ROUTER_MAC,
                                                    src_v4=ipaddress.IPv4Address(LB_IP)))
@@ -484,7 +485,7 @@ class LoadedBalancer:
     def forwards(self) -> bool:
         """Whether the loaded program sends a UDP packet to the VIP back out (XDP_TX)."""
         from lb.consts import XDP_TX
-        from lb.testrun import TestRunner
+        from lb.dataplane.testrun import TestRunner
 
         frame = _udp_frame(CLIENT, str(VIP), 40000, VIP_PORT, 60)
         return TestRunner(self.fd).run(frame).verdict == XDP_TX
@@ -501,13 +502,13 @@ class LoadedBalancer:
     def prefill(self, clients: int, ports: int) -> float:
         """Put clients x ports UDP flows to the VIP in the connection table; returns seconds.
 
-        One vectorised write through lb.conntab (hashes and slots computed with numpy, the
+        One vectorised write through lb.dataplane.conntab (hashes and slots computed with numpy, the
         table written in place through its mapping), before any traffic runs.
         """
         import numpy as np
 
-        from lb.conntab import ConnTable
-        from lb.flowhash import Flows
+        from lb.dataplane.conntab import ConnTable
+        from lb.dataplane.flowhash import Flows
 
         t0 = time.monotonic()
         n = clients * ports
@@ -565,7 +566,7 @@ class Scenario:
     name: str
     prog: str  # drop | floor | balancer | kernel
     traffic: Traffic
-    mode: netns.XdpMode = "native"
+    mode: netlink.XdpMode = "native"
 
 
 class Bench:
@@ -614,14 +615,14 @@ class Bench:
         """Attach the scenario's program, send, and measure forwarded packets per window."""
         t = self.timing
         fd = self.fd_of(sc.prog)
-        attach = (netns.xdp_attached(self.lab.lb, LB_IF, fd, sc.mode) if fd is not None
+        attach = (netlink.xdp_attached(self.lab.lb, LB_IF, fd, sc.mode) if fd is not None
                   else contextlib.nullcontext())
         m = Measurement()
         max_s = t.warmup_s + t.windows * t.window_s + 10.0
         sink0 = (percpu_packets(self.progs.sink_count, SINK_ALL),
                  percpu_packets(self.progs.sink_count, SINK_ENCAP))
         lru0 = self.lru_counts(sc.prog)
-        with attach, netns.iproute(self.lab.gen) as ipr, \
+        with attach, netlink.iproute(self.lab.gen) as ipr, \
                 trafgen(self.lab.gen, GEN_IF, sc.traffic, max_s) as proc:
             idx = ipr.link_lookup(ifname=GEN_IF)[0]
 
@@ -760,7 +761,7 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
                             for n in SCENARIOS if n.startswith(("lb_", "syn_"))})
         with lab() as lab_:
             bench = Bench(lab_, progs, lbal, timing)
-            netns.xdp_attach(lab_.gen, GEN_IF, int(progs.sink.fd), "native")
+            netlink.xdp_attach(lab_.gen, GEN_IF, int(progs.sink.fd), "native")
 
             def run_phase(scenarios: list[Scenario]) -> None:
                 for _ in range(timing.rounds):

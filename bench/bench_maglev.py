@@ -1,4 +1,4 @@
-"""Maglev ring benchmark: build time, disruption, balance (lb/maglev.py at 65537 slots).
+"""Maglev ring benchmark: build time, disruption, balance (lb/control/maglev.py at 65537 slots).
 
     .venv/bin/python -m bench.bench_maglev [--smoke]     (or: python bench/bench_maglev.py)
 
@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import environment, merge_results
-from lb.maglev import (
+from lb.control.maglev import (
     DEFAULT_RING_SIZE,
     MAX_WEIGHT,
     Endpoint,
@@ -136,7 +136,7 @@ def balance(n: int) -> float:
 def table(figures: dict[str, Any], times: dict[str, dict[str, Timing]], worst: float) -> str:
     """The figures as a human-readable table."""
     lines = [
-        f"Maglev ring of {DEFAULT_RING_SIZE} slots (lb/maglev.py, C fill), median ms "
+        f"Maglev ring of {DEFAULT_RING_SIZE} slots (lb/control/maglev.py, C fill), median ms "
         f"(target {TARGET_MS:g} ms)",
         f"{'N':>6} {'equal':>8} {'weighted':>9} {'cached ids':>15} {'wall clock':>15}",
     ]

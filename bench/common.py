@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The benchmark-only XDP programs (compiled with -I xdp/, like the product's).
+XDP_DIR = Path(__file__).resolve().parent / "xdp"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

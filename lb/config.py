@@ -1,7 +1,7 @@
 """Typed configuration of the data plane.
 
 `DataplaneConfig` holds what is compiled into the program (sizes, feature switches) and turns
-into the -D cflags that override xdp/consts.h. `RuntimeConfig` holds what the program reads
+into the -D cflags that override xdp/common/consts.h. `RuntimeConfig` holds what the program reads
 from its `lb_cfg` map at run time (gateway MAC, outer sources, GUE port, size limit), so it can
 change without recompiling.
 """
@@ -34,7 +34,7 @@ def is_prime(n: int) -> bool:
 
 
 class Features(BaseModel):
-    """Compile-time feature switches (FEAT_* in xdp/consts.h)."""
+    """Compile-time feature switches (FEAT_* in xdp/common/consts.h)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,7 +87,7 @@ class DataplaneConfig(BaseModel):
         return self.conn_sets * CONN_WAYS
 
     def cflags(self) -> list[str]:
-        """The -D flags that override xdp/consts.h defaults."""
+        """The -D flags that override xdp/common/consts.h defaults."""
         f = self.features
         return [
             f"-DRING_SIZE={self.ring_size}",
@@ -150,5 +150,11 @@ class RuntimeConfig(BaseModel):
 
 
 def xdp_source_dir() -> Path:
-    """Directory holding the C sources (xdp/ next to the lb package)."""
-    return Path(__file__).resolve().parent.parent / "xdp"
+    """Directory holding the data plane's C sources.
+
+    An installed wheel carries them as lb/dataplane/xdp/ (pyproject.toml maps the checkout's
+    top-level xdp/ there); a checkout or an editable install uses xdp/ next to lb/.
+    """
+    here = Path(__file__).resolve().parent
+    packaged = here / "dataplane" / "xdp"
+    return packaged if packaged.is_dir() else here.parent / "xdp"

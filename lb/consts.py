@@ -1,4 +1,4 @@
-"""Data-plane constants used from Python, named exactly as in xdp/consts.h.
+"""Data-plane constants used from Python, named exactly as in xdp/common/consts.h.
 
 tests/test_consts.py parses the C header and fails if a value here differs, so the header
 stays the one source of truth and this file cannot drift silently.

@@ -6,7 +6,7 @@ variables (`XLB_INTERFACE`, nested with `__`: `XLB_DATAPLANE__RING_SIZE`,
 then defaults. The data-plane fields are not repeated here: `dataplane` is
 lb.config.DataplaneConfig (compiled in) and `runtime` is lb.config.RuntimeConfig (lb_cfg map).
 
-No module here touches the kernel; lb/host.py turns settings into a running data plane.
+No module here touches the kernel; lb/dataplane/host.py turns settings into a running data plane.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """lbctl's health-check commands: `health show|set|rm`, `backend drain --wait`, and the
-health section of `lbctl stats` (hooked into api/cli.py's parser)."""
+health section of `lbctl stats` (hooked into lbctl/main.py's parser)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from api.cli import (
+from lbctl.main import (
     EXIT_API,
     EXIT_OK,
     EXIT_USAGE,

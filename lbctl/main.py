@@ -473,7 +473,7 @@ def cmd_backend_drain(args: argparse.Namespace) -> int:
     """lbctl backend drain VIP ADDRESS [--wait]: no new flows, tracked flows go on."""
     rc = _patch_backend(args, {"state": "draining"}, "draining")
     if getattr(args, "wait", False):
-        from api.cli_health import wait_drained
+        from lbctl.health import wait_drained
 
         return wait_drained(args)
     return rc
@@ -498,7 +498,7 @@ def cmd_backend_rm(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """lbctl stats [--watch [SECONDS]]."""
-    from api.cli_health import stats_with_health
+    from lbctl.health import stats_with_health
 
     client = client_from(args)
     query = {"per_cpu": "true"} if args.per_cpu else None
@@ -586,8 +586,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from api.main import create_app
-    from api.settings import ApiSettings, ensure_token_file
+    from xlb_api.main import create_app
+    from xlb_api.settings import ApiSettings, ensure_token_file
 
     updates: dict[str, Any] = {
         k: v
@@ -655,7 +655,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_detach(args: argparse.Namespace) -> int:
     """lbctl detach: take the balancer off its interface (maps stay pinned)."""
-    from lb import attach as xdp
+    from lb.dataplane import attach as xdp
 
     s = _lb_settings(args)
     if not s.interface:
@@ -667,6 +667,10 @@ def cmd_detach(args: argparse.Namespace) -> int:
     else:
         print(f"detached {removed.prog_name or 'program'} (id {removed.prog_id}) from {where}")
     return EXIT_OK
+
+
+# `lbctl lab` and `lbctl doctor` own their options: their modules parse the rest.
+_DELEGATES = {"lab": "lb.lab.network", "doctor": "lb.ops.doctor"}
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -758,11 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("vip")
         sp.add_argument("address")
         if name == "drain":
-            from api.cli_health import add_drain_flags
+            from lbctl.health import add_drain_flags
 
             add_drain_flags(sp)
 
-    from api.cli_health import add_health_commands
+    from lbctl.health import add_health_commands
 
     add_health_commands(sub, leaf)
 
@@ -810,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interface")
     sp.add_argument("--netns")
 
-    # Listed for --help; main() hands their arguments to lb.lab / lb.doctor untouched.
+    # Listed for --help; main() hands their arguments to lb.lab.network / lb.ops.doctor untouched.
     sub.add_parser("lab", help="the network lab: up|down|status (lb.lab)", add_help=False)
     sub.add_parser("doctor", help="check this host or a lab (lb.doctor)", add_help=False)
     return p
@@ -829,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The lab and the doctor own their options (and their --help).
         if argv and argv[0] in ("lab", "doctor"):
-            return _delegate(f"lb.{argv[0]}", argv[1:])
+            return _delegate(_DELEGATES[argv[0]], argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.fn(args))
     except CliError as e:

@@ -107,9 +107,10 @@ fi
 
 step "Python packages (pip install -e '.[dev]')"
 mkdir -p "$STAMP_DIR"
-# The C extensions (lb/_maglev.c, lb/_conntab.c) are built by pip: lb/*.c is in the stamp too.
-want="$(cat "$ROOT/pyproject.toml" "$ROOT"/lb/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" = "$want" ]; then skip "pyproject.toml and lb/*.c unchanged"; else
+# The C extensions (lb/control/_maglev.c, lb/dataplane/_conntab.c) are built by pip: lb/*/*.c
+# is in the stamp too.
+want="$(cat "$ROOT/pyproject.toml" "$ROOT"/lb/*/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP_DIR/pip" 2>/dev/null)" = "$want" ]; then skip "pyproject.toml and lb/*/*.c unchanged"; else
   # pip's chatter goes to a log; its tail is shown only if it fails.
   log="$STAMP_DIR/pip.log"
   if ! { "$VENV/bin/python" -m pip install -q --upgrade pip \

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lb.config import DataplaneConfig
-from lb.netns import pid_alive
+from lb.dataplane.netns import pid_alive
 
 PREFIX = f"xlbt{os.getpid()}"
 BPFFS = Path("/sys/fs/bpf")
@@ -81,7 +81,7 @@ def dataplane_config() -> DataplaneConfig:
 @pytest.fixture(scope="session")
 def balancer(dataplane_config: DataplaneConfig) -> Iterator[object]:
     """The balancer, compiled once per test process (unpinned)."""
-    from lb.dataplane import Balancer
+    from lb.dataplane.loader import Balancer
 
     b = Balancer(dataplane_config)
     yield b

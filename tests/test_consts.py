@@ -1,4 +1,4 @@
-"""The Python mirror of xdp/consts.h matches the header, name for name."""
+"""The Python mirror of xdp/common/consts.h matches the header, name for name."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from lb import consts
 from lb.config import xdp_source_dir
 
-HEADER = (xdp_source_dir() / "consts.h").read_text()
+HEADER = (xdp_source_dir() / "common" / "consts.h").read_text()
 
 
 # Build-time tunables (-D flags from lb.config), not mirrored in lb/consts.py.
@@ -30,16 +30,16 @@ def test_python_flags_match_the_header() -> None:
     names = [n for n in dir(consts) if re.match(mirrored, n)]
     assert names, "no flag constants found in lb.consts"
     for name in names:
-        assert name in defines, f"{name} is in lb/consts.py but not #defined in xdp/consts.h"
+        assert name in defines, f"{name} is in lb/consts.py but not #defined in xdp/common/consts.h"
         assert getattr(consts, name) == defines[name], f"{name} differs between C and Python"
     for name in defines:
         if re.match(r"^(F_|REAL_F_|CONN_|VIP_FILTER_)", name) and name not in TUNABLES:
-            assert hasattr(consts, name), f"{name} is in xdp/consts.h but not in lb/consts.py"
+            assert hasattr(consts, name), f"{name} is in xdp/common/consts.h, not in lb/consts.py"
 
 
 def test_counter_slots_match_the_header_enum() -> None:
     body = re.search(r"enum glob_stat \{(.*?)\};", HEADER, re.S)
-    assert body, "enum glob_stat not found in xdp/consts.h"
+    assert body, "enum glob_stat not found in xdp/common/consts.h"
     text = re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S)
     names = [n.split("=")[0].strip() for n in text.split(",") if n.strip()]
     assert names[-1] == "STAT_MAX"

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb import _maglev, maglev
-from lb.maglev import (
+from lb.control import _maglev, maglev
+from lb.control.maglev import (
     MAX_WEIGHT,
     NO_BACKEND,
     Endpoint,

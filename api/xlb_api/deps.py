@@ -17,12 +17,12 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.problems import NotReady, Unauthorized, UnsupportedMediaType
-from api.settings import ApiSettings, get_settings
-from lb.control import ControlPlane
+from lb.control.facade import ControlPlane
 from lb.errors import InvalidInput
-from lb.explain import Explainer
-from lb.stats import RateSampler, StatsReader
+from lb.ops.explain import Explainer
+from lb.ops.stats import RateSampler, StatsReader
+from xlb_api.problems import NotReady, Unauthorized, UnsupportedMediaType
+from xlb_api.settings import ApiSettings, get_settings
 
 
 @dataclass

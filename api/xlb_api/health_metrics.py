@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from api.deps import Runtime
+from xlb_api.deps import Runtime
 
 
 class HealthCollector(Collector):

@@ -1,8 +1,9 @@
 """The FastAPI app: routers, problem handlers, and the daemon's lifespan.
 
 `create_app()` builds the daemon: its lifespan loads the data plane (reusing pinned maps),
-brings the maps to the stored state, attaches (lb.host.open_host + lb.control.ControlPlane),
-and on shutdown stops serving and leaves the program forwarding unless `detach_on_exit`.
+brings the maps to the stored state, attaches (lb.dataplane.host.open_host +
+lb.control.facade.ControlPlane), and on shutdown stops serving and leaves the program
+forwarding unless `detach_on_exit`.
 
 `create_app(control=..., balancer=...)` wraps an already-built control plane instead (tests,
 embedding): the lifespan then only runs the statistics sampler and closes nothing it did not
@@ -20,16 +21,16 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from api.deps import Runtime, reject_unknown_query
-from api.problems import install_problem_handlers, problem_only_openapi
-from api.routes import backends, checks, explain, health, state, stats, vips
-from api.settings import ApiSettings, get_settings
-from lb.control import ControlPlane
-from lb.dataplane import Balancer
+from lb.control.facade import ControlPlane
+from lb.dataplane.loader import Balancer
 from lb.errors import XlbError
-from lb.explain import Explainer
-from lb.prober import HealthManager
-from lb.stats import RateSampler, StatsReader
+from lb.health.manager import HealthManager
+from lb.ops.explain import Explainer
+from lb.ops.stats import RateSampler, StatsReader
+from xlb_api.deps import Runtime, reject_unknown_query
+from xlb_api.problems import install_problem_handlers, problem_only_openapi
+from xlb_api.routes import backends, checks, explain, health, state, stats, vips
+from xlb_api.settings import ApiSettings, get_settings
 
 log = logging.getLogger("xlb.api")
 
@@ -78,9 +79,9 @@ async def _sample_forever(sampler: RateSampler) -> None:
 
 def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> Runtime:
     """Open the data plane the daemon's way: load, pin, reconcile, attach."""
-    from lb import attach as xdp
-    from lb.hcencap import tunnel_factory
-    from lb.host import open_host
+    from lb.dataplane import attach as xdp
+    from lb.dataplane.hcencap import tunnel_factory
+    from lb.dataplane.host import open_host
 
     # Load (reusing the pins) and bring the maps to the stored state first, then attach, so
     # the first packet the program sees already meets the stored state.

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from api.deps import Runtime
-from api.health_metrics import HealthCollector
+from xlb_api.deps import Runtime
+from xlb_api.health_metrics import HealthCollector
 
 
 class XlbCollector(Collector):

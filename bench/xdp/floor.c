@@ -14,8 +14,8 @@
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
 
-#include "consts.h"
-#include "structs.h"
+#include "common/consts.h"
+#include "common/structs.h"
 
 /* Value of the LRU reference: what the kernel-LRU connection table kept per flow. */
 struct floor_lru_val {

@@ -1,7 +1,7 @@
 /*
- * _maglev.c - the hot loops of lb/maglev.py, as a tiny CPython extension.
+ * _maglev.c - the hot loops of lb/control/maglev.py, as a tiny CPython extension.
  *
- * lb/maglev.py computes each endpoint's offset, skip and shift (seeded hashes of its
+ * lb/control/maglev.py computes each endpoint's offset, skip and shift (seeded hashes of its
  * identity) and keeps a pure-Python reference of every function here; the tests check that
  * both produce byte-identical output. Every buffer is native-endian uint32 (array('I')).
  *
@@ -38,7 +38,7 @@
  * max/mean ratio the heap's ring_size * log2(n) is cheaper. */
 #define ROUNDS_MAX_SKEW 4
 
-/* Upper bound on ring_size; lb/maglev.py enforces a smaller one. Keeps slot + skip and
+/* Upper bound on ring_size; lb/control/maglev.py enforces a smaller one. Keeps slot + skip and
  * slot indices inside uint32. */
 #define RING_SIZE_LIMIT ((Py_ssize_t)1 << 31)
 
@@ -449,8 +449,8 @@ static PyMethodDef maglev_methods[] = {
 
 static struct PyModuleDef maglev_module = {
 	PyModuleDef_HEAD_INIT,
-	.m_name = "lb._maglev",
-	.m_doc = "C loops for lb.maglev (ring fill, index translation, ring diff).",
+	.m_name = "lb.control._maglev",
+	.m_doc = "C loops for lb.control.maglev (ring fill, index translation, ring diff).",
 	.m_size = -1,
 	.m_methods = maglev_methods,
 };

@@ -1,4 +1,4 @@
-"""Type stub of the C extension lb/_maglev.c (see its header comment)."""
+"""Type stub of the C extension lb/control/_maglev.c (see its header comment)."""
 
 from typing_extensions import Buffer
 

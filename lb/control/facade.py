@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from lb import maglev
 from lb.config import DataplaneConfig
-from lb.errors import Conflict, InvalidInput, KernelError, NotFound, PreconditionFailed
-from lb.model import (
+from lb.control import maglev
+from lb.control.model import (
     BackendSpec,
     BackendUpdate,
     Drift,
@@ -48,11 +47,12 @@ from lb.model import (
     validate_vip,
     vip_id,
 )
-from lb.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
-from lb.store import Store, crash_point
+from lb.control.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
+from lb.control.store import Store, crash_point
+from lb.errors import Conflict, InvalidInput, KernelError, NotFound, PreconditionFailed
 
 if TYPE_CHECKING:
-    from lb.dataplane import Balancer
+    from lb.dataplane.loader import Balancer
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", VipSpec, BackendSpec)
@@ -399,7 +399,7 @@ class ControlPlane:
     def set_overlay(self, overlay: Callable[[VipSpec], VipSpec] | None) -> None:
         """Program each VIP as `overlay(stored VIP)` from now on (None: as stored); reconcile.
 
-        The overlay (lb/prober.py: health) never changes the stored state or its generation;
+        The overlay (lb/health/manager.py: health) never changes the stored state or its generation;
         it must return the same object while its answer for a VIP does not change, so an
         unchanged VIP costs nothing. `verify()` compares the maps with the overlaid state.
         """

@@ -40,7 +40,7 @@ Balance needs ``ring_size > 100 * endpoints`` (1% imbalance at most): with more 
 (``MaglevBalanceWarning``) so benchmarks and very large pools can still build.
 
 Speed: the fill loop, the translation to backend ids and the ring diff run in the C extension
-``lb._maglev``: 65537 slots for 1000 endpoints in about 2.5 ms, 3.5 ms when the identities
+``lb.control._maglev``: 65537 slots for 1000 endpoints in about 2.5 ms, 3.5 ms when the identities
 were never hashed before (2-CPU Xeon VM; ``bench/bench_maglev.py``).
 When it is missing, the pure-Python reference below runs instead (130 ms instead of 2 ms
 for 100 endpoints); the tests check that both produce byte-identical rings.
@@ -58,7 +58,7 @@ from functools import lru_cache
 from typing import Final
 
 try:
-    from lb import _maglev
+    from lb.control import _maglev
 except ImportError:  # pragma: no cover - the package always builds it
     _maglev = None  # type: ignore[assignment]
 
@@ -105,7 +105,7 @@ ACCELERATED: Final = _maglev is not None
 _U32_MAX: Final = 0xFFFFFFFF
 
 if array("I").itemsize != 4:  # pragma: no cover - true on every platform CPython supports
-    raise ImportError("lb.maglev needs array('I') to hold 32-bit items")
+    raise ImportError("lb.control.maglev needs array('I') to hold 32-bit items")
 
 
 class MaglevError(ValueError):
@@ -327,7 +327,7 @@ def populate_reference(
     weights: Sequence[int],
     inverse: Sequence[int],
 ) -> array[int]:
-    """Pure-Python ring fill (Katran's MaglevV2 loop), the reference for ``lb._maglev``.
+    """Pure-Python ring fill (Katran's MaglevV2 loop), the reference for ``lb.control._maglev``.
 
     Fills ``len(inverse)`` slots with endpoint indices; see the module docstring.
     """

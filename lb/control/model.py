@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationErro
 from lb.config import DataplaneConfig
 from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
 from lb.errors import InvalidInput, LimitReached
-from lb.health import HealthCheck
+from lb.health.policy import HealthCheck
 
 Protocol = Literal["tcp", "udp"]
 Encap = Literal["ipip", "gue"]
@@ -31,7 +31,7 @@ OuterSource = Literal["rss", "lb"]
 BackendState = Literal["active", "draining", "disabled"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Highest backend weight (the same bound as lb.maglev.MAX_WEIGHT; test_model checks it).
+#: Highest backend weight (the same bound as lb.control.maglev.MAX_WEIGHT; test_model checks it).
 MAX_WEIGHT = 1000
 #: Outer source used when a VIP does not name one: IPIP spreads over the backend's RX
 #: queues (RSS-friendly source), GUE already varies its UDP source port, so it uses the LB's
@@ -113,7 +113,7 @@ class VipSpec(BaseModel):
     )
     backends: list[BackendSpec] = Field(default_factory=list)
     health_check: HealthCheck | None = Field(
-        None, description="how the backends are probed (lb/health.py); null: not checked"
+        None, description="how the backends are probed (lb/health/policy.py); null: not checked"
     )
 
     @property

@@ -42,12 +42,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lb import bpf, maglev
-from lb.conntab import ConnTable
 from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
-from lb.errors import KernelError
-from lb.flowhash import vip_filter_bit
-from lb.model import (
+from lb.control import maglev
+from lb.control.model import (
     BackendChange,
     Drift,
     IPAddress,
@@ -56,10 +53,14 @@ from lb.model import (
     VipSpec,
     vip_id,
 )
-from lb.store import crash_point
+from lb.control.store import crash_point
+from lb.dataplane import bpf
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import vip_filter_bit
+from lb.errors import KernelError
 
 if TYPE_CHECKING:
-    from lb.dataplane import Balancer
+    from lb.dataplane.loader import Balancer
 
 #: vip_map key as Python sees it: (family, 16 address bytes, port in host order, IP proto).
 VipMapKey = tuple[int, bytes, int, int]

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lb.control.model import Limits, VipSpec
 from lb.errors import KernelError, LimitReached
-from lb.model import Limits, VipSpec
 
 SCHEMA_VERSION = 1
 DB_NAME = "xlb-state.sqlite3"

@@ -1,11 +1,11 @@
 /*
  * _conntab.c - the connection table's bulk compare-and-swap, as a tiny CPython extension.
  *
- * lb/conntab.py selects the slots a purge frees with numpy over the mapping of conn_table
+ * lb/dataplane/conntab.py selects the slots a purge frees with numpy over the mapping of conn_table
  * (docs/conn-table.md), then frees each one the way the data plane's protocol wants: a
  * compare-and-swap of its tag, from the value it was read with, to CONN_TAG_EMPTY. Through
  * ctypes and libatomic that is one foreign call per slot (about 0.6 us); here it is one call
- * for all of them (a few ns a slot). lb/conntab.py keeps the ctypes path as its fallback.
+ * for all of them (a few ns a slot). lb/dataplane/conntab.py keeps the ctypes path as its fallback.
  *
  *   cas_many(table, offsets, expected, new) -> int
  *       For each k: the 64-bit word at byte offsets[k] of the writable buffer `table` is
@@ -121,8 +121,8 @@ static PyMethodDef conntab_methods[] = {
 
 static struct PyModuleDef conntab_module = {
 	PyModuleDef_HEAD_INIT,
-	.m_name = "lb._conntab",
-	.m_doc = "Bulk compare-and-swap on the mapped connection table, for lb.conntab.",
+	.m_name = "lb.dataplane._conntab",
+	.m_doc = "Bulk compare-and-swap on the mapped connection table, for lb.dataplane.conntab.",
 	.m_size = -1,
 	.m_methods = conntab_methods,
 };

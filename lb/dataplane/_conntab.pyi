@@ -1,4 +1,4 @@
-"""Type stub of the C extension lb/_conntab.c (see its header comment)."""
+"""Type stub of the C extension lb/dataplane/_conntab.c (see its header comment)."""
 
 from typing import Any, TypeAlias
 

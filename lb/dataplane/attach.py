@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lb.dataplane import Balancer, prog_fd_by_id, prog_info_by_id
+from lb.dataplane.loader import Balancer, prog_fd_by_id, prog_info_by_id
 from lb.errors import Conflict, ForeignProgram, InvalidInput, KernelError
 
 # Flags of IFLA_XDP_FLAGS (include/uapi/linux/if_link.h), named as there.

@@ -6,7 +6,8 @@ handle ENOENT or EINVAL themselves, e.g. batch ops and their per-slot fallback).
 structs are the members of `union bpf_attr` (include/uapi/linux/bpf.h) that xlb uses, each
 only as long as needed: the kernel zero-fills the rest.
 
-Only ctypes here, no BCC: lb.testrun, lb.doctor and lb.netns import it without a compiler.
+Only ctypes here, no BCC: lb.dataplane.testrun, lb.ops.doctor and lb.dataplane.netns import it
+without a compiler.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ and stores are single accesses on x86, which keeps stores, and loads, in program
   the flow's tag; delete: compare-and-swap the flow's tag to CONN_TAG_EMPTY.
 
 `purge` frees every slot naming a VIP number or a backend index the control plane freed
-(lb/reconcile.py runs it): numpy selects the slots over the mapping, then each is deleted
+(lb/control/reconcile.py runs it): numpy selects the slots over the mapping, then each is deleted
 as above, by compare-and-swap of the tag it was read with, so a slot the data plane
 rewrote for another flow meanwhile is left alone.
 
-Freeing slots (purge, delete) goes through the C extension lb._conntab when it is built:
+Freeing slots (purge, delete) goes through the C extension lb.dataplane._conntab when it is built:
 one call compare-and-swaps every selected tag (`lock cmpxchg`, a few ns a slot, without
 the GIL). Otherwise, and for single slots (insert's claim, restoring()), compare-and-swap
 comes from the GCC runtime's libatomic (`__atomic_compare_exchange_8`) through ctypes,
@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from lb.bpf import map_info
 from lb.consts import (
     CONN_F_CLOSING,
     CONN_F_UDP,
@@ -60,14 +59,15 @@ from lb.consts import (
     CONN_WAYS,
     UDP_TIMEOUT_DEFAULT_S,
 )
+from lb.dataplane.bpf import map_info
+from lb.dataplane.flowhash import Flow5, Flows, conn_index, conn_index_many, conn_tag, conn_tag_many
 from lb.errors import KernelError
-from lb.flowhash import Flow5, Flows, conn_index, conn_index_many, conn_tag, conn_tag_many
 
 if TYPE_CHECKING:
-    from lb.dataplane import Balancer
+    from lb.dataplane.loader import Balancer
 
 try:
-    from lb import _conntab
+    from lb.dataplane import _conntab
 except ImportError:  # not built (no compiler at install time): libatomic through ctypes
     _conntab = None  # type: ignore[assignment]
 
@@ -108,7 +108,7 @@ def udp_timeout_ns(balancer: Balancer) -> int:
 
 
 def make_meta(real_idx: int, vip_num: int, *, udp: bool, closing: bool, stamp: int) -> int:
-    """A slot's meta word (layout in xdp/consts.h)."""
+    """A slot's meta word (layout in xdp/common/consts.h)."""
     if not 0 < real_idx <= CONN_REAL_MASK:
         raise ValueError(f"real_idx must be in 1..{CONN_REAL_MASK}, got {real_idx}")
     if not 0 <= vip_num <= CONN_VIP_MASK:
@@ -367,8 +367,9 @@ class ConnTable:
         )
 
     def _pick(self, s: int, tag: int) -> tuple[int, int] | None:
-        """(way, tag seen) to write `tag` into, by conn_insert's preference (xdp/balancer.c):
-        the flow's own slot, a free one, an expired UDP entry, the least recently seen."""
+        """(way, tag seen) to write `tag` into, by conn_insert's preference
+        (xdp/balancer/balancer.c): the flow's own slot, a free one, an expired UDP entry, the
+        least recently seen."""
         w = self._w[s]
         now = now_stamp()
         udp_timeout = udp_timeout_ns(self._balancer) >> CONN_STAMP_NS_SHIFT
@@ -414,7 +415,7 @@ class ConnTable:
     def restoring(self, flow: Flow5) -> Iterator[None]:
         """Put the flow's set back as it was on entry, where the flow's entry now sits.
 
-        For a packet run that must leave no trace (lb.explain): the slot the program wrote
+        For a packet run that must leave no trace (lb.ops.explain): the slot the program wrote
         the flow into gets its previous content back, a flow it evicted included. Slots the
         data plane rewrote for other flows meanwhile are left alone.
         """
@@ -439,7 +440,7 @@ class ConnTable:
         """Free every slot naming this VIP number, this backend index, or (both given) the
         pair; returns how many slots it freed.
 
-        For numbers and indices the control plane freed (lb/reconcile.py runs it): once the
+        For numbers and indices the control plane freed (lb/control/reconcile.py runs it): once the
         data plane can no longer write slots naming them (the VIP out of vip_map; the
         backend out of every ring and zeroed in reals), before they are handed out again.
         """

@@ -1,4 +1,4 @@
-"""Load the backend decap programs (xdp/decap.c) and drive their maps.
+"""Load the backend decap programs (xdp/decap/decap.c) and drive their maps.
 
 Backends without tunnel devices (no ipip/ip6tnl/fou in the kernel) run one of the two
 programs to strip what the balancer added: IPIP, IPv6-in-IPv6, IPv4-in-IPv6 and GUE
@@ -15,7 +15,7 @@ Attaching is the caller's job, with pyroute2 (run it in the backend's namespace)
         ip.tc("del", "clsact", idx)                              # detach
 
 Use one variant per interface: both on one link would leave tc nothing to strip.
-Counter names are the C names of `enum decap_stat` in xdp/decap.h, verbatim (a test
+Counter names are the C names of `enum decap_stat` in xdp/decap/decap.h, verbatim (a test
 parses the header and compares).
 """
 
@@ -31,15 +31,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lb.dataplane import IPAddress, compile_program, family_of, get_addr, set_addr
+from lb.dataplane.loader import IPAddress, compile_program, family_of, get_addr, set_addr
 from lb.errors import InvalidInput, KernelError, LimitReached, NotFound
 
-SOURCE = "decap.c"
+SOURCE = "decap/decap.c"
 XDP_PROGRAM = "xdp_decap"
 TC_PROGRAM = "tc_decap"
 MAP_NAMES = ("decap_addrs", "decap_cfg", "decap_stats")
 
-# Counter slots (enum decap_stat in xdp/decap.h), in order.
+# Counter slots (enum decap_stat in xdp/decap/decap.h), in order.
 DECAP_STATS: tuple[str, ...] = (
     "DECAP_STAT_IPIP",
     "DECAP_STAT_IP6IP6",
@@ -54,7 +54,7 @@ DECAP_STATS: tuple[str, ...] = (
 )
 DECAP_STAT_MAX = len(DECAP_STATS)
 
-# Compile-time defaults (#ifndef in xdp/decap.h).
+# Compile-time defaults (#ifndef in xdp/decap/decap.h).
 DECAP_MAX_ADDRS = 64
 DECAP_DEFAULT_GUE_PORT = 6080
 

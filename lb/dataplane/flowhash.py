@@ -1,4 +1,4 @@
-"""The data plane's flow hashes in Python, bit for bit (xdp/hash.h).
+"""The data plane's flow hashes in Python, bit for bit (xdp/common/hash.h).
 
 `hash_flow` is the hash whose value modulo the ring size picks a Maglev slot; `conn_hash2`
 is the same hash with another initval, returning both of lookup3's results (c, b), from
@@ -36,7 +36,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 U32 = NDArray[np.uint32]
 U64 = NDArray[np.uint64]
 
-# Named as in xdp/hash.h (tests/kernel/test_conntab.py parses the header and compares).
+# Named as in xdp/common/hash.h (tests/kernel/test_conntab.py parses the header and compares).
 HASH_SEED = 0x786C6221
 HASH_JHASH_INITVAL = 0xDEADBEEF
 

@@ -1,4 +1,4 @@
-"""Load the tunnelled-probe program (xdp/hc_encap.c) and attach it to tc egress.
+"""Load the tunnelled-probe program (xdp/hc_encap/hc_encap.c) and attach it to tc egress.
 
 The prober marks a probe's socket (SO_MARK) with `mark(index, address, gue)`; the tc egress
 program on the balancer's interface encapsulates packets carrying that mark towards the
@@ -21,16 +21,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from lb import netns
-from lb.dataplane import compile_program, set_addr
+from lb.dataplane import netlink
+from lb.dataplane.loader import compile_program, set_addr
 from lb.errors import InvalidInput, KernelError
 
 if TYPE_CHECKING:
     from lb.config import RuntimeConfig
-    from lb.prober import Tunnel
+    from lb.health.manager import Tunnel
     from lb.settings import Settings
 
-SOURCE = "hc_encap.c"
+SOURCE = "hc_encap/hc_encap.c"
 PROGRAM = "tc_hc_encap"
 #: Marks of tunnelled probes: MARK_BASE | gue << 20 | backend index ("XL" in the top byte).
 MARK_BASE = 0x58000000
@@ -40,7 +40,7 @@ MAX_INDEX = MARK_GUE - 1
 TC_PRIO = 0xC7
 HC_F_V6 = 1 << 0
 HC_F_GUE = 1 << 1
-#: Counter slots (enum hc_stat in xdp/hc_encap.c), in order.
+#: Counter slots (enum hc_stat in xdp/hc_encap/hc_encap.c), in order.
 HC_STATS = (
     "HC_STAT_ENCAP_V4",
     "HC_STAT_ENCAP_V6",
@@ -100,7 +100,7 @@ class HcEncap:
 
     def attach(self, ifname: str, ns: str | None = None) -> None:
         """Run the program on `ifname`'s tc egress (adds clsact when missing)."""
-        with netns.iproute(ns) as ipr:
+        with netlink.iproute(ns) as ipr:
             links = ipr.link_lookup(ifname=ifname)
             if not links:
                 raise KernelError(f"no interface {ifname} to attach {PROGRAM} to")

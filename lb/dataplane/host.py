@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from lb import attach as xdp
 from lb.config import DataplaneConfig, RuntimeConfig
-from lb.dataplane import Balancer, write_runtime_config
+from lb.dataplane import attach as xdp
+from lb.dataplane.loader import Balancer, write_runtime_config
 from lb.settings import Settings
 
 __all__ = ["Host", "open_host", "write_runtime_config"]

@@ -1,8 +1,8 @@
 """Compile and load the XDP programs with BCC and hand out their maps.
 
 This is one of the few modules that imports `bcc`; the raw bpf(2) object calls it needs
-(pins, program ids, map and program info) are lb.bpf's, re-exported here. Map key/value
-types are the ctypes classes BCC generates from xdp/structs.h (`table.Key`, `table.Leaf`):
+(pins, program ids, map and program info) are lb.dataplane.bpf's, re-exported here. Map key/value
+types are the ctypes classes BCC generates from xdp/common/structs.h (`table.Key`, `table.Leaf`):
 Python never keeps a hand-written copy of a C layout.
 
 Pinned maps: with a pin dir, every map is pinned as PIN_DIR/<name> and BCC silently reuses an
@@ -22,17 +22,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# lb.bpf's object calls, re-exported for the callers of lb.dataplane.
-from lb.bpf import MapInfo as MapInfo
-from lb.bpf import ProgInfo as ProgInfo
-from lb.bpf import map_info as map_info
-from lb.bpf import obj_get as obj_get
-from lb.bpf import pinned_map_info as pinned_map_info
-from lb.bpf import prog_fd_by_id as prog_fd_by_id
-from lb.bpf import prog_info as prog_info
-from lb.bpf import prog_info_by_id as prog_info_by_id
 from lb.config import DataplaneConfig, RuntimeConfig, xdp_source_dir
 from lb.consts import FAMILY_V4, FAMILY_V6
+
+# lb.dataplane.bpf's object calls, re-exported for the callers of lb.dataplane.loader.
+from lb.dataplane.bpf import MapInfo as MapInfo
+from lb.dataplane.bpf import ProgInfo as ProgInfo
+from lb.dataplane.bpf import map_info as map_info
+from lb.dataplane.bpf import obj_get as obj_get
+from lb.dataplane.bpf import pinned_map_info as pinned_map_info
+from lb.dataplane.bpf import prog_fd_by_id as prog_fd_by_id
+from lb.dataplane.bpf import prog_info as prog_info
+from lb.dataplane.bpf import prog_info_by_id as prog_info_by_id
 from lb.errors import BccUnavailable, IncompatiblePins, KernelError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -64,19 +65,25 @@ def _bcc() -> Any:
 
 
 def compile_program(
-    source: str, cflags: list[str], *, pin_dir: Path | None = None
+    source: str | Path, cflags: list[str], *, pin_dir: Path | None = None
 ) -> Any:
-    """Compile an xdp/ source file with BCC; returns the `bcc.BPF` object."""
+    """Compile a C program with BCC; returns the `bcc.BPF` object.
+
+    `source` is a path under xdp/ ("balancer/balancer.c") or an absolute path (bench/xdp/).
+    Includes resolve against xdp/ ("common/consts.h"): BCC compiles the text as
+    /virtual/main.c, so -I must be absolute.
+    """
     bcc = _bcc()
     src_dir = xdp_source_dir()
+    path = src_dir / source
     flags = [f"-I{src_dir}", *cflags]
     if pin_dir is not None:
         pin_dir.mkdir(parents=True, exist_ok=True)
         flags.append(f'-DPIN_DIR="{pin_dir}"')
     try:
-        return bcc.BPF(src_file=str(src_dir / source).encode(), cflags=flags)
+        return bcc.BPF(src_file=str(path).encode(), cflags=flags)
     except Exception as e:
-        raise BccUnavailable(f"BCC could not compile xdp/{source}: {e}") from e
+        raise BccUnavailable(f"BCC could not compile {path}: {e}") from e
 
 
 def set_addr(field: Any, addr: IPAddress) -> None:
@@ -294,7 +301,7 @@ class Balancer:
                 )
             if repin:
                 unpin(pin_dir)
-        self.bpf = compile_program("balancer.c", config.cflags(), pin_dir=pin_dir)
+        self.bpf = compile_program("balancer/balancer.c", config.cflags(), pin_dir=pin_dir)
         try:
             if pin_dir is not None:
                 diffs = pin_differences(self.bpf)

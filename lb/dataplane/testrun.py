@@ -1,6 +1,6 @@
 """BPF_PROG_TEST_RUN through a raw bpf(2) syscall: run a loaded program on one packet.
 
-BCC has no wrapper for it; the call and its attr struct are lb.bpf's. With repeat > 1 the
+BCC has no wrapper for it; the call and its attr struct are lb.dataplane.bpf's. With repeat > 1 the
 kernel does NOT reset the packet between iterations, so only repeat idempotent paths.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from lb.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf, sys_bpf_nr
+from lb.dataplane.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf, sys_bpf_nr
 
 # XDP_PACKET_HEADROOM: test-run gives the program this much room for bpf_xdp_adjust_head.
 XDP_HEADROOM = 256

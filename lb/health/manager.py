@@ -3,10 +3,10 @@
 `HealthManager.run()` is one asyncio task of the daemon. It reads the desired state every
 `sync_interval` seconds and keeps one probe task per VIP-backend pair of every VIP that has
 a `health_check` (backends that are not disabled). Each result goes through the pair's
-`lb.health.Target`; a status change wakes the applier, which calls `ControlPlane.reapply()`
+`lb.health.policy.Target`; a status change wakes the applier, which calls `ControlPlane.reapply()`
 in a worker thread. The control plane then asks `overlay()` for each VIP: the stored VIP
 with the backends health takes out programmed as draining (out of the ring, tracked flows
-go on) and slow-start weights, within the safety floor (`lb.health.decide`).
+go on) and slow-start weights, within the safety floor (`lb.health.policy.decide`).
 
 Generation semantics: health never writes the store and never bumps the generation; the
 desired state keeps saying "active", the API shows health next to it (`/v1/health`). Health
@@ -29,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lb.health import HealthCheck, Member, Target, VipDecision, decide
-from lb.model import VipSpec
-from lb.probe import ProbeResult, probe
+from lb.control.model import VipSpec
+from lb.health.policy import HealthCheck, Member, Target, VipDecision, decide
+from lb.health.probe import ProbeResult, probe
 
 if TYPE_CHECKING:
-    from lb.control import ControlPlane
+    from lb.control.facade import ControlPlane
 
 log = logging.getLogger("xlb.health")
 

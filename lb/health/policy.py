@@ -1,6 +1,6 @@
 """Health checks: their configuration and the pure state machine behind them.
 
-Nothing here does I/O: lb/prober.py runs the probes and feeds results in; this module
+Nothing here does I/O: lb/health/manager.py runs the probes and feeds results in; this module
 decides what they mean.
 
 - `HealthCheck` is the configuration a VIP carries (`VipSpec.health_check`), stored with the
@@ -38,7 +38,7 @@ Status = Literal["up", "down"]
 
 #: Slow-start weights move in steps of this fraction (each step rebuilds the VIP's ring).
 RAMP_STEPS = 10
-#: Highest weight a ramp may scale to (lb.model.MAX_WEIGHT; test_health checks it).
+#: Highest weight a ramp may scale to (lb.control.model.MAX_WEIGHT; test_health checks it).
 MAX_WEIGHT = 1000
 #: Ring weights scale by this while a backend ramps, so weight-1 pools can ramp too (Maglev
 #: rings depend only on weight ratios: scaling every weight leaves the ring unchanged).

@@ -4,7 +4,7 @@ A probe returns `ProbeResult` and never raises for a network failure: refused, r
 timed out, a wrong HTTP status or UDP answer are all just "failed, because ...".
 
 With `mark`, the socket carries SO_MARK: the tunnelled mode's tc egress program
-(xdp/hc_encap.c) encapsulates marked packets towards one backend, so a probe to the VIP
+(xdp/hc_encap/hc_encap.c) encapsulates marked packets towards one backend, so a probe to the VIP
 reaches that backend exactly the way client traffic does.
 """
 
@@ -20,7 +20,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from lb.health import HealthCheck
+from lb.health.policy import HealthCheck
 
 #: Largest HTTP status line or UDP answer read.
 _MAX_READ = 4096

@@ -18,8 +18,8 @@ from collections import Counter
 from types import FrameType
 from typing import Any
 
-from lb import lab as labmod
-from lb.lab import Lab, LabApi, Stream
+from lb.lab import network as labmod
+from lb.lab.network import Lab, LabApi, Stream
 
 PREFIX = "xlbdemo"
 WEIGHTS = {1: 1, 2: 2, 3: 1}
@@ -161,7 +161,7 @@ def run(d: Demo, lab: Lab) -> int:
     del api_vid
 
     d.head("lbctl doctor --lab: every hop checked, one probe per VIP")
-    from lb import doctor
+    from lb.ops import doctor
 
     report = doctor.check_lab(lab)
     counts = Counter(f.status for f in report.findings)
@@ -186,7 +186,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    p = argparse.ArgumentParser(prog="python -m lb.demo_lab", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lb.lab.demo", description=__doc__.splitlines()[0])
     p.add_argument("--xdp-mode", choices=["native", "generic"], default="native")
     p.add_argument("--decap", choices=["tc", "xdp"], default="tc")
     p.add_argument("--keep", action="store_true", help="leave the lab up at the end")

@@ -1,7 +1,7 @@
 """`make demo`: load the balancer and push real packets through it with BPF_PROG_TEST_RUN.
 
 The project's main job in miniature, without a network: compile the data plane, program one
-IPv4 VIP with three backends straight into the maps (the ring built by lb.maglev), then show
+IPv4 VIP with three backends straight into the maps (the ring built by lb.control.maglev), then show
 per packet what the program did: TCP SYNs encapsulated towards their backend, an ACK that
 follows its flow through the connection table, an ICMP echo answered from XDP, a packet too
 big for the path answered with "fragmentation needed", traffic that is not ours passed to the
@@ -18,9 +18,9 @@ from typing import Any
 
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import GLOB_STATS, VERDICT_NAMES, XDP_TX
-from lb.dataplane import Balancer, set_addr, write_runtime_config
-from lb.maglev import Endpoint, build_ring, ring_to_values
-from lb.testrun import TestRunner
+from lb.control.maglev import Endpoint, build_ring, ring_to_values
+from lb.dataplane.loader import Balancer, set_addr, write_runtime_config
+from lb.dataplane.testrun import TestRunner
 
 VIP = ipaddress.IPv4Address("198.18.0.10")
 BACKENDS = [ipaddress.IPv4Address(f"198.18.1.{i}") for i in (2, 3, 4)]

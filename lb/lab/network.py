@@ -9,7 +9,7 @@
 The router sends the VIP prefix (198.18.0.0/24, 2001:db8::/64) to the LB. The LB's XDP
 program encapsulates each packet to a backend and XDP_TXes it back to the router's MAC (the
 gateway MAC of its runtime config, "LB on a stick"); the router routes it to the backend,
-whose decap program (xdp/decap.c, tc or XDP) strips the outer header; the VIP sits on the
+whose decap program (xdp/decap/decap.c, tc or XDP) strips the outer header; the VIP sits on the
 backend's `lo`, its server answers the client directly through the router (DSR).
 
 Every rule of the veth platform is applied (see /work/shared/PLATFORM.md): an XDP_PASS
@@ -44,9 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lb import netns
+from lb.dataplane import netlink, netns
+from lb.dataplane.netlink import XdpMode
 from lb.errors import InvalidInput, KernelError
-from lb.netns import XdpMode
 
 DecapMode = Literal["tc", "xdp"]
 
@@ -228,7 +228,7 @@ class Lab:
     @property
     def api_socket(self) -> Path:
         """Unix socket of the daemon's REST API (reachable from the host namespace)."""
-        return self.run_dir / "api.sock"
+        return self.run_dir / "xlb_api.sock"
 
     @property
     def config_file(self) -> Path:
@@ -310,19 +310,19 @@ def _build_topology(lab: Lab) -> None:
         "net.ipv4.ip_forward": 1,
         "net.ipv6.conf.all.forwarding": 1,
     })
-    links: list[tuple[netns.End, netns.End]] = [
-        (netns.End(lab.client_ns, CLIENT_IF, lab.client_mac, CLIENT_MTU),
-         netns.End(lab.router_ns, RT_CLIENT_IF, lab.router_client_mac, CLIENT_MTU)),
-        (netns.End(lab.lb_ns, LB_IF, lab.lb_mac, CORE_MTU),
-         netns.End(lab.router_ns, RT_LB_IF, lab.router_lb_mac, CORE_MTU)),
+    links: list[tuple[netlink.End, netlink.End]] = [
+        (netlink.End(lab.client_ns, CLIENT_IF, lab.client_mac, CLIENT_MTU),
+         netlink.End(lab.router_ns, RT_CLIENT_IF, lab.router_client_mac, CLIENT_MTU)),
+        (netlink.End(lab.lb_ns, LB_IF, lab.lb_mac, CORE_MTU),
+         netlink.End(lab.router_ns, RT_LB_IF, lab.router_lb_mac, CORE_MTU)),
     ]
     links += [
-        (netns.End(lab.backend_ns(i), BACKEND_IF, lab.backend_mac(i), CORE_MTU),
-         netns.End(lab.router_ns, lab.router_backend_if(i), lab.router_backend_mac(i), CORE_MTU))
+        (netlink.End(lab.backend_ns(i), BACKEND_IF, lab.backend_mac(i), CORE_MTU),
+         netlink.End(lab.router_ns, lab.router_backend_if(i), lab.router_backend_mac(i), CORE_MTU))
         for i in lab.backend_ids
     ]
     for a, b in links:
-        netns.add_veth(a, b)
+        netlink.add_veth(a, b)
 
     addrs: list[tuple[str, str, str]] = [
         (lab.client_ns, CLIENT_IF, f"{lab.client4}/24"),
@@ -346,7 +346,7 @@ def _build_topology(lab: Lab) -> None:
             (bns, "lo", f"{lab.vip6}/128"),
         ]
     for ns, ifname, cidr in addrs:
-        netns.add_address(ns, ifname, cidr)
+        netlink.add_address(ns, ifname, cidr)
 
     routes: list[tuple[str, str, str]] = [
         (lab.client_ns, "default", lab.router_client4),
@@ -362,7 +362,7 @@ def _build_topology(lab: Lab) -> None:
             (lab.backend_ns(i), "default", lab.router_backend6(i)),
         ]
     for ns, dst, gw in routes:
-        netns.add_route(ns, dst, gw)
+        netlink.add_route(ns, dst, gw)
 
     for i in lab.backend_ids:
         # Only the LB announces the VIP; a backend must not answer ARP for its lo address.
@@ -374,13 +374,13 @@ def _build_topology(lab: Lab) -> None:
         })
     # Packets from a veth with tx checksumming on reach native XDP with partial checksums
     # and arrive at backends with bad L4 checksums.
-    netns.set_offload(lab.client_ns, CLIENT_IF, "tx", on=False)
+    netlink.set_offload(lab.client_ns, CLIENT_IF, "tx", on=False)
     # Native XDP_TX on lb0 delivers only if its peer runs an XDP program.
-    netns.attach_xdp_pass(lab.router_ns, RT_LB_IF, "native")
+    netlink.attach_xdp_pass(lab.router_ns, RT_LB_IF, "native")
 
 
 def _attach_decap(lab: Lab) -> None:
-    from lb.decap import Decap
+    from lb.dataplane.decap import Decap
 
     # One compile serves every backend; its maps are pinned so doctor can read the counters.
     decap = Decap(pin_dir=lab.decap_pin_dir)
@@ -389,12 +389,22 @@ def _attach_decap(lab: Lab) -> None:
             decap.add_local(lab.backend4(i))
             decap.add_local(lab.backend6(i))
             if lab.decap == "xdp":
-                netns.xdp_attach(lab.backend_ns(i), BACKEND_IF, decap.xdp_fd, "native")
+                netlink.xdp_attach(lab.backend_ns(i), BACKEND_IF, decap.xdp_fd, "native")
             else:
-                netns.tc_attach_ingress(lab.backend_ns(i), BACKEND_IF, decap.tc_fd, "tc_decap")
+                netlink.tc_attach_ingress(lab.backend_ns(i), BACKEND_IF, decap.tc_fd, "tc_decap")
     finally:
         # The attachments hold the programs; the pins hold the maps.
         decap.close()
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of the lab's processes: they import lb (and the daemon xlb_api) from
+    where this module was imported, whatever their working directory."""
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[2]
+    paths = [str(root), *([str(root / "api")] if (root / "api" / "xlb_api").is_dir() else [])]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
+    return env
 
 
 def start_servers(lab: Lab, ids: list[int] | None = None) -> None:
@@ -402,14 +412,12 @@ def start_servers(lab: Lab, ids: list[int] | None = None) -> None:
     ids = list(lab.backend_ids) if ids is None else ids
     lab.run_dir.mkdir(parents=True, exist_ok=True)
     ready = {i: lab.run_dir / f"srv-b{i}.ready" for i in ids}
-    env = dict(os.environ)
-    # The servers import lb.labsrv from this checkout, whatever the caller's working dir.
-    repo = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    # The servers import lb.lab.servers from this checkout, whatever the caller's working dir.
+    env = _child_env()
     for i in ids:
         ready[i].unlink(missing_ok=True)
         pid = netns.spawn(lab.backend_ns(i), [
-            sys.executable, "-m", "lb.labsrv", "--name", f"b{i}",
+            sys.executable, "-m", "lb.lab.servers", "--name", f"b{i}",
             "--http-port", str(HTTP_PORT), "--stream-port", str(STREAM_PORT),
             "--udp-port", str(UDP_PORT),
             "--udp-addr", lab.vip4, "--udp-addr", lab.vip6,
@@ -624,17 +632,15 @@ def start_daemon(lab: Lab, *, timeout: float = 180.0, extra_toml: str = "") -> i
     """
     if daemon_pid(lab) is not None:
         raise InvalidInput(f"the daemon of lab {lab.prefix} already runs", field="daemon")
-    attached = netns.link_info(lab.lb_ns, LB_IF).xdp_mode
+    attached = netlink.link_info(lab.lb_ns, LB_IF).xdp_mode
     if attached is not None and attached != lab.xdp_mode:
         # The kernel cannot switch XDP modes atomically; a lab may stop forwarding briefly.
-        netns.xdp_detach(lab.lb_ns, LB_IF)
+        netlink.xdp_detach(lab.lb_ns, LB_IF)
     lab.run_dir.mkdir(parents=True, exist_ok=True)
     lab.config_file.write_text(lab.settings_toml() + extra_toml)
-    env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    env = _child_env()
     pid = netns.spawn(lab.lb_ns, [
-        sys.executable, "-m", "api.cli", "serve", "--config", str(lab.config_file),
+        sys.executable, "-m", "lbctl", "serve", "--config", str(lab.config_file),
         "--uds", str(lab.api_socket), "--token-file", str(lab.run_dir / "token"),
         "--log-level", "warning",
     ], log=lab.daemon_log, env=env)
@@ -692,14 +698,14 @@ def status(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     out: dict[str, Any] = {"prefix": prefix, "config": asdict(lab), "namespaces": {}}
     for ns in lab_namespaces(prefix):
         entry: dict[str, Any] = {"links": [], "pids": netns.pids_in(ns)}
-        for li in netns.links(ns):
+        for li in netlink.links(ns):
             if li.ifname == "lo":
                 continue
             link: dict[str, Any] = {"ifname": li.ifname, "mac": li.mac, "mtu": li.mtu,
                                     "up": li.up}
             if li.xdp_prog_id:
                 link["xdp"] = f"{li.xdp_prog_name} ({li.xdp_mode}, id {li.xdp_prog_id})"
-            tc = netns.tc_ingress_progs(ns, li.ifname)
+            tc = netlink.tc_ingress_progs(ns, li.ifname)
             if tc:
                 link["tc_ingress"] = [f"{n} (id {i})" for i, n in tc]
             entry["links"].append(link)
@@ -905,11 +911,11 @@ def open_streams(lab: Lab, vip: str, count: int, **kw: Any) -> list[Stream]:
     return out
 
 
-# Command line: python -m lb.lab up|down|status.
+# Command line: python -m lb.lab.network up|down|status.
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lb.lab up|down|status` (also reached through `lbctl lab`)."""
+    """`python -m lb.lab.network up|down|status` (also reached through `lbctl lab`)."""
     p = argparse.ArgumentParser(prog="lab", description="the xlb network lab")
     sub = p.add_subparsers(dest="cmd", required=True)
     pu = sub.add_parser("up", help="build the lab")

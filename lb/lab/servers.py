@@ -1,6 +1,6 @@
 """Lab backend servers: each answers with its backend name, so a client sees where it landed.
 
-One process per backend, started inside the backend's namespace by lb/lab.py:
+One process per backend, started inside the backend's namespace by lb/lab/network.py:
 
 - HTTP on `--http-port` (IPv4 and IPv6): `GET /` answers `<name>\\n`, `GET /bytes/<n>` answers
   `n` bytes (full-size segments, to catch MTU trouble);
@@ -150,8 +150,10 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: `python -m lb.labsrv --name b1 --udp-addr 198.18.0.10 ...`."""
-    p = argparse.ArgumentParser(prog="python -m lb.labsrv", description=__doc__.splitlines()[0])
+    """Command line: `python -m lb.lab.servers --name b1 --udp-addr 198.18.0.10 ...`."""
+    p = argparse.ArgumentParser(
+        prog="python -m lb.lab.servers", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--http-port", type=int, default=80)
     p.add_argument("--stream-port", type=int, default=9000)

@@ -35,10 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lb import bpf, netns
-from lb import lab as labmod
+from lb.dataplane import bpf, netlink, netns
 from lb.errors import KernelError, XlbError
-from lb.lab import Lab
+from lb.lab import network as labmod
+from lb.lab.network import Lab
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -187,15 +187,16 @@ def check_xdp_peer(r: Report, hop: str, ns: str | None, ifname: str, peer_ns: st
                    peer_if: str,
                    mode: str | None) -> None:
     """Native XDP_TX out of a veth needs an XDP program on its peer (XDP_PASS is enough)."""
-    peer = netns.link_info(peer_ns, peer_if)
+    peer = netlink.link_info(peer_ns, peer_if)
     if mode != "native":
         r.ok(hop, "XDP on the veth peer", f"not needed ({mode or 'no'} XDP on {ifname})")
     elif peer.xdp_prog_id is None:
         r.fail(hop, "XDP on the veth peer",
                f"{peer_if} has no XDP program, so native XDP_TX frames from {ifname} are "
                f"dropped (ethtool -S {ifname}: xdp_tx_errors)",
-               f"attach an XDP_PASS program to {peer_if} (python -c 'from lb import netns; "
-               f"netns.attach_xdp_pass(\"{peer_ns}\", \"{peer_if}\")'), or use generic mode")
+               f"attach an XDP_PASS program to {peer_if} (python -c 'from lb.dataplane import"
+               f" netlink; netlink.attach_xdp_pass(\"{peer_ns}\", \"{peer_if}\")'), or use"
+               " generic mode")
     else:
         r.ok(hop, "XDP on the veth peer",
              f"{peer_if} runs {peer.xdp_prog_name} ({peer.xdp_mode}) for native XDP_TX")
@@ -208,7 +209,7 @@ def check_xdp_peer(r: Report, hop: str, ns: str | None, ifname: str, peer_ns: st
 def check_balancer_attach(r: Report, hop: str, ns: str | None, ifname: str,
                           want_mode: str | None) -> str | None:
     """The balancer is attached, by its name, in the expected mode; returns the mode."""
-    li = netns.link_info(ns, ifname)
+    li = netlink.link_info(ns, ifname)
     if not li.up:
         r.fail(hop, "link state", f"{ifname} is down", f"ip link set {ifname} up")
     if li.xdp_prog_id is None:
@@ -251,7 +252,7 @@ def check_gateway_mac(r: Report, hop: str, lb_cfg: Path, router_mac: str,
 def check_mtu(r: Report, hop: str, ns: str | None, ifname: str, *, inner_mtu: int,
               max_frame: int | None) -> None:
     """The link carrying encapsulated frames has room for the outer header."""
-    mtu = netns.link_info(ns, ifname).mtu
+    mtu = netlink.link_info(ns, ifname).mtu
     need = inner_mtu + ENCAP_OVERHEAD
     if mtu < need:
         r.fail(hop, "MTU", f"{ifname} MTU {mtu} < {need} (client MTU {inner_mtu} + "
@@ -274,12 +275,12 @@ def check_mtu(r: Report, hop: str, ns: str | None, ifname: str, *, inner_mtu: in
 def check_backend(r: Report, hop: str, ns: str | None, ifname: str, *, own: list[str],
                   vips: list[str], decap_pins: Path | None) -> None:
     """A DSR backend: decapsulation, VIP on lo, ARP settings, checksum errors."""
-    li = netns.link_info(ns, ifname)
+    li = netlink.link_info(ns, ifname)
     if not li.up:
         r.fail(hop, "link state", f"{ifname} is down", f"ip link set {ifname} up")
-    tc = netns.tc_ingress_progs(ns, ifname)
+    tc = netlink.tc_ingress_progs(ns, ifname)
     names = [n for _, n in tc] + ([li.xdp_prog_name] if li.xdp_prog_id else [])
-    tunnels = [x.ifname for x in netns.links(ns) if x.kind in ("ipip", "ip6tnl", "fou")]
+    tunnels = [x.ifname for x in netlink.links(ns) if x.kind in ("ipip", "ip6tnl", "fou")]
     if any(n in DECAP_PROGS for n in names):
         r.ok(hop, "decapsulation", f"{', '.join(n for n in names if n in DECAP_PROGS)} "
              f"on {ifname}")
@@ -295,8 +296,8 @@ def check_backend(r: Report, hop: str, ns: str | None, ifname: str, *, own: list
     else:
         r.fail(hop, "decapsulation", f"no decap program on {ifname} and no tunnel device: "
                "encapsulated packets reach the stack as IPIP and are dropped",
-               "attach xdp/decap.c (lb/decap.py: tc ingress or XDP), or create an ipip/ip6tnl "
-               "device where the kernel has one")
+               "attach xdp/decap/decap.c (lb/dataplane/decap.py: tc ingress or XDP), or create "
+               "an ipip/ip6tnl device where the kernel has one")
     if decap_pins is not None and (decap_pins / "decap_addrs").exists():
         missing = [a for a in own if not pinned_decap_has(decap_pins / "decap_addrs", a)]
         if missing:
@@ -305,7 +306,7 @@ def check_backend(r: Report, hop: str, ns: str | None, ifname: str, *, own: list
                    "Decap.add_local(<backend address>)")
         else:
             r.ok(hop, "decap addresses", f"decapsulates for {', '.join(own)}")
-    lo = netns.addresses(ns, "lo")
+    lo = netlink.addresses(ns, "lo")
     lo_ips = {a.split("/")[0] for a in lo}
     missing_vips = [v for v in vips if v not in lo_ips]
     if missing_vips:
@@ -315,7 +316,7 @@ def check_backend(r: Report, hop: str, ns: str | None, ifname: str, *, own: list
                "dev lo")
     elif vips:
         r.ok(hop, "VIP on lo", ", ".join(vips))
-    if not netns.link_info(ns, "lo").up:
+    if not netlink.link_info(ns, "lo").up:
         r.fail(hop, "VIP on lo", "lo is down: its addresses are not local", "ip link set lo up")
     ignore = int(netns.get_sysctl(ns, "net.ipv4.conf.all.arp_ignore"))
     announce = int(netns.get_sysctl(ns, "net.ipv4.conf.all.arp_announce"))
@@ -349,8 +350,8 @@ def _lab_static(r: Report, lab: Lab) -> str | None:
     """Configuration of every hop; returns the LB's XDP mode."""
     # Client.
     hop = f"client {labmod.CLIENT_IF}"
-    lb_mode = netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode
-    if netns.offloads(lab.client_ns, labmod.CLIENT_IF).get("tx-checksumming"):
+    lb_mode = netlink.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode
+    if netlink.offloads(lab.client_ns, labmod.CLIENT_IF).get("tx-checksumming"):
         if lb_mode == "native":
             r.fail(hop, "checksum offload",
                    f"tx checksumming is on for {labmod.CLIENT_IF}: its packets keep partial "
@@ -363,7 +364,7 @@ def _lab_static(r: Report, lab: Lab) -> str | None:
                    f"ethtool -K {labmod.CLIENT_IF} tx off (in {lab.client_ns})")
     else:
         r.ok(hop, "checksum offload", "tx checksumming off")
-    rt = netns.route_get(lab.client_ns, lab.vip4)
+    rt = netlink.route_get(lab.client_ns, lab.vip4)
     if rt.get("oif") != labmod.CLIENT_IF:
         r.fail(hop, "route to the VIP", f"{rt}", f"ip route add default via {lab.router_client4}")
 
@@ -377,7 +378,7 @@ def _lab_static(r: Report, lab: Lab) -> str | None:
     else:
         r.ok(hop, "forwarding", "IPv4 and IPv6 forwarding on")
     for vip in (lab.vip4, lab.vip6):
-        rt = netns.route_get(lab.router_ns, vip)
+        rt = netlink.route_get(lab.router_ns, vip)
         want_gw = lab.lb4 if ":" not in vip else lab.lb6
         if rt.get("oif") != labmod.RT_LB_IF or rt.get("gateway") != want_gw:
             r.fail(hop, "VIP route", f"{vip} goes {rt.get('oif')} via {rt.get('gateway')}, not "
@@ -394,7 +395,7 @@ def _lab_static(r: Report, lab: Lab) -> str | None:
                f"sysctl net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.{labmod.RT_LB_IF}.rp_filter=0")
     for i in lab.backend_ids:
         rif = lab.router_backend_if(i)
-        rt = netns.route_get(lab.router_ns, lab.backend4(i))
+        rt = netlink.route_get(lab.router_ns, lab.backend4(i))
         if rt.get("oif") != rif:
             r.fail(f"router {rif}", "backend route", f"{lab.backend4(i)} goes {rt}")
         if _rp_filter(lab.router_ns, rif) == 1:
@@ -410,7 +411,7 @@ def _lab_static(r: Report, lab: Lab) -> str | None:
                    labmod.RT_LB_IF, mode)
     lb_cfg = lab.lb_pin_dir / "lb_cfg"
     if lb_cfg.exists():
-        check_gateway_mac(r, hop, lb_cfg, netns.link_info(lab.router_ns, labmod.RT_LB_IF).mac,
+        check_gateway_mac(r, hop, lb_cfg, netlink.link_info(lab.router_ns, labmod.RT_LB_IF).mac,
                           f"the router's {labmod.RT_LB_IF}")
     check_mtu(r, hop, lab.lb_ns, labmod.LB_IF, inner_mtu=labmod.CLIENT_MTU,
               max_frame=_lab_max_frame(lab))
@@ -457,7 +458,7 @@ def _glob(lab: Lab) -> dict[str, int]:
 
 
 def _xdp_tx_errors(lab: Lab) -> int:
-    st = netns.ethtool_stats(lab.lb_ns, labmod.LB_IF)
+    st = netlink.ethtool_stats(lab.lb_ns, labmod.LB_IF)
     return sum(v for k, v in st.items() if k.endswith("xdp_tx_errors"))
 
 
@@ -473,14 +474,14 @@ class _Counters:
 
 def _snapshot(lab: Lab) -> _Counters:
     links = {
-        "rt-cl": netns.link_stats(lab.router_ns, labmod.RT_CLIENT_IF),
-        "rt-lb": netns.link_stats(lab.router_ns, labmod.RT_LB_IF),
-        "lb0": netns.link_stats(lab.lb_ns, labmod.LB_IF),
-        "cl0": netns.link_stats(lab.client_ns, labmod.CLIENT_IF),
+        "rt-cl": netlink.link_stats(lab.router_ns, labmod.RT_CLIENT_IF),
+        "rt-lb": netlink.link_stats(lab.router_ns, labmod.RT_LB_IF),
+        "lb0": netlink.link_stats(lab.lb_ns, labmod.LB_IF),
+        "cl0": netlink.link_stats(lab.client_ns, labmod.CLIENT_IF),
     }
     for i in lab.backend_ids:
-        links[f"rt-b{i}"] = netns.link_stats(lab.router_ns, lab.router_backend_if(i))
-        links[f"b{i}"] = netns.link_stats(lab.backend_ns(i), labmod.BACKEND_IF)
+        links[f"rt-b{i}"] = netlink.link_stats(lab.router_ns, lab.router_backend_if(i))
+        links[f"b{i}"] = netlink.link_stats(lab.backend_ns(i), labmod.BACKEND_IF)
     snmp = {f"b{i}": netns.snmp(lab.backend_ns(i)) for i in lab.backend_ids}
     snmp["router"] = netns.snmp(lab.router_ns)
     return _Counters(links, _glob(lab), snmp, _xdp_tx_errors(lab))
@@ -597,7 +598,7 @@ def _backend_drop(r: Report, lab: Lab, i: int, vid: str, lost: str, port: int,
         r.fail(hop, "probe " + vid,
                f"{lost}; {unknown} packets reached b{i} still encapsulated (InUnknownProtos): "
                "no decap program on its link, or its address is not in decap_addrs",
-               "attach the decap program (lb/decap.py) and Decap.add_local(<address>)")
+               "attach the decap program (lb/dataplane/decap.py) and Decap.add_local(<address>)")
     elif csum:
         r.fail(hop, "probe " + vid,
                f"{lost}; {csum} decapsulated packets had bad checksums at b{i}: tx checksum "
@@ -677,13 +678,13 @@ def check_host(config: str | None = None, netns_name: str | None = None) -> Repo
     ns = name = s.netns
     hop = f"LB {s.interface}"
     mode = check_balancer_attach(r, hop, name, s.interface, s.xdp_mode)
-    li = netns.link_info(name, s.interface)
+    li = netlink.link_info(name, s.interface)
     if li.kind == "veth" and mode == "native":
         r.warn(hop, "XDP on the veth peer", f"{s.interface} is a veth: its peer needs an XDP "
                "program for native XDP_TX (check it where the peer lives)")
     lb_cfg = s.pin_dir / "lb_cfg"
     if lb_cfg.exists():
-        from lb import attach as xdp
+        from lb.dataplane import attach as xdp
 
         try:
             gw = xdp.resolve_gateway_mac(s.interface, netns=ns)
@@ -701,13 +702,13 @@ def check_backend_host(vips: list[str], interface: str | None = None,
     """Checks of this host (or namespace) as a DSR backend of the given VIPs."""
     r = Report()
     if interface is None:
-        rt = netns.route_get(ns, "198.18.0.1")
+        rt = netlink.route_get(ns, "198.18.0.1")
         interface = rt.get("oif")
         if not interface:
             r.fail("backend", "uplink", "no default route: give --interface",
                    "ip route add default via <router>")
             return r
-    own = [a.split("/")[0] for a in netns.addresses(ns, interface)
+    own = [a.split("/")[0] for a in netlink.addresses(ns, interface)
            if not ipaddress.ip_address(a.split("/")[0]).is_link_local]
     check_backend(r, f"backend {interface}", ns, interface, own=own, vips=vips,
                   decap_pins=decap_pins)

@@ -5,24 +5,24 @@ connection table tracks no live flow of the VIP to it. An entry counts when it n
 backend's index and the VIP's number (as vip_map holds it) and is live:
 
 - TCP: open (not closing), or closing (the client sent FIN or RST; the data plane marks the
-  entry and keeps refreshing its stamp, xdp/balancer.c) and seen less than
+  entry and keeps refreshing its stamp, xdp/balancer/balancer.c) and seen less than
   `closing_grace_s` ago;
 - UDP: seen within the UDP idle timeout of lb_cfg (30 s when unset).
 
 Ages come from the entries' stamps, in units of 16.78 ms (docs/conn-table.md). The scan is
-numpy over the table mapped into this process (lb.conntab); it is a snapshot, so a flow that
-starts or ends meanwhile may be missed or counted once more.
+numpy over the table mapped into this process (lb.dataplane.conntab); it is a snapshot, so a
+flow that starts or ends meanwhile may be missed or counted once more.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lb.conntab import ConnTable, udp_timeout_ns
-from lb.model import VipSpec
+from lb.control.model import VipSpec
+from lb.dataplane.conntab import ConnTable, udp_timeout_ns
 
 if TYPE_CHECKING:
-    from lb.dataplane import Balancer
+    from lb.dataplane.loader import Balancer
 
 #: A closing TCP entry counts this long after the client's last FIN or RST (the last ACKs).
 CLOSING_GRACE_S = 2.0

@@ -2,8 +2,8 @@
 
 The question "which backend gets client C's flow to VIP V, and why?" is answered by the
 program itself: a packet of that flow is synthesised and run through the loaded balancer with
-BPF_PROG_TEST_RUN (lb.testrun), and the outer destination of the frame it sends back is the
-backend. Why is read from the connection table: when the flow has an entry the program
+BPF_PROG_TEST_RUN (lb.dataplane.testrun), and the outer destination of the frame it sends back is
+the backend. Why is read from the connection table: when the flow has an entry the program
 follows it (`conn_table`); otherwise the Maglev ring slot chose (`ring`). The STAT_LRU_HIT
 counter's delta during the run confirms it.
 
@@ -32,13 +32,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lb.conntab import ConnTable
 from lb.consts import VERDICT_NAMES, XDP_PASS, XDP_TX
-from lb.dataplane import PROTO_NUMBERS, Balancer
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import Flow5
+from lb.dataplane.loader import PROTO_NUMBERS, Balancer
+from lb.dataplane.testrun import TestRunner
 from lb.errors import InvalidInput
-from lb.flowhash import Flow5
-from lb.stats import StatsReader
-from lb.testrun import TestRunner
+from lb.ops.stats import StatsReader
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Reason = Literal["conn_table", "ring", "not_a_vip", "no_backend", "dropped", "passed"]

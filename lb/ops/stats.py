@@ -8,8 +8,8 @@ the data plane itself uses, never a copy of the control plane's bookkeeping.
 `RateSampler` keeps a small ring of totals taken every few seconds; a rate is the change
 between the newest sample and the oldest one inside the window.
 
-Connection-table usage is counted over the table mapped into this process (lb.conntab, numpy
-over the mapping, no syscall). It is a snapshot, not an atomic count: slots the data plane
+Connection-table usage is counted over the table mapped into this process (lb.dataplane.conntab,
+numpy over the mapping, no syscall). It is a snapshot, not an atomic count: slots the data plane
 writes during the scan may be missed or counted once more, so callers report it as an
 estimate.
 """
@@ -27,11 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lb import bpf
-from lb.bpf import map_info
-from lb.conntab import ConnTable
 from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
-from lb.dataplane import Balancer, get_addr
+from lb.dataplane import bpf
+from lb.dataplane.bpf import map_info
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.loader import Balancer, get_addr
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 #: Entries fetched per BPF_MAP_LOOKUP_BATCH call when scanning a map.
@@ -156,7 +156,7 @@ class StatsReader:
 
 
 def _fields(table: Any) -> tuple[str, ...]:
-    """Counter names of a per-CPU struct map, from the struct BCC built (xdp/structs.h)."""
+    """Counter names of a per-CPU struct map, from the struct BCC built (xdp/common/structs.h)."""
     return tuple(name for name, *_ in table.sLeaf._fields_ if not name.startswith("pad"))
 
 

@@ -25,10 +25,10 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from api.main import create_app
-from api.settings import ApiSettings
 from lb.config import DataplaneConfig, RuntimeConfig
-from lb.control import ControlPlane
+from lb.control.facade import ControlPlane
+from xlb_api.main import create_app
+from xlb_api.settings import ApiSettings
 
 TOKEN = "test-token-0123456789"
 #: Small but with room: 16 VIPs, 255 backends, a ring balancing 40 backends.
@@ -51,7 +51,7 @@ class StateDir:
 @pytest.fixture(scope="session")
 def api_balancer() -> Iterator[Any]:
     """The balancer program with the API tests' configuration (unpinned)."""
-    from lb.dataplane import Balancer, write_runtime_config
+    from lb.dataplane.loader import Balancer, write_runtime_config
 
     b = Balancer(API_CONFIG)
     write_runtime_config(b, RUNTIME)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lb.model import MAX_WEIGHT
+from lb.control.model import MAX_WEIGHT
 from tests.api.conftest import Served, assert_problem
 
 pytestmark = pytest.mark.bpf
@@ -24,7 +24,7 @@ def vip(api: Served) -> Served:
 
 def _ring_backends(api: Served) -> set[str]:
     """Backend addresses that own at least one slot of the VIP's ring in ch_rings."""
-    from lb.reconcile import MapIO
+    from lb.control.reconcile import MapIO
 
     io = MapIO(api.balancer)
     slots = set(io.read_ring(api.control.vip_number(VIP_ID)))
@@ -64,7 +64,7 @@ def test_drain_takes_backend_out_of_ring_but_keeps_it_in_reals(vip: Served) -> N
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "draining" and r.json()["in_ring"] is False
     assert _ring_backends(vip) == {"198.18.1.2"}
-    from lb.stats import StatsReader
+    from lb.ops.stats import StatsReader
 
     assert "198.18.1.3" in StatsReader(vip.balancer).real_indices()  # tracked flows go on
 

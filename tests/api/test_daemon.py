@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lb import attach as xdp
+from lb.dataplane import attach as xdp
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
@@ -152,7 +152,7 @@ def test_serve_restart_detach(daemon_env: dict[str, str], tmp_path: Path) -> Non
     assert xdp.query(IFACE, netns=ns).prog_id is None
 
     # Restart on a unix socket, detaching on exit: the stored state comes back.
-    sock = tmp_path / "api.sock"
+    sock = tmp_path / "xlb_api.sock"
     d = Daemon(env, "--uds", str(sock), "--detach-on-exit")
     try:
         d.wait_ready(uds=sock)

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from lb.conntab import ConnTable
-from lb.explain import Flow, build_packet
-from lb.flowhash import Flow5, Flows, conn_index, conn_index_many
-from lb.testrun import TestRunner
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import Flow5, Flows, conn_index, conn_index_many
+from lb.dataplane.testrun import TestRunner
+from lb.ops.explain import Flow, build_packet
 from tests.api.conftest import Served, assert_problem
 
 pytestmark = pytest.mark.bpf

@@ -15,8 +15,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from api.main import create_app
 from tests.api.conftest import Served, running_api
+from xlb_api.main import create_app
 
 pytestmark = pytest.mark.bpf
 

@@ -13,7 +13,7 @@ import pytest
 from bench import bench_forwarding as fwd
 from bench import run
 from bench.chart import draw, ns_per_path
-from lb import netns
+from lb.dataplane import netns
 
 
 @pytest.mark.parametrize("frame", [64, 512])

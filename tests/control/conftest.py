@@ -1,8 +1,8 @@
 """Fixtures of the control-plane tests: a fresh state directory and clean maps per test.
 
-The control plane is tested on the real maps of xdp/maps.h, created by a maps-only program
+The control plane is tested on the real maps of xdp/balancer/maps.h, created by a maps-only program
 (`MapsOnly`, compiled once per test process) rather than by the balancer: these tests are
-about what lands in the maps, and must not break while xdp/balancer.c is being changed.
+about what lands in the maps, and must not break while xdp/balancer/balancer.c is being changed.
 Tests that need packets through the program (test_ordering.py) use the session `balancer`.
 Every test that programs the maps starts by emptying them; the state directory is tmp_path.
 """
@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 from lb.config import DataplaneConfig, xdp_source_dir
-from lb.control import ControlPlane
-from lb.dataplane import MAP_NAMES
+from lb.control.facade import ControlPlane
+from lb.dataplane.loader import MAP_NAMES
 
 # The XDP function exists only so BCC has something to compile next to the maps.
 MAPS_ONLY_SOURCE = """
 #include <uapi/linux/bpf.h>
-#include "maps.h"
+#include "balancer/maps.h"
 int xdp_maps_only(struct xdp_md *ctx) { return XDP_PASS; }
 """
 
@@ -64,7 +64,7 @@ class StateSettings:
 
 def clear_maps(b: Any) -> None:
     """Empty every map the control plane writes (and the connection table)."""
-    from lb.reconcile import MapIO
+    from lb.control.reconcile import MapIO
 
     for name in ("vip_map", "vip_addrs", "conn_table"):
         t = b.maps[name]
@@ -89,7 +89,7 @@ def state_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def maps_only(dataplane_config: DataplaneConfig) -> Iterator[MapsOnly]:
-    """The maps of xdp/maps.h with the test configuration, once per test process."""
+    """The maps of xdp/balancer/maps.h with the test configuration, once per test process."""
     m = MapsOnly(dataplane_config)
     yield m
     m.close()
@@ -126,13 +126,13 @@ def control(maps: Any, make_control: Callable[..., ControlPlane]) -> ControlPlan
 @pytest.fixture
 def live(request: pytest.FixtureRequest) -> Iterator[Any]:
     """The session balancer (program and maps), emptied before and after; skipped, with the
-    reason, while xdp/balancer.c does not load."""
+    reason, while xdp/balancer/balancer.c does not load."""
     from lb.errors import KernelError
 
     try:
         b = request.getfixturevalue("balancer")
     except KernelError as e:
-        pytest.skip(f"xdp/balancer.c does not load yet: {e}")
+        pytest.skip(f"xdp/balancer/balancer.c does not load yet: {e}")
     clear_maps(b)
     yield b
     clear_maps(b)

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lb.config import DataplaneConfig
-from lb.control import ControlPlane
-from lb.model import BackendSpec, BackendUpdate, State, VipSpec
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, BackendUpdate, State, VipSpec
 
 CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=64, conn_table_size=65536)
 VIP = "tcp:198.18.0.10:80"
@@ -112,8 +112,8 @@ def _purge(cp: ControlPlane, swap: bool) -> None:
     it VIP 80's number. Prints ``STALE <vip_num> <real_idx>`` (-1: that index stays in use)
     for the slots that must go, ``KEEP <vip_num> <real_idx> <n>`` for those that must stay.
     """
-    from lb.conntab import ConnTable
-    from lb.flowhash import Flow5
+    from lb.dataplane.conntab import ConnTable
+    from lb.dataplane.flowhash import Flow5
 
     others = [_vip(81, "198.18.1.2")]
     if swap:
@@ -139,7 +139,7 @@ def _conns(cp: ControlPlane) -> list[list[int]]:
     """[vip_num, real_idx, slots] of every pair the connection table names."""
     from collections import Counter
 
-    from lb.conntab import ConnTable
+    from lb.dataplane.conntab import ConnTable
 
     with ConnTable(cp._balancer) as t:  # type: ignore[arg-type]
         e = t.entries()

@@ -18,13 +18,13 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from lb.conntab import ConnTable
 from lb.consts import XDP_TX
-from lb.control import ControlPlane
-from lb.drain import count_flows
-from lb.flowhash import Flow5
-from lb.model import BackendSpec, BackendUpdate, State, VipSpec
-from lb.testrun import TestRunner
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, BackendUpdate, State, VipSpec
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import Flow5
+from lb.dataplane.testrun import TestRunner
+from lb.ops.drain import count_flows
 
 pytestmark = pytest.mark.bpf
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from lb.control import ControlPlane
-from lb.store import CRASH_ENV
+from lb.control.facade import ControlPlane
+from lb.control.store import CRASH_ENV
 from tests.control import crash_child
 from tests.control.conftest import StateSettings
 

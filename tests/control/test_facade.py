@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from lb.control import ControlPlane
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, BackendUpdate, State, VipSpec, VipUpdate
 from lb.errors import Conflict, InvalidInput, LimitReached, NotFound, PreconditionFailed
-from lb.model import BackendSpec, BackendUpdate, State, VipSpec, VipUpdate
 
 CP = Callable[..., ControlPlane]
 
@@ -166,13 +166,13 @@ def test_a_change_computes_identities_of_new_specs_only(
 ) -> None:
     # Identities are cached per spec and a change keeps the specs it does not touch: no
     # per-change work proportional to the VIP's backends (was ~11 per backend per change).
-    import lb.model
+    import lb.control.model
 
     cp = make_control()
     cp.create_vip(vip(80, *[f"198.18.{i // 250}.{i % 250 + 1}" for i in range(100)]))
     made: list[object] = []
-    text = lb.model._text
-    monkeypatch.setattr(lb.model, "_text", lambda a: made.append(a) or text(a))
+    text = lb.control.model._text
+    monkeypatch.setattr(lb.control.model, "_text", lambda a: made.append(a) or text(a))
     cp.add_backend("tcp:198.18.0.10:80", be("198.18.9.1"))
     cp.update_backend("tcp:198.18.0.10:80", "198.18.0.5", BackendUpdate(weight=7))
     cp.remove_backend("tcp:198.18.0.10:80", "198.18.9.1")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from lb.config import DataplaneConfig
-from lb.control import ControlPlane
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, BackendUpdate, Plan, State, VipSpec
+from lb.control.store import StoreError
 from lb.errors import Conflict, LimitReached, NotFound, PreconditionFailed
-from lb.model import BackendSpec, BackendUpdate, Plan, State, VipSpec
-from lb.store import StoreError
 
 CP = Callable[..., ControlPlane]
 #: Five backend slots: the group below fills them.

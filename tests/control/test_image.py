@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from lb.model import BackendSpec, Limits, VipSpec
-from lb.reconcile import DesiredImage, RingCache, desired_image
-from lb.store import Store
+from lb.control.model import BackendSpec, Limits, VipSpec
+from lb.control.reconcile import DesiredImage, RingCache, desired_image
+from lb.control.store import Store
 
 LIMITS = Limits(max_vips=8, max_backends=40, ring_size=4099)
 

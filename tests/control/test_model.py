@@ -7,11 +7,10 @@ import ipaddress
 import pytest
 from pydantic import ValidationError
 
-from lb import maglev
 from lb.config import DataplaneConfig
 from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
-from lb.errors import InvalidInput, LimitReached
-from lb.model import (
+from lb.control import maglev
+from lb.control.model import (
     MAX_WEIGHT,
     BackendSpec,
     Limits,
@@ -21,6 +20,7 @@ from lb.model import (
     validate_state,
     validate_vip,
 )
+from lb.errors import InvalidInput, LimitReached
 
 LIMITS = Limits.from_config(DataplaneConfig(ring_size=4099, max_vips=2, max_reals=4))
 
@@ -183,11 +183,11 @@ def test_backend_states_decide_ring_and_reals() -> None:
 
 def test_identity_is_canonical_text_computed_once_per_spec(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    import lb.model
+    import lb.control.model
 
     made: list[object] = []
-    text = lb.model._text
-    monkeypatch.setattr(lb.model, "_text", lambda a: made.append(a) or text(a))
+    text = lb.control.model._text
+    monkeypatch.setattr(lb.control.model, "_text", lambda a: made.append(a) or text(a))
     b = BackendSpec.model_validate({"address": "2001:DB8:0::2"})
     assert [b.identity for _ in range(3)] == ["2001:db8::2"] * 3
     assert len(made) == 1

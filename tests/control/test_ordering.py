@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from lb.consts import STAT_INDEX, XDP_ABORTED, XDP_PASS, XDP_TX
-from lb.control import ControlPlane
-from lb.model import BackendSpec, BackendUpdate, VipSpec
-from lb.testrun import TestRunner
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, BackendUpdate, VipSpec
+from lb.dataplane.testrun import TestRunner
 from tests.control.conftest import StateSettings, clear_maps
 
 pytestmark = pytest.mark.bpf
@@ -65,8 +65,8 @@ def _run(cp: ControlPlane, live: Any) -> None:
     a = cp.create_vip(_vip(VIP_A[1], POOL[:10]))
     probe = runner.run(_packets(VIP_A[1])[1])
     if probe.verdict != XDP_TX:
-        pytest.skip(f"xdp/balancer.c does not forward yet (verdict {probe.verdict} for a SYN "
-                    "to a programmed VIP); re-run once it lands")
+        pytest.skip(f"xdp/balancer/balancer.c does not forward yet (verdict {probe.verdict} for a"
+                    " SYN to a programmed VIP); re-run once it lands")
     b_backends = POOL[20:25]
     cp.create_vip(_vip(VIP_B[1], b_backends))
 

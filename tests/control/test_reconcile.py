@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from lb import maglev
 from lb.consts import F_ENCAP_GUE, F_SRC_LB, FAMILY_V4, FAMILY_V6, REAL_F_V6
-from lb.control import ControlPlane
-from lb.model import BackendSpec, BackendUpdate, VipSpec
-from lb.reconcile import MapIO
+from lb.control import maglev
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, BackendUpdate, VipSpec
+from lb.control.reconcile import MapIO
 
 pytestmark = pytest.mark.bpf
 
@@ -273,7 +273,7 @@ def test_fresh_indices_start_with_zero_counters(control: ControlPlane, maps: Any
 
 
 def test_full_table_swaps_one_vip_for_another_in_one_change(control: ControlPlane) -> None:
-    from lb.model import State
+    from lb.control.model import State
 
     full = [vip(1000 + i, f"198.18.1.{i + 1}") for i in range(control.limits.max_vips)]
     control.apply_state(State(vips=full))

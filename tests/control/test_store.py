@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from lb.control.model import Limits, VipSpec
+from lb.control.store import DB_NAME, Store, StoreError
 from lb.errors import LimitReached
-from lb.model import Limits, VipSpec
-from lb.store import DB_NAME, Store, StoreError
 
 LIMITS = Limits(max_vips=4, max_backends=6, ring_size=4099)
 

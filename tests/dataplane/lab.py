@@ -3,7 +3,8 @@
 The compiled program and its maps are shared by every test of the process, so `Lab` records
 what it writes and `reset()` puts it back to empty: VIPs, VIP addresses, backends, the ring
 slots of the VIPs it filled, the connection table, lb_cfg and every counter. The connection
-table is read and written through lb.conntab (docs/conn-table.md), as the control plane does.
+table is read and written through lb.dataplane.conntab (docs/conn-table.md), as the control
+plane does.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from lb.config import RuntimeConfig
-from lb.conntab import ConnEntry, ConnTable
 from lb.consts import GLOB_STATS, REAL_F_V6
-from lb.dataplane import set_addr, write_runtime_config
-from lb.flowhash import (
+from lb.dataplane.conntab import ConnEntry, ConnTable
+from lb.dataplane.flowhash import (
     PROTO_NUMBERS,
     Flow5,
     Flows,
@@ -30,7 +30,8 @@ from lb.flowhash import (
     conn_index_many,
     hash_flow,
 )
-from lb.testrun import RunResult, TestRunner
+from lb.dataplane.loader import set_addr, write_runtime_config
+from lb.dataplane.testrun import RunResult, TestRunner
 from tests.dataplane import packets as P
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -50,7 +51,7 @@ class Flow:
     proto: str = "tcp"
 
     def five(self) -> Flow5:
-        """The flow as lb.flowhash and lb.conntab take it."""
+        """The flow as lb.dataplane.flowhash and lb.dataplane.conntab take it."""
         return Flow5(self.src, self.dst, self.sport, self.dport, PROTO_NUMBERS[self.proto])
 
     def hash(self, src_only: bool = False) -> int:
@@ -170,7 +171,8 @@ class Lab:
     def conn(self, flow: Flow, real_idx: int, age_s: float = 0.0, *, vip_num: int | None = None,
              closing: bool = False) -> None:
         """Put a flow in the connection table, last seen `age_s` seconds ago, as the control
-        plane does (lb.conntab); the VIP number defaults to the seeded VIP the flow goes to."""
+        plane does (lb.dataplane.conntab); the VIP number defaults to the seeded VIP the flow
+        goes to."""
         if vip_num is None:
             vip_num = self._vip_nums.get((flow.dst, flow.dport, flow.proto),
                                          self._vip_nums.get((flow.dst, 0, flow.proto), 0))

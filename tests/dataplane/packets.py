@@ -1,10 +1,10 @@
 """Packet builders and reference models for the balancer's packet tests.
 
 Everything here is written from the documented behaviour in xdp/*.h, independently of the
-C code: the RSS-friendly outer sources and GUE source port (xdp/encap.h), the expected
-encapsulated frames and ICMP replies. The flow hashes (xdp/hash.h) are lb/flowhash.py's, which
-tests/kernel checks against the header. Constants that C defines are read from the headers, so
-the two cannot drift apart silently.
+C code: the RSS-friendly outer sources and GUE source port (xdp/balancer/encap.h), the expected
+encapsulated frames and ICMP replies. The flow hashes (xdp/common/hash.h) are
+lb/dataplane/flowhash.py's, which tests/kernel checks against the header. Constants that C
+defines are read from the headers, so the two cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -67,15 +67,15 @@ def c_define(header: str, name: str) -> int:
     return int(m.group(1), 0)
 
 
-GUE_SPORT_BASE = c_define("encap.h", "ENCAP_GUE_SPORT_BASE")
-GUE_SPORT_MASK = c_define("encap.h", "ENCAP_GUE_SPORT_MASK")
-ICMP_TTL = c_define("icmp.h", "ICMP_TTL")
-# Minimum-MTU rules for how much of the original a too-big reply quotes (xdp/icmp.h).
+GUE_SPORT_BASE = c_define("balancer/encap.h", "ENCAP_GUE_SPORT_BASE")
+GUE_SPORT_MASK = c_define("balancer/encap.h", "ENCAP_GUE_SPORT_MASK")
+ICMP_TTL = c_define("balancer/icmp.h", "ICMP_TTL")
+# Minimum-MTU rules for how much of the original a too-big reply quotes (xdp/balancer/icmp.h).
 ICMP4_QUOTE_MAX = 576 - 20 - 8
 ICMP6_QUOTE_MAX = 1280 - 40 - 8
 
 
-# --- outer header model (xdp/encap.h) ---------------------------------------------------------
+# --- outer header model (xdp/balancer/encap.h) ----------------------------------------------
 
 
 def rss_src4(client: ipaddress.IPv4Address, sport: int, prefix: ipaddress.IPv4Network = RSS4

@@ -40,7 +40,7 @@ from lb.consts import (
     XDP_PASS,
     XDP_TX,
 )
-from lb.reconcile import MapIO
+from lb.control.reconcile import MapIO
 from tests.dataplane import packets as P
 from tests.dataplane.lab import Flow, Lab
 from tests.dataplane.packets import (
@@ -120,7 +120,8 @@ def seeds(*fns: Callable[[Lab], None]) -> Callable[[Lab], None]:
 
 def with_conn(flow: Flow, real_idx: int, age_s: float = 0.0, closing: bool = False
               ) -> Callable[[Lab], None]:
-    """Seed a connection-table entry from Python (lb.conntab), as the control plane writes."""
+    """Seed a connection-table entry from Python (lb.dataplane.conntab), as the control plane
+    writes."""
     return lambda lab: lab.conn(flow, real_idx, age_s, closing=closing)
 
 
@@ -410,8 +411,9 @@ def _ihl(frame: bytes, ihl: int) -> bytes:
 # --- the connection table's sets (docs/conn-table.md) ----------------------------------------
 #
 # Rows about one set of CONN_WAYS ways. Flows 1-8 share the set of flow 0 (F4 or F6), found
-# with lb.flowhash (Lab.set_mates); "udp" is a UDP flow of the same set. Flows 0-7 are seeded
-# from Python in that order, flow 8 is new. Seeded entries name backend 2, the ring backend 1.
+# with lb.dataplane.flowhash (Lab.set_mates); "udp" is a UDP flow of the same set. Flows 0-7 are
+# seeded from Python in that order, flow 8 is new. Seeded entries name backend 2, the ring
+# backend 1.
 
 Which = int | str
 SEEDED, RING = 2, 1

@@ -1,4 +1,4 @@
-"""The backend decap programs (xdp/decap.c), both variants, through BPF_PROG_TEST_RUN.
+"""The backend decap programs (xdp/decap/decap.c), both variants, through BPF_PROG_TEST_RUN.
 
 Every row is (description, frame in, expected outcome, counter slot). A decapsulated frame
 must leave as the Ethernet header with the inner ethertype followed by the original inner
@@ -24,13 +24,14 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Packet
 
-from lb import decap as decap_mod
-from lb import netns as labnet
 from lb.config import xdp_source_dir
 from lb.consts import FAMILY_V4, FAMILY_V6, XDP_ABORTED, XDP_DROP, XDP_PASS
-from lb.decap import DECAP_STATS, TC_ACT_OK, TC_ACT_SHOT, Decap
+from lb.dataplane import decap as decap_mod
+from lb.dataplane import netlink
+from lb.dataplane import netns as labnet
+from lb.dataplane.decap import DECAP_STATS, TC_ACT_OK, TC_ACT_SHOT, Decap
+from lb.dataplane.testrun import TestRunner
 from lb.errors import InvalidInput, LimitReached, NotFound
-from lb.testrun import TestRunner
 
 LB_MAC = "02:00:00:00:00:01"
 BACKEND_MAC = "02:00:00:00:00:02"
@@ -406,9 +407,9 @@ def test_veth_backend_answers_through_every_tunnel(
 ) -> None:
     lb_ns, be_ns = netns("dlb"), netns("dbe")
     for name in (lb_ns, be_ns):
-        labnet.set_link(name, "lo", up=True)
-    labnet.add_veth(
-        labnet.End(lb_ns, "lbveth", mac=LB_MAC), labnet.End(be_ns, "beveth", mac=BACKEND_MAC)
+        netlink.set_link(name, "lo", up=True)
+    netlink.add_veth(
+        netlink.End(lb_ns, "lbveth", mac=LB_MAC), netlink.End(be_ns, "beveth", mac=BACKEND_MAC)
     )
     for name, ifname, addr in (
         (lb_ns, "lbveth", f"{LB_V4}/24"),
@@ -418,10 +419,10 @@ def test_veth_backend_answers_through_every_tunnel(
         (be_ns, "lo", f"{VIP_V4}/32"),
         (be_ns, "lo", f"{VIP_V6}/128"),
     ):
-        labnet.add_address(name, ifname, addr)
-    labnet.add_route(be_ns, "198.18.1.0/24", LB_V4)
-    labnet.add_route(be_ns, "2001:db8:1::/64", LB_V6)
-    with labnet.iproute(be_ns) as ipr:
+        netlink.add_address(name, ifname, addr)
+    netlink.add_route(be_ns, "198.18.1.0/24", LB_V4)
+    netlink.add_route(be_ns, "2001:db8:1::/64", LB_V6)
+    with netlink.iproute(be_ns) as ipr:
         idx = ipr.link_lookup(ifname="beveth")[0]
         # Static neighbours: IPv6 neighbour discovery waits for link-local DAD (about a second
         # after link up), which is not what this test is about.
@@ -432,7 +433,7 @@ def test_veth_backend_answers_through_every_tunnel(
             ipr.tc("add-filter", "bpf", idx, ":1", fd=decap.tc_fd, name="tc_decap",
                    parent="ffff:fff2", classid=1, direct_action=True)  # fmt: skip
     if attach != "tc":
-        labnet.xdp_attach(be_ns, "beveth", decap.xdp_fd, mode=attach.removeprefix("xdp-"))
+        netlink.xdp_attach(be_ns, "beveth", decap.xdp_fd, mode=attach.removeprefix("xdp-"))
     before = decap.counters()
     got = labnet.call_in(lb_ns, _exchange, "lbveth", _echo_frames())
     moved = counter_delta(before, decap.counters())
@@ -443,12 +444,12 @@ def test_veth_backend_answers_through_every_tunnel(
 
 
 def _header() -> str:
-    return (xdp_source_dir() / "decap.h").read_text()
+    return (xdp_source_dir() / "decap" / "decap.h").read_text()
 
 
 def test_counter_slots_match_the_header_enum() -> None:
     body = re.search(r"enum decap_stat \{(.*?)\};", _header(), re.S)
-    assert body, "enum decap_stat not found in xdp/decap.h"
+    assert body, "enum decap_stat not found in xdp/decap/decap.h"
     text = re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S)
     names = [n.split("=")[0].strip() for n in text.split(",") if n.strip()]
     assert names[-1] == "DECAP_STAT_MAX"
@@ -460,9 +461,9 @@ def test_defaults_match_the_header() -> None:
     header = _header()
     for name in ("DECAP_MAX_ADDRS", "DECAP_DEFAULT_GUE_PORT"):
         m = re.search(rf"^#define {name} (\d+)$", header, re.M)
-        assert m, f"{name} not #defined in xdp/decap.h"
+        assert m, f"{name} not #defined in xdp/decap/decap.h"
         assert getattr(decap_mod, name) == int(m.group(1)), f"{name} differs between C and Python"
-    # Keys are written with lb.dataplane.family_of, i.e. the balancer's family numbers.
+    # Keys are written with lb.dataplane.loader.family_of, i.e. the balancer's family numbers.
     for name, value in (("DECAP_FAMILY_V4", FAMILY_V4), ("DECAP_FAMILY_V6", FAMILY_V6)):
         m = re.search(rf"^#define {name} (\d+)$", header, re.M)
         assert m and int(m.group(1)) == value, f"{name} is not the balancer's family number"

@@ -1,4 +1,4 @@
-"""`make demo` (python -m lb.demo_lab) runs to the end and leaves nothing behind."""
+"""`make demo` (python -m lb.lab.demo) runs to the end and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -7,21 +7,18 @@ import sys
 
 import pytest
 
-from lb import lab as labmod
-from tests.e2e.conftest import REPO, forwarding_missing
+from lb.lab import network as labmod
+from tests.e2e.conftest import REPO
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf, pytest.mark.slow]
 
 
 def test_demo_runs_end_to_end_and_cleans_up(test_prefix: str) -> None:
     """Every step succeeds (exit 0) and the lab is gone afterwards."""
-    why = forwarding_missing()
-    if why:
-        pytest.skip(why)
     prefix = f"{test_prefix}d"
     try:
         res = subprocess.run(
-            [sys.executable, "-m", "lb.demo_lab", "--prefix", prefix],
+            [sys.executable, "-m", "lb.lab.demo", "--prefix", prefix],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )
     finally:

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb import doctor, netns
-from lb import lab as labmod
-from lb.dataplane import prog_fd_by_id
-from lb.lab import Lab, LabApi
+from lb.dataplane import netlink
+from lb.dataplane.loader import prog_fd_by_id
+from lb.lab import network as labmod
+from lb.lab.network import Lab, LabApi
+from lb.ops import doctor
 from tests.e2e.conftest import Vips, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -48,11 +49,11 @@ def test_healthy_lab_has_no_failure(lab: Lab, api: LabApi) -> None:
 
 def test_names_the_veth_peer_without_xdp(lab: Lab, api: LabApi) -> None:
     """Without a program on rt-lb, native XDP_TX frames vanish: doctor names that link."""
-    netns.xdp_detach(lab.router_ns, labmod.RT_LB_IF)
+    netlink.xdp_detach(lab.router_ns, labmod.RT_LB_IF)
     try:
         report = doctor.check_lab(lab)
     finally:
-        netns.attach_xdp_pass(lab.router_ns, labmod.RT_LB_IF)
+        netlink.attach_xdp_pass(lab.router_ns, labmod.RT_LB_IF)
     failed = _failures(report)
     assert ("router rt-lb", "XDP") in failed, report.render(verbose=False)
     assert ("LB -> router rt-lb", "probe") in failed, report.render(verbose=False)
@@ -61,11 +62,11 @@ def test_names_the_veth_peer_without_xdp(lab: Lab, api: LabApi) -> None:
 
 def test_names_checksum_offload_on_the_client(lab: Lab, api: LabApi) -> None:
     """tx checksumming on the client: backends drop the packets; doctor names the client."""
-    netns.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=True)
+    netlink.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=True)
     try:
         report = doctor.check_lab(lab)
     finally:
-        netns.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=False)
+        netlink.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=False)
     failed = _failures(report)
     assert ("client cl0", "checksum") in failed, report.render(verbose=False)
     assert any(hop.startswith("backend b") and what == "probe" for hop, what in failed), \
@@ -75,14 +76,14 @@ def test_names_checksum_offload_on_the_client(lab: Lab, api: LabApi) -> None:
 
 def test_names_the_backend_without_decap(lab: Lab, api: LabApi) -> None:
     """One backend loses its decap program: doctor names that backend, not the LB."""
-    b1 = netns.tc_ingress_progs(lab.backend_ns(1), labmod.BACKEND_IF)
-    netns.tc_detach(lab.backend_ns(2), labmod.BACKEND_IF)
+    b1 = netlink.tc_ingress_progs(lab.backend_ns(1), labmod.BACKEND_IF)
+    netlink.tc_detach(lab.backend_ns(2), labmod.BACKEND_IF)
     try:
         report = doctor.check_lab(lab)
     finally:
         fd = prog_fd_by_id(b1[0][0])
         try:
-            netns.tc_attach_ingress(lab.backend_ns(2), labmod.BACKEND_IF, fd, "tc_decap")
+            netlink.tc_attach_ingress(lab.backend_ns(2), labmod.BACKEND_IF, fd, "tc_decap")
         finally:
             os.close(fd)
     failed = _failures(report)
@@ -95,7 +96,7 @@ def test_names_the_router_that_does_not_send_the_vip_to_the_lb(
     lab: Lab, api: LabApi, vip_route_restored: None
 ) -> None:
     """A VIP route pointing elsewhere is named at the router."""
-    netns.replace_route(lab.router_ns, labmod.VIP_NET6, lab.backend6(1))
+    netlink.replace_route(lab.router_ns, labmod.VIP_NET6, lab.backend6(1))
     report = doctor.check_lab(lab, probe=False)
     assert ("router", "VIP") in _failures(report), report.render(verbose=False)
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb import lab as labmod
-from lb import netns
-from lb.lab import Lab, LabApi
+from lb.dataplane import netlink
+from lb.lab import network as labmod
+from lb.lab.network import Lab, LabApi
 from tests.e2e.conftest import Vips, daemon_running, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -31,13 +31,13 @@ def api(request: pytest.FixtureRequest, lab: Lab, lab_daemon: LabApi) -> Iterato
     """The daemon, with the balancer attached in the mode of the parameter."""
     if request.param == "native":
         ensure_daemon(lab)
-        assert netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == "native"
+        assert netlink.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == "native"
         yield lab_daemon
         return
     labmod.stop_daemon(lab)
     try:
         with daemon_running(dataclasses.replace(lab, xdp_mode="generic")) as client:
-            assert netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == "generic"
+            assert netlink.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode == "generic"
             yield client
     finally:
         # Back to the shared native daemon for the modules that follow.
@@ -103,7 +103,7 @@ def test_xdp_decap_variant_forwards(test_prefix: str) -> None:
     """A lab whose backends decapsulate in XDP instead of tc carries both families."""
     spec = Lab(prefix=f"{test_prefix}y", backends=2, decap="xdp")
     with labmod.running(spec):
-        progs = netns.link_info(spec.backend_ns(1), labmod.BACKEND_IF).xdp_prog_name
+        progs = netlink.link_info(spec.backend_ns(1), labmod.BACKEND_IF).xdp_prog_name
         assert progs == "xdp_decap"
         with daemon_running(spec) as client:
             v = Vips(client)

@@ -14,9 +14,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from lb import lab as labmod
-from lb import netns
-from lb.lab import Lab
+from lb.dataplane import netlink, netns
+from lb.lab import network as labmod
+from lb.lab.network import Lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -27,24 +27,24 @@ RSS_SRC6 = "2001:db8:ffff:ffff::1"
 def test_every_namespace_and_link_exists(lab: Lab) -> None:
     """up builds one namespace per role and the links with the MTUs the design asks for."""
     assert set(labmod.lab_namespaces(lab.prefix)) == set(lab.namespaces())
-    assert netns.link_info(lab.client_ns, labmod.CLIENT_IF).mtu == labmod.CLIENT_MTU
-    assert netns.link_info(lab.lb_ns, labmod.LB_IF).mtu == labmod.CORE_MTU
+    assert netlink.link_info(lab.client_ns, labmod.CLIENT_IF).mtu == labmod.CLIENT_MTU
+    assert netlink.link_info(lab.lb_ns, labmod.LB_IF).mtu == labmod.CORE_MTU
     for i in lab.backend_ids:
-        assert netns.link_info(lab.backend_ns(i), labmod.BACKEND_IF).mtu == labmod.CORE_MTU
+        assert netlink.link_info(lab.backend_ns(i), labmod.BACKEND_IF).mtu == labmod.CORE_MTU
 
 
 def test_platform_rules_are_applied(lab: Lab) -> None:
     """The veth rules: XDP on the LB's peer, client tx csum off, rp_filter off, forwarding."""
-    peer = netns.link_info(lab.router_ns, labmod.RT_LB_IF)
-    assert peer.xdp_mode == "native" and peer.xdp_prog_name == netns.PASS_PROG_NAME, \
+    peer = netlink.link_info(lab.router_ns, labmod.RT_LB_IF)
+    assert peer.xdp_mode == "native" and peer.xdp_prog_name == netlink.PASS_PROG_NAME, \
         "router side of the LB link has no XDP program: native XDP_TX would vanish"
-    assert netns.offloads(lab.client_ns, labmod.CLIENT_IF)["tx-checksumming"] is False
+    assert netlink.offloads(lab.client_ns, labmod.CLIENT_IF)["tx-checksumming"] is False
     assert netns.get_sysctl(lab.router_ns, "net.ipv4.conf.all.rp_filter") == "0"
     assert netns.get_sysctl(lab.router_ns, "net.ipv4.ip_forward") == "1"
     assert netns.get_sysctl(lab.router_ns, "net.ipv6.conf.all.forwarding") == "1"
     for i in lab.backend_ids:
         assert netns.get_sysctl(lab.backend_ns(i), "net.ipv4.conf.all.arp_ignore") == "1"
-        progs = netns.tc_ingress_progs(lab.backend_ns(i), labmod.BACKEND_IF)
+        progs = netlink.tc_ingress_progs(lab.backend_ns(i), labmod.BACKEND_IF)
         assert [n for _, n in progs] == ["tc_decap"], "backend has no decap program"
 
 
@@ -65,10 +65,10 @@ def test_vip_routed_straight_to_a_backend_answers_from_the_vip(
 ) -> None:
     """With the router sending the VIP to backend 2 itself, the VIP on lo answers (no LB)."""
     if family == 4:
-        netns.replace_route(lab.router_ns, labmod.VIP_NET4, lab.backend4(2))
+        netlink.replace_route(lab.router_ns, labmod.VIP_NET4, lab.backend4(2))
         vip = lab.vip4
     else:
-        netns.replace_route(lab.router_ns, labmod.VIP_NET6, lab.backend6(2))
+        netlink.replace_route(lab.router_ns, labmod.VIP_NET6, lab.backend6(2))
         vip = lab.vip6
     http = labmod.http_requests(lab, vip, 20, workers=2)
     udp = labmod.udp_requests(lab, vip, 20, workers=2)

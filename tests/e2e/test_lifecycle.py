@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb import lab as labmod
-from lb import netns
-from lb.lab import Lab, LabApi, Stream, Tally
+from lb.dataplane import netlink
+from lb.lab import network as labmod
+from lb.lab.network import Lab, LabApi, Stream, Tally
 from tests.e2e.conftest import Vips, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -133,7 +133,7 @@ class _HttpLoad:
 
 
 def _lb_prog_id(lab: Lab) -> int | None:
-    return netns.link_info(lab.lb_ns, labmod.LB_IF).xdp_prog_id
+    return netlink.link_info(lab.lb_ns, labmod.LB_IF).xdp_prog_id
 
 
 @pytest.mark.slow

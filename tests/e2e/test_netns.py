@@ -1,4 +1,4 @@
-"""The namespace/veth primitives of lb/netns.py, on a two-namespace veth pair."""
+"""The namespace/veth primitives of lb/dataplane/netns.py, on a two-namespace veth pair."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb import netns
+from lb.dataplane import netlink, netns
 
 pytestmark = pytest.mark.netns
 
@@ -17,12 +17,12 @@ def pair(test_prefix: str) -> Iterator[tuple[str, str]]:
     """Two namespaces joined by a veth pair with IPv4 and IPv6 addresses."""
     a, b = f"{test_prefix}-na", f"{test_prefix}-nb"
     with netns.namespace(a), netns.namespace(b):
-        netns.add_veth(netns.End(a, "va", "02:00:00:00:0a:01", 1600),
-                       netns.End(b, "vb", "02:00:00:00:0a:02", 1600))
-        netns.add_address(a, "va", "198.18.250.1/24")
-        netns.add_address(b, "vb", "198.18.250.2/24")
-        netns.add_address(a, "va", "2001:db8:250::1/64")
-        netns.add_address(b, "vb", "2001:db8:250::2/64")
+        netlink.add_veth(netlink.End(a, "va", "02:00:00:00:0a:01", 1600),
+                       netlink.End(b, "vb", "02:00:00:00:0a:02", 1600))
+        netlink.add_address(a, "va", "198.18.250.1/24")
+        netlink.add_address(b, "vb", "198.18.250.2/24")
+        netlink.add_address(a, "va", "2001:db8:250::1/64")
+        netlink.add_address(b, "vb", "2001:db8:250::2/64")
         yield a, b
     assert not netns.exists(a) and not netns.exists(b), "namespaces outlived their block"
 
@@ -53,7 +53,7 @@ def test_veth_pair_carries_tcp(pair: tuple[str, str], addr: str) -> None:
 
 def test_link_info_reports_mac_mtu_and_peer(pair: tuple[str, str]) -> None:
     """link_info sees the MAC and MTU that add_veth set."""
-    info = netns.link_info(pair[0], "va")
+    info = netlink.link_info(pair[0], "va")
     assert (info.mac, info.mtu, info.up, info.kind) == ("02:00:00:00:0a:01", 1600, True, "veth")
     assert info.xdp_mode is None
 
@@ -61,12 +61,12 @@ def test_link_info_reports_mac_mtu_and_peer(pair: tuple[str, str]) -> None:
 @pytest.mark.bpf
 def test_xdp_pass_attaches_and_is_named(pair: tuple[str, str]) -> None:
     """xlb_pass attaches natively, is reported by name, and leaves traffic flowing."""
-    with netns.xdp_pass_attached(pair[0], "va"):
-        info = netns.link_info(pair[0], "va")
+    with netlink.xdp_pass_attached(pair[0], "va"):
+        info = netlink.link_info(pair[0], "va")
         assert info.xdp_mode == "native"
-        assert info.xdp_prog_name == netns.PASS_PROG_NAME
+        assert info.xdp_prog_name == netlink.PASS_PROG_NAME
         assert _echo_once(*pair, "198.18.250.1") == b"ping"
-    assert netns.link_info(pair[0], "va").xdp_mode is None, "program still attached"
+    assert netlink.link_info(pair[0], "va").xdp_mode is None, "program still attached"
 
 
 def test_sysctls_are_per_namespace(pair: tuple[str, str]) -> None:
@@ -78,14 +78,14 @@ def test_sysctls_are_per_namespace(pair: tuple[str, str]) -> None:
 
 def test_offload_switch(pair: tuple[str, str]) -> None:
     """tx checksumming can be turned off and back on."""
-    netns.set_offload(pair[1], "vb", "tx", on=False)
-    assert netns.offloads(pair[1], "vb")["tx-checksumming"] is False
-    netns.set_offload(pair[1], "vb", "tx", on=True)
-    assert netns.offloads(pair[1], "vb")["tx-checksumming"] is True
+    netlink.set_offload(pair[1], "vb", "tx", on=False)
+    assert netlink.offloads(pair[1], "vb")["tx-checksumming"] is False
+    netlink.set_offload(pair[1], "vb", "tx", on=True)
+    assert netlink.offloads(pair[1], "vb")["tx-checksumming"] is True
 
 
 def test_iproute_refuses_missing_namespace(test_prefix: str) -> None:
     """A typo in a namespace name raises instead of creating a namespace."""
     with pytest.raises(Exception, match="does not exist"):
-        netns.ifindex(f"{test_prefix}-nosuch", "lo")
+        netlink.ifindex(f"{test_prefix}-nosuch", "lo")
     assert not netns.exists(f"{test_prefix}-nosuch")

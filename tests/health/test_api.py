@@ -15,12 +15,12 @@ import pytest
 import uvicorn
 from pydantic import SecretStr
 
-from api.main import create_app
-from api.settings import ApiSettings
-from lb.control import ControlPlane
-from lb.prober import HealthManager
+from lb.control.facade import ControlPlane
+from lb.health.manager import HealthManager
 from tests.control.conftest import StateSettings
 from tests.health.conftest import Server, free_port
+from xlb_api.main import create_app
+from xlb_api.settings import ApiSettings
 
 TOKEN = "health-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -136,7 +136,7 @@ def test_flows_need_a_data_plane(client: httpx.Client) -> None:
 def test_lbctl_health_set_show_rm_and_stats(
     client: httpx.Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from api.cli import main
+    from lbctl.main import main
 
     url = ["--url", str(client.base_url), "--token", TOKEN]
     port = free_port()

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from lb.conntab import ConnTable
-from lb.drain import count_flows
-from lb.flowhash import Flow5
-from lb.model import BackendSpec, VipSpec
+from lb.control.model import BackendSpec, VipSpec
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import Flow5
+from lb.ops.drain import count_flows
 from tests.dataplane import packets as P
 from tests.dataplane.lab import Lab
 

@@ -1,13 +1,13 @@
-"""lb/hcencap.py keeps the C names of xdp/hc_encap.c verbatim."""
+"""lb/dataplane/hcencap.py keeps the C names of xdp/hc_encap/hc_encap.c verbatim."""
 
 from __future__ import annotations
 
 import re
 
-from lb import hcencap
 from lb.config import xdp_source_dir
+from lb.dataplane import hcencap
 
-SOURCE = (xdp_source_dir() / "hc_encap.c").read_text()
+SOURCE = (xdp_source_dir() / "hc_encap" / "hc_encap.c").read_text()
 
 
 def test_counter_slots_match_enum_hc_stat() -> None:

@@ -1,7 +1,7 @@
 """Health checks end to end in the lab: the daemon probes real backends through the router.
 
 One lab (3 backends) and one daemon for the module. Servers are stopped by the pid the lab
-recorded for them and started again with lb.lab.start_servers.
+recorded for them and started again with lb.lab.network.start_servers.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from lb import lab as labmod
-from lb import netns
-from lb.lab import ApiError, Lab, LabApi, vip_path
+from lb.dataplane import netns
+from lb.lab import network as labmod
+from lb.lab.network import ApiError, Lab, LabApi, vip_path
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -158,7 +158,7 @@ def test_flapping_backend_is_damped(hlab: Lab, api: LabApi) -> None:
 
 
 def test_drain_wait_completes_when_the_streams_end(hlab: Lab, api: LabApi) -> None:
-    from api.cli import main
+    from lbctl.main import main
 
     vid = _vip(api, hlab, port=labmod.STREAM_PORT)  # checked over HTTP on port 80
     streams = labmod.open_streams(hlab, hlab.vip4, 12, port=labmod.STREAM_PORT)

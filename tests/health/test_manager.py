@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from lb.control import ControlPlane
-from lb.health import HealthCheck
-from lb.model import BackendSpec, VipSpec
-from lb.prober import HealthManager
+from lb.control.facade import ControlPlane
+from lb.control.model import BackendSpec, VipSpec
+from lb.health.manager import HealthManager
+from lb.health.policy import HealthCheck
 from tests.control.conftest import StateSettings, clear_maps
 from tests.health.conftest import Server, free_port
 
@@ -174,7 +174,7 @@ def test_flapping_backend_is_held_out(tmp_path: Path, pool: Pool) -> None:
 def test_ring_follows_health_and_verify_sees_no_drift(
     tmp_path: Path, pool: Pool, balancer: Any
 ) -> None:
-    from lb.reconcile import MapIO
+    from lb.control.reconcile import MapIO
 
     clear_maps(balancer)
     cp = ControlPlane(StateSettings(tmp_path), balancer)

@@ -8,8 +8,8 @@ import ssl
 
 import pytest
 
-from lb.health import HealthCheck
-from lb.probe import ProbeResult, probe
+from lb.health.policy import HealthCheck
+from lb.health.probe import ProbeResult, probe
 from tests.health.conftest import Server, free_port
 
 

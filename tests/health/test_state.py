@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from lb import maglev
-from lb.health import (
+from lb.control import maglev
+from lb.control.model import MAX_WEIGHT as MODEL_MAX_WEIGHT
+from lb.health.policy import (
     MAX_WEIGHT,
     HealthCheck,
     Member,
@@ -14,7 +15,6 @@ from lb.health import (
     VipDecision,
     decide,
 )
-from lb.model import MAX_WEIGHT as MODEL_MAX_WEIGHT
 
 
 def _target(**kw: object) -> Target:

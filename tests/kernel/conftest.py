@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from lb.netns import load_xdp_pass
+from lb.dataplane.netlink import load_xdp_pass
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from lb.conntab import ConnTable
 from lb.consts import STAT_INDEX, XDP_TX
-from lb.dataplane import Balancer, set_addr
-from lb.flowhash import Flow5
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import Flow5
+from lb.dataplane.loader import Balancer, set_addr
 
 VIP = ipaddress.IPv4Address("198.18.0.10")
 CLIENT = ipaddress.IPv4Address("198.18.2.1")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import sys
 
-from lb.dataplane import read_runtime_config
-from lb.host import open_host
+from lb.dataplane.host import open_host
+from lb.dataplane.loader import read_runtime_config
+from lb.dataplane.testrun import TestRunner
 from lb.settings import load_settings
-from lb.testrun import TestRunner
 from tests.kernel.flows import snapshot
 
 

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from lb import attach as xdp
-from lb.dataplane import prog_info
+from lb.dataplane import attach as xdp
+from lb.dataplane.loader import prog_info
 from lb.errors import Conflict, ForeignProgram, InvalidInput, KernelError
 from tests.kernel.conftest import Veth
 

@@ -1,5 +1,5 @@
-"""lb.flowhash and lb.conntab against the real program: packets run through the loaded
-balancer with BPF_PROG_TEST_RUN create exactly the slots Python predicts, and what Python
+"""lb.dataplane.flowhash and lb.dataplane.conntab against the real program: packets run through
+the loaded balancer with BPF_PROG_TEST_RUN create exactly the slots Python predicts, and what Python
 writes steers the program's next packet (docs/conn-table.md)."""
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from lb import _conntab, conntab, flowhash
 from lb.config import RuntimeConfig, xdp_source_dir
-from lb.conntab import STAMP_S, ConnTable
 from lb.consts import (
     CONN_TAG_BUSY,
     CONN_TAG_EMPTY,
@@ -32,8 +30,9 @@ from lb.consts import (
     REAL_F_V6,
     XDP_TX,
 )
-from lb.dataplane import set_addr, write_runtime_config
-from lb.flowhash import (
+from lb.dataplane import _conntab, conntab, flowhash
+from lb.dataplane.conntab import STAMP_S, ConnTable
+from lb.dataplane.flowhash import (
     Flow5,
     Flows,
     conn_hash2,
@@ -42,7 +41,8 @@ from lb.flowhash import (
     conn_tag,
     hash_flow,
 )
-from lb.testrun import TestRunner
+from lb.dataplane.loader import set_addr, write_runtime_config
+from lb.dataplane.testrun import TestRunner
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -142,8 +142,8 @@ def bed(balancer: Any) -> Iterator[Bed]:
 
 @pytest.fixture(params=["c", "libatomic"])
 def free_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """How purge and delete free slots: lb._conntab's bulk compare-and-swap, or the fallback
-    without it (libatomic through ctypes, one call a slot)."""
+    """How purge and delete free slots: lb.dataplane._conntab's bulk compare-and-swap, or the
+    fallback without it (libatomic through ctypes, one call a slot)."""
     if request.param == "libatomic":
         monkeypatch.setattr(conntab, "_conntab", None)
         assert conntab._atomic.lock_free, "libatomic is missing (scripts/setup.sh installs it)"
@@ -171,7 +171,7 @@ def _random_flows(n: int, seed: int = 7) -> list[Flow5]:
 
 @pytest.mark.parametrize("name", ["HASH_SEED", "HASH_JHASH_INITVAL"])
 def test_hash_constants_are_hash_h(name: str) -> None:
-    assert getattr(flowhash, name) == c_define("hash.h", name), f"{name} differs from hash.h"
+    assert getattr(flowhash, name) == c_define("common/hash.h", name), f"{name} differs from hash.h"
 
 
 def test_jhash_matches_lookup3_reference_values() -> None:
@@ -588,8 +588,8 @@ def test_purge_leaves_alone_a_slot_the_data_plane_rewrote_meanwhile(
 def test_bulk_free_leaves_alone_a_tag_changed_after_the_candidates_were_read(
     bed: Bed,
 ) -> None:
-    """lb._conntab.cas_many on the mapped table itself: candidates read, then one slot's tag
-    rewritten and one claimed (BUSY) before the call; neither is freed nor counted."""
+    """lb.dataplane._conntab.cas_many on the mapped table itself: candidates read, then one
+    slot's tag rewritten and one claimed (BUSY) before the call; neither is freed nor counted."""
     num = VIP_NUMS[(4, "tcp")]
     flows = [bed.flow(4, "tcp", sport=40700 + i) for i in range(20)]
     for f in flows:

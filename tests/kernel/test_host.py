@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from lb import attach as xdp
 from lb.config import Features
-from lb.dataplane import (
+from lb.dataplane import attach as xdp
+from lb.dataplane.host import open_host
+from lb.dataplane.loader import (
     Balancer,
     loaded_balancer,
     pinned_map_info,
     prog_info,
     read_runtime_config,
 )
+from lb.dataplane.testrun import TestRunner
 from lb.errors import IncompatiblePins
-from lb.host import open_host
 from lb.settings import CONFIG_ENV, load_settings
-from lb.testrun import TestRunner
 from tests.conftest import TEST_CONFIG
 from tests.kernel import flows
 from tests.kernel.conftest import Veth

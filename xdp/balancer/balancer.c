@@ -18,13 +18,13 @@
 #include <linux/icmp.h>
 #include <linux/icmpv6.h>
 
-#include "maps.h"
-#include "stats.h"
-#include "csum.h"
-#include "hash.h"
-#include "parse.h"
-#include "encap.h"
-#include "icmp.h"
+#include "balancer/maps.h"
+#include "balancer/stats.h"
+#include "common/csum.h"
+#include "common/hash.h"
+#include "balancer/parse.h"
+#include "balancer/encap.h"
+#include "balancer/icmp.h"
 
 /* Nanoseconds per second, for the UDP idle timeout default. */
 #define LB_NSEC_PER_SEC 1000000000ULL
@@ -280,7 +280,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 					/* An ICMP error is no sign of life of the flow: only the
 					 * flow's own packets refresh the stamp, and a client FIN
 					 * or RST marks a TCP entry closing (a drain counts it
-					 * only for a grace period after, lb/drain.py).
+					 * only for a grace period after, lb/ops/drain.py).
 					 */
 					if (!pkt->icmp_fwd) {
 						upd = (meta & ~((__u64)CONN_STAMP_MASK << CONN_STAMP_SHIFT)) |

@@ -24,7 +24,7 @@
 #ifndef XLB_ENCAP_H
 #define XLB_ENCAP_H
 
-#include "parse.h"
+#include "balancer/parse.h"
 
 /* GUE source ports: the upper quarter of the port space, low bits from the flow hash. */
 #define ENCAP_GUE_SPORT_BASE 0xc000

@@ -17,8 +17,8 @@
 #ifndef XLB_ICMP_H
 #define XLB_ICMP_H
 
-#include "csum.h"
-#include "parse.h"
+#include "common/csum.h"
+#include "balancer/parse.h"
 
 /* TTL / hop limit of the ICMP messages the balancer sends (the kernel's default). */
 #define ICMP_TTL 64

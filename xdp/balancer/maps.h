@@ -7,8 +7,8 @@
 #ifndef XLB_MAPS_H
 #define XLB_MAPS_H
 
-#include "consts.h"
-#include "structs.h"
+#include "common/consts.h"
+#include "common/structs.h"
 
 #ifdef PIN_DIR
 #define LB_MAP(type, key, val, name, size, flags) \
@@ -17,7 +17,7 @@
 #define LB_MAP(type, key, val, name, size, flags) BPF_F_TABLE(type, key, val, name, size, flags)
 #endif
 
-/* An array user space can mmap (lb/conntab.py reads the connection table that way). */
+/* An array user space can mmap (lb/dataplane/conntab.py reads the connection table that way). */
 #define MMAPABLE 1024 /* BPF_F_MMAPABLE */
 
 /* VIP (address, port, protocol) -> VIP number and flags. */

@@ -10,7 +10,7 @@
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
 
-#include "stats.h"
+#include "balancer/stats.h"
 
 /* "Not decided yet, go on": every verdict is >= 0. */
 #define FURTHER_PROCESSING -1

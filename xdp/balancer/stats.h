@@ -8,7 +8,7 @@
 #ifndef XLB_STATS_H
 #define XLB_STATS_H
 
-#include "maps.h"
+#include "balancer/maps.h"
 
 /* Add one to a global counter slot (balancer.c). */
 static __always_inline void stats_inc(__u32 slot);

@@ -1,6 +1,6 @@
 /* consts.h - tunables and named constants of the balancer.
  *
- * Every tunable has an #ifndef default so the loader (lb/dataplane.py) can override it with
+ * Every tunable has an #ifndef default so the loader (lb/dataplane/loader.py) can override it with
  * -D cflags built from lb.config.DataplaneConfig. Flag bits and counter slots are mirrored by
  * name in lb/consts.py; tests/test_consts.py parses this file and compares.
  */

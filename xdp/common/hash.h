@@ -7,7 +7,7 @@
  * where every word is the u32 read from the packet's network-order bytes in host order
  * (little-endian on x86), and `ports` is the word holding the source port in its first two
  * bytes and the destination port in the last two. With F_HASH_SRC_ONLY `ports` is 0.
- * A ring slot is hash % RING_SIZE. lb/flowhash.py reimplements this exactly.
+ * A ring slot is hash % RING_SIZE. lb/dataplane/flowhash.py reimplements this exactly.
  */
 #ifndef XLB_HASH_H
 #define XLB_HASH_H
@@ -125,7 +125,7 @@ static __always_inline __u32 hash_flow(const struct flow_key *f, int src_only)
 /* The connection-table hashes of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
  * words with initval seed + proto + (family << 8). Returns lookup3's primary result c and
  * stores its second one, b, in *second (both from one pass, as lookup3's hashlittle2 does).
- * lb/flowhash.py mirrors it.
+ * lb/dataplane/flowhash.py mirrors it.
  */
 static __always_inline __u32 conn_hash2(const struct flow_key *f, __u32 seed, __u32 *second)
 {

@@ -4,7 +4,7 @@
  *   xdp_decap - XDP: moves the Ethernet header over the outer headers (bpf_xdp_adjust_head);
  *   tc_decap  - tc ingress, direct action: bpf_skb_change_proto + bpf_skb_adjust_room.
  * Both hand the inner packet to the stack with the Ethernet type of the inner family, and
- * pass everything else untouched. Attaching is the caller's job (see lb/decap.py).
+ * pass everything else untouched. Attaching is the caller's job (see lb/dataplane/decap.py).
  *
  * XXX: ECN is not propagated from the outer to the inner header (RFC 6040); the balancer
  * copies the inner TOS / traffic class outwards, so only a CE mark set on the way is lost.
@@ -12,7 +12,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#include "decap_maps.h"
+#include "decap/decap_maps.h"
 
 /* Map-touching helpers, here because BCC rewrites map accesses only in the main file. */
 
@@ -43,7 +43,7 @@ static __always_inline __be16 decap_gue_port(void)
 	return bpf_htons(DECAP_DEFAULT_GUE_PORT);
 }
 
-#include "decap_parse.h"
+#include "decap/decap_parse.h"
 
 /* XDP: copy the Ethernet header (and tag) to the stack, drop the outer headers, write the
  * header back in front of the inner packet with the inner ethertype.

@@ -1,9 +1,9 @@
 /* decap.h - constants, counter slots and shared structs of the backend decap programs.
  *
- * The decap programs (xdp/decap.c) run on backends, not on the balancer: they strip the
+ * The decap programs (xdp/decap/decap.c) run on backends, not on the balancer: they strip the
  * IPIP / IPv6 / GUE header the balancer added and hand the inner packet to the stack. They
  * keep their own constants and maps so they never depend on the balancer's headers.
- * Counter slots are mirrored by name in lb/decap.py; tests/dataplane/test_decap.py parses
+ * Counter slots are mirrored by name in lb/dataplane/decap.py; tests/dataplane/test_decap.py parses
  * this file and compares.
  */
 #ifndef XLB_DECAP_H
@@ -79,7 +79,7 @@ struct decap_addr {
 	__u32 family;
 };
 
-/* Runtime configuration: decap_cfg[0], written by lb/decap.py. */
+/* Runtime configuration: decap_cfg[0], written by lb/dataplane/decap.py. */
 struct decap_cfg {
 	/* GUE destination UDP port, network order; 0 = DECAP_DEFAULT_GUE_PORT. */
 	__be16 gue_port;

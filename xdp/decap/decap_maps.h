@@ -1,13 +1,13 @@
 /* decap_maps.h - every map of the backend decap programs, one comment each.
  *
- * With PIN_DIR defined (lb/decap.py passes it when asked) each map is pinned as
+ * With PIN_DIR defined (lb/dataplane/decap.py passes it when asked) each map is pinned as
  * PIN_DIR/<name> and reused if already pinned, like the balancer's maps.h. The names differ
  * from the balancer's, so both programs may share one pin directory.
  */
 #ifndef XLB_DECAP_MAPS_H
 #define XLB_DECAP_MAPS_H
 
-#include "decap.h"
+#include "decap/decap.h"
 
 #ifdef PIN_DIR
 #define DECAP_MAP(type, key, val, name, size, flags) \

@@ -24,7 +24,7 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/udp.h>
 
-#include "decap.h"
+#include "decap/decap.h"
 
 /* Returned by helpers when the packet is to be decapsulated (verdicts are >= 0). */
 #define DECAP_FURTHER (-1)

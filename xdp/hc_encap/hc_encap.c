@@ -5,7 +5,7 @@
  * the prober's own address directly (DSR), which routes back to the LB.
  *
  * Encapsulations: IPv4 in IPv4, IPv6 in IPv6, IPv4 in IPv6, each optionally as GUE (the IP
- * packet in UDP to hc_cfg.gue_port, zero UDP checksum), as xdp/encap.h does for clients.
+ * packet in UDP to hc_cfg.gue_port, zero UDP checksum), as xdp/balancer/encap.h does for clients.
  * Outer source: the LB's own address (hc_cfg.src_v4 / src_v6); destination MAC: hc_cfg.gw_mac
  * when set. Unmarked packets and marks that are not ours pass untouched.
  */
@@ -30,11 +30,11 @@
 #define HC_TTL 64
 #define HC_IPV4_VER_IHL 0x45
 #define HC_IP_DF 0x4000
-/* GUE source port: ephemeral range, low bits from the flow hash (as xdp/encap.h). */
+/* GUE source port: ephemeral range, low bits from the flow hash (as xdp/balancer/encap.h). */
 #define HC_GUE_SPORT_BASE 0xc000
 #define HC_GUE_SPORT_MASK 0x3fff
 
-/* Counter slots (hc_stats), mirrored by name in lb/hcencap.py. */
+/* Counter slots (hc_stats), mirrored by name in lb/dataplane/hcencap.py. */
 enum hc_stat {
 	/* Probes encapsulated towards an IPv4 / IPv6 backend. */
 	HC_STAT_ENCAP_V4 = 0,

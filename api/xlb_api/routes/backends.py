@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
-from api.problems import problem_responses
-from api.schemas.backends import (
+from lb.control.model import BackendSpec
+from lb.control.model import BackendUpdate as ModelBackendUpdate
+from lb.errors import NotFound
+from xlb_api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
+from xlb_api.problems import problem_responses
+from xlb_api.schemas.backends import (
     BackendCreate,
     BackendPublic,
     BackendsPublic,
     BackendsReplace,
     BackendUpdate,
 )
-from api.schemas.common import AddressPath, VipIdPath
-from lb.errors import NotFound
-from lb.model import BackendSpec
-from lb.model import BackendUpdate as ModelBackendUpdate
+from xlb_api.schemas.common import AddressPath, VipIdPath
 
 router = APIRouter(
     prefix="/v1/vips/{vip_id}/backends",

@@ -6,14 +6,14 @@ from typing import Any
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import ControlDep, JsonBody, ReadAuth, RuntimeDep, WriteAuth
-from api.problems import NotReady, problem_responses
-from api.schemas.checks import FlowsPublic, HealthPublic, VipHealthPublic
-from api.schemas.common import AddressPath, VipIdPath
-from api.schemas.vips import VipPublic
+from lb.control.model import VipUpdate
 from lb.errors import NotFound
-from lb.health import HealthCheck
-from lb.model import VipUpdate
+from lb.health.policy import HealthCheck
+from xlb_api.deps import ControlDep, JsonBody, ReadAuth, RuntimeDep, WriteAuth
+from xlb_api.problems import NotReady, problem_responses
+from xlb_api.schemas.checks import FlowsPublic, HealthPublic, VipHealthPublic
+from xlb_api.schemas.common import AddressPath, VipIdPath
+from xlb_api.schemas.vips import VipPublic
 
 router = APIRouter(tags=["health checks"], responses=problem_responses(401, 422, 503))
 
@@ -80,7 +80,7 @@ def get_flows(
     vip_id: VipIdPath, address: AddressPath, rt: RuntimeDep, control: ControlDep
 ) -> FlowsPublic:
     """Live flows the connection table still sends to a backend (drain completion)."""
-    from lb.drain import count_flows
+    from lb.ops.drain import count_flows
 
     vip = control.get_vip(vip_id)
     b = vip.backend(address)

@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import ExplainerDep, ReadAuth
-from api.problems import problem_responses
-from api.schemas.explain import ExplanationPublic, FlowPublic
+from lb.control.model import Protocol
 from lb.errors import InvalidInput
-from lb.explain import Flow
-from lb.model import Protocol
+from lb.ops.explain import Flow
+from xlb_api.deps import ExplainerDep, ReadAuth
+from xlb_api.problems import problem_responses
+from xlb_api.schemas.explain import ExplanationPublic, FlowPublic
 
 router = APIRouter(
     prefix="/v1/explain", tags=["explain"], responses=problem_responses(401, 422, 503)

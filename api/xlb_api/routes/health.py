@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from api.deps import ReadAuth, RuntimeDep
-from api.metrics import make_registry
-from api.problems import problem_responses
+from xlb_api.deps import ReadAuth, RuntimeDep
+from xlb_api.metrics import make_registry
+from xlb_api.problems import problem_responses
 
 router = APIRouter(tags=["health"])
 

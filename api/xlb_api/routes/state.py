@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
-from api.problems import problem_responses
-from api.schemas.state import PlanPublic, StatePublic, StatePut
+from lb.control.model import validate_state
 from lb.errors import PreconditionFailed
-from lb.model import validate_state
+from xlb_api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
+from xlb_api.problems import problem_responses
+from xlb_api.schemas.state import PlanPublic, StatePublic, StatePut
 
 router = APIRouter(prefix="/v1/state", tags=["state"], responses=problem_responses(401, 503))
 

@@ -6,18 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import ControlDep, ReadAuth, RuntimeDep, StatsDep
-from api.problems import problem_responses
-from api.schemas.common import VipIdPath
-from api.schemas.stats import (
+from lb.errors import NotFound
+from lb.ops.stats import PerCpu, Snapshot
+from xlb_api.deps import ControlDep, ReadAuth, RuntimeDep, StatsDep
+from xlb_api.problems import problem_responses
+from xlb_api.schemas.common import VipIdPath
+from xlb_api.schemas.stats import (
     BackendStatsPublic,
     ConnTablePublic,
     CounterPublic,
     StatsPublic,
     VipStatsPublic,
 )
-from lb.errors import NotFound
-from lb.stats import PerCpu, Snapshot
 
 router = APIRouter(tags=["stats"], responses=problem_responses(401, 422, 503))
 

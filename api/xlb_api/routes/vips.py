@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
-from api.problems import problem_responses
-from api.schemas.common import VipIdPath
-from api.schemas.vips import VipCreate, VipPublic, VipsPublic, VipUpdate
-from lb.model import VipUpdate as ModelVipUpdate
+from lb.control.model import VipUpdate as ModelVipUpdate
+from xlb_api.deps import ControlDep, JsonBody, ReadAuth, WriteAuth
+from xlb_api.problems import problem_responses
+from xlb_api.schemas.common import VipIdPath
+from xlb_api.schemas.vips import VipCreate, VipPublic, VipsPublic, VipUpdate
 
 router = APIRouter(prefix="/v1/vips", tags=["vips"], responses=problem_responses(401, 422, 503))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.common import Address
-from lb.model import MAX_WEIGHT, BackendSpec, BackendState
+from lb.control.model import MAX_WEIGHT, BackendSpec, BackendState
+from xlb_api.schemas.common import Address
 
 
 class BackendCreate(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lb.health import HealthCheck
+from lb.health.policy import HealthCheck
 
 
 class PairHealthPublic(BaseModel):

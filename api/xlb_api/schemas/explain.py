@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lb.model import Protocol
+from lb.control.model import Protocol
 
 
 class FlowPublic(BaseModel):

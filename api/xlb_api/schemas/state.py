@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.backends import BackendCreate
-from api.schemas.vips import VipCreate
-from lb.model import BackendSpec, Plan, State, VipSpec
+from lb.control.model import BackendSpec, Plan, State, VipSpec
+from xlb_api.schemas.backends import BackendCreate
+from xlb_api.schemas.vips import VipCreate
 
 
 class StateVip(VipCreate):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.backends import BackendCreate, BackendPublic
-from api.schemas.common import Address
-from lb.health import HealthCheck
-from lb.model import Encap, OuterSource, Protocol, VipSpec
+from lb.control.model import Encap, OuterSource, Protocol, VipSpec
+from lb.health.policy import HealthCheck
+from xlb_api.schemas.backends import BackendCreate, BackendPublic
+from xlb_api.schemas.common import Address
 
 
 class VipCreate(BaseModel):

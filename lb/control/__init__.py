@@ -1,0 +1,1 @@
+"""The control core: desired state (model), its durable store, Maglev rings, reconcile."""

@@ -1,0 +1,412 @@
+"""Links, addresses, routes, XDP and tc programs on interfaces, through netlink (pyroute2).
+
+Everything is addressed by (namespace name, interface name); `name=None` is the caller's own
+namespace (a real host). The namespaces themselves are lb.dataplane.netns's.
+
+Two veth facts drive the helpers here (see PLATFORM.md in the developers' notes): native
+XDP_TX or XDP_REDIRECT into a veth delivers only if the peer has an XDP program
+(`load_xdp_pass` makes the smallest one), and checksum offload must be off on senders whose
+packets cross native XDP (`set_offload`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pyroute2 import IPRoute
+
+from lb.dataplane import bpf
+from lb.dataplane.netns import exists, run
+from lb.errors import KernelError
+
+XdpMode = Literal["native", "generic"]
+
+# linux/if_link.h XDP_FLAGS_*: the mode used to attach must be used to detach.
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_FLAGS: dict[str, int] = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+# IFLA_XDP_ATTACHED as pyroute2 decodes it.
+ATTACHED_MODES: dict[str, str] = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "hw"}
+
+
+# Links and addresses.
+
+
+@contextmanager
+def iproute(name: str | None) -> Iterator[IPRoute]:
+    """A netlink socket inside an existing namespace (never creates one on a typo).
+
+    Every function here takes `name=None` for the caller's own namespace (a real host).
+    """
+    if name is None:
+        ipr = IPRoute()
+    elif not exists(name):
+        raise KernelError(f"network namespace {name} does not exist")
+    else:
+        ipr = IPRoute(netns=name, flags=0)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def ifindex(name: str | None, ifname: str) -> int:
+    """Interface index of `ifname` inside a namespace."""
+    with iproute(name) as ipr:
+        return _index(ipr, name, ifname)
+
+
+def _index(ipr: IPRoute, name: str | None, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise KernelError(f"no interface {ifname} in namespace {name}")
+    return int(found[0])
+
+
+@dataclass(frozen=True)
+class End:
+    """One end of a veth pair: namespace, interface name, optional MAC and MTU."""
+
+    netns: str
+    ifname: str
+    mac: str | None = None
+    mtu: int = 1500
+
+
+def add_veth(a: End, b: End, *, up: bool = True) -> None:
+    """Create a veth pair with one end in each namespace, set MACs and MTUs, bring it up."""
+    with iproute(a.netns) as ipr:
+        ipr.link("add", ifname=a.ifname, kind="veth",
+                 peer={"ifname": b.ifname, "net_ns_fd": b.netns})
+    for end in (a, b):
+        set_link(end.netns, end.ifname, up=up, mtu=end.mtu, mac=end.mac)
+
+
+def set_link(
+    name: str | None, ifname: str, *, up: bool | None = None, mtu: int | None = None,
+    mac: str | None = None,
+) -> None:
+    """Change state, MTU or MAC of an interface inside a namespace."""
+    attrs: dict[str, Any] = {}
+    if mtu is not None:
+        attrs["mtu"] = mtu
+    if mac is not None:
+        attrs["address"] = mac
+    if up is not None:
+        attrs["state"] = "up" if up else "down"
+    if not attrs:
+        return
+    with iproute(name) as ipr:
+        ipr.link("set", index=_index(ipr, name, ifname), **attrs)
+
+
+IFA_F_NODAD = 0x02
+
+
+def add_address(name: str | None, ifname: str, iface: str) -> None:
+    """Add an address like `198.18.1.2/24` or `2001:db8:1::2/64` (IPv6 without DAD delay)."""
+    i = ipaddress.ip_interface(iface)
+    kw: dict[str, Any] = {}
+    if i.version == 6:
+        # Tentative addresses cannot be bound for a second or more.
+        kw["flags"] = IFA_F_NODAD
+    with iproute(name) as ipr:
+        ipr.addr("add", index=_index(ipr, name, ifname), address=str(i.ip),
+                 prefixlen=i.network.prefixlen, **kw)
+
+
+def add_route(name: str | None, dst: str, gateway: str) -> None:
+    """Add a route (`default` or a prefix) via a gateway inside a namespace."""
+    gw = ipaddress.ip_address(gateway)
+    kw: dict[str, Any] = {"gateway": str(gw)}
+    if dst == "default":
+        kw["dst"] = "0.0.0.0/0" if gw.version == 4 else "::/0"
+    else:
+        kw["dst"] = str(ipaddress.ip_network(dst))
+    if gw.version == 6:
+        kw["family"] = 10
+    with iproute(name) as ipr:
+        ipr.route("add", **kw)
+
+
+def replace_route(name: str | None, dst: str, gateway: str) -> None:
+    """Point an existing (or new) route at another gateway inside a namespace."""
+    gw = ipaddress.ip_address(gateway)
+    with iproute(name) as ipr:
+        ipr.route("replace", dst=str(ipaddress.ip_network(dst)), gateway=str(gw),
+                  family=2 if gw.version == 4 else 10)
+
+
+def route_get(name: str | None, dst: str) -> dict[str, Any]:
+    """The kernel's route decision for `dst` in a namespace (oif name, gateway, prefsrc)."""
+    a = ipaddress.ip_address(dst)
+    with iproute(name) as ipr:
+        try:
+            msg = ipr.route("get", dst=str(a), family=2 if a.version == 4 else 10)[0]
+        except Exception as e:  # pyroute2 raises NetlinkError: no route, unreachable
+            return {"error": str(e)}
+        oif = msg.get("RTA_OIF")
+        ifname = None
+        if oif:
+            links = ipr.get_links(oif)
+            ifname = links[0].get("IFLA_IFNAME") if links else None
+        return {"oif": ifname, "gateway": msg.get("RTA_GATEWAY"), "prefsrc": msg.get("RTA_PREFSRC"),
+                "type": msg.get("type")}
+
+
+def neighbours(name: str | None, ifname: str) -> dict[str, str]:
+    """Neighbour table entries (address -> MAC) learnt on one interface."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        out: dict[str, str] = {}
+        for n in ipr.get_neighbours(ifindex=idx):
+            addr, mac = n.get("NDA_DST"), n.get("NDA_LLADDR")
+            if addr and mac and not ipaddress.ip_address(addr).is_multicast:
+                out[str(addr)] = str(mac)
+        return out
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel reports about one interface."""
+
+    netns: str | None
+    ifname: str
+    index: int
+    mac: str
+    mtu: int
+    up: bool
+    kind: str | None
+    peer_index: int | None
+    xdp_mode: str | None
+    xdp_prog_id: int | None
+
+    @property
+    def xdp_prog_name(self) -> str | None:
+        """Name of the attached XDP program, if any."""
+        return prog_name(self.xdp_prog_id) if self.xdp_prog_id else None
+
+
+def _link_info(name: str | None, msg: Any) -> LinkInfo:
+    xdp = msg.get("IFLA_XDP")
+    mode = prog_id = None
+    if xdp is not None:
+        attached = xdp.get("IFLA_XDP_ATTACHED")
+        mode = ATTACHED_MODES.get(attached, attached) if attached else None
+        prog_id = xdp.get("IFLA_XDP_PROG_ID") or None
+    info = msg.get("IFLA_LINKINFO")
+    kind = info.get("IFLA_INFO_KIND") if info is not None else None
+    return LinkInfo(
+        netns=name,
+        ifname=str(msg.get("IFLA_IFNAME")),
+        index=int(msg["index"]),
+        mac=str(msg.get("IFLA_ADDRESS")),
+        mtu=int(msg.get("IFLA_MTU")),
+        up=bool(msg["flags"] & 1),
+        kind=kind,
+        peer_index=msg.get("IFLA_LINK"),
+        xdp_mode=mode,
+        xdp_prog_id=prog_id,
+    )
+
+
+def link_info(name: str | None, ifname: str) -> LinkInfo:
+    """State, MAC, MTU and attached XDP program of one interface."""
+    with iproute(name) as ipr:
+        return _link_info(name, ipr.get_links(_index(ipr, name, ifname))[0])
+
+
+def links(name: str | None) -> list[LinkInfo]:
+    """Every interface of a namespace."""
+    with iproute(name) as ipr:
+        return [_link_info(name, m) for m in ipr.get_links()]
+
+
+def addresses(name: str | None, ifname: str) -> list[str]:
+    """Addresses of an interface as `address/prefixlen`."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)]
+
+
+# ethtool: offloads, queues, driver counters.
+
+
+def set_offload(name: str | None, ifname: str, feature: str = "tx", on: bool = False) -> None:
+    """Switch an ethtool offload (default: tx checksumming) on an interface in a namespace."""
+    run(name, ["ethtool", "-K", ifname, feature, "on" if on else "off"])
+
+
+def offloads(name: str | None, ifname: str) -> dict[str, bool]:
+    """ethtool -k of an interface: feature name -> on."""
+    out = run(name, ["ethtool", "-k", ifname]).stdout
+    feats: dict[str, bool] = {}
+    for line in out.splitlines()[1:]:
+        key, _, rest = line.strip().partition(":")
+        if rest:
+            feats[key] = rest.split()[0] == "on"
+    return feats
+
+
+def set_queues(name: str | None, ifname: str, count: int) -> None:
+    """Give a veth `count` rx and tx queues (veths start with one)."""
+    run(name, ["ethtool", "-L", ifname, "rx", str(count), "tx", str(count)])
+
+
+
+def ethtool_stats(name: str | None, ifname: str) -> dict[str, int]:
+    """`ethtool -S`: driver counters (on veth: per-queue xdp_tx, xdp_tx_errors, drops, ...)."""
+    res = run(name, ["ethtool", "-S", ifname], check=False)
+    out: dict[str, int] = {}
+    for line in res.stdout.splitlines()[1:]:
+        key, _, value = line.strip().partition(":")
+        with contextlib.suppress(ValueError):
+            out[key.strip()] = int(value)
+    return out
+
+# XDP programs on veths.
+
+
+def xdp_attach(name: str | None, ifname: str, prog_fd: int, mode: XdpMode = "native") -> None:
+    """Attach (or replace) an XDP program on an interface in a namespace."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        ipr.link("set", index=idx,
+                 xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
+
+
+def xdp_detach(name: str | None, ifname: str, mode: XdpMode | None = None) -> None:
+    """Detach the XDP program of an interface; the mode defaults to the one attached."""
+    if mode is None:
+        attached = link_info(name, ifname).xdp_mode
+        if attached not in MODE_FLAGS:
+            return
+        mode = "native" if attached == "native" else "generic"
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        ipr.link("set", index=idx,
+                 xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
+
+
+@contextmanager
+def xdp_attached(
+    name: str | None, ifname: str, prog_fd: int, mode: XdpMode = "native"
+) -> Iterator[None]:
+    """Keep an XDP program attached for the duration of a `with` block."""
+    xdp_attach(name, ifname, prog_fd, mode)
+    try:
+        yield
+    finally:
+        if name is None or exists(name):
+            xdp_detach(name, ifname, mode)
+
+
+# Raw bpf(2) through lb.dataplane.bpf: the two-instruction XDP_PASS program, names by id.
+
+XDP_PASS = 2
+PASS_PROG_NAME = "xlb_pass"
+
+
+def load_xdp_pass(name: str = PASS_PROG_NAME) -> int:
+    """Load `r0 = XDP_PASS; exit` as an XDP program named `name`; returns its fd.
+
+    Attached to a veth peer it makes native XDP_TX/XDP_REDIRECT into that veth deliver, at no
+    cost worth measuring. No compiler involved, so it loads in microseconds. Close the fd when
+    attached: the attachment keeps the program alive.
+    """
+    # BPF_MOV64_IMM(R0, XDP_PASS); BPF_EXIT_INSN()
+    insns = (ctypes.c_uint64 * 2)(0xB7 | (XDP_PASS << 32), 0x95)
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = bpf.ProgLoadAttr(
+        prog_type=bpf.BPF_PROG_TYPE_XDP, insn_cnt=2, insns=ctypes.addressof(insns),
+        license=ctypes.addressof(lic), prog_name=name.encode(),
+    )  # fmt: skip
+    return bpf.bpf(bpf.BPF_PROG_LOAD, attr, f"bpf({bpf.BPF_PROG_LOAD}) failed", hints=False)
+
+
+@contextmanager
+def xdp_pass_attached(name: str | None, ifname: str, mode: XdpMode = "native") -> Iterator[None]:
+    """Keep xlb_pass attached to an interface for the duration of a `with` block."""
+    fd = load_xdp_pass()
+    try:
+        with xdp_attached(name, ifname, fd, mode):
+            yield
+    finally:
+        os.close(fd)
+
+
+def attach_xdp_pass(name: str | None, ifname: str, mode: XdpMode = "native") -> None:
+    """Attach xlb_pass to an interface and leave it there (it goes with the interface)."""
+    fd = load_xdp_pass()
+    try:
+        xdp_attach(name, ifname, fd, mode)
+    finally:
+        os.close(fd)
+
+
+def prog_name(prog_id: int) -> str | None:
+    """The name of a loaded BPF program by id (None if it is gone)."""
+    try:
+        fd = bpf.prog_fd_by_id(prog_id)
+    except KernelError:
+        return None
+    try:
+        return bpf.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+# tc ingress (clsact + cls_bpf direct action), e.g. a backend's decap program.
+
+TC_H_INGRESS_PARENT = 0xFFFFFFF2  # ffff:fff2
+
+
+def tc_attach_ingress(name: str | None, ifname: str, prog_fd: int, prog_name_: str) -> None:
+    """Add clsact (if missing) and a direct-action BPF filter on ingress."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        if not any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
+            ipr.tc("add", "clsact", idx)
+        ipr.tc("add-filter", "bpf", idx, ":1", fd=prog_fd, name=prog_name_,
+               parent="ffff:fff2", classid=1, direct_action=True)
+
+
+def tc_detach(name: str | None, ifname: str) -> None:
+    """Remove clsact and with it every tc BPF program of an interface."""
+    with iproute(name) as ipr:
+        idx = _index(ipr, name, ifname)
+        if any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
+            ipr.tc("del", "clsact", idx)
+
+
+def tc_ingress_progs(name: str | None, ifname: str) -> list[tuple[int, str]]:
+    """(program id, program name) of each BPF filter on an interface's ingress."""
+    # pyroute2 0.9 does not decode TCA_BPF_ID, so read tc's own rendering.
+    where = ["-n", name] if name is not None else []
+    res = subprocess.run(["tc", *where, "filter", "show", "dev", ifname, "ingress"],
+                         capture_output=True, text=True, timeout=10)
+    return [(int(m.group(1)), m.group(2)) for m in _TC_PROG_RE.finditer(res.stdout)]
+
+
+_TC_PROG_RE = re.compile(r"\bid (\d+) name (\S+)")
+
+
+# Counters.
+
+
+def link_stats(name: str | None, ifname: str) -> dict[str, int]:
+    """Kernel interface counters (rx_packets, tx_packets, rx_dropped, ...)."""
+    with iproute(name) as ipr:
+        msg = ipr.get_links(_index(ipr, name, ifname))[0]
+        stats = msg.get("IFLA_STATS64") or msg.get("IFLA_STATS") or {}
+        return {k: int(v) for k, v in dict(stats).items() if isinstance(v, int)}

@@ -1,0 +1,1 @@
+"""Running several LB hosts as one fleet (BGP announcement, shared state)."""

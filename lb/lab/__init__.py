@@ -1,0 +1,1 @@
+"""The network lab (namespaces, veths, servers) and the demos; product code never imports it."""

@@ -1,0 +1,1 @@
+"""Operations on a running balancer: statistics, flow explain, drain, doctor."""

@@ -1,0 +1,7 @@
+"""`python -m lbctl`: the same as the `lbctl` script."""
+
+import sys
+
+from lbctl.main import main
+
+sys.exit(main())
