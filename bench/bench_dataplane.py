@@ -55,9 +55,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.common import XDP_DIR, environment, merge_results
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import CONN_WAYS, STAT_INDEX, XDP_PASS, XDP_TX
-from lb.control.reconcile import MapIO
 from lb.dataplane.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf_errno
-from lb.dataplane.loader import Balancer, compile_program, set_addr, write_runtime_config
+from lb.dataplane.keys import addr16, set_addr
+from lb.dataplane.loader import Balancer, compile_program, write_runtime_config
+from lb.dataplane.mapio import MapIO
 
 RESULTS_NAME = "dataplane"
 PACKETS, RUNS = 200_000, 5
@@ -235,7 +236,7 @@ def program(balancer: Balancer) -> None:
 
 def arm_filter(balancer: Balancer) -> None:
     """Arm the VIP address filter with the two VIPs, as the control plane does."""
-    MapIO(balancer).write_vip_filter([(4, VIP4.packed.ljust(16, b"\0")), (6, VIP6.packed)])
+    MapIO(balancer).write_vip_filter([(4, addr16(VIP4)), (6, addr16(VIP6))])
 
 
 def counters(balancer: Balancer) -> dict[str, int]:

@@ -5,8 +5,8 @@ Two halves, kept apart:
 - Pure: `RingCache` (Maglev rings per VIP, rebuilt only when the VIP's ring-relevant
   backends change), `desired_image` (what every map should hold), `plan_change` (what a
   whole-state change does) and `diff_images` (map-by-map differences as `Drift`).
-- Kernel: `MapIO` reads and writes the program's maps (BCC tables; ring slices through the
-  batched bpf(2) commands), and `Reconciler` brings the maps from what it knows they hold
+- Kernel: `Reconciler`, through lb.dataplane.mapio.MapIO (the maps as plain tuples; ring
+  slices through the batched bpf(2) commands), brings the maps from what it knows they hold
   to the desired image, in an order that never lets the data plane see a half-programmed
   VIP:
 
@@ -30,61 +30,32 @@ or an error cut short (docs/conn-table.md).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import ipaddress
-import os
-import socket
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
 from lb.control import maglev
 from lb.control.model import (
     BackendChange,
     Drift,
-    IPAddress,
     Plan,
     VipPlan,
     VipSpec,
     vip_id,
 )
 from lb.control.store import crash_point
-from lb.dataplane import bpf
-from lb.dataplane.conntab import ConnTable
-from lb.dataplane.flowhash import vip_filter_bit
+from lb.dataplane.keys import PROTO_NUMBERS, addr16, addr_from16, family_of, proto_name
+from lb.dataplane.mapio import AddrKey, MapIO, RealVal, VipMapKey
 from lb.errors import KernelError
 
 if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
 
-#: vip_map key as Python sees it: (family, 16 address bytes, port in host order, IP proto).
-VipMapKey = tuple[int, bytes, int, int]
-#: vip_addrs key: (family, 16 address bytes).
-AddrKey = tuple[int, bytes]
-#: reals value: (16 address bytes, REAL_F_* flags).
-RealVal = tuple[bytes, int]
-
-_PROTO_NUM = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-_PROTO_NAME = {n: p for p, n in _PROTO_NUM.items()}
-
-
-def _family(addr: IPAddress) -> int:
-    return FAMILY_V4 if addr.version == 4 else FAMILY_V6
-
-
-def _raw(addr: IPAddress) -> bytes:
-    return addr.packed.ljust(16, b"\0")
-
-
 def _addr_text(family: int, raw: bytes) -> str:
-    if family == FAMILY_V4:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    return str(ipaddress.IPv6Address(raw))
+    return str(addr_from16(raw, family))
 
 
 def _real_identity(val: RealVal) -> str:
@@ -94,14 +65,13 @@ def _real_identity(val: RealVal) -> str:
 
 def vip_map_key(vip: VipSpec) -> VipMapKey:
     """The vip_map key of a VIP, as a plain tuple."""
-    return (_family(vip.address), _raw(vip.address), vip.port, _PROTO_NUM[vip.protocol])
+    return (family_of(vip.address), addr16(vip.address), vip.port, PROTO_NUMBERS[vip.protocol])
 
 
 def key_text(key: VipMapKey) -> str:
     """A vip_map key as a VIP id (the protocol number when it is not tcp/udp)."""
     family, raw, port, proto = key
-    addr = ipaddress.ip_address(raw[:4] if family == FAMILY_V4 else raw)
-    return vip_id(_PROTO_NAME.get(proto, str(proto)), addr, port)
+    return vip_id(proto_name(proto), addr_from16(raw, family), port)
 
 
 # -- pure: rings, images, plans --------------------------------------------------------
@@ -252,13 +222,13 @@ def desired_image(
     for vip in vips:
         num = vip_nums[vip.id]
         img.vip_map[vip_map_key(vip)] = (num, vip.flags)
-        akey = (_family(vip.address), _raw(vip.address))
+        akey = (family_of(vip.address), addr16(vip.address))
         img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
         img.rings[num] = rings.values(vip, real_idx)
         for b in vip.backends:
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
-                img.reals[real_idx[b.identity]] = (_raw(b.address), flags)
+                img.reals[real_idx[b.identity]] = (addr16(b.address), flags)
     return img
 
 
@@ -328,7 +298,7 @@ class DesiredImage:
         for b in spec.backends:
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
-                reals[real_idx[b.identity]] = (_raw(b.address), flags)
+                reals[real_idx[b.identity]] = (addr16(b.address), flags)
         self._shares[spec.id] = _Share(spec, num, key, akey, reals)
         img.vip_map[key] = (num, spec.flags)
         img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
@@ -453,234 +423,6 @@ def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> lis
                        f"{hv[first]}, expected {wv[first]})",
             ))
     return drifts
-
-
-# -- kernel: reading and writing the maps ----------------------------------------------
-
-class MapIO:
-    """Reads and writes the balancer's maps (the one place here that makes bpf(2) calls)."""
-
-    def __init__(self, balancer: Balancer) -> None:
-        self.b = balancer
-        self.ring_size = balancer.config.ring_size
-        self.batched = bpf.supported()
-        self._conns: ConnTable | None = None
-
-    @property
-    def _ring_fd(self) -> int:
-        # Never cached: a program upgrade (Balancer.take_over) swaps the fds underneath.
-        return int(self.b.ch_rings.map_fd)
-
-    # -- batched u32 array access --
-
-    def _ring_lookup(self, start: int, count: int) -> array[int]:
-        out = array("I", bytes(4 * count))
-        keys = array("I", bytes(4 * count))
-        done = 0
-        prev = ctypes.c_uint32()
-        nxt = ctypes.c_uint32()
-        kaddr, vaddr = keys.buffer_info()[0], out.buffer_info()[0]
-        while done < count:
-            attr = bpf.BatchAttr()
-            if start + done > 0:
-                # An array's batch token is the last index read; the next one follows it.
-                prev.value = start + done - 1
-                attr.in_batch = ctypes.addressof(prev)
-            attr.out_batch = ctypes.addressof(nxt)
-            attr.keys = kaddr + 4 * done
-            attr.values = vaddr + 4 * done
-            attr.count = count - done
-            attr.map_fd = self._ring_fd
-            err = bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_BATCH, attr)
-            if err not in (0, errno.ENOENT):
-                raise OSError(err, os.strerror(err))
-            if attr.count == 0:
-                break
-            done += attr.count
-        if done < count:
-            raise KernelError(f"ch_rings: read {done} of {count} slots from {start}")
-        return out
-
-    def _ring_update(self, keys: array[int], values: array[int]) -> None:
-        done = 0
-        n = len(keys)
-        kaddr, vaddr = keys.buffer_info()[0], values.buffer_info()[0]
-        while done < n:
-            attr = bpf.BatchAttr()
-            attr.keys = kaddr + 4 * done
-            attr.values = vaddr + 4 * done
-            attr.count = n - done
-            attr.map_fd = self._ring_fd
-            err = bpf.bpf_errno(bpf.BPF_MAP_UPDATE_BATCH, attr)
-            done += attr.count
-            if err:
-                raise OSError(err, os.strerror(err))
-
-    def read_ring(self, vip_num: int) -> array[int]:
-        """One VIP's ring values."""
-        start = vip_num * self.ring_size
-        if self.batched:
-            try:
-                return self._ring_lookup(start, self.ring_size)
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise KernelError(f"ch_rings: batched read failed: {e}") from e
-                self.batched = False
-        t = self.b.ch_rings
-        return array("I", (t[t.Key(start + k)].value for k in range(self.ring_size)))
-
-    def write_ring(self, vip_num: int, slots: Sequence[int], values: array[int]) -> None:
-        """Write `values[slot]` to each listed slot of one VIP's ring."""
-        if not slots:
-            return
-        base = vip_num * self.ring_size
-        if self.batched:
-            keys = array("I", [base + s for s in slots])
-            vals = array("I", [values[s] for s in slots])
-            try:
-                self._ring_update(keys, vals)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise KernelError(f"ch_rings: batched write failed: {e}") from e
-                self.batched = False
-        t = self.b.ch_rings
-        for s in slots:
-            t[t.Key(base + s)] = t.Leaf(values[s])
-
-    # -- small maps through BCC --
-
-    def read_vip_map(self) -> dict[VipMapKey, tuple[int, int]]:
-        """Every vip_map entry."""
-        out: dict[VipMapKey, tuple[int, int]] = {}
-        for k, v in self.b.vip_map.items():
-            raw = ctypes.string_at(ctypes.addressof(k.addr), 16)
-            out[(int(k.family), raw, socket.ntohs(k.port), int(k.proto))] = (
-                int(v.vip_num), int(v.flags))
-        return out
-
-    def read_vip_addrs(self) -> dict[AddrKey, int]:
-        """Every vip_addrs entry."""
-        out: dict[AddrKey, int] = {}
-        for k, v in self.b.vip_addrs.items():
-            raw = ctypes.string_at(ctypes.addressof(k.addr), 16)
-            out[(int(k.family), raw)] = int(v.value)
-        return out
-
-    def read_reals(self) -> dict[int, RealVal]:
-        """Every non-empty reals slot."""
-        out: dict[int, RealVal] = {}
-        zero = bytes(16)
-        for k, v in self.b.reals.items():
-            raw = ctypes.string_at(ctypes.addressof(v.addr), 16)
-            if raw != zero or v.flags:
-                out[int(k.value)] = (raw, int(v.flags))
-        return out
-
-    def _vip_key(self, key: VipMapKey) -> Any:
-        t = self.b.vip_map
-        k = t.Key()
-        ctypes.memmove(ctypes.addressof(k.addr), key[1], 16)
-        k.port = socket.htons(key[2])
-        k.proto = key[3]
-        k.family = key[0]
-        return k
-
-    def _addr_key(self, key: AddrKey) -> Any:
-        k = self.b.vip_addrs.Key()
-        ctypes.memmove(ctypes.addressof(k.addr), key[1], 16)
-        k.family = key[0]
-        return k
-
-    def set_vip(self, key: VipMapKey, vip_num: int, flags: int) -> None:
-        """Create or change a vip_map entry."""
-        t = self.b.vip_map
-        leaf = t.Leaf()
-        leaf.vip_num = vip_num
-        leaf.flags = flags
-        t[self._vip_key(key)] = leaf
-
-    def del_vip(self, key: VipMapKey) -> None:
-        """Delete a vip_map entry (absent is fine)."""
-        with contextlib.suppress(KeyError):
-            del self.b.vip_map[self._vip_key(key)]
-
-    def set_vip_addr(self, key: AddrKey, count: int) -> None:
-        """Set how many VIPs sit on an address, and let the address through the filter.
-
-        vip_addrs is written before vip_map (create order), so the address's filter bit is
-        set before any VIP on it can match. Bits are only added here; `write_vip_filter`
-        clears the ones no address needs any more.
-        """
-        t = self.b.vip_addrs
-        t[self._addr_key(key)] = t.Leaf(count)
-        f = self.b.vip_filter
-        leaf = f[f.Key(0)]
-        bit = vip_filter_bit(*key)
-        word = leaf.bits[bit >> 6] | (1 << (bit & 63))
-        if word != leaf.bits[bit >> 6]:
-            leaf.bits[bit >> 6] = word
-            f[f.Key(0)] = leaf
-
-    def write_vip_filter(self, addrs: Iterable[AddrKey]) -> None:
-        """Program the VIP address filter with exactly these addresses' bits, and arm it.
-
-        Until it is armed (`ready`, e.g. a new map, or a data plane upgraded from a build
-        without it) the program looks every packet up in vip_map.
-        """
-        f = self.b.vip_filter
-        leaf = f.Leaf()
-        for key in addrs:
-            bit = vip_filter_bit(*key)
-            leaf.bits[bit >> 6] |= 1 << (bit & 63)
-        leaf.ready = 1
-        f[f.Key(0)] = leaf
-
-    def del_vip_addr(self, key: AddrKey) -> None:
-        """Forget an address that carries no VIP any more (absent is fine)."""
-        with contextlib.suppress(KeyError):
-            del self.b.vip_addrs[self._addr_key(key)]
-
-    def set_real(self, idx: int, val: RealVal | None) -> None:
-        """Program one backend slot; None empties it."""
-        t = self.b.reals
-        leaf = t.Leaf()
-        if val is not None:
-            ctypes.memmove(ctypes.addressof(leaf.addr), val[0], 16)
-            leaf.flags = val[1]
-        t[t.Key(idx)] = leaf
-
-    # -- the connection table (mapped into this process) --
-
-    def conn_table(self) -> ConnTable:
-        """The connection table, mapped once (again when an upgrade brought another map)."""
-        t = self._conns
-        if t is None or t.map_id != bpf.map_info(int(self.b.conn_table.map_fd)).id:
-            if t is not None:
-                t.close()
-            t = self._conns = ConnTable(self.b)
-        return t
-
-    def purge_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
-        """Free the conn_table slots naming any of these VIP numbers or backend indices."""
-        return self.conn_table().purge_any(vip_nums=vip_nums, real_idx=real_idx)
-
-    def purge_stale_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
-        """Free the conn_table slots naming a VIP number or backend index not listed."""
-        return self.conn_table().purge_unless(vip_nums=vip_nums, real_idx=real_idx)
-
-    def close(self) -> None:
-        """Unmap the connection table (the maps keep their content)."""
-        if self._conns is not None:
-            self._conns.close()
-            self._conns = None
-
-    def reset_counters(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
-        """Zero the per-CPU counters of freshly allocated indices."""
-        for name, keys in (("vip_stats", vip_nums), ("real_stats", real_idx)):
-            t = self.b.maps[name]
-            for i in keys:
-                t[t.Key(i)] = t.Leaf()
 
 
 @dataclass

@@ -307,6 +307,21 @@ class ConnTable:
         )
         self._base: int = self._w.ctypes.data
 
+    @classmethod
+    def current(
+        cls, balancer: Balancer, mapped: ConnTable | None, *, close_old: bool = False
+    ) -> ConnTable:
+        """`mapped` while it still maps the balancer's table, else a new mapping.
+
+        A hitless upgrade (Balancer.take_over) may bring another conn_table map; the old
+        mapping is closed only with `close_old` (a caller that knows no reader holds it).
+        """
+        if mapped is not None and mapped.map_id == map_info(int(balancer.conn_table.map_fd)).id:
+            return mapped
+        if mapped is not None and close_old:
+            mapped.close()
+        return cls(balancer)
+
     @property
     def capacity(self) -> int:
         """Slots in the table (sets x ways)."""

@@ -31,7 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lb.dataplane.loader import IPAddress, compile_program, family_of, get_addr, set_addr
+from lb.dataplane.keys import IPAddress, family_of, get_addr, set_addr
+from lb.dataplane.loader import compile_program
 from lb.errors import InvalidInput, KernelError, LimitReached, NotFound
 
 SOURCE = "decap/decap.c"

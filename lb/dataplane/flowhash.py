@@ -14,7 +14,6 @@ filling or scanning millions of connection-table entries; tests check the two ag
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,8 @@ from lb.consts import (
     VIP_FILTER_LOG2,
     VIP_FILTER_MULT,
 )
+from lb.dataplane.keys import IPAddress, addr16, family_of, proto_number
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 U32 = NDArray[np.uint32]
 U64 = NDArray[np.uint64]
 
@@ -40,7 +39,6 @@ U64 = NDArray[np.uint64]
 HASH_SEED = 0x786C6221
 HASH_JHASH_INITVAL = 0xDEADBEEF
 
-PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 _M = 0xFFFFFFFF
 
 
@@ -67,13 +65,13 @@ class Flow5:
     def of(cls, src: str | IPAddress, dst: str | IPAddress, sport: int, dport: int,
            proto: str | int) -> Flow5:
         """A flow from address strings (or objects) and a protocol name ("tcp") or number."""
-        number = PROTO_NUMBERS[proto] if isinstance(proto, str) else proto
-        return cls(ipaddress.ip_address(src), ipaddress.ip_address(dst), sport, dport, number)
+        return cls(ipaddress.ip_address(src), ipaddress.ip_address(dst), sport, dport,
+                   proto_number(proto))
 
     @property
     def family(self) -> int:
         """FAMILY_V4 or FAMILY_V6, as `struct flow_key.family` holds it."""
-        return FAMILY_V4 if self.src.version == 4 else FAMILY_V6
+        return family_of(self.src)
 
 
 # --- lookup3 (the kernel's include/linux/jhash.h), on Python ints ---------------------------
@@ -146,7 +144,7 @@ def jhash2(words: list[int], initval: int) -> int:
 
 def addr_words(addr: IPAddress) -> tuple[int, int, int, int]:
     """The four words of `__be32 addr[4]` as the program reads them (IPv4 in word 0)."""
-    w = struct.unpack("<4I", addr.packed.ljust(16, b"\0"))
+    w = struct.unpack("<4I", addr16(addr))
     return w[0], w[1], w[2], w[3]
 
 
@@ -328,8 +326,8 @@ def conn_tag_many(flows: Flows) -> U64:
 
 def vip_filter_bit(family: int, raw: bytes) -> int:
     """The bit of an address in the VIP address filter (balancer.c `lb_maybe_vip`): the xor of
-    the four words of `__be32 addr[4]` (16 bytes, IPv4 in word 0) and the family, times
+    the four words of `__be32 addr[4]` (16 bytes from keys.addr16) and the family, times
     VIP_FILTER_MULT, top VIP_FILTER_LOG2 bits."""
-    w = struct.unpack("<4I", raw.ljust(16, b"\0"))
+    w = struct.unpack("<4I", raw)
     h: int = ((w[0] ^ w[1] ^ w[2] ^ w[3] ^ family) * VIP_FILTER_MULT) & _M
     return h >> (32 - VIP_FILTER_LOG2)

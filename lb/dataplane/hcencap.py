@@ -22,7 +22,8 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from lb.dataplane import netlink
-from lb.dataplane.loader import compile_program, set_addr
+from lb.dataplane.keys import set_addr
+from lb.dataplane.loader import compile_program
 from lb.errors import InvalidInput, KernelError
 
 if TYPE_CHECKING:

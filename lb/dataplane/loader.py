@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from lb.config import DataplaneConfig, RuntimeConfig, xdp_source_dir
-from lb.consts import FAMILY_V4, FAMILY_V6
 
 # lb.dataplane.bpf's object calls, re-exported for the callers of lb.dataplane.loader.
 from lb.dataplane.bpf import MapInfo as MapInfo
@@ -34,9 +33,8 @@ from lb.dataplane.bpf import pinned_map_info as pinned_map_info
 from lb.dataplane.bpf import prog_fd_by_id as prog_fd_by_id
 from lb.dataplane.bpf import prog_info as prog_info
 from lb.dataplane.bpf import prog_info_by_id as prog_info_by_id
+from lb.dataplane.keys import IPAddress, family_of, proto_number, set_addr
 from lb.errors import BccUnavailable, IncompatiblePins, KernelError
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAP_NAMES = (
     "vip_map",
@@ -50,9 +48,6 @@ MAP_NAMES = (
     "real_stats",
     "glob_stats",
 )
-
-PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-
 
 def _bcc() -> Any:
     try:
@@ -84,25 +79,6 @@ def compile_program(
         return bcc.BPF(src_file=str(path).encode(), cflags=flags)
     except Exception as e:
         raise BccUnavailable(f"BCC could not compile {path}: {e}") from e
-
-
-def set_addr(field: Any, addr: IPAddress) -> None:
-    """Store an address in a `__be32 addr[4]` field, network order, IPv4 in word 0."""
-    raw = addr.packed.ljust(16, b"\0")
-    ctypes.memmove(ctypes.addressof(field), raw, 16)
-
-
-def get_addr(field: Any, family: int) -> IPAddress:
-    """Read an address back from a `__be32 addr[4]` field."""
-    raw = ctypes.string_at(ctypes.addressof(field), 16)
-    if family == FAMILY_V4:
-        return ipaddress.IPv4Address(raw[:4])
-    return ipaddress.IPv6Address(raw)
-
-
-def family_of(addr: IPAddress) -> int:
-    """FAMILY_V4 or FAMILY_V6, as stored in keys."""
-    return FAMILY_V4 if addr.version == 4 else FAMILY_V6
 
 
 # The connection table's map type before docs/conn-table.md (enum bpf_map_type).
@@ -360,7 +336,7 @@ class Balancer:
         k = self.vip_map.Key()
         set_addr(k.addr, addr)
         k.port = socket.htons(port)
-        k.proto = PROTO_NUMBERS[proto] if isinstance(proto, str) else proto
+        k.proto = proto_number(proto)
         k.family = family_of(addr)
         return k
 

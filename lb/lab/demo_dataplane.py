@@ -19,7 +19,8 @@ from typing import Any
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import GLOB_STATS, VERDICT_NAMES, XDP_TX
 from lb.control.maglev import Endpoint, build_ring, ring_to_values
-from lb.dataplane.loader import Balancer, set_addr, write_runtime_config
+from lb.dataplane.keys import set_addr
+from lb.dataplane.loader import Balancer, write_runtime_config
 from lb.dataplane.testrun import TestRunner
 
 VIP = ipaddress.IPv4Address("198.18.0.10")

@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lb.consts import VERDICT_NAMES, XDP_PASS, XDP_TX
+from lb.control.model import vip_id
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import Flow5
-from lb.dataplane.loader import PROTO_NUMBERS, Balancer
+from lb.dataplane.keys import IPAddress, proto_name
+from lb.dataplane.loader import Balancer
 from lb.dataplane.testrun import TestRunner
-from lb.errors import InvalidInput
 from lb.ops.stats import StatsReader
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Reason = Literal["conn_table", "ring", "not_a_vip", "no_backend", "dropped", "passed"]
 
 ETH_P_IP = 0x0800
@@ -55,33 +55,10 @@ _lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class Flow:
-    """A flow as the client sends it."""
-
-    protocol: Literal["tcp", "udp"]
-    source: IPAddress
-    source_port: int
-    destination: IPAddress
-    destination_port: int
-
-    def __post_init__(self) -> None:
-        if self.source.version != self.destination.version:
-            raise InvalidInput(
-                f"source: {self.source} and destination {self.destination} are of different "
-                "address families",
-                field="source",
-            )
-        for name in ("source_port", "destination_port"):
-            port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise InvalidInput(f"{name}: must be in 0..65535, got {port}", field=name)
-
-
-@dataclass(frozen=True)
 class Explanation:
     """What the program did with one packet of a flow, and why."""
 
-    flow: Flow
+    flow: Flow5
     verdict: str
     reason: Reason
     backend: str | None
@@ -106,14 +83,14 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def build_packet(flow: Flow) -> bytes:
+def build_packet(flow: Flow5) -> bytes:
     """An Ethernet frame of the flow: a TCP ACK or a UDP datagram with a short payload."""
-    proto = PROTO_NUMBERS[flow.protocol]
-    if flow.protocol == "tcp":
+    proto = flow.proto
+    if proto == socket.IPPROTO_TCP:
         l4 = struct.pack(
             "!HHIIBBHHH",
-            flow.source_port,
-            flow.destination_port,
+            flow.sport,
+            flow.dport,
             1,
             1,
             5 << 4,
@@ -123,17 +100,17 @@ def build_packet(flow: Flow) -> bytes:
             0,
         )
     else:
-        l4 = struct.pack("!HHHH", flow.source_port, flow.destination_port, 8 + len(PAYLOAD), 0)
+        l4 = struct.pack("!HHHH", flow.sport, flow.dport, 8 + len(PAYLOAD), 0)
     l4 += PAYLOAD
-    src, dst = flow.source.packed, flow.destination.packed
-    if flow.source.version == 4:
+    src, dst = flow.src.packed, flow.dst.packed
+    if flow.src.version == 4:
         pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
     else:
         pseudo = src + dst + struct.pack("!I3xB", len(l4), proto)
     csum = _csum(pseudo + l4)
-    off = 16 if flow.protocol == "tcp" else 6
+    off = 16 if proto == socket.IPPROTO_TCP else 6
     l4 = l4[:off] + struct.pack("!H", csum or 0xFFFF) + l4[off + 2 :]
-    if flow.source.version == 4:
+    if flow.src.version == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, src, dst)
         ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
         ethertype = ETH_P_IP
@@ -166,22 +143,15 @@ class Explainer:
         self._b = balancer
         self._reader = reader or StatsReader(balancer)
 
-    def _flow5(self, flow: Flow) -> Flow5:
-        return Flow5(flow.source, flow.destination, flow.source_port, flow.destination_port,
-                     PROTO_NUMBERS[flow.protocol])
-
-    def _vip_id(self, flow: Flow) -> str | None:
+    def _vip_id(self, flow: Flow5) -> str | None:
         vip_map = self._b.vip_map
-        for port in (flow.destination_port, 0):
-            key = self._b.vip_key(flow.destination, port, flow.protocol)
+        for port in (flow.dport, 0):
+            key = self._b.vip_key(flow.dst, port, flow.proto)
             try:
                 vip_map[key]
             except KeyError:
                 continue
-            host = (
-                f"[{flow.destination}]" if flow.destination.version == 6 else str(flow.destination)
-            )
-            return f"{flow.protocol}:{host}:{port}"
+            return vip_id(proto_name(flow.proto), flow.dst, port)
         return None
 
     def _conn_entry(self, table: ConnTable, flow: Flow5) -> int | None:
@@ -191,9 +161,9 @@ class Explainer:
     def _glob_totals(self) -> dict[str, int]:
         return {name: sum(v) for name, v in self._reader.glob().items()}
 
-    def explain(self, flow: Flow) -> Explanation:
+    def explain(self, flow: Flow5) -> Explanation:
         """Run one packet of `flow` through the live program and tell what happened."""
-        key = self._flow5(flow)
+        key = flow
         names = {i: a for a, i in self._reader.real_indices().items()}
         table = self._reader.conn_table()
         with _lock:

@@ -16,9 +16,6 @@ estimate.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import ipaddress
 import socket
 import threading
 import time
@@ -28,14 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
-from lb.dataplane import bpf
-from lb.dataplane.bpf import map_info
+from lb.control.model import vip_id
 from lb.dataplane.conntab import ConnTable
-from lb.dataplane.loader import Balancer, get_addr
-
-PROTO_NAMES = {6: "tcp", 17: "udp"}
-#: Entries fetched per BPF_MAP_LOOKUP_BATCH call when scanning a map.
-BATCH = 4096
+from lb.dataplane.keys import get_addr, proto_name, raw_addr
+from lb.dataplane.loader import Balancer
+from lb.dataplane.mapio import array_items
 
 PerCpu = tuple[int, ...]
 
@@ -57,11 +51,6 @@ class Snapshot:
         for addr, counters in self.reals.items():
             out.update({f"real/{addr}/{k}": sum(v) for k, v in counters.items()})
         return out
-
-
-def _vip_id(proto: int, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
-    host = f"[{addr}]" if addr.version == 6 else str(addr)
-    return f"{PROTO_NAMES.get(proto, str(proto))}:{host}:{port}"
 
 
 class StatsReader:
@@ -89,18 +78,17 @@ class StatsReader:
         for k, v in self._b.vip_map.items():
             addr = get_addr(k.addr, k.family)
             port = socket.ntohs(int(k.port))
-            out[_vip_id(int(k.proto), addr, port)] = int(v.vip_num)
+            out[vip_id(proto_name(int(k.proto)), addr, port)] = int(v.vip_num)
         return out
 
     def real_indices(self) -> dict[str, int]:
         """Backend address -> index in `reals` (index 0 is never used)."""
         table = self._b.reals
         out: dict[str, int] = {}
-        for idx, leaf in _array_items(table):
+        for idx, leaf in array_items(table):
             if idx == REAL_NONE:
                 continue
-            raw = ctypes.string_at(ctypes.addressof(leaf.addr), 16)
-            if not any(raw):
+            if not any(raw_addr(leaf.addr)):
                 continue
             fam = FAMILY_V6 if int(leaf.flags) & REAL_F_V6 else FAMILY_V4
             out[str(get_addr(leaf.addr, fam))] = idx
@@ -143,10 +131,8 @@ class StatsReader:
         """The connection table mapped into this process (mapped again after an upgrade
         brought another map)."""
         with self._map_lock:
-            current = map_info(int(self._b.conn_table.map_fd)).id
-            if self._conn_table is None or self._conn_table.map_id != current:
-                # The old mapping goes with its last user (never unmapped under a reader).
-                self._conn_table = ConnTable(self._b)
+            # The old mapping goes with its last user (never unmapped under a reader).
+            self._conn_table = ConnTable.current(self._b, self._conn_table)
             return self._conn_table
 
     @property
@@ -158,38 +144,6 @@ class StatsReader:
 def _fields(table: Any) -> tuple[str, ...]:
     """Counter names of a per-CPU struct map, from the struct BCC built (xdp/common/structs.h)."""
     return tuple(name for name, *_ in table.sLeaf._fields_ if not name.startswith("pad"))
-
-
-def lookup_batch(table: Any, chunk: int, want_values: bool) -> Iterable[tuple[Any, Any, int]]:
-    """Yield (keys buffer, values buffer, count) chunks of a map through BPF_MAP_LOOKUP_BATCH."""
-    keys = (table.Key * chunk)()
-    values = (table.Leaf * chunk)()
-    in_batch = ctypes.c_uint32(0)
-    out_batch = ctypes.c_uint32(0)
-    first = True
-    while True:
-        attr = bpf.BatchAttr(
-            in_batch=0 if first else ctypes.addressof(in_batch),
-            out_batch=ctypes.addressof(out_batch),
-            keys=ctypes.addressof(keys),
-            values=ctypes.addressof(values),
-            count=chunk,
-            map_fd=table.map_fd,
-        )
-        err = bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_BATCH, attr)
-        if err not in (0, errno.ENOENT):
-            raise bpf.error("BPF_MAP_LOOKUP_BATCH failed", err, hints=False)
-        yield keys, values, int(attr.count)
-        if err or attr.count == 0:
-            return
-        in_batch.value = out_batch.value
-        first = False
-
-
-def _array_items(table: Any) -> Iterable[tuple[int, Any]]:
-    for keys, values, n in lookup_batch(table, BATCH, want_values=True):
-        for i in range(n):
-            yield int(keys[i]), values[i]
 
 
 @dataclass

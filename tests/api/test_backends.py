@@ -24,7 +24,7 @@ def vip(api: Served) -> Served:
 
 def _ring_backends(api: Served) -> set[str]:
     """Backend addresses that own at least one slot of the VIP's ring in ch_rings."""
-    from lb.control.reconcile import MapIO
+    from lb.dataplane.mapio import MapIO
 
     io = MapIO(api.balancer)
     slots = set(io.read_ring(api.control.vip_number(VIP_ID)))

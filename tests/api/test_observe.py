@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import Flow5, Flows, conn_index, conn_index_many
 from lb.dataplane.testrun import TestRunner
-from lb.ops.explain import Flow, build_packet
+from lb.ops.explain import build_packet
 from tests.api.conftest import Served, assert_problem
 
 pytestmark = pytest.mark.bpf
@@ -47,17 +46,11 @@ def _entries(api: Served) -> int:
         return table.count()
 
 
-def _flow(proto: str = "tcp", sport: int = 40000, dport: int = 80) -> Flow:
-    return Flow(
-        proto,
-        ipaddress.ip_address("198.18.2.1"),
-        sport,  # type: ignore[arg-type]
-        ipaddress.ip_address("198.18.0.10"),
-        dport,
-    )
+def _flow(proto: str = "tcp", sport: int = 40000, dport: int = 80) -> Flow5:
+    return Flow5.of("198.18.2.1", "198.18.0.10", sport, dport, proto)
 
 
-def _syn(api: Served, flow: Flow) -> None:
+def _syn(api: Served, flow: Flow5) -> None:
     """Run a TCP SYN of the flow through the program (it enters the connection table)."""
     pkt = bytearray(build_packet(flow))
     pkt[14 + 20 + 13] = 0x02  # flags: SYN

@@ -64,7 +64,7 @@ class StateSettings:
 
 def clear_maps(b: Any) -> None:
     """Empty every map the control plane writes (and the connection table)."""
-    from lb.control.reconcile import MapIO
+    from lb.dataplane.mapio import MapIO
 
     for name in ("vip_map", "vip_addrs", "conn_table"):
         t = b.maps[name]

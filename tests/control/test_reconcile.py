@@ -12,7 +12,7 @@ from lb.consts import F_ENCAP_GUE, F_SRC_LB, FAMILY_V4, FAMILY_V6, REAL_F_V6
 from lb.control import maglev
 from lb.control.facade import ControlPlane
 from lb.control.model import BackendSpec, BackendUpdate, VipSpec
-from lb.control.reconcile import MapIO
+from lb.dataplane.mapio import MapIO
 
 pytestmark = pytest.mark.bpf
 

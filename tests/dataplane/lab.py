@@ -21,16 +21,9 @@ import numpy as np
 from lb.config import RuntimeConfig
 from lb.consts import GLOB_STATS, REAL_F_V6
 from lb.dataplane.conntab import ConnEntry, ConnTable
-from lb.dataplane.flowhash import (
-    PROTO_NUMBERS,
-    Flow5,
-    Flows,
-    addr_words,
-    conn_index,
-    conn_index_many,
-    hash_flow,
-)
-from lb.dataplane.loader import set_addr, write_runtime_config
+from lb.dataplane.flowhash import Flow5, Flows, addr_words, conn_index, conn_index_many, hash_flow
+from lb.dataplane.keys import PROTO_NUMBERS, set_addr
+from lb.dataplane.loader import write_runtime_config
 from lb.dataplane.testrun import RunResult, TestRunner
 from tests.dataplane import packets as P
 

@@ -15,7 +15,8 @@ from typing import Any
 from lb.consts import STAT_INDEX, XDP_TX
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import Flow5
-from lb.dataplane.loader import Balancer, set_addr
+from lb.dataplane.keys import set_addr
+from lb.dataplane.loader import Balancer
 
 VIP = ipaddress.IPv4Address("198.18.0.10")
 CLIENT = ipaddress.IPv4Address("198.18.2.1")

@@ -41,7 +41,8 @@ from lb.dataplane.flowhash import (
     conn_tag,
     hash_flow,
 )
-from lb.dataplane.loader import set_addr, write_runtime_config
+from lb.dataplane.keys import set_addr
+from lb.dataplane.loader import write_runtime_config
 from lb.dataplane.testrun import TestRunner
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

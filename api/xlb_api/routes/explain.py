@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from lb.control.model import Protocol
+from lb.dataplane.flowhash import Flow5
 from lb.errors import InvalidInput
-from lb.ops.explain import Flow
 from xlb_api.deps import ExplainerDep, ReadAuth
 from xlb_api.problems import problem_responses
 from xlb_api.schemas.explain import ExplanationPublic, FlowPublic
@@ -45,15 +45,14 @@ def explain_flow(
             f"IPv{source.version}; a flow has one address family",
             field="dst",
         )
-    flow = Flow(protocol, source, sport, destination, dport)
-    e = explainer.explain(flow)
+    e = explainer.explain(Flow5.of(source, destination, sport, dport, protocol))
     return ExplanationPublic(
         flow=FlowPublic(
-            protocol=flow.protocol,
-            source=str(flow.source),
-            source_port=flow.source_port,
-            destination=str(flow.destination),
-            destination_port=flow.destination_port,
+            protocol=protocol,
+            source=str(source),
+            source_port=sport,
+            destination=str(destination),
+            destination_port=dport,
         ),
         verdict=e.verdict,
         reason=e.reason,

@@ -1,0 +1,287 @@
+"""The balancer's maps read and written from Python: plain-tuple map I/O and batched lookups.
+
+`MapIO` is the reconciler's view of the maps (lb.control.reconcile): keys and values as plain
+tuples (`VipMapKey`, `AddrKey`, `RealVal`), ring slices through the batched bpf(2) commands
+(one call per ring instead of 65,537), the VIP filter, and the mapped connection table.
+`array_lookup` / `array_items` are the one batched-lookup loop over array maps (rings, reals);
+`Pinned` reads maps pinned by a running daemon with raw bpf(2), for tools that must not need a
+compiler (the doctor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lb.dataplane import bpf
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import vip_filter_bit
+from lb.dataplane.keys import raw_addr, set_raw_addr
+from lb.errors import KernelError
+
+if TYPE_CHECKING:
+    from lb.dataplane.loader import Balancer
+
+#: vip_map key as Python sees it: (family, 16 address bytes, port in host order, IP proto).
+VipMapKey = tuple[int, bytes, int, int]
+#: vip_addrs key: (family, 16 address bytes).
+AddrKey = tuple[int, bytes]
+#: reals value: (16 address bytes, REAL_F_* flags).
+RealVal = tuple[bytes, int]
+
+#: Entries fetched per BPF_MAP_LOOKUP_BATCH call when scanning a whole map.
+BATCH = 4096
+
+
+def array_lookup(fd: int, keys: int, values: int, key_size: int, value_size: int, count: int,
+                 *, first: int = 0) -> int:
+    """Read `count` entries of an array map from index `first` into the buffers at `keys`
+    and `values` with BPF_MAP_LOOKUP_BATCH; returns how many were read (fewer only at the
+    end of the map). OSError with the errno when the kernel refuses (EINVAL: no batch ops)."""
+    done = 0
+    prev = ctypes.c_uint32()
+    nxt = ctypes.c_uint32()
+    while done < count:
+        attr = bpf.BatchAttr()
+        if first + done > 0:
+            # An array's batch token is the last index read; the next one follows it.
+            prev.value = first + done - 1
+            attr.in_batch = ctypes.addressof(prev)
+        attr.out_batch = ctypes.addressof(nxt)
+        attr.keys = keys + key_size * done
+        attr.values = values + value_size * done
+        attr.count = count - done
+        attr.map_fd = fd
+        err = bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_BATCH, attr)
+        if err not in (0, errno.ENOENT):
+            raise OSError(err, os.strerror(err))
+        done += attr.count
+        if err == errno.ENOENT or attr.count == 0:
+            break
+    return done
+
+
+def array_items(table: Any, chunk: int = BATCH) -> Iterator[tuple[int, Any]]:
+    """(index, value) of every entry of a BCC array table, `chunk` entries per bpf(2) call."""
+    keys = (table.Key * chunk)()
+    values = (table.Leaf * chunk)()
+    size_k, size_v = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+    start = 0
+    while True:
+        try:
+            n = array_lookup(int(table.map_fd), ctypes.addressof(keys), ctypes.addressof(values),
+                             size_k, size_v, chunk, first=start)
+        except OSError as e:
+            raise bpf.error("BPF_MAP_LOOKUP_BATCH failed", e.errno or 0, hints=False) from e
+        for i in range(n):
+            yield int(keys[i]), values[i]
+        if n < chunk:
+            return
+        start += n
+
+
+class MapIO:
+    """Reads and writes the balancer's maps as the reconciler sees them (plain tuples)."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.b = balancer
+        self.ring_size = balancer.config.ring_size
+        self.batched = bpf.supported()
+        self._conns: ConnTable | None = None
+
+    @property
+    def _ring_fd(self) -> int:
+        # Never cached: a program upgrade (Balancer.take_over) swaps the fds underneath.
+        return int(self.b.ch_rings.map_fd)
+
+    # -- batched u32 array access --
+
+    def _ring_lookup(self, start: int, count: int) -> array[int]:
+        out = array("I", bytes(4 * count))
+        keys = array("I", bytes(4 * count))
+        done = array_lookup(self._ring_fd, keys.buffer_info()[0], out.buffer_info()[0], 4, 4,
+                            count, first=start)
+        if done < count:
+            raise KernelError(f"ch_rings: read {done} of {count} slots from {start}")
+        return out
+
+    def _ring_update(self, keys: array[int], values: array[int]) -> None:
+        done = 0
+        n = len(keys)
+        kaddr, vaddr = keys.buffer_info()[0], values.buffer_info()[0]
+        while done < n:
+            attr = bpf.BatchAttr()
+            attr.keys = kaddr + 4 * done
+            attr.values = vaddr + 4 * done
+            attr.count = n - done
+            attr.map_fd = self._ring_fd
+            err = bpf.bpf_errno(bpf.BPF_MAP_UPDATE_BATCH, attr)
+            done += attr.count
+            if err:
+                raise OSError(err, os.strerror(err))
+
+    def read_ring(self, vip_num: int) -> array[int]:
+        """One VIP's ring values."""
+        start = vip_num * self.ring_size
+        if self.batched:
+            try:
+                return self._ring_lookup(start, self.ring_size)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise KernelError(f"ch_rings: batched read failed: {e}") from e
+                self.batched = False
+        t = self.b.ch_rings
+        return array("I", (t[t.Key(start + k)].value for k in range(self.ring_size)))
+
+    def write_ring(self, vip_num: int, slots: Sequence[int], values: array[int]) -> None:
+        """Write `values[slot]` to each listed slot of one VIP's ring."""
+        if not slots:
+            return
+        base = vip_num * self.ring_size
+        if self.batched:
+            keys = array("I", [base + s for s in slots])
+            vals = array("I", [values[s] for s in slots])
+            try:
+                self._ring_update(keys, vals)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise KernelError(f"ch_rings: batched write failed: {e}") from e
+                self.batched = False
+        t = self.b.ch_rings
+        for s in slots:
+            t[t.Key(base + s)] = t.Leaf(values[s])
+
+    # -- small maps through BCC --
+
+    def read_vip_map(self) -> dict[VipMapKey, tuple[int, int]]:
+        """Every vip_map entry."""
+        out: dict[VipMapKey, tuple[int, int]] = {}
+        for k, v in self.b.vip_map.items():
+            out[(int(k.family), raw_addr(k.addr), socket.ntohs(k.port), int(k.proto))] = (
+                int(v.vip_num), int(v.flags))
+        return out
+
+    def read_vip_addrs(self) -> dict[AddrKey, int]:
+        """Every vip_addrs entry."""
+        out: dict[AddrKey, int] = {}
+        for k, v in self.b.vip_addrs.items():
+            out[(int(k.family), raw_addr(k.addr))] = int(v.value)
+        return out
+
+    def read_reals(self) -> dict[int, RealVal]:
+        """Every non-empty reals slot."""
+        out: dict[int, RealVal] = {}
+        zero = bytes(16)
+        for k, v in self.b.reals.items():
+            raw = raw_addr(v.addr)
+            if raw != zero or v.flags:
+                out[int(k.value)] = (raw, int(v.flags))
+        return out
+
+    def _vip_key(self, key: VipMapKey) -> Any:
+        t = self.b.vip_map
+        k = t.Key()
+        set_raw_addr(k.addr, key[1])
+        k.port = socket.htons(key[2])
+        k.proto = key[3]
+        k.family = key[0]
+        return k
+
+    def _addr_key(self, key: AddrKey) -> Any:
+        k = self.b.vip_addrs.Key()
+        set_raw_addr(k.addr, key[1])
+        k.family = key[0]
+        return k
+
+    def set_vip(self, key: VipMapKey, vip_num: int, flags: int) -> None:
+        """Create or change a vip_map entry."""
+        t = self.b.vip_map
+        leaf = t.Leaf()
+        leaf.vip_num = vip_num
+        leaf.flags = flags
+        t[self._vip_key(key)] = leaf
+
+    def del_vip(self, key: VipMapKey) -> None:
+        """Delete a vip_map entry (absent is fine)."""
+        with contextlib.suppress(KeyError):
+            del self.b.vip_map[self._vip_key(key)]
+
+    def set_vip_addr(self, key: AddrKey, count: int) -> None:
+        """Set how many VIPs sit on an address, and let the address through the filter.
+
+        vip_addrs is written before vip_map (create order), so the address's filter bit is
+        set before any VIP on it can match. Bits are only added here; `write_vip_filter`
+        clears the ones no address needs any more.
+        """
+        t = self.b.vip_addrs
+        t[self._addr_key(key)] = t.Leaf(count)
+        f = self.b.vip_filter
+        leaf = f[f.Key(0)]
+        bit = vip_filter_bit(*key)
+        word = leaf.bits[bit >> 6] | (1 << (bit & 63))
+        if word != leaf.bits[bit >> 6]:
+            leaf.bits[bit >> 6] = word
+            f[f.Key(0)] = leaf
+
+    def write_vip_filter(self, addrs: Iterable[AddrKey]) -> None:
+        """Program the VIP address filter with exactly these addresses' bits, and arm it.
+
+        Until it is armed (`ready`, e.g. a new map, or a data plane upgraded from a build
+        without it) the program looks every packet up in vip_map.
+        """
+        f = self.b.vip_filter
+        leaf = f.Leaf()
+        for key in addrs:
+            bit = vip_filter_bit(*key)
+            leaf.bits[bit >> 6] |= 1 << (bit & 63)
+        leaf.ready = 1
+        f[f.Key(0)] = leaf
+
+    def del_vip_addr(self, key: AddrKey) -> None:
+        """Forget an address that carries no VIP any more (absent is fine)."""
+        with contextlib.suppress(KeyError):
+            del self.b.vip_addrs[self._addr_key(key)]
+
+    def set_real(self, idx: int, val: RealVal | None) -> None:
+        """Program one backend slot; None empties it."""
+        t = self.b.reals
+        leaf = t.Leaf()
+        if val is not None:
+            set_raw_addr(leaf.addr, val[0])
+            leaf.flags = val[1]
+        t[t.Key(idx)] = leaf
+
+    # -- the connection table (mapped into this process) --
+
+    def conn_table(self) -> ConnTable:
+        """The connection table, mapped once (again when an upgrade brought another map)."""
+        self._conns = ConnTable.current(self.b, self._conns, close_old=True)
+        return self._conns
+
+    def purge_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
+        """Free the conn_table slots naming any of these VIP numbers or backend indices."""
+        return self.conn_table().purge_any(vip_nums=vip_nums, real_idx=real_idx)
+
+    def purge_stale_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
+        """Free the conn_table slots naming a VIP number or backend index not listed."""
+        return self.conn_table().purge_unless(vip_nums=vip_nums, real_idx=real_idx)
+
+    def close(self) -> None:
+        """Unmap the connection table (the maps keep their content)."""
+        if self._conns is not None:
+            self._conns.close()
+            self._conns = None
+
+    def reset_counters(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
+        """Zero the per-CPU counters of freshly allocated indices."""
+        for name, keys in (("vip_stats", vip_nums), ("real_stats", real_idx)):
+            t = self.b.maps[name]
+            for i in keys:
+                t[t.Key(i)] = t.Leaf()
