@@ -1,5 +1,5 @@
 """lbctl's health-check commands: `health show|set|rm`, `backend drain --wait`, and the
-health section of `lbctl stats` (hooked into lbctl/main.py's parser)."""
+health section of `lbctl stats`."""
 
 from __future__ import annotations
 
@@ -8,19 +8,11 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
-from lbctl.main import (
-    EXIT_API,
-    EXIT_OK,
-    EXIT_USAGE,
-    Client,
-    CliError,
-    _Parser,
-    client_from,
-    emit,
-    table,
-)
+from lb.client import backend_path, vip_path
+from lbctl.base import EXIT_API, EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser
+from lbctl.client import Client, client_from
+from lbctl.output import emit, table
 
 #: `lbctl health set` flags -> HealthCheck fields.
 _FIELDS = {
@@ -42,10 +34,6 @@ _FIELDS = {
     "flap_threshold": "flap_threshold",
     "flap_half_life": "flap_half_life_s",
 }
-
-
-def _vip_path(vip: str) -> str:
-    return "/v1/vips/" + quote(vip, safe=":")
 
 
 def _age(v: float | None) -> str:
@@ -92,7 +80,7 @@ def cmd_health_show(args: argparse.Namespace) -> int:
     client = client_from(args)
     data = client.get("/v1/health")
     if args.vip:
-        wanted = client.get(_vip_path(args.vip))["id"]
+        wanted = client.get(vip_path(args.vip))["id"]
         data = {**data, "vips": [v for v in data["vips"] if v["vip_id"] == wanted],
                 "events": [e for e in data["events"] if e["vip_id"] == wanted]}
     emit(args, data, health_table)
@@ -106,7 +94,7 @@ def cmd_health_set(args: argparse.Namespace) -> int:
         v = getattr(args, flag)
         if v is not None:
             body[field] = v
-    _, _, v = client_from(args).request("PUT", _vip_path(args.vip) + "/health_check", body)
+    _, _, v = client_from(args).request("PUT", vip_path(args.vip) + "/health_check", body)
     emit(args, v, lambda v: f"health check of {v['id']}: " + ", ".join(
         f"{k}={val}" for k, val in v["health_check"].items() if val is not None))
     return EXIT_OK
@@ -114,17 +102,15 @@ def cmd_health_set(args: argparse.Namespace) -> int:
 
 def cmd_health_rm(args: argparse.Namespace) -> int:
     """lbctl health rm VIP: stop checking a VIP's backends."""
-    client_from(args).request("DELETE", _vip_path(args.vip) + "/health_check")
+    client_from(args).request("DELETE", vip_path(args.vip) + "/health_check")
     emit(args, {"vip": args.vip}, lambda d: f"health check of {d['vip']} removed")
     return EXIT_OK
 
 
-def add_health_commands(
-    sub: Any, leaf: Callable[[Any, str, Callable[[argparse.Namespace], int], str], Any]
-) -> None:
+def add_commands(sub: Any, leaf: Leaf) -> None:
     """Add `lbctl health show|set|rm` to the parser."""
     grp = sub.add_parser("health", help="health checks of VIPs' backends")
-    hsub = grp.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    hsub = grp.add_subparsers(dest="sub", required=True, parser_class=Parser)
     leaf(hsub, "show", cmd_health_show, "health of every checked backend, recent events") \
         .add_argument("vip", nargs="?", help="only this VIP")
     sp = leaf(hsub, "set", cmd_health_set, "set a VIP's health check (unset flags: defaults)")
@@ -163,7 +149,7 @@ def wait_drained(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.poll <= 0:
         raise CliError("--timeout and --poll must be positive", EXIT_USAGE)
     client: Client = client_from(args)
-    path = _vip_path(args.vip) + "/backends/" + quote(args.address, safe=":") + "/flows"
+    path = backend_path(args.vip, args.address) + "/flows"
     deadline = time.monotonic() + args.timeout
     last = -1
     while True:

@@ -17,12 +17,13 @@ import os
 import socket
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lb.dataplane import bpf
+from lb.dataplane import bpf, cstructs
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import vip_filter_bit
-from lb.dataplane.keys import raw_addr, set_raw_addr
+from lb.dataplane.keys import IPAddress, family_of, raw_addr, set_addr, set_raw_addr
 from lb.errors import KernelError
 
 if TYPE_CHECKING:
@@ -285,3 +286,76 @@ class MapIO:
             t = self.b.maps[name]
             for i in keys:
                 t[t.Key(i)] = t.Leaf()
+
+
+# -- pinned maps, read with raw bpf(2): no compiler, no daemon ---------------------------------
+
+_PERCPU_MAP_TYPES = {5, 6, 10}  # percpu hash, percpu array, LRU percpu hash
+
+
+def possible_cpus() -> int:
+    """CPUs the kernel sizes per-CPU map values for (/sys/devices/system/cpu/possible)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+@contextlib.contextmanager
+def _pinned(path: Path) -> Iterator[tuple[int, bpf.MapInfo]]:
+    fd = bpf.obj_get(path)
+    try:
+        yield fd, bpf.map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def _lookup(fd: int, key: bytes, size: int) -> bytes | None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(size)
+    attr = bpf.ElemAttr(map_fd=fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
+    if bpf.bpf_errno(bpf.BPF_MAP_LOOKUP_ELEM, attr):
+        return None
+    return vbuf.raw
+
+
+def pinned_counters(path: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """A pinned (per-CPU) array of u64 counters, summed over CPUs, by slot name."""
+    out: dict[str, int] = {}
+    with _pinned(path) as (fd, info):
+        percpu = info.type in _PERCPU_MAP_TYPES
+        stride = (info.value_size + 7) // 8 * 8
+        ncpu = possible_cpus() if percpu else 1
+        for i, name in enumerate(names[: info.max_entries]):
+            raw = _lookup(fd, i.to_bytes(4, "little"), stride * ncpu)
+            if raw is not None:
+                out[name] = sum(
+                    int.from_bytes(raw[c * stride : c * stride + 8], "little") for c in range(ncpu)
+                )
+    return out
+
+
+def pinned_gateway_mac(path: Path) -> str | None:
+    """The gateway MAC a pinned lb_cfg holds (struct lb_cfg.gw_mac, xdp/common/structs.h)."""
+    cfg = cstructs.struct("common/structs.h", "lb_cfg")
+    with _pinned(path) as (fd, info):
+        if info.value_size != ctypes.sizeof(cfg):
+            raise KernelError(f"{path}: value size {info.value_size}, struct lb_cfg is"
+                              f" {ctypes.sizeof(cfg)} bytes")
+        raw = _lookup(fd, (0).to_bytes(4, "little"), info.value_size)
+    return None if raw is None else ":".join(f"{b:02x}" for b in raw[cstructs.field_slice(
+        cfg, "gw_mac")])
+
+
+def pinned_decap_has(path: Path, addr: IPAddress) -> bool:
+    """Whether a pinned decap_addrs map holds an address (key: struct decap_addr)."""
+    key = cstructs.struct("decap/decap.h", "decap_addr")()
+    set_addr(key.addr, addr)
+    key.family = family_of(addr)
+    raw = bytes(key)
+    with _pinned(path) as (fd, info):
+        if info.key_size != len(raw):
+            raise KernelError(f"{path}: key size {info.key_size}, struct decap_addr is {len(raw)}")
+        return _lookup(fd, raw, info.value_size) is not None

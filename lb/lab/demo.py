@@ -18,6 +18,7 @@ from collections import Counter
 from types import FrameType
 from typing import Any
 
+from lb.client import vip_path
 from lb.lab import network as labmod
 from lb.lab.network import Lab, LabApi, Stream
 
@@ -106,7 +107,7 @@ def run(d: Demo, lab: Lab) -> int:
     api = LabApi(lab, echo=_show_call)
     vip = api.post("/v1/vips", {"protocol": "tcp", "address": lab.vip4, "port": 80})
     vid = str(vip["id"])
-    backends_path = f"{labmod.vip_path(vid)}/backends"
+    backends_path = f"{vip_path(vid)}/backends"
     for i in lab.backend_ids:
         api.post(backends_path, {"address": lab.backend4(i), "weight": WEIGHTS.get(i, 1)})
     api.post("/v1/vips", {"protocol": "tcp", "address": lab.vip6, "port": 80,
@@ -139,7 +140,7 @@ def run(d: Demo, lab: Lab) -> int:
         time.sleep(0.5)
         before = {id(s): s.echoes for s in streams}
         api.echo = _show_call
-        api.delete(f"{labmod.vip_path(str(stream_vip['id']))}/backends/{lab.backend4(2)}")
+        api.delete(f"{vip_path(str(stream_vip['id']))}/backends/{lab.backend4(2)}")
         api.delete(f"{backends_path}/{lab.backend4(2)}")
         api.echo = None
         time.sleep(1.5)
@@ -161,7 +162,7 @@ def run(d: Demo, lab: Lab) -> int:
     del api_vid
 
     d.head("lbctl doctor --lab: every hop checked, one probe per VIP")
-    from lb.ops import doctor
+    from lb.lab import doctor
 
     report = doctor.check_lab(lab)
     counts = Counter(f.status for f in report.findings)

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lb.client import ApiClient, ApiError
 from lb.dataplane import netlink, netns
 from lb.dataplane.netlink import XdpMode
 from lb.errors import InvalidInput, KernelError
@@ -538,82 +539,13 @@ def running(lab: Lab, *, servers: bool = True) -> Iterator[Lab]:
 # The daemon (`lbctl serve`) inside the LB namespace, and its REST API over a unix socket.
 
 
-class ApiError(Exception):
-    """The daemon answered with an error status (its problem detail is the message)."""
-
-    def __init__(self, status: int, body: Any) -> None:
-        detail = body.get("detail", body) if isinstance(body, dict) else body
-        super().__init__(f"HTTP {status}: {detail}")
-        self.status = status
-        self.body = body
-
-
-class LabApi:
-    """A small JSON client of the lab daemon's REST API (standard library only)."""
+class LabApi(ApiClient):
+    """The lab daemon's REST API over its unix socket, with the token the daemon wrote."""
 
     def __init__(self, lab: Lab, *, echo: Callable[[str], None] | None = None,
                  timeout: float = 30.0) -> None:
-        self.socket_path = str(lab.api_socket)
-        self.token_file = lab.run_dir / "token"
-        self.echo = echo
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """Send one request; returns (status, decoded body); ApiError for 4xx/5xx."""
-        import http.client
-
-        if self.echo is not None:
-            shown = f" {json.dumps(body)}" if body is not None else ""
-            self.echo(f"{method} {path}{shown}")
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        with contextlib.suppress(OSError):
-            headers["Authorization"] = "Bearer " + self.token_file.read_text().split()[0]
-        conn = http.client.HTTPConnection("localhost", timeout=self.timeout)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-            conn.sock = sock
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        finally:
-            conn.close()
-            sock.close()
-        decoded: Any = json.loads(raw) if raw and "json" in (
-            resp.getheader("content-type") or "") else raw.decode(errors="replace")
-        if self.echo is not None:
-            self.echo(f"  -> {resp.status}")
-        if resp.status >= 400:
-            raise ApiError(resp.status, decoded)
-        return resp.status, decoded
-
-    def get(self, path: str) -> Any:
-        """GET a resource."""
-        return self.request("GET", path)[1]
-
-    def post(self, path: str, body: Any) -> Any:
-        """POST a resource."""
-        return self.request("POST", path, body)[1]
-
-    def patch(self, path: str, body: Any) -> Any:
-        """PATCH a resource."""
-        return self.request("PATCH", path, body)[1]
-
-    def delete(self, path: str) -> None:
-        """DELETE a resource."""
-        self.request("DELETE", path)
-
-
-def vip_path(vip_id: str) -> str:
-    """URL path of a VIP id such as `tcp:[2001:db8::10]:80`."""
-    from urllib.parse import quote
-
-    return "/v1/vips/" + quote(vip_id, safe=":")
+        super().__init__(f"unix://{lab.api_socket}", token_file=lab.run_dir / "token",
+                         timeout=timeout, echo=echo)
 
 
 def _tail(f: Path, lines: int = 15) -> str:

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from lb.client import ApiError, vip_path
 from lb.dataplane import netlink, netns
 from lb.lab import network as labmod
-from lb.lab.network import ApiError, Lab, LabApi
+from lb.lab.network import Lab, LabApi
 
 _STALE_RUN = re.compile(r"^xlbt(\d+)")
 
@@ -116,4 +117,4 @@ class Vips:
         """Delete what this test made (tolerating what the test deleted itself)."""
         for vid in self.made:
             with contextlib.suppress(ApiError):
-                self.api.delete(labmod.vip_path(vid))
+                self.api.delete(vip_path(vid))

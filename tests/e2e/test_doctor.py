@@ -15,8 +15,10 @@ import pytest
 from lb.dataplane import netlink
 from lb.dataplane.loader import prog_fd_by_id
 from lb.lab import network as labmod
+from lb.lab.doctor import check_lab
 from lb.lab.network import Lab, LabApi
 from lb.ops import doctor
+from lbctl import doctor as doctor_cli
 from tests.e2e.conftest import Vips, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -41,7 +43,7 @@ def _failures(report: doctor.Report) -> set[tuple[str, str]]:
 
 def test_healthy_lab_has_no_failure(lab: Lab, api: LabApi) -> None:
     """Every check passes and every probe is answered on a lab as `lab up` builds it."""
-    report = doctor.check_lab(lab)
+    report = check_lab(lab)
     assert not report.failed, report.render(verbose=False)
     probes = [f for f in report.findings if f.hop.startswith("probe ")]
     assert len(probes) == 2 and all(f.status == "ok" for f in probes)
@@ -51,7 +53,7 @@ def test_names_the_veth_peer_without_xdp(lab: Lab, api: LabApi) -> None:
     """Without a program on rt-lb, native XDP_TX frames vanish: doctor names that link."""
     netlink.xdp_detach(lab.router_ns, labmod.RT_LB_IF)
     try:
-        report = doctor.check_lab(lab)
+        report = check_lab(lab)
     finally:
         netlink.attach_xdp_pass(lab.router_ns, labmod.RT_LB_IF)
     failed = _failures(report)
@@ -64,7 +66,7 @@ def test_names_checksum_offload_on_the_client(lab: Lab, api: LabApi) -> None:
     """tx checksumming on the client: backends drop the packets; doctor names the client."""
     netlink.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=True)
     try:
-        report = doctor.check_lab(lab)
+        report = check_lab(lab)
     finally:
         netlink.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=False)
     failed = _failures(report)
@@ -79,7 +81,7 @@ def test_names_the_backend_without_decap(lab: Lab, api: LabApi) -> None:
     b1 = netlink.tc_ingress_progs(lab.backend_ns(1), labmod.BACKEND_IF)
     netlink.tc_detach(lab.backend_ns(2), labmod.BACKEND_IF)
     try:
-        report = doctor.check_lab(lab)
+        report = check_lab(lab)
     finally:
         fd = prog_fd_by_id(b1[0][0])
         try:
@@ -97,13 +99,13 @@ def test_names_the_router_that_does_not_send_the_vip_to_the_lb(
 ) -> None:
     """A VIP route pointing elsewhere is named at the router."""
     netlink.replace_route(lab.router_ns, labmod.VIP_NET6, lab.backend6(1))
-    report = doctor.check_lab(lab, probe=False)
+    report = check_lab(lab, probe=False)
     assert ("router", "VIP") in _failures(report), report.render(verbose=False)
 
 
 def test_cli_exit_status(lab: Lab, api: LabApi, capsys: pytest.CaptureFixture[str]) -> None:
     """`lbctl doctor --lab PREFIX` exits 0 on a healthy lab and prints the summary."""
-    assert doctor.main(["--lab", lab.prefix, "--no-probe", "-q"]) == 0
+    assert doctor_cli.main(["--lab", lab.prefix, "--no-probe", "-q"]) == 0
     assert "0 failed" in capsys.readouterr().out
 
 

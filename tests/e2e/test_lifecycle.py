@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lb.client import vip_path
 from lb.dataplane import netlink
 from lb.lab import network as labmod
 from lb.lab.network import Lab, LabApi, Stream, Tally
@@ -86,7 +87,7 @@ def test_removing_a_backend_keeps_other_streams_and_moves_new_flows(
     """Streams to the other backends see no reset and no stall; new flows avoid the removed."""
     vid = _stream_vip(lab, vips)
     by = _open_spread(lab, lab.vip4, streams)
-    api.delete(f"{labmod.vip_path(vid)}/backends/{lab.backend4(2)}")
+    api.delete(f"{vip_path(vid)}/backends/{lab.backend4(2)}")
     others = [s for name, ss in by.items() if name != "b2" for s in ss]
     _settle_and_check(others, "after removing b2")
     fresh = [Stream(lab, lab.vip4) for _ in range(30)]
@@ -100,7 +101,7 @@ def test_draining_backend_keeps_its_streams_and_gets_no_new_flows(
     """A draining backend keeps its streams until they end; new ones go elsewhere."""
     vid = _stream_vip(lab, vips)
     by = _open_spread(lab, lab.vip4, streams)
-    api.patch(f"{labmod.vip_path(vid)}/backends/{lab.backend4(3)}", {"state": "draining"})
+    api.patch(f"{vip_path(vid)}/backends/{lab.backend4(3)}", {"state": "draining"})
     _settle_and_check(streams, "while b3 drains")
     fresh = [Stream(lab, lab.vip4) for _ in range(30)]
     streams.extend(fresh)

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from lb.client import ApiError, vip_path
 from lb.dataplane import netns
 from lb.lab import network as labmod
-from lb.lab.network import ApiError, Lab, LabApi, vip_path
+from lb.lab.network import Lab, LabApi
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -135,7 +136,7 @@ def test_safety_floor_and_all_down_keep_serving(hlab: Lab, api: LabApi) -> None:
     _until(lambda: _health(api, vid)["all_down"], FALL * INTERVAL + 1, "all down flagged")
     h = _health(api, vid)
     assert h["out"] == [hlab.backend4(1)], "the last healthy set stays in the ring"
-    metrics = api.request("GET", "/metrics")[1]
+    metrics = api.request("GET", "/metrics")[2]
     assert f'xlb_health_all_down{{vip="{vid}"}} 1.0' in metrics
 
 

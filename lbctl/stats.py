@@ -1,0 +1,90 @@
+"""`lbctl stats [--watch [SECONDS]] [--per-cpu]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from lbctl.base import EXIT_OK, Leaf
+from lbctl.client import client_from
+from lbctl.output import emit, human, table
+
+
+def _rate(c: dict[str, Any]) -> str:
+    return "-" if c.get("per_s") is None else human(float(c["per_s"])) + "/s"
+
+
+def _stats_text(s: Any) -> str:
+    out = []
+    ct = s["conn_table"]
+    glob = s["global"]
+    out.append(
+        f"window {s['window_s']:.1f}s   conn table {ct['entries']}/{ct['capacity']} entries "
+        f"(estimate)   hits {ct['hits']}   misses {ct['misses']}"
+    )
+    rows = [
+        [name, c["value"], _rate(c)] for name, c in glob.items() if c["value"] or c.get("per_s")
+    ]
+    out.append(table(["COUNTER", "TOTAL", "RATE"], rows or [["(all zero)", 0, "-"]]))
+    vrows = []
+    for v in s["vips"]:
+        c = v["counters"]
+        vrows.append(
+            [
+                v["vip_id"],
+                c["packets"]["value"],
+                _rate(c["packets"]),
+                human(c["bytes"]["value"]) + "B",
+                _rate(c["bytes"]).replace("/s", "B/s"),
+                c.get("new_conns", {}).get("value", "-"),
+                _rate(c["new_conns"]) if "new_conns" in c else "-",
+            ]
+        )
+    out.append(table(["VIP", "PACKETS", "PPS", "BYTES", "BPS", "NEW-CONNS", "CPS"], vrows))
+    brows = []
+    for b in s["backends"]:
+        c = b["counters"]
+        brows.append(
+            [
+                b["address"],
+                c["packets"]["value"],
+                _rate(c["packets"]),
+                human(c["bytes"]["value"]) + "B",
+                _rate(c["bytes"]).replace("/s", "B/s"),
+            ]
+        )
+    out.append(table(["BACKEND", "PACKETS", "PPS", "BYTES", "BPS"], brows))
+    return "\n\n".join(out)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """lbctl stats [--watch [SECONDS]]."""
+    from lbctl.health import stats_with_health
+
+    client = client_from(args)
+    query = {"per_cpu": "true"} if args.per_cpu else None
+    if args.watch is None:
+        emit(args, client.get("/v1/stats", query=query), stats_with_health(client, _stats_text))
+        return EXIT_OK
+    n = 0
+    while args.count is None or n < args.count:
+        data = client.get("/v1/stats", query=query)
+        if args.output == "table" and sys.stdout.isatty():
+            print("\033[H\033[2J", end="")
+        emit(args, data, stats_with_health(client, _stats_text))
+        n += 1
+        if args.count is not None and n >= args.count:
+            break
+        sys.stdout.flush()
+        time.sleep(args.watch)
+    return EXIT_OK
+
+
+def add_commands(sub: Any, leaf: Leaf) -> None:
+    """`lbctl stats`."""
+    sp = leaf(sub, "stats", cmd_stats, "counters and rates")
+    sp.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS")
+    sp.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+    sp.add_argument("--per-cpu", action="store_true")

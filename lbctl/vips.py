@@ -1,0 +1,108 @@
+"""`lbctl vip list|get|add|set|rm`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lb.client import vip_path
+from lbctl.backends import backends_table
+from lbctl.base import EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser, split_hostport
+from lbctl.client import client_from
+from lbctl.output import emit, table
+
+
+def vips_table(data: Any) -> str:
+    """VIPs as a table: id, encapsulation, outer source, flags, backends in the ring."""
+    rows = []
+    for v in data["data"]:
+        flags = [k for k in ("hash_src_only", "lru_bypass") if v[k]]
+        active = sum(1 for b in v["backends"] if b["in_ring"])
+        rows.append(
+            [
+                v["id"],
+                v["encap"],
+                v["effective_outer_source"],
+                ",".join(flags) or "-",
+                f"{active}/{len(v['backends'])}",
+            ]
+        )
+    return table(["VIP", "ENCAP", "OUTER-SRC", "FLAGS", "IN-RING/BACKENDS"], rows)
+
+
+def vip_text(v: Any) -> str:
+    """One VIP: its settings, then its backends."""
+    head = (
+        f"{v['id']}  encap={v['encap']} outer_source={v['effective_outer_source']}"
+        f" hash_src_only={v['hash_src_only']} lru_bypass={v['lru_bypass']}"
+    )
+    return head + "\n" + backends_table({"data": v["backends"]})
+
+
+def cmd_vip_list(args: argparse.Namespace) -> int:
+    """lbctl vip list."""
+    emit(args, client_from(args).get("/v1/vips"), vips_table)
+    return EXIT_OK
+
+
+def cmd_vip_get(args: argparse.Namespace) -> int:
+    """lbctl vip get VIP."""
+    emit(args, client_from(args).get(vip_path(args.vip)), vip_text)
+    return EXIT_OK
+
+
+def cmd_vip_add(args: argparse.Namespace) -> int:
+    """lbctl vip add PROTO ADDR:PORT."""
+    addr, port = split_hostport(args.address, "address")
+    body: dict[str, Any] = {"protocol": args.protocol, "address": addr, "port": port}
+    for key in ("hash_src_only", "lru_bypass", "encap", "outer_source"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    _, _, v = client_from(args).request("POST", "/v1/vips", body)
+    emit(args, v, lambda v: f"created {v['id']}")
+    return EXIT_OK
+
+
+def cmd_vip_set(args: argparse.Namespace) -> int:
+    """lbctl vip set VIP [--encap ...] [--hash-src-only|--no-hash-src-only] ..."""
+    body = {
+        k: getattr(args, k)
+        for k in ("hash_src_only", "lru_bypass", "encap", "outer_source")
+        if getattr(args, k) is not None
+    }
+    if not body:
+        raise CliError("nothing to change: give --encap, --outer-source or a flag", EXIT_USAGE)
+    _, _, v = client_from(args).request("PATCH", vip_path(args.vip), body)
+    emit(args, v, vip_text)
+    return EXIT_OK
+
+
+def cmd_vip_rm(args: argparse.Namespace) -> int:
+    """lbctl vip rm VIP."""
+    client_from(args).request("DELETE", vip_path(args.vip))
+    emit(args, {"deleted": args.vip}, lambda d: f"deleted {d['deleted']}")
+    return EXIT_OK
+
+
+def _vip_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--encap", choices=["ipip", "gue"])
+    sp.add_argument("--outer-source", choices=["rss", "lb"])
+    sp.add_argument("--hash-src-only", action=argparse.BooleanOptionalAction, default=None)
+    sp.add_argument("--lru-bypass", action=argparse.BooleanOptionalAction, default=None)
+
+
+def add_commands(sub: Any, leaf: Leaf) -> None:
+    """`lbctl vip ...`."""
+    vip = sub.add_parser("vip", help="VIPs").add_subparsers(
+        dest="sub", required=True, parser_class=Parser
+    )
+    leaf(vip, "list", cmd_vip_list, "list VIPs")
+    leaf(vip, "get", cmd_vip_get, "show one VIP").add_argument("vip", help="tcp:198.18.0.10:80")
+    sp = leaf(vip, "add", cmd_vip_add, "create a VIP")
+    sp.add_argument("protocol", choices=["tcp", "udp"])
+    sp.add_argument("address", help="ADDRESS:PORT, IPv6 as [ADDRESS]:PORT; port 0 = every port")
+    _vip_flags(sp)
+    sp = leaf(vip, "set", cmd_vip_set, "change a VIP's flags or encapsulation")
+    sp.add_argument("vip")
+    _vip_flags(sp)
+    leaf(vip, "rm", cmd_vip_rm, "delete a VIP").add_argument("vip")
