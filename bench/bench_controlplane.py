@@ -68,35 +68,10 @@ def _own(n: int, count: int) -> list[str]:
 
 
 def _load_maps() -> tuple[Any, str]:
-    """The balancer (or, if its program does not load, its maps alone) and what it was."""
+    """The balancer, and what was measured on."""
     from lb.dataplane.loader import Balancer
-    from lb.errors import KernelError
 
-    try:
-        return Balancer(CONFIG), "balancer"
-    except KernelError as e:
-        _say(f"  balancer did not load ({e}); measuring on its maps alone")
-    import bcc  # the maps of xdp/balancer/maps.h with a stub program
-
-    from lb.config import xdp_source_dir
-    from lb.dataplane.loader import MAP_NAMES
-
-    src = b'#include <uapi/linux/bpf.h>\n#include "balancer/maps.h"\n' \
-          b"int xdp_stub(struct xdp_md *ctx) { return XDP_PASS; }\n"
-    bpf = bcc.BPF(text=src, cflags=[f"-I{xdp_source_dir()}", *CONFIG.cflags()])
-
-    class MapsOnly:
-        def __init__(self) -> None:
-            self.config = CONFIG
-            self.maps = {n: bpf[n.encode()] for n in MAP_NAMES}
-
-        def __getattr__(self, name: str) -> Any:
-            return self.maps[name]
-
-        def close(self) -> None:
-            bpf.cleanup()
-
-    return MapsOnly(), "maps-only"
+    return Balancer(CONFIG), "balancer"
 
 
 def _fs_type(path: Path) -> str:

@@ -55,10 +55,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.common import XDP_DIR, environment, merge_results
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import CONN_WAYS, STAT_INDEX, XDP_PASS, XDP_TX
-from lb.dataplane.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf_errno
 from lb.dataplane.keys import addr16, set_addr
 from lb.dataplane.loader import Balancer, compile_program, write_runtime_config
 from lb.dataplane.mapio import MapIO
+from lb.dataplane.testrun import TestRunner
 
 RESULTS_NAME = "dataplane"
 PACKETS, RUNS = 200_000, 5
@@ -172,28 +172,13 @@ class Timer:
     """BPF_PROG_TEST_RUN of one program, one call per frame, kernel-measured durations."""
 
     def __init__(self, prog_fd: int) -> None:
-        self.attr = TestRunAttr()
-        self.attr.prog_fd = prog_fd
-        self.attr.repeat = 1
-        # No data_out: the kernel then skips copying the output frame back.
+        self.runner = TestRunner(prog_fd)
 
     def run(self, frames: Frames) -> tuple[float, int]:
         """Mean ns per frame and how many frames got a verdict other than XDP_TX/PASS."""
-        a = self.attr
-        a.data_size_in = frames.size
         addresses = frames.addresses()
-        total = 0
-        odd = 0
-        for addr in addresses:
-            a.data_in = addr
-            # The kernel writes the output size back here and treats it as the next call's
-            # buffer size: reset it, or a larger output fails with ENOSPC.
-            a.data_size_out = 0
-            err = bpf_errno(BPF_PROG_TEST_RUN, a)
-            if err:
-                raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-            total += a.duration
-            odd += a.retval != XDP_TX and a.retval != XDP_PASS
+        total, verdicts = self.runner.time_frames(addresses, frames.size)
+        odd = sum(n for v, n in verdicts.items() if v not in (XDP_TX, XDP_PASS))
         return total / len(addresses), odd
 
 

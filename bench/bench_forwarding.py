@@ -276,9 +276,9 @@ def lab(prefix: str = PREFIX) -> Iterator[Lab]:
         netlink.add_veth(netlink.End(gen, GEN_IF, ROUTER_MAC, LAB_MTU),
                        netlink.End(lbns, LB_IF, LB_MAC, LAB_MTU))
         # One queue per sender CPU, so two trafgen workers do not share one veth ring.
-        netlink.set_queues(gen, GEN_IF, 2)
-        netlink.set_queues(lbns, LB_IF, 2)
-        netlink.set_offload(gen, GEN_IF, "tx", on=False)
+        netns.set_queues(gen, GEN_IF, 2)
+        netns.set_queues(lbns, LB_IF, 2)
+        netns.set_offload(gen, GEN_IF, "tx", on=False)
         netlink.add_address(gen, GEN_IF, f"{ROUTER_IP}/{LAB_PREFIXLEN}")
         netlink.add_address(lbns, LB_IF, f"{LB_IP}/{LAB_PREFIXLEN}")
         # kernel_fwd: the LB's kernel routes backends' traffic back to the router, like the LB.

@@ -1,6 +1,7 @@
 """Attach, replace and detach the balancer's XDP program with pyroute2 (netlink).
 
-One of the few modules that imports `pyroute2`; netlink errors are translated here. Rules:
+The balancer's attach policy over lb.dataplane.netlink's primitives (one netlink socket
+helper, one XDP set call, one table of mode names). Rules:
 
 - Native, generic or auto mode. Auto tries native and falls back to generic, and says why.
 - A program already attached is replaced atomically in the mode it runs in
@@ -8,13 +9,12 @@ One of the few modules that imports `pyroute2`; netlink errors are translated he
   overwritten). The kernel swaps the program pointer: no packet sees "no program".
 - A program that is not ours (its kernel name is not `xdp_balancer`) is only replaced with
   `replace_foreign=True`, and only ours is detached unless told otherwise.
-- Everything works in a named network namespace: `IPRoute(netns=name, flags=0)`, where
-  flags=0 makes a misspelt name fail instead of silently creating a namespace.
+- Everything works in a named network namespace (netlink.iproute: a misspelt name fails
+  instead of silently creating a namespace).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -22,33 +22,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lb.dataplane import netlink
 from lb.dataplane.loader import Balancer, prog_fd_by_id, prog_info_by_id
+from lb.dataplane.netlink import (
+    ATTACHED_MODES,
+    MODE_FLAGS,
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_SKB_MODE,
+    XDP_FLAGS_UPDATE_IF_NOEXIST,
+    index,
+    iproute,
+    set_xdp,
+)
 from lb.errors import Conflict, ForeignProgram, InvalidInput, KernelError
-
-# Flags of IFLA_XDP_FLAGS (include/uapi/linux/if_link.h), named as there.
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_HW_MODE = 1 << 3
-XDP_FLAGS_REPLACE = 1 << 4
 
 Mode = Literal["native", "generic"]
 RequestedMode = Literal["native", "generic", "auto"]
 
 PROGRAM_NAME = Balancer.PROGRAM
-_MODE_FLAGS: dict[str, int] = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-# pyroute2 decodes IFLA_XDP_ATTACHED to these strings.
-_ATTACHED: dict[str, str] = {
-    "xdp": "native",
-    "xdpgeneric": "generic",
-    "xdpoffload": "offload",
-    "xdpmulti": "multi",
-}
-_ERRNO_HINTS = {
-    errno.ERANGE: "on veth: the peer's MTU is above the native XDP limit (3506)",
-    errno.EOPNOTSUPP: "the driver has no native XDP support",
-    errno.EPERM: "needs root (CAP_NET_ADMIN)",
-}
 
 
 @dataclass(frozen=True)
@@ -81,45 +72,6 @@ class AttachInfo:
     replaced_prog_id: int | None = None
 
 
-def _where(interface: str, netns: str | None) -> str:
-    return f"{interface} (netns {netns})" if netns else interface
-
-
-@contextmanager
-def _ipr(netns: str | None) -> Iterator[Any]:
-    from pyroute2 import IPRoute
-
-    missing = InvalidInput(
-        f"network namespace {netns!r} does not exist (no /run/netns/{netns})", field="netns"
-    )
-    # Checked first because pyroute2 0.9 leaks a socket when the namespace is missing.
-    if netns and not os.path.exists(f"/run/netns/{netns}"):
-        raise missing
-    try:
-        # ext_ack: the kernel's own words ("veth: Peer MTU is too large to set XDP").
-        ipr = IPRoute(netns=netns, flags=0, ext_ack=True) if netns else IPRoute(ext_ack=True)
-    except FileNotFoundError as e:
-        raise missing from e
-    try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
-def _netlink_error(what: str, e: Exception) -> KernelError:
-    code = int(getattr(e, "code", 0) or (e.args[0] if e.args else 0) or 0)
-    text = e.args[1] if len(e.args) > 1 and e.args[1] else os.strerror(code)
-    hint = _ERRNO_HINTS.get(code)
-    return KernelError(f"{what}: {text} (errno {code}{'; ' + hint if hint else ''})")
-
-
-def _index(ipr: Any, interface: str, netns: str | None) -> int:
-    found = ipr.link_lookup(ifname=interface)
-    if not found:
-        raise InvalidInput(f"no interface {_where(interface, netns)}", field="interface")
-    return int(found[0])
-
-
 def _query(ipr: Any, idx: int, interface: str, netns: str | None) -> XdpState:
     link = ipr.get_links(idx)[0]
     xdp = link.get_attr("IFLA_XDP")
@@ -137,30 +89,14 @@ def _query(ipr: Any, idx: int, interface: str, netns: str | None) -> XdpState:
         # Detached between the two calls: report what netlink said.
         name = None
     return XdpState(
-        interface, netns, idx, int(prog_id) if prog_id else None, _ATTACHED.get(attached), name
+        interface, netns, idx, int(prog_id) if prog_id else None, ATTACHED_MODES.get(attached), name
     )
-
-
-def _set_xdp(
-    ipr: Any, idx: int, fd: int, flags: int, what: str, *, expected_fd: int | None = None
-) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    attrs: list[tuple[str, int]] = [("IFLA_XDP_FD", fd)]
-    if expected_fd is not None:
-        flags |= XDP_FLAGS_REPLACE
-        attrs.append(("IFLA_XDP_EXPECTED_FD", expected_fd))
-    attrs.append(("IFLA_XDP_FLAGS", flags))
-    try:
-        ipr.link("set", index=idx, xdp={"attrs": attrs})
-    except NetlinkError as e:
-        raise _netlink_error(what, e) from e
 
 
 def query(interface: str, *, netns: str | None = None) -> XdpState:
     """What is attached to `interface` (program id, mode, program name)."""
-    with _ipr(netns) as ipr:
-        return _query(ipr, _index(ipr, interface, netns), interface, netns)
+    with iproute(netns) as ipr:
+        return _query(ipr, index(ipr, netns, interface), interface, netns)
 
 
 def attach(
@@ -176,9 +112,9 @@ def attach(
 
     With `expected_prog_id` (an upgrade), the program attached now must be that one.
     """
-    where = _where(interface, netns)
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, interface, netns)
+    where = netlink.where(interface, netns)
+    with iproute(netns) as ipr:
+        idx = index(ipr, netns, interface)
         cur = _query(ipr, idx, interface, netns)
         replaced: int | None = None
         if expected_prog_id is not None and cur.prog_id != expected_prog_id:
@@ -192,16 +128,16 @@ def attach(
             replaced = cur.prog_id
         elif mode == "auto":
             try:
-                _set_xdp(ipr, idx, prog_fd, XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST,
+                set_xdp(ipr, idx, prog_fd, XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST,
                          f"attaching XDP to {where} in native mode")  # fmt: skip
                 used, reason = "native", "auto: native mode accepted"
             except KernelError as e:
-                _set_xdp(ipr, idx, prog_fd, XDP_FLAGS_SKB_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST,
+                set_xdp(ipr, idx, prog_fd, XDP_FLAGS_SKB_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST,
                          f"attaching XDP to {where} in generic mode after native failed"
                          f" ({e.detail})")  # fmt: skip
                 used, reason = "generic", f"auto: native refused ({e.detail}); fell back to generic"
         else:
-            _set_xdp(ipr, idx, prog_fd, _MODE_FLAGS[mode] | XDP_FLAGS_UPDATE_IF_NOEXIST,
+            set_xdp(ipr, idx, prog_fd, MODE_FLAGS[mode] | XDP_FLAGS_UPDATE_IF_NOEXIST,
                      f"attaching XDP to {where} in {mode} mode")  # fmt: skip
             used, reason = mode, f"{mode} mode as configured"
         now = _query(ipr, idx, interface, netns)
@@ -213,7 +149,7 @@ def attach(
 def _replace(
     ipr: Any, prog_fd: int, cur: XdpState, mode: RequestedMode, replace_foreign: bool
 ) -> tuple[Mode, str]:
-    where = _where(cur.interface, cur.netns)
+    where = netlink.where(cur.interface, cur.netns)
     assert cur.prog_id is not None
     if not cur.ours and not replace_foreign:
         raise ForeignProgram(
@@ -221,7 +157,7 @@ def _replace(
             f" {cur.mode} mode), which is not xlb's: detach it, or set replace_foreign",
             field="interface",
         )
-    if cur.mode not in _MODE_FLAGS:
+    if cur.mode not in MODE_FLAGS:
         raise Conflict(
             f"{where} has XDP attached in {cur.mode} mode (id {cur.prog_id}); xlb only replaces"
             " a native or generic program: detach it first",
@@ -237,7 +173,7 @@ def _replace(
     used: Mode = "native" if cur.mode == "native" else "generic"
     expected = prog_fd_by_id(cur.prog_id)
     try:
-        _set_xdp(ipr, cur.ifindex, prog_fd, _MODE_FLAGS[used],
+        set_xdp(ipr, cur.ifindex, prog_fd, MODE_FLAGS[used],
                  f"replacing XDP program id {cur.prog_id} on {where}",
                  expected_fd=expected)  # fmt: skip
     finally:
@@ -250,9 +186,9 @@ def detach(
     interface: str, *, netns: str | None = None, only_ours: bool = True
 ) -> XdpState | None:
     """Remove the XDP program from `interface`; returns what was removed (None if nothing)."""
-    where = _where(interface, netns)
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, interface, netns)
+    where = netlink.where(interface, netns)
+    with iproute(netns) as ipr:
+        idx = index(ipr, netns, interface)
         cur = _query(ipr, idx, interface, netns)
         if cur.prog_id is None:
             return None
@@ -262,11 +198,11 @@ def detach(
                 " not detaching it",
                 field="interface",
             )
-        flags = _MODE_FLAGS.get(cur.mode or "", 0)
+        flags = MODE_FLAGS.get(cur.mode or "", 0)
         expected = prog_fd_by_id(cur.prog_id)
         try:
             # Expect the program we looked at, so a concurrent upgrade is not undone.
-            _set_xdp(ipr, idx, -1, flags, f"detaching XDP program id {cur.prog_id} from {where}",
+            set_xdp(ipr, idx, -1, flags, f"detaching XDP program id {cur.prog_id} from {where}",
                      expected_fd=expected)  # fmt: skip
         finally:
             os.close(expected)
@@ -299,10 +235,10 @@ _RT_TABLE_MAIN = 254
 
 def resolve_gateway_mac(interface: str, *, netns: str | None = None) -> str:
     """MAC of the default router out of `interface` (its neighbour entry), as aa:bb:..."""
-    where = _where(interface, netns)
+    where = netlink.where(interface, netns)
     how = "or set runtime.gateway_mac (XLB_RUNTIME__GATEWAY_MAC)"
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, interface, netns)
+    with iproute(netns) as ipr:
+        idx = index(ipr, netns, interface)
         gateways: list[tuple[int, str]] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for r in ipr.get_routes(family=family, table=_RT_TABLE_MAIN):

@@ -28,7 +28,6 @@ from lb.errors import InvalidInput, KernelError
 
 if TYPE_CHECKING:
     from lb.config import RuntimeConfig
-    from lb.health.manager import Tunnel
     from lb.settings import Settings
 
 SOURCE = "hc_encap/hc_encap.c"
@@ -136,8 +135,11 @@ def ctypes_set(leaf: Any, name: str, raw: bytes) -> None:
     ctypes.memmove(ctypes.addressof(leaf) + field.offset, raw, len(raw))
 
 
-def tunnel_factory(settings: Settings, stack: ExitStack) -> Callable[[], Tunnel] | None:
-    """How the daemon loads the tunnel on first use (None without an interface)."""
+def tunnel_factory(settings: Settings, stack: ExitStack) -> Callable[[], HcEncap] | None:
+    """How the daemon loads the tunnel on first use (None without an interface).
+
+    An HcEncap is what lb.health.manager's `Tunnel` asks for (marks for backends).
+    """
     if not settings.interface:
         return None
     ifname = settings.interface

@@ -1,7 +1,8 @@
 """Links, addresses, routes, XDP and tc programs on interfaces, through netlink (pyroute2).
 
 Everything is addressed by (namespace name, interface name); `name=None` is the caller's own
-namespace (a real host). The namespaces themselves are lb.dataplane.netns's.
+namespace (a real host). The namespaces themselves, and commands run inside them (ethtool),
+are lb.dataplane.netns's.
 
 Two veth facts drive the helpers here (see PLATFORM.md in the developers' notes): native
 XDP_TX or XDP_REDIRECT into a veth delivers only if the peer has an XDP program
@@ -11,8 +12,8 @@ packets cross native XDP (`set_offload`).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import re
@@ -20,23 +21,35 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pyroute2 import IPRoute
 
 from lb.dataplane import bpf
-from lb.dataplane.netns import exists, run
-from lb.errors import KernelError
+from lb.errors import InvalidInput, KernelError
+
+NETNS_RUN_DIR = Path("/run/netns")
 
 XdpMode = Literal["native", "generic"]
 
-# linux/if_link.h XDP_FLAGS_*: the mode used to attach must be used to detach.
+# Flags of IFLA_XDP_FLAGS (include/uapi/linux/if_link.h), named as there. The mode used to
+# attach must be used to detach.
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_HW_MODE = 1 << 3
+XDP_FLAGS_REPLACE = 1 << 4
 MODE_FLAGS: dict[str, int] = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-# IFLA_XDP_ATTACHED as pyroute2 decodes it.
-ATTACHED_MODES: dict[str, str] = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "hw"}
+#: IFLA_XDP_ATTACHED as pyroute2 decodes it -> the mode names xlb uses everywhere.
+ATTACHED_MODES: dict[str, str] = {
+    "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi",
+}  # fmt: skip
+_ERRNO_HINTS = {
+    errno.ERANGE: "on veth: the peer's MTU is above the native XDP limit (3506)",
+    errno.EOPNOTSUPP: "the driver has no native XDP support",
+    errno.EPERM: "needs root (CAP_NET_ADMIN)",
+}
 
 
 # Links and addresses.
@@ -47,29 +60,48 @@ def iproute(name: str | None) -> Iterator[IPRoute]:
     """A netlink socket inside an existing namespace (never creates one on a typo).
 
     Every function here takes `name=None` for the caller's own namespace (a real host).
+    ext_ack: errors carry the kernel's own words ("veth: Peer MTU is too large to set XDP").
     """
-    if name is None:
-        ipr = IPRoute()
-    elif not exists(name):
-        raise KernelError(f"network namespace {name} does not exist")
-    else:
-        ipr = IPRoute(netns=name, flags=0)
+    missing = InvalidInput(
+        f"network namespace {name!r} does not exist (no {NETNS_RUN_DIR}/{name})", field="netns"
+    )
+    # Checked first: flags=0 fails on a missing namespace, but pyroute2 0.9 leaks a socket.
+    if name is not None and not (NETNS_RUN_DIR / name).exists():
+        raise missing
+    try:
+        ipr = IPRoute(netns=name, flags=0, ext_ack=True) if name else IPRoute(ext_ack=True)
+    except FileNotFoundError as e:
+        raise missing from e
     try:
         yield ipr
     finally:
         ipr.close()
 
 
+def netlink_error(what: str, e: Exception) -> KernelError:
+    """A pyroute2 NetlinkError as a KernelError: what was attempted, the kernel's words, errno."""
+    code = int(getattr(e, "code", 0) or (e.args[0] if e.args else 0) or 0)
+    text = e.args[1] if len(e.args) > 1 and e.args[1] else os.strerror(code)
+    hint = _ERRNO_HINTS.get(code)
+    return KernelError(f"{what}: {text} (errno {code}{'; ' + hint if hint else ''})")
+
+
 def ifindex(name: str | None, ifname: str) -> int:
     """Interface index of `ifname` inside a namespace."""
     with iproute(name) as ipr:
-        return _index(ipr, name, ifname)
+        return index(ipr, name, ifname)
 
 
-def _index(ipr: IPRoute, name: str | None, ifname: str) -> int:
+def where(ifname: str, name: str | None) -> str:
+    """`eth0`, or `eth0 (netns lb1)` inside a namespace: how messages name an interface."""
+    return f"{ifname} (netns {name})" if name else ifname
+
+
+def index(ipr: IPRoute, name: str | None, ifname: str) -> int:
+    """Interface index of `ifname` on an open netlink socket (InvalidInput if there is none)."""
     found = ipr.link_lookup(ifname=ifname)
     if not found:
-        raise KernelError(f"no interface {ifname} in namespace {name}")
+        raise InvalidInput(f"no interface {where(ifname, name)}", field="interface")
     return int(found[0])
 
 
@@ -107,7 +139,7 @@ def set_link(
     if not attrs:
         return
     with iproute(name) as ipr:
-        ipr.link("set", index=_index(ipr, name, ifname), **attrs)
+        ipr.link("set", index=index(ipr, name, ifname), **attrs)
 
 
 IFA_F_NODAD = 0x02
@@ -121,7 +153,7 @@ def add_address(name: str | None, ifname: str, iface: str) -> None:
         # Tentative addresses cannot be bound for a second or more.
         kw["flags"] = IFA_F_NODAD
     with iproute(name) as ipr:
-        ipr.addr("add", index=_index(ipr, name, ifname), address=str(i.ip),
+        ipr.addr("add", index=index(ipr, name, ifname), address=str(i.ip),
                  prefixlen=i.network.prefixlen, **kw)
 
 
@@ -167,7 +199,7 @@ def route_get(name: str | None, dst: str) -> dict[str, Any]:
 def neighbours(name: str | None, ifname: str) -> dict[str, str]:
     """Neighbour table entries (address -> MAC) learnt on one interface."""
     with iproute(name) as ipr:
-        idx = _index(ipr, name, ifname)
+        idx = index(ipr, name, ifname)
         out: dict[str, str] = {}
         for n in ipr.get_neighbours(ifindex=idx):
             addr, mac = n.get("NDA_DST"), n.get("NDA_LLADDR")
@@ -223,7 +255,7 @@ def _link_info(name: str | None, msg: Any) -> LinkInfo:
 def link_info(name: str | None, ifname: str) -> LinkInfo:
     """State, MAC, MTU and attached XDP program of one interface."""
     with iproute(name) as ipr:
-        return _link_info(name, ipr.get_links(_index(ipr, name, ifname))[0])
+        return _link_info(name, ipr.get_links(index(ipr, name, ifname))[0])
 
 
 def links(name: str | None) -> list[LinkInfo]:
@@ -235,54 +267,40 @@ def links(name: str | None) -> list[LinkInfo]:
 def addresses(name: str | None, ifname: str) -> list[str]:
     """Addresses of an interface as `address/prefixlen`."""
     with iproute(name) as ipr:
-        idx = _index(ipr, name, ifname)
+        idx = index(ipr, name, ifname)
         return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)]
 
-
-# ethtool: offloads, queues, driver counters.
-
-
-def set_offload(name: str | None, ifname: str, feature: str = "tx", on: bool = False) -> None:
-    """Switch an ethtool offload (default: tx checksumming) on an interface in a namespace."""
-    run(name, ["ethtool", "-K", ifname, feature, "on" if on else "off"])
-
-
-def offloads(name: str | None, ifname: str) -> dict[str, bool]:
-    """ethtool -k of an interface: feature name -> on."""
-    out = run(name, ["ethtool", "-k", ifname]).stdout
-    feats: dict[str, bool] = {}
-    for line in out.splitlines()[1:]:
-        key, _, rest = line.strip().partition(":")
-        if rest:
-            feats[key] = rest.split()[0] == "on"
-    return feats
-
-
-def set_queues(name: str | None, ifname: str, count: int) -> None:
-    """Give a veth `count` rx and tx queues (veths start with one)."""
-    run(name, ["ethtool", "-L", ifname, "rx", str(count), "tx", str(count)])
-
-
-
-def ethtool_stats(name: str | None, ifname: str) -> dict[str, int]:
-    """`ethtool -S`: driver counters (on veth: per-queue xdp_tx, xdp_tx_errors, drops, ...)."""
-    res = run(name, ["ethtool", "-S", ifname], check=False)
-    out: dict[str, int] = {}
-    for line in res.stdout.splitlines()[1:]:
-        key, _, value = line.strip().partition(":")
-        with contextlib.suppress(ValueError):
-            out[key.strip()] = int(value)
-    return out
 
 # XDP programs on veths.
 
 
+def set_xdp(
+    ipr: IPRoute, idx: int, fd: int, flags: int, what: str, *, expected_fd: int | None = None
+) -> None:
+    """Attach program `fd` (-1: detach) with IFLA_XDP_FLAGS `flags`; with `expected_fd`, only
+    if that program is the one attached now (XDP_FLAGS_REPLACE). KernelError naming `what`."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    attrs: list[tuple[str, int]] = [("IFLA_XDP_FD", fd)]
+    if expected_fd is not None:
+        flags |= XDP_FLAGS_REPLACE
+        attrs.append(("IFLA_XDP_EXPECTED_FD", expected_fd))
+    attrs.append(("IFLA_XDP_FLAGS", flags))
+    try:
+        ipr.link("set", index=idx, xdp={"attrs": attrs})
+    except NetlinkError as e:
+        raise netlink_error(what, e) from e
+
+
 def xdp_attach(name: str | None, ifname: str, prog_fd: int, mode: XdpMode = "native") -> None:
-    """Attach (or replace) an XDP program on an interface in a namespace."""
+    """Attach (or replace, whatever it is) an XDP program on an interface in a namespace.
+
+    For labs and helper programs; the balancer goes through lb.dataplane.attach, which
+    replaces atomically and only its own program.
+    """
     with iproute(name) as ipr:
-        idx = _index(ipr, name, ifname)
-        ipr.link("set", index=idx,
-                 xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
+        set_xdp(ipr, index(ipr, name, ifname), prog_fd, MODE_FLAGS[mode],
+                f"attaching XDP to {ifname} in {mode} mode")
 
 
 def xdp_detach(name: str | None, ifname: str, mode: XdpMode | None = None) -> None:
@@ -293,9 +311,8 @@ def xdp_detach(name: str | None, ifname: str, mode: XdpMode | None = None) -> No
             return
         mode = "native" if attached == "native" else "generic"
     with iproute(name) as ipr:
-        idx = _index(ipr, name, ifname)
-        ipr.link("set", index=idx,
-                 xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", MODE_FLAGS[mode])]})
+        set_xdp(ipr, index(ipr, name, ifname), -1, MODE_FLAGS[mode],
+                f"detaching XDP from {ifname}")
 
 
 @contextmanager
@@ -307,7 +324,7 @@ def xdp_attached(
     try:
         yield
     finally:
-        if name is None or exists(name):
+        if name is None or (NETNS_RUN_DIR / name).exists():
             xdp_detach(name, ifname, mode)
 
 
@@ -374,7 +391,7 @@ TC_H_INGRESS_PARENT = 0xFFFFFFF2  # ffff:fff2
 def tc_attach_ingress(name: str | None, ifname: str, prog_fd: int, prog_name_: str) -> None:
     """Add clsact (if missing) and a direct-action BPF filter on ingress."""
     with iproute(name) as ipr:
-        idx = _index(ipr, name, ifname)
+        idx = index(ipr, name, ifname)
         if not any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
             ipr.tc("add", "clsact", idx)
         ipr.tc("add-filter", "bpf", idx, ":1", fd=prog_fd, name=prog_name_,
@@ -384,7 +401,7 @@ def tc_attach_ingress(name: str | None, ifname: str, prog_fd: int, prog_name_: s
 def tc_detach(name: str | None, ifname: str) -> None:
     """Remove clsact and with it every tc BPF program of an interface."""
     with iproute(name) as ipr:
-        idx = _index(ipr, name, ifname)
+        idx = index(ipr, name, ifname)
         if any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
             ipr.tc("del", "clsact", idx)
 
@@ -407,6 +424,6 @@ _TC_PROG_RE = re.compile(r"\bid (\d+) name (\S+)")
 def link_stats(name: str | None, ifname: str) -> dict[str, int]:
     """Kernel interface counters (rx_packets, tx_packets, rx_dropped, ...)."""
     with iproute(name) as ipr:
-        msg = ipr.get_links(_index(ipr, name, ifname))[0]
+        msg = ipr.get_links(index(ipr, name, ifname))[0]
         stats = msg.get("IFLA_STATS64") or msg.get("IFLA_STATS") or {}
         return {k: int(v) for k, v in dict(stats).items() if isinstance(v, int)}

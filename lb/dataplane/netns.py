@@ -4,7 +4,8 @@ Namespaces live under /run/netns like `ip netns add` makes them, so `ip -n` and
 `nsenter --net=/run/netns/NAME` see them too. Processes that must see bpffs pins are started
 with nsenter (`cmd`/`run`/`popen`/`spawn`), never `ip netns exec`, which remounts /sys.
 Every function taking `name` also takes `None`, the caller's own namespace (a real host).
-Interfaces inside a namespace are lb.dataplane.netlink's.
+Interfaces inside a namespace are lb.dataplane.netlink's; ethtool (offloads, queues, driver
+counters) is here, since it is a command run inside the namespace.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, TypeVar
 
 from pyroute2 import netns as _pr_netns
 
+from lb.dataplane.netlink import NETNS_RUN_DIR, set_link
 from lb.errors import KernelError
 
-NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
@@ -55,8 +56,6 @@ def create(name: str) -> None:
     """Create a named namespace; raises if it already exists."""
     if exists(name):
         raise KernelError(f"network namespace {name} already exists")
-    from lb.dataplane.netlink import set_link  # netlink addresses namespaces by this module
-
     _pr_netns.create(name)
     # Loopback down makes addresses on lo (a DSR backend's VIP) non-local.
     set_link(name, "lo", up=True)
@@ -191,6 +190,42 @@ def set_sysctls(name: str | None, values: Mapping[str, str | int]) -> None:
 def get_sysctl(name: str | None, key: str) -> str:
     """Read a `net.*` sysctl inside a namespace."""
     return call_in(name, lambda: Path("/proc/sys", key.replace(".", "/")).read_text().strip())
+
+
+# ethtool: offloads, queues, driver counters.
+
+
+def set_offload(name: str | None, ifname: str, feature: str = "tx", on: bool = False) -> None:
+    """Switch an ethtool offload (default: tx checksumming) on an interface in a namespace."""
+    run(name, ["ethtool", "-K", ifname, feature, "on" if on else "off"])
+
+
+def offloads(name: str | None, ifname: str) -> dict[str, bool]:
+    """ethtool -k of an interface: feature name -> on."""
+    out = run(name, ["ethtool", "-k", ifname]).stdout
+    feats: dict[str, bool] = {}
+    for line in out.splitlines()[1:]:
+        key, _, rest = line.strip().partition(":")
+        if rest:
+            feats[key] = rest.split()[0] == "on"
+    return feats
+
+
+def set_queues(name: str | None, ifname: str, count: int) -> None:
+    """Give a veth `count` rx and tx queues (veths start with one)."""
+    run(name, ["ethtool", "-L", ifname, "rx", str(count), "tx", str(count)])
+
+
+
+def ethtool_stats(name: str | None, ifname: str) -> dict[str, int]:
+    """`ethtool -S`: driver counters (on veth: per-queue xdp_tx, xdp_tx_errors, drops, ...)."""
+    res = run(name, ["ethtool", "-S", ifname], check=False)
+    out: dict[str, int] = {}
+    for line in res.stdout.splitlines()[1:]:
+        key, _, value = line.strip().partition(":")
+        with contextlib.suppress(ValueError):
+            out[key.strip()] = int(value)
+    return out
 
 
 # Processes.

@@ -7,6 +7,8 @@ kernel does NOT reset the packet between iterations, so only repeat idempotent p
 from __future__ import annotations
 
 import ctypes
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lb.dataplane.bpf import BPF_PROG_TEST_RUN, TestRunAttr, bpf, sys_bpf_nr
@@ -48,3 +50,20 @@ class TestRunner:
         a.repeat = repeat
         bpf(BPF_PROG_TEST_RUN, a, "BPF_PROG_TEST_RUN failed", hints=False)
         return RunResult(a.retval, self._out.raw[: a.data_size_out], a.duration)
+
+    def time_frames(self, addresses: Sequence[int], size: int) -> tuple[int, Counter[int]]:
+        """Run each `size`-byte frame at these addresses once (benchmarks): the output is not
+        copied back; returns the kernel-measured total ns and how many frames got each verdict.
+        """
+        a = TestRunAttr(prog_fd=self._prog_fd, data_size_in=size, repeat=1)
+        total = 0
+        verdicts: Counter[int] = Counter()
+        for addr in addresses:
+            a.data_in = addr
+            # The kernel writes the output size back here and treats it as the next call's
+            # buffer size: reset it, or a larger output fails with ENOSPC.
+            a.data_size_out = 0
+            bpf(BPF_PROG_TEST_RUN, a, "BPF_PROG_TEST_RUN failed", hints=False)
+            total += a.duration
+            verdicts[a.retval] += 1
+        return total, verdicts

@@ -47,7 +47,7 @@ def _lab_static(r: Report, lab: Lab) -> str | None:
     # Client.
     hop = f"client {labmod.CLIENT_IF}"
     lb_mode = netlink.link_info(lab.lb_ns, labmod.LB_IF).xdp_mode
-    if netlink.offloads(lab.client_ns, labmod.CLIENT_IF).get("tx-checksumming"):
+    if netns.offloads(lab.client_ns, labmod.CLIENT_IF).get("tx-checksumming"):
         if lb_mode == "native":
             r.fail(hop, "checksum offload",
                    f"tx checksumming is on for {labmod.CLIENT_IF}: its packets keep partial "
@@ -154,7 +154,7 @@ def _glob(lab: Lab) -> dict[str, int]:
 
 
 def _xdp_tx_errors(lab: Lab) -> int:
-    st = netlink.ethtool_stats(lab.lb_ns, labmod.LB_IF)
+    st = netns.ethtool_stats(lab.lb_ns, labmod.LB_IF)
     return sum(v for k, v in st.items() if k.endswith("xdp_tx_errors"))
 
 

@@ -375,7 +375,7 @@ def _build_topology(lab: Lab) -> None:
         })
     # Packets from a veth with tx checksumming on reach native XDP with partial checksums
     # and arrive at backends with bad L4 checksums.
-    netlink.set_offload(lab.client_ns, CLIENT_IF, "tx", on=False)
+    netns.set_offload(lab.client_ns, CLIENT_IF, "tx", on=False)
     # Native XDP_TX on lb0 delivers only if its peer runs an XDP program.
     netlink.attach_xdp_pass(lab.router_ns, RT_LB_IF, "native")
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lb.dataplane import netlink
+from lb.dataplane import netlink, netns
 from lb.dataplane.loader import prog_fd_by_id
 from lb.lab import network as labmod
 from lb.lab.doctor import check_lab
@@ -64,11 +64,11 @@ def test_names_the_veth_peer_without_xdp(lab: Lab, api: LabApi) -> None:
 
 def test_names_checksum_offload_on_the_client(lab: Lab, api: LabApi) -> None:
     """tx checksumming on the client: backends drop the packets; doctor names the client."""
-    netlink.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=True)
+    netns.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=True)
     try:
         report = check_lab(lab)
     finally:
-        netlink.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=False)
+        netns.set_offload(lab.client_ns, labmod.CLIENT_IF, "tx", on=False)
     failed = _failures(report)
     assert ("client cl0", "checksum") in failed, report.render(verbose=False)
     assert any(hop.startswith("backend b") and what == "probe" for hop, what in failed), \

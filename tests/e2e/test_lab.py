@@ -38,7 +38,7 @@ def test_platform_rules_are_applied(lab: Lab) -> None:
     peer = netlink.link_info(lab.router_ns, labmod.RT_LB_IF)
     assert peer.xdp_mode == "native" and peer.xdp_prog_name == netlink.PASS_PROG_NAME, \
         "router side of the LB link has no XDP program: native XDP_TX would vanish"
-    assert netlink.offloads(lab.client_ns, labmod.CLIENT_IF)["tx-checksumming"] is False
+    assert netns.offloads(lab.client_ns, labmod.CLIENT_IF)["tx-checksumming"] is False
     assert netns.get_sysctl(lab.router_ns, "net.ipv4.conf.all.rp_filter") == "0"
     assert netns.get_sysctl(lab.router_ns, "net.ipv4.ip_forward") == "1"
     assert netns.get_sysctl(lab.router_ns, "net.ipv6.conf.all.forwarding") == "1"

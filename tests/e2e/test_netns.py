@@ -78,10 +78,10 @@ def test_sysctls_are_per_namespace(pair: tuple[str, str]) -> None:
 
 def test_offload_switch(pair: tuple[str, str]) -> None:
     """tx checksumming can be turned off and back on."""
-    netlink.set_offload(pair[1], "vb", "tx", on=False)
-    assert netlink.offloads(pair[1], "vb")["tx-checksumming"] is False
-    netlink.set_offload(pair[1], "vb", "tx", on=True)
-    assert netlink.offloads(pair[1], "vb")["tx-checksumming"] is True
+    netns.set_offload(pair[1], "vb", "tx", on=False)
+    assert netns.offloads(pair[1], "vb")["tx-checksumming"] is False
+    netns.set_offload(pair[1], "vb", "tx", on=True)
+    assert netns.offloads(pair[1], "vb")["tx-checksumming"] is True
 
 
 def test_iproute_refuses_missing_namespace(test_prefix: str) -> None:
