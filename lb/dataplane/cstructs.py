@@ -39,8 +39,9 @@ def _strip(text: str) -> str:
     return _COMMENT.sub(" ", text)
 
 
-def _defines(text: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in _DEFINE.finditer(text)}
+def parse_defines(text: str) -> dict[str, str]:
+    """`#define NAME VALUE` of a header's text: name -> value text."""
+    return {m.group(1): m.group(2) for m in _DEFINE.finditer(_strip(text))}
 
 
 _OPS: dict[type, Any] = {
@@ -83,7 +84,7 @@ def parse(text: str, defines: dict[str, str] | None = None) -> dict[str, type[ct
     defines are read too.
     """
     clean = _strip(text)
-    names = {**(defines or {}), **_defines(clean)}
+    names = {**(defines or {}), **parse_defines(clean)}
     out: dict[str, type[ctypes.Structure]] = {}
     for m in _STRUCT.finditer(clean):
         fields: list[tuple[str, Any]] = []
@@ -110,11 +111,11 @@ def parse(text: str, defines: dict[str, str] | None = None) -> dict[str, type[ct
 def structs(*headers: str) -> dict[str, type[ctypes.Structure]]:
     """The structs of headers under xdp/ ("common/structs.h"), with common/consts.h's names."""
     root = xdp_source_dir()
-    defines = _defines(_strip((root / "common" / "consts.h").read_text()))
+    defines = parse_defines((root / "common" / "consts.h").read_text())
     out: dict[str, type[ctypes.Structure]] = {}
     for h in headers:
         text = (root / h).read_text()
-        defines.update(_defines(_strip(text)))
+        defines.update(parse_defines(text))
         out.update(parse(text, defines))
     return out
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from lb.settings import Settings
 
 SOURCE = "hc_encap/hc_encap.c"
+#: The maps of xdp/hc_encap/hc_encap.c, in the order it declares them.
+MAP_NAMES = ("hc_reals", "hc_cfg", "hc_stats")
 PROGRAM = "tc_hc_encap"
 #: Marks of tunnelled probes: MARK_BASE | gue << 20 | backend index ("XL" in the top byte).
 MARK_BASE = 0x58000000
@@ -57,9 +59,7 @@ class HcEncap:
         self.bpf = compile_program(SOURCE, [f"-DHC_MAX_REALS={max_reals}"])
         try:
             self.fn = self.bpf.load_func(PROGRAM.encode(), self.bpf.SCHED_CLS)
-            self.reals: Any = self.bpf[b"hc_reals"]
-            self.cfg: Any = self.bpf[b"hc_cfg"]
-            self.stats: Any = self.bpf[b"hc_stats"]
+            self.reals, self.cfg, self.stats = (self.bpf[n.encode()] for n in MAP_NAMES)
             self.set_config(runtime)
         except Exception:
             self.bpf.cleanup()

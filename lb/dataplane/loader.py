@@ -122,7 +122,7 @@ def unpin(pin_dir: Path) -> list[str]:
 
 
 # What an operator changes to change a map's size, for the incompatible-pin message.
-_SIZE_SOURCE = {
+SIZE_SOURCE = {
     "vip_map": "dataplane.max_vips",
     "vip_addrs": "dataplane.max_vips",
     "reals": "dataplane.max_reals",
@@ -189,7 +189,7 @@ def pin_differences(bpf: Any) -> list[str]:
                 a, e = MAP_TYPE_NAMES.get(actual, actual), MAP_TYPE_NAMES.get(expected, expected)
                 diffs.append(f"{name}: type {a} pinned, {e} in the program")
             elif field == "max_entries":
-                src = _SIZE_SOURCE.get(name, "the program")
+                src = SIZE_SOURCE.get(name, "the program")
                 diffs.append(f"{name}: max_entries {actual} pinned, {expected} configured ({src})")
             else:
                 diffs.append(f"{name}: {field} {actual} pinned, {expected} in the program")

@@ -337,24 +337,33 @@ def pinned_counters(path: Path, names: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def pinned_gateway_mac(path: Path) -> str | None:
-    """The gateway MAC a pinned lb_cfg holds (struct lb_cfg.gw_mac, xdp/common/structs.h)."""
+def gateway_mac_of(raw: bytes) -> str:
+    """The gateway MAC in a raw lb_cfg value (struct lb_cfg.gw_mac of xdp/common/structs.h)."""
     cfg = cstructs.struct("common/structs.h", "lb_cfg")
-    with _pinned(path) as (fd, info):
-        if info.value_size != ctypes.sizeof(cfg):
-            raise KernelError(f"{path}: value size {info.value_size}, struct lb_cfg is"
-                              f" {ctypes.sizeof(cfg)} bytes")
-        raw = _lookup(fd, (0).to_bytes(4, "little"), info.value_size)
-    return None if raw is None else ":".join(f"{b:02x}" for b in raw[cstructs.field_slice(
-        cfg, "gw_mac")])
+    if len(raw) < ctypes.sizeof(cfg):
+        raise KernelError(f"lb_cfg value of {len(raw)} bytes, struct lb_cfg is"
+                          f" {ctypes.sizeof(cfg)}")
+    return ":".join(f"{b:02x}" for b in raw[cstructs.field_slice(cfg, "gw_mac")])
 
 
-def pinned_decap_has(path: Path, addr: IPAddress) -> bool:
-    """Whether a pinned decap_addrs map holds an address (key: struct decap_addr)."""
+def decap_addr_key(addr: IPAddress) -> bytes:
+    """The decap_addrs key of an address (struct decap_addr of xdp/decap/decap.h)."""
     key = cstructs.struct("decap/decap.h", "decap_addr")()
     set_addr(key.addr, addr)
     key.family = family_of(addr)
-    raw = bytes(key)
+    return bytes(key)
+
+
+def pinned_gateway_mac(path: Path) -> str | None:
+    """The gateway MAC a pinned lb_cfg holds (None while lb_cfg[0] was never read back)."""
+    with _pinned(path) as (fd, info):
+        raw = _lookup(fd, (0).to_bytes(4, "little"), info.value_size)
+    return None if raw is None else gateway_mac_of(raw)
+
+
+def pinned_decap_has(path: Path, addr: IPAddress) -> bool:
+    """Whether a pinned decap_addrs map holds an address."""
+    raw = decap_addr_key(addr)
     with _pinned(path) as (fd, info):
         if info.key_size != len(raw):
             raise KernelError(f"{path}: key size {info.key_size}, struct decap_addr is {len(raw)}")
