@@ -260,11 +260,6 @@ class Drift(BaseModel):
     actual: str | None = Field(description="what the map holds (None: no entry)")
 
 
-def format_address(addr: IPAddress) -> str:
-    """Canonical text of an address."""
-    return str(addr)
-
-
 def vip_id(protocol: str, address: IPAddress, port: int) -> str:
     """Compose a VIP id; IPv6 addresses go in brackets."""
     host = f"[{address}]" if address.version == 6 else str(address)

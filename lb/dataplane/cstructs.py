@@ -16,7 +16,6 @@ import ctypes
 import operator
 import re
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from lb.config import xdp_source_dir
@@ -132,8 +131,3 @@ def field_slice(cls: type[ctypes.Structure], name: str) -> slice:
     """The bytes of one field in a raw value of `cls`."""
     desc = getattr(cls, name)
     return slice(desc.offset, desc.offset + desc.size)
-
-
-def header_path(header: str) -> Path:
-    """Where a header under xdp/ is."""
-    return xdp_source_dir() / header

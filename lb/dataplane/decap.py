@@ -25,8 +25,6 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -173,15 +171,3 @@ class Decap:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-@contextmanager
-def loaded_decap(
-    *, gue_port: int | None = DECAP_DEFAULT_GUE_PORT, pin_dir: Path | None = None
-) -> Iterator[Decap]:
-    """Load the decap programs for the duration of a `with` block."""
-    d = Decap(gue_port=gue_port, pin_dir=pin_dir)
-    try:
-        yield d
-    finally:
-        d.close()

@@ -109,10 +109,6 @@ def _final2(a: int, b: int, c: int) -> tuple[int, int]:
     return c, b
 
 
-def _final(a: int, b: int, c: int) -> int:
-    return _final2(a, b, c)[0]
-
-
 def jhash_3words2(a: int, b: int, c: int, initval: int) -> tuple[int, int]:
     """The kernel's jhash_3words(), and lookup3's second result: (c, b)."""
     iv = (initval + HASH_JHASH_INITVAL + (3 << 2)) & _M

@@ -19,10 +19,10 @@ import socket
 import subprocess
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lb.dataplane import netlink
-from lb.dataplane.keys import set_addr
+from lb.dataplane.keys import mac_bytes, put_field, set_addr
 from lb.dataplane.loader import compile_program
 from lb.errors import InvalidInput, KernelError
 
@@ -69,11 +69,10 @@ class HcEncap:
     def set_config(self, runtime: RuntimeConfig) -> None:
         """Write the outer sources, GUE port and gateway MAC (zero MAC: keep the route's)."""
         leaf = self.cfg.Leaf()
-        mac = bytes.fromhex(runtime.gateway_mac.replace(":", ""))
-        ctypes_set(leaf, "gw_mac", mac)
+        put_field(leaf, "gw_mac", mac_bytes(runtime.gateway_mac))
         leaf.gue_port = socket.htons(runtime.gue_port)
-        ctypes_set(leaf, "src_v4", runtime.src_v4.packed)
-        ctypes_set(leaf, "src_v6", runtime.src_v6.packed)
+        put_field(leaf, "src_v4", runtime.src_v4.packed)
+        put_field(leaf, "src_v6", runtime.src_v6.packed)
         self.cfg[self.cfg.Key(0)] = leaf
 
     def mark(self, index: int, address: str, gue: bool) -> int:
@@ -125,14 +124,6 @@ class HcEncap:
         """Detach and unload."""
         self.detach()
         self.bpf.cleanup()
-
-
-def ctypes_set(leaf: Any, name: str, raw: bytes) -> None:
-    """Copy bytes into a fixed-size field of a BCC struct."""
-    import ctypes
-
-    field = getattr(type(leaf), name)
-    ctypes.memmove(ctypes.addressof(leaf) + field.offset, raw, len(raw))
 
 
 def tunnel_factory(settings: Settings, stack: ExitStack) -> Callable[[], HcEncap] | None:

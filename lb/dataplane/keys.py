@@ -70,3 +70,27 @@ def raw_addr(field: Any) -> bytes:
 def set_raw_addr(field: Any, raw: bytes) -> None:
     """Store 16 raw bytes in a ctypes `__be32 addr[4]` field."""
     ctypes.memmove(ctypes.addressof(field), raw, ADDR_BYTES)
+
+
+def put_field(value: Any, field: str, raw: bytes) -> None:
+    """Copy exactly a field's size of bytes into one field of a ctypes struct value."""
+    desc = getattr(type(value), field)
+    if len(raw) != desc.size:
+        raise ValueError(f"{type(value).__name__}.{field} is {desc.size} bytes, got {len(raw)}")
+    ctypes.memmove(ctypes.addressof(value) + desc.offset, raw, desc.size)
+
+
+def get_field(value: Any, field: str) -> bytes:
+    """The raw bytes of one field of a ctypes struct value."""
+    desc = getattr(type(value), field)
+    return ctypes.string_at(ctypes.addressof(value) + desc.offset, desc.size)
+
+
+def mac_bytes(mac: str) -> bytes:
+    """`02:aa:bb:cc:dd:ee` as 6 bytes."""
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_text(raw: bytes) -> str:
+    """6 bytes as `02:aa:bb:cc:dd:ee`."""
+    return ":".join(f"{b:02x}" for b in raw)

@@ -33,7 +33,16 @@ from lb.dataplane.bpf import pinned_map_info as pinned_map_info
 from lb.dataplane.bpf import prog_fd_by_id as prog_fd_by_id
 from lb.dataplane.bpf import prog_info as prog_info
 from lb.dataplane.bpf import prog_info_by_id as prog_info_by_id
-from lb.dataplane.keys import IPAddress, family_of, proto_number, set_addr
+from lb.dataplane.keys import (
+    IPAddress,
+    family_of,
+    get_field,
+    mac_bytes,
+    mac_text,
+    proto_number,
+    put_field,
+    set_addr,
+)
 from lb.errors import BccUnavailable, IncompatiblePins, KernelError
 
 MAP_NAMES = (
@@ -211,27 +220,15 @@ def _incompatible(pin_dir: Path, diffs: list[str]) -> IncompatiblePins:
 # --- runtime configuration (lb_cfg) -------------------------------------------------------
 
 
-def _put(leaf: Any, field: str, raw: bytes) -> None:
-    desc = getattr(type(leaf), field)
-    if len(raw) != desc.size:
-        raise ValueError(f"lb_cfg.{field} is {desc.size} bytes, got {len(raw)}")
-    ctypes.memmove(ctypes.addressof(leaf) + desc.offset, raw, desc.size)
-
-
-def _get(leaf: Any, field: str) -> bytes:
-    desc = getattr(type(leaf), field)
-    return ctypes.string_at(ctypes.addressof(leaf) + desc.offset, desc.size)
-
-
 def write_runtime_config(balancer: Balancer, runtime: RuntimeConfig) -> None:
     """Write `runtime` into lb_cfg[0], the one entry the program reads per packet."""
     leaf = balancer.lb_cfg.Leaf()
-    _put(leaf, "gw_mac", bytes.fromhex(runtime.gateway_mac.replace(":", "")))
-    _put(leaf, "gue_port", runtime.gue_port.to_bytes(2, "big"))
-    _put(leaf, "src_v4", runtime.src_v4.packed)
-    _put(leaf, "src_v6", runtime.src_v6.packed)
-    _put(leaf, "rss_v4", runtime.rss_v4.network_address.packed)
-    _put(leaf, "rss_v6", runtime.rss_v6.network_address.packed[:8])
+    put_field(leaf, "gw_mac", mac_bytes(runtime.gateway_mac))
+    put_field(leaf, "gue_port", runtime.gue_port.to_bytes(2, "big"))
+    put_field(leaf, "src_v4", runtime.src_v4.packed)
+    put_field(leaf, "src_v6", runtime.src_v6.packed)
+    put_field(leaf, "rss_v4", runtime.rss_v4.network_address.packed)
+    put_field(leaf, "rss_v6", runtime.rss_v6.network_address.packed[:8])
     leaf.max_frame = runtime.max_frame
     leaf.udp_timeout_ns = round(runtime.udp_timeout_s * 1e9)
     balancer.lb_cfg[balancer.lb_cfg.Key(0)] = leaf
@@ -243,12 +240,12 @@ def read_runtime_config(balancer: Balancer) -> RuntimeConfig | None:
     if not any(ctypes.string_at(ctypes.addressof(leaf), ctypes.sizeof(leaf))):
         return None
     return RuntimeConfig(
-        gateway_mac=":".join(f"{b:02x}" for b in _get(leaf, "gw_mac")),
-        gue_port=int.from_bytes(_get(leaf, "gue_port"), "big"),
-        src_v4=ipaddress.IPv4Address(_get(leaf, "src_v4")),
-        src_v6=ipaddress.IPv6Address(_get(leaf, "src_v6")),
-        rss_v4=ipaddress.IPv4Network((_get(leaf, "rss_v4"), 16)),
-        rss_v6=ipaddress.IPv6Network((_get(leaf, "rss_v6") + bytes(8), 64)),
+        gateway_mac=mac_text(get_field(leaf, "gw_mac")),
+        gue_port=int.from_bytes(get_field(leaf, "gue_port"), "big"),
+        src_v4=ipaddress.IPv4Address(get_field(leaf, "src_v4")),
+        src_v6=ipaddress.IPv6Address(get_field(leaf, "src_v6")),
+        rss_v4=ipaddress.IPv4Network((get_field(leaf, "rss_v4"), 16)),
+        rss_v6=ipaddress.IPv6Network((get_field(leaf, "rss_v6") + bytes(8), 64)),
         max_frame=leaf.max_frame,
         udp_timeout_s=leaf.udp_timeout_ns / 1e9,
     )

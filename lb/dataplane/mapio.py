@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lb.dataplane import bpf, cstructs
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import vip_filter_bit
-from lb.dataplane.keys import IPAddress, family_of, raw_addr, set_addr, set_raw_addr
+from lb.dataplane.keys import IPAddress, family_of, mac_text, raw_addr, set_addr, set_raw_addr
 from lb.errors import KernelError
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ def gateway_mac_of(raw: bytes) -> str:
     if len(raw) < ctypes.sizeof(cfg):
         raise KernelError(f"lb_cfg value of {len(raw)} bytes, struct lb_cfg is"
                           f" {ctypes.sizeof(cfg)}")
-    return ":".join(f"{b:02x}" for b in raw[cstructs.field_slice(cfg, "gw_mac")])
+    return mac_text(raw[cstructs.field_slice(cfg, "gw_mac")])
 
 
 def decap_addr_key(addr: IPAddress) -> bytes:

@@ -385,8 +385,6 @@ def prog_name(prog_id: int) -> str | None:
 
 # tc ingress (clsact + cls_bpf direct action), e.g. a backend's decap program.
 
-TC_H_INGRESS_PARENT = 0xFFFFFFF2  # ffff:fff2
-
 
 def tc_attach_ingress(name: str | None, ifname: str, prog_fd: int, prog_name_: str) -> None:
     """Add clsact (if missing) and a direct-action BPF filter on ingress."""

@@ -229,16 +229,6 @@ class HealthManager:
             return {"vips": list(vips.values()), "events": list(self.events),
                     "totals": dict(self.totals)}
 
-    def status_of(self, vip_id: str, backend: str) -> tuple[str, bool] | None:
-        """(health status, in the ring by health) of one pair, or None when unchecked."""
-        with self._lock:
-            p = self._pairs.get((vip_id, backend))
-            if p is None:
-                return None
-            vs = self._vips.get(vip_id)
-            out = vs.decision.out if vs is not None else frozenset()
-            return p.target.status, backend not in out
-
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -143,11 +143,6 @@ class HealthCheck(BaseModel):
             )
         return self
 
-    @property
-    def detection_bound_s(self) -> float:
-        """Longest time from a backend failing to it leaving the ring (fall probes)."""
-        return self.fall * self.interval_s * (1 + self.jitter) + self.timeout_s
-
 
 @dataclass
 class Target:
