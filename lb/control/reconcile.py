@@ -31,7 +31,7 @@ or an error cut short (docs/conn-table.md).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -435,6 +435,173 @@ class ApplyResult:
     purged: int = 0
 
 
+class _Writer:
+    """One apply's map writes, step by step in the order the data plane needs.
+
+    `have` is updated after every write, so a failure leaves it describing the maps; every
+    write is a crash point ("reconcile-write"), every purge one more ("before-purge").
+    """
+
+    def __init__(
+        self,
+        io: MapIO,
+        have: MapImage,
+        want: MapImage,
+        touched: Touched | None,
+        ring_of: Callable[[MapImage, int], array[int]],
+    ) -> None:
+        self.io, self.have, self.want, self._ring_of = io, have, want, ring_of
+        self.res = ApplyResult()
+        # VIP numbers and backend indices whose slots go, once nothing writes such slots.
+        self.gone_nums: set[int] = set()
+        self.gone_idx: set[int] = set()
+        if touched is None:
+            self.vip_keys = list(want.vip_map.keys() | have.vip_map.keys())
+            self.addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
+            self.real_keys = sorted(want.reals.keys() | have.reals.keys())
+            self.ring_nums = sorted(want.rings.keys() | have.rings.keys())
+        else:
+            self.vip_keys = list(touched.vip_map)
+            self.addr_keys = list(touched.vip_addrs)
+            self.real_keys = sorted(touched.reals)
+            self.ring_nums = sorted(touched.rings)
+
+    def _step(self) -> None:
+        self.res.entries += 1
+        crash_point("reconcile-write")
+
+    def purge(self) -> None:
+        """Free the conn_table slots of the numbers and indices given up so far."""
+        if self.gone_nums or self.gone_idx:
+            crash_point("before-purge")
+            self.res.purged += self.io.purge_conns(self.gone_nums, self.gone_idx)
+            self.gone_nums.clear()
+            self.gone_idx.clear()
+
+    def retire_reused_numbers(self) -> None:
+        """A VIP number handed to another VIP in this change (only when the table is full):
+        the old VIP stops using it before its ring is rewritten."""
+        want, have = self.want, self.have
+        owner = {want.vip_map[k][0]: k for k in self.vip_keys if k in want.vip_map}
+        for key in self.vip_keys:
+            h = have.vip_map.get(key)
+            if h is not None and h[0] in owner and owner[h[0]] != key:
+                self.io.del_vip(key)
+                del have.vip_map[key]
+                self.gone_nums.add(h[0])
+                self._step()
+
+    def empty_reused_backends(self) -> None:
+        """An index that passes to another backend (reused within one change, only when
+        max_reals is full; or found so at a start) is emptied first: until the rings are
+        rewritten, their slots still naming the old backend drop (STAT_NO_BACKEND) rather
+        than reach the new one, and no new conn_table slot names the index."""
+        for idx in self.real_keys:
+            val, prev = self.want.reals.get(idx), self.have.reals.get(idx)
+            if val is not None and prev is not None and prev != val:
+                self.io.set_real(idx, None)
+                del self.have.reals[idx]
+                self.gone_idx.add(idx)
+                self._step()
+
+    def program_backends(self, new_idx: set[int]) -> None:
+        """Backends first: every index a ring is about to name is programmed."""
+        fresh = [i for i in self.real_keys if i in new_idx and i in self.want.reals]
+        if fresh:
+            self.io.reset_counters((), fresh)
+        for idx in self.real_keys:
+            val = self.want.reals.get(idx)
+            if val is not None and self.have.reals.get(idx) != val:
+                self.io.set_real(idx, val)
+                self.have.reals[idx] = val
+                self._step()
+
+    def write_rings(self) -> None:
+        """Ring slots, only those that change."""
+        for num in self.ring_nums:
+            values = self.want.rings.get(num)
+            if values is None:
+                continue
+            old = self._ring_of(self.have, num)
+            if old is values:
+                continue
+            changed = maglev.changed_slots(old, values)
+            if changed:
+                self.io.write_ring(num, changed, values)
+                self.res.ring_slots += len(changed)
+                self._step()
+            self.have.rings[num] = values
+
+    def add_addresses(self) -> None:
+        """Addresses gaining a VIP (and their filter bit), before the VIP entries."""
+        for akey in self.addr_keys:
+            n = self.want.vip_addrs.get(akey, 0)
+            if self.have.vip_addrs.get(akey, 0) < n:
+                self.io.set_vip_addr(akey, n)
+                self.have.vip_addrs[akey] = n
+                self._step()
+
+    def write_vips(self, new_nums: set[int]) -> None:
+        """The VIP entries, new or with new flags: the last write that makes a VIP live."""
+        fresh = [num for num in new_nums if num in self.want.rings]
+        if fresh:
+            self.io.reset_counters(fresh, ())
+        for key in self.vip_keys:
+            meta = self.want.vip_map.get(key)
+            h = self.have.vip_map.get(key)
+            if meta is not None and h != meta:
+                self.io.set_vip(key, *meta)
+                self.have.vip_map[key] = meta
+                if h is not None and h[0] != meta[0]:
+                    self.gone_nums.add(h[0])  # the VIP was deleted and created again
+                self._step()
+
+    def delete_vips(self) -> None:
+        """VIP entries no longer wanted: the first write that takes a VIP down."""
+        for key in self.vip_keys:
+            if key not in self.want.vip_map and key in self.have.vip_map:
+                self.io.del_vip(key)
+                self.gone_nums.add(self.have.vip_map.pop(key)[0])
+                self._step()
+
+    def shrink_addresses(self) -> None:
+        """Addresses that carry fewer VIPs, or none."""
+        for akey in self.addr_keys:
+            w = self.want.vip_addrs.get(akey, 0)
+            n = self.have.vip_addrs.get(akey, 0)
+            if w == 0 and akey in self.have.vip_addrs:
+                self.io.del_vip_addr(akey)
+                del self.have.vip_addrs[akey]
+                self._step()
+            elif w != n:
+                self.io.set_vip_addr(akey, w)
+                self.have.vip_addrs[akey] = w
+                self._step()
+
+    def clear_rings(self) -> None:
+        """The rings of deleted VIPs, zeroed."""
+        for num in self.ring_nums:
+            if num in self.want.rings or num not in self.have.rings:
+                continue
+            old = self.have.rings.pop(num)
+            zeros = array("I", bytes(4 * len(old)))
+            changed = maglev.changed_slots(old, zeros)
+            if changed:
+                self.io.write_ring(num, changed, zeros)
+                self.res.ring_slots += len(changed)
+                self._step()
+
+    def free_backends(self, real_idx: Mapping[str, int]) -> None:
+        """Backends no ring names any more. A disabled backend keeps its index (and its
+        slots, which now miss); a removed one, or a stray entry, leaves it free."""
+        for idx in self.real_keys:
+            if idx not in self.want.reals and idx in self.have.reals:
+                self.io.set_real(idx, None)
+                if real_idx.get(_real_identity(self.have.reals.pop(idx))) != idx:
+                    self.gone_idx.add(idx)
+                self._step()
+
+
 class Reconciler:
     """Brings the maps to the desired image, in data-plane-safe order."""
 
@@ -541,135 +708,19 @@ class Reconciler:
         new_idx: set[int],
         real_idx: Mapping[str, int],
     ) -> ApplyResult:
-        io = self.io
-        res = ApplyResult()
-        # VIP numbers and backend indices whose slots go, once nothing writes such slots.
-        gone_nums: set[int] = set()
-        gone_idx: set[int] = set()
-
-        def purge() -> None:
-            if gone_nums or gone_idx:
-                crash_point("before-purge")
-                res.purged += io.purge_conns(gone_nums, gone_idx)
-                gone_nums.clear()
-                gone_idx.clear()
-
-        def step() -> None:
-            res.entries += 1
-            crash_point("reconcile-write")
-
-        if touched is None:
-            vip_keys = list(want.vip_map.keys() | have.vip_map.keys())
-            addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
-            real_keys = sorted(want.reals.keys() | have.reals.keys())
-            ring_nums = sorted(want.rings.keys() | have.rings.keys())
-        else:
-            vip_keys = list(touched.vip_map)
-            addr_keys = list(touched.vip_addrs)
-            real_keys = sorted(touched.reals)
-            ring_nums = sorted(touched.rings)
-
-        # 0. A VIP number handed to another VIP in this change (only when the table is
-        #    full): the old VIP stops using it before its ring is rewritten.
-        owner = {want.vip_map[k][0]: k for k in vip_keys if k in want.vip_map}
-        for key in vip_keys:
-            h = have.vip_map.get(key)
-            if h is not None and h[0] in owner and owner[h[0]] != key:
-                io.del_vip(key)
-                del have.vip_map[key]
-                gone_nums.add(h[0])
-                step()
-        # 1. Backends first: every index a ring is about to name is programmed. An index
-        #    that passes to another backend (reused within one change, only when max_reals
-        #    is full; or found so at a start) is emptied first: until step 2 rewrites them,
-        #    the ring slots still naming the old backend drop (STAT_NO_BACKEND) rather than
-        #    reach the new one, and no new conn_table slot names the index.
-        for idx in real_keys:
-            val, prev = want.reals.get(idx), have.reals.get(idx)
-            if val is not None and prev is not None and prev != val:
-                io.set_real(idx, None)
-                del have.reals[idx]
-                gone_idx.add(idx)
-                step()
-        # Slots of the numbers and indices handed over go before their new owners are written.
-        purge()
-        fresh_reals = [i for i in real_keys if i in new_idx and i in want.reals]
-        if fresh_reals:
-            io.reset_counters((), fresh_reals)
-        for idx in real_keys:
-            val = want.reals.get(idx)
-            if val is not None and have.reals.get(idx) != val:
-                io.set_real(idx, val)
-                have.reals[idx] = val
-                step()
-        # 2. Ring slots, only those that change.
-        for num in ring_nums:
-            values = want.rings.get(num)
-            if values is None:
-                continue
-            old = self._ring_of(have, num)
-            if old is values:
-                continue
-            changed = maglev.changed_slots(old, values)
-            if changed:
-                io.write_ring(num, changed, values)
-                res.ring_slots += len(changed)
-                step()
-            have.rings[num] = values
-        # 3. Addresses gaining a VIP, then the VIP entries (new, or new flags).
-        for akey in addr_keys:
-            n = want.vip_addrs.get(akey, 0)
-            if have.vip_addrs.get(akey, 0) < n:
-                io.set_vip_addr(akey, n)
-                have.vip_addrs[akey] = n
-                step()
-        fresh = [num for num in new_nums if num in want.rings]
-        if fresh:
-            io.reset_counters(fresh, ())
-        for key in vip_keys:
-            meta = want.vip_map.get(key)
-            h = have.vip_map.get(key)
-            if meta is not None and h != meta:
-                io.set_vip(key, *meta)
-                have.vip_map[key] = meta
-                if h is not None and h[0] != meta[0]:
-                    gone_nums.add(h[0])  # the VIP was deleted and created again
-                step()
-        # 4. Deletions in reverse: VIP entries, addresses, rings, then unused backends, then
-        #    the conn_table slots naming what was freed.
-        for key in vip_keys:
-            if key not in want.vip_map and key in have.vip_map:
-                io.del_vip(key)
-                gone_nums.add(have.vip_map.pop(key)[0])
-                step()
-        for akey in addr_keys:
-            w = want.vip_addrs.get(akey, 0)
-            n = have.vip_addrs.get(akey, 0)
-            if w == 0 and akey in have.vip_addrs:
-                io.del_vip_addr(akey)
-                del have.vip_addrs[akey]
-                step()
-            elif w != n:
-                io.set_vip_addr(akey, w)
-                have.vip_addrs[akey] = w
-                step()
-        for num in ring_nums:
-            if num in want.rings or num not in have.rings:
-                continue
-            old = have.rings.pop(num)
-            zeros = array("I", bytes(4 * len(old)))
-            changed = maglev.changed_slots(old, zeros)
-            if changed:
-                io.write_ring(num, changed, zeros)
-                res.ring_slots += len(changed)
-                step()
-        for idx in real_keys:
-            if idx not in want.reals and idx in have.reals:
-                io.set_real(idx, None)
-                # A disabled backend keeps its index (and its slots, which now miss); a
-                # removed one, or a stray entry, leaves it free.
-                if real_idx.get(_real_identity(have.reals.pop(idx))) != idx:
-                    gone_idx.add(idx)
-                step()
-        purge()
-        return res
+        w = _Writer(self.io, have, want, touched, self._ring_of)
+        # Creation order: nothing the data plane can reach names what is not there yet.
+        w.retire_reused_numbers()
+        w.empty_reused_backends()
+        w.purge()  # slots of what was handed over go before the new owners are written
+        w.program_backends(new_idx)
+        w.write_rings()
+        w.add_addresses()
+        w.write_vips(new_nums)
+        # Deletion in reverse, then the conn_table slots naming what was freed.
+        w.delete_vips()
+        w.shrink_addresses()
+        w.clear_rings()
+        w.free_backends(real_idx)
+        w.purge()
+        return w.res

@@ -40,6 +40,12 @@ def family_of(addr: IPAddress) -> int:
     return FAMILY_V4 if addr.version == 4 else FAMILY_V6
 
 
+def socket_family(address: str | IPAddress) -> socket.AddressFamily:
+    """AF_INET or AF_INET6 for an address (text or object), to open a socket to it."""
+    version = ipaddress.ip_address(address).version
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
 def addr16(addr: IPAddress) -> bytes:
     """The 16 bytes of `__be32 addr[4]` for an address (IPv4 in the first word)."""
     return addr.packed.ljust(ADDR_BYTES, b"\0")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import socket
 import ssl
@@ -20,6 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from lb.dataplane.keys import socket_family
 from lb.health.policy import HealthCheck
 
 #: Largest HTTP status line or UDP answer read.
@@ -41,12 +41,8 @@ class ProbeResult:
     latency_s: float = 0.0
 
 
-def _family(address: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-
-
 def _socket(address: str, kind: socket.SocketKind, mark: int | None) -> socket.socket:
-    s = socket.socket(_family(address), kind)
+    s = socket.socket(socket_family(address), kind)
     try:
         s.setblocking(False)
         if mark is not None:

@@ -8,13 +8,16 @@ counters stop moving.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import threading
 import time
 from dataclasses import dataclass
 
 from lb.client import ApiError
+from lb.control.model import vip_id
 from lb.dataplane import netlink, netns
+from lb.dataplane.keys import socket_family
 from lb.dataplane.mapio import pinned_counters
 from lb.errors import XlbError
 from lb.lab import network as labmod
@@ -185,7 +188,7 @@ def _snapshot(lab: Lab) -> _Counters:
 
 def _send_probes(lab: Lab, protocol: str, vip: str, port: int) -> int:
     """PROBES new flows to a VIP from the client, all at once; returns how many were answered."""
-    fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    fam = socket_family(vip)
     answered: list[bool] = []
 
     def one(n: int) -> None:
@@ -220,7 +223,7 @@ def _delta(a: dict[str, int], b: dict[str, int], key: str) -> int:
 
 def _probe_vip(r: Report, lab: Lab, protocol: str, vip: str, port: int) -> None:
     """Send probes through one VIP and name the first hop whose counters do not move."""
-    vid = f"{protocol}:[{vip}]:{port}" if ":" in vip else f"{protocol}:{vip}:{port}"
+    vid = vip_id(protocol, ipaddress.ip_address(vip), port)
     before = _snapshot(lab)
     answered = _send_probes(lab, protocol, vip, port)
     time.sleep(0.2)

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from lb.client import ApiClient, ApiError
 from lb.dataplane import netlink, netns
+from lb.dataplane.keys import socket_family
 from lb.dataplane.netlink import XdpMode
 from lb.errors import InvalidInput, KernelError
 
@@ -691,10 +692,6 @@ class Tally:
         self.failures.update(other.failures)
 
 
-def _family(addr: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
-
-
 def _http_once(vip: str, port: int, timeout: float) -> str:
     with socket.create_connection((vip, port), timeout=timeout) as s:
         s.sendall(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n")
@@ -708,7 +705,7 @@ def _http_once(vip: str, port: int, timeout: float) -> str:
 
 
 def _udp_once(vip: str, port: int, timeout: float, seq: int) -> str:
-    with socket.socket(_family(vip), socket.SOCK_DGRAM) as s:
+    with socket.socket(socket_family(vip), socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         payload = f"q{seq}".encode()
         # Each try is a new socket and so a new source port: a new flow, like a new client.
