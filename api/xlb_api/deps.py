@@ -18,7 +18,10 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lb.control.facade import ControlPlane
+from lb.dataplane.host import Host
+from lb.dataplane.loader import Balancer
 from lb.errors import InvalidInput
+from lb.health.manager import HealthManager
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.problems import NotReady, Unauthorized, UnsupportedMediaType
@@ -39,7 +42,12 @@ class Runtime:
     #: Name of the XDP mode in force ("native", "generic") or None, for /metrics.
     attach_mode: Callable[[], str | None] = lambda: None
     started: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: The loaded balancer (None: the control plane runs on maps it was handed, or none).
+    balancer: Balancer | None = None
+    #: The host's data plane as `lbctl serve` opened it (pins, attachment), for shutdown.
+    host: Host | None = None
+    #: The health checker, when the daemon runs one.
+    health: HealthManager | None = None
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -18,7 +18,7 @@ class HealthCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Yield the health metric families."""
-        hm = self._rt.extra.get("health")
+        hm = self._rt.health
         if hm is None:
             return
         snap = hm.snapshot()

@@ -55,7 +55,7 @@ def build_runtime(
     """Assemble the objects the routes use around a control plane (and its data plane)."""
     rt = Runtime(control=control, token=settings.expected_token())
     if balancer is not None:
-        rt.extra["balancer"] = balancer
+        rt.balancer = balancer
         rt.stats = StatsReader(balancer, conn_count_ttl=settings.conn_count_ttl_s)
         rt.sampler = RateSampler(
             rt.stats, interval=settings.stats_interval_s, window=settings.stats_window_s
@@ -127,9 +127,9 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         return None if info is None else str(info.mode)
 
     rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode)
-    rt.extra["host"] = host
+    rt.host = host
     # Tunnelled probes need a tc program on the interface, compiled on first use only.
-    rt.extra["health"] = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
+    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
     return rt
 
 
@@ -165,16 +165,16 @@ def create_app(
                     attach_mode=attach_mode,
                 )
                 if health_manager is not None:
-                    app.state.runtime.extra["health"] = health_manager
+                    app.state.runtime.health = health_manager
             else:
                 app.state.runtime = await asyncio.to_thread(
                     _host_runtime, stack, api_settings, lb_settings
                 )
                 if api_settings.detach_on_exit:
-                    stack.callback(_detach, app.state.runtime.extra["host"])
+                    stack.callback(_detach, app.state.runtime.host)
             rt: Runtime = app.state.runtime
             task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
-            hm: HealthManager | None = rt.extra.get("health")
+            hm: HealthManager | None = rt.health
             htask = asyncio.create_task(hm.run(), name="xlb-health") if hm else None
             try:
                 yield

@@ -19,7 +19,7 @@ router = APIRouter(tags=["health checks"], responses=problem_responses(401, 422,
 
 
 def _snapshot(rt: RuntimeDep) -> dict[str, Any]:
-    hm = rt.extra.get("health")
+    hm = rt.health
     if hm is None:
         return {"vips": [], "events": [], "totals": {}, "enabled": False}
     return {**hm.snapshot(), "enabled": True}
@@ -86,7 +86,7 @@ def get_flows(
     b = vip.backend(address)
     if b is None:
         raise NotFound(f"VIP {vip.id} has no backend {address}", field="address")
-    balancer = rt.extra.get("balancer")
+    balancer = rt.balancer
     if balancer is None:
         raise NotReady("no data plane is loaded: flows cannot be counted")
     table = rt.stats.conn_table() if rt.stats is not None else None
