@@ -67,8 +67,8 @@ def c_define(header: str, name: str) -> int:
     return int(m.group(1), 0)
 
 
-GUE_SPORT_BASE = c_define("balancer/encap.h", "ENCAP_GUE_SPORT_BASE")
-GUE_SPORT_MASK = c_define("balancer/encap.h", "ENCAP_GUE_SPORT_MASK")
+GUE_SPORT_BASE = c_define("common/consts.h", "ENCAP_GUE_SPORT_BASE")
+GUE_SPORT_MASK = c_define("common/consts.h", "ENCAP_GUE_SPORT_MASK")
 ICMP_TTL = c_define("balancer/icmp.h", "ICMP_TTL")
 # Minimum-MTU rules for how much of the original a too-big reply quotes (xdp/balancer/icmp.h).
 ICMP4_QUOTE_MAX = 576 - 20 - 8

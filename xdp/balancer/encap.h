@@ -26,10 +26,6 @@
 
 #include "balancer/parse.h"
 
-/* GUE source ports: the upper quarter of the port space, low bits from the flow hash. */
-#define ENCAP_GUE_SPORT_BASE 0xc000
-#define ENCAP_GUE_SPORT_MASK 0x3fff
-
 /* The largest header stack encap_push adds: IPv6 + UDP (GUE over IPv6). */
 #define ENCAP_MAX_OVERHEAD (sizeof(struct ipv6hdr) + sizeof(struct udphdr))
 

@@ -54,6 +54,12 @@
 #define FEAT_GUE 1
 #endif
 
+/* GUE source ports: the upper quarter of the port space, low bits from the flow hash
+ * (client traffic, xdp/balancer/encap.h, and tunnelled probes, xdp/hc_encap/hc_encap.c).
+ */
+#define ENCAP_GUE_SPORT_BASE 0xc000
+#define ENCAP_GUE_SPORT_MASK 0x3fff
+
 /* UDP connection-table idle timeout when lb_cfg.udp_timeout_ns is 0 (not configured). */
 #define UDP_TIMEOUT_DEFAULT_S 30
 

@@ -5,7 +5,8 @@
  * the prober's own address directly (DSR), which routes back to the LB.
  *
  * Encapsulations: IPv4 in IPv4, IPv6 in IPv6, IPv4 in IPv6, each optionally as GUE (the IP
- * packet in UDP to hc_cfg.gue_port, zero UDP checksum), as xdp/balancer/encap.h does for clients.
+ * packet in UDP to hc_cfg.gue_port, zero UDP checksum), as xdp/balancer/encap.h does for
+ * clients, with the shared checksum helper and GUE source ports of xdp/common/.
  * Outer source: the LB's own address (hc_cfg.src_v4 / src_v6); destination MAC: hc_cfg.gw_mac
  * when set. Unmarked packets and marks that are not ours pass untouched.
  */
@@ -16,6 +17,9 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/udp.h>
+
+#include "common/consts.h"
+#include "common/csum.h"
 
 /* Marks programmed at once (one per backend and encapsulation in use). */
 #ifndef HC_MAX_REALS
@@ -30,9 +34,6 @@
 #define HC_TTL 64
 #define HC_IPV4_VER_IHL 0x45
 #define HC_IP_DF 0x4000
-/* GUE source port: ephemeral range, low bits from the flow hash (as xdp/balancer/encap.h). */
-#define HC_GUE_SPORT_BASE 0xc000
-#define HC_GUE_SPORT_MASK 0x3fff
 
 /* Counter slots (hc_stats), mirrored by name in lb/dataplane/hcencap.py. */
 enum hc_stat {
@@ -77,14 +78,6 @@ static __always_inline int hc_count(__u32 slot, int verdict)
 	if (cnt)
 		*cnt += 1;
 	return verdict;
-}
-
-/* Fold a 32-bit one's complement sum to the 16-bit IPv4 header checksum. */
-static __always_inline __u16 hc_csum_fold(__u32 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)~sum;
 }
 
 int tc_hc_encap(struct __sk_buff *skb)
@@ -158,7 +151,6 @@ int tc_hc_encap(struct __sk_buff *skb)
 		slot = HC_STAT_ENCAP_V6;
 	} else {
 		struct iphdr ip = {};
-		__u32 sum;
 
 		*(__u8 *)&ip = HC_IPV4_VER_IHL;
 		ip.tot_len = bpf_htons(inner_len + over);
@@ -167,8 +159,7 @@ int tc_hc_encap(struct __sk_buff *skb)
 		ip.protocol = proto;
 		ip.saddr = cfg->src_v4;
 		ip.daddr = real->addr[0];
-		sum = bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0);
-		ip.check = hc_csum_fold(sum);
+		ip.check = csum_ipv4_hdr(&ip);
 		if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0))
 			return hc_count(HC_STAT_DROP_ADJUST, TC_ACT_SHOT);
 		eth_proto = bpf_htons(ETH_P_IP);
@@ -177,8 +168,8 @@ int tc_hc_encap(struct __sk_buff *skb)
 	if (gue) {
 		struct udphdr uh = {};
 
-		uh.source = bpf_htons(HC_GUE_SPORT_BASE |
-				      (bpf_get_hash_recalc(skb) & HC_GUE_SPORT_MASK));
+		uh.source = bpf_htons(ENCAP_GUE_SPORT_BASE |
+				      (bpf_get_hash_recalc(skb) & ENCAP_GUE_SPORT_MASK));
 		uh.dest = cfg->gue_port;
 		uh.len = bpf_htons(inner_len + sizeof(uh));
 		if (bpf_skb_store_bytes(skb, ETH_HLEN + hdr_len, &uh, sizeof(uh), 0))
