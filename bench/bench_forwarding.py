@@ -12,7 +12,7 @@ trafgen writes frames into xbg0 (a packet socket, so the generator-side XDP prog
 sees them); they arrive on xbl0 where the program under test runs. Whatever the LB sends
 goes back out of xbl0, its only interface, towards the router's MAC, and arrives on xbg0,
 whose XDP program counts it per CPU and drops it. That sink is also what native XDP_TX on a
-veth needs to deliver (the peer must run an XDP program, see /work/shared/PLATFORM.md), so the
+veth needs to deliver (the peer must run an XDP program, docs/veth-lab.md), so the
 same attachment makes the path work and measures it. Forwarded packets per second are read
 from the sink's per-CPU counters; for drop_limit, from the LB-side program's own counter.
 

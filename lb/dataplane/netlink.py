@@ -4,7 +4,7 @@ Everything is addressed by (namespace name, interface name); `name=None` is the 
 namespace (a real host). The namespaces themselves, and commands run inside them (ethtool),
 are lb.dataplane.netns's.
 
-Two veth facts drive the helpers here (see PLATFORM.md in the developers' notes): native
+Two veth facts drive the helpers here (docs/veth-lab.md has all of them): native
 XDP_TX or XDP_REDIRECT into a veth delivers only if the peer has an XDP program
 (`load_xdp_pass` makes the smallest one), and checksum offload must be off on senders whose
 packets cross native XDP (`set_offload`).

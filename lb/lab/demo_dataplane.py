@@ -1,11 +1,11 @@
-"""`make demo`: load the balancer and push real packets through it with BPF_PROG_TEST_RUN.
+"""`make demo-dataplane`: load the balancer, push real packets through it (BPF_PROG_TEST_RUN).
 
 The project's main job in miniature, without a network: compile the data plane, program one
-IPv4 VIP with three backends straight into the maps (the ring built by lb.control.maglev), then show
-per packet what the program did: TCP SYNs encapsulated towards their backend, an ACK that
-follows its flow through the connection table, an ICMP echo answered from XDP, a packet too
-big for the path answered with "fragmentation needed", traffic that is not ours passed to the
-stack; then how 3,000 new flows spread over the backends, and the counters.
+IPv4 VIP with three backends straight into the maps (the ring built by lb.control.maglev), then
+show per packet what the program did: TCP SYNs encapsulated towards their backend, an ACK
+that follows its flow through the connection table, an ICMP echo answered from XDP, a packet
+too big for the path answered with "fragmentation needed", traffic that is not ours passed to
+the stack; then how 3,000 new flows spread over the backends, and the counters.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ gateway MAC of its runtime config, "LB on a stick"); the router routes it to the
 whose decap program (xdp/decap/decap.c, tc or XDP) strips the outer header; the VIP sits on the
 backend's `lo`, its server answers the client directly through the router (DSR).
 
-Every rule of the veth platform is applied (see /work/shared/PLATFORM.md): an XDP_PASS
+Every rule of the veth platform is applied (docs/veth-lab.md): an XDP_PASS
 program on rt-lb so native XDP_TX from lb0 is delivered; tx checksum offload off on the
 client; MTU 1600 on the LB and backend links (encapsulation headroom; clients keep 1500, so
 TCP's MSS leaves room for the outer header); rp_filter off (the DSR answer enters the router
