@@ -43,6 +43,11 @@ static __always_inline int conn_find(const struct conn_ref *ref, __u64 *meta)
 	struct conn_set *s = ref->set;
 	int i;
 
+	/* Never NULL here (conn_locate returned 1), but Linux 6.1's verifier loses that through
+	 * the spilled conn_ref on one path and refuses "R1 invalid mem access 'scalar'".
+	 */
+	if (!s)
+		return -1;
 #pragma unroll
 	for (i = 0; i < CONN_WAYS; i++) {
 		if (CONN_READ(s->way[i].tag) == ref->tag) {
@@ -69,6 +74,9 @@ static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta)
 	/* What the pick is: 4 the flow's own slot, 3 free, 2 expired UDP, 1 live, 0 none. */
 	int pick = -1, rank = 0, i;
 
+	/* As in conn_find: a NULL check Linux 6.1's verifier needs to see. */
+	if (!s)
+		return;
 #pragma unroll
 	for (i = 0; i < CONN_WAYS; i++) {
 		t = CONN_READ(s->way[i].tag);

@@ -11,6 +11,7 @@
 #define XLB_PARSE_H
 
 #include "balancer/stats.h"
+#include "common/bounds.h"
 
 /* "Not decided yet, go on": every verdict is >= 0. */
 #define FURTHER_PROCESSING -1
@@ -125,7 +126,7 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct parse_p
 		return stats_verdict(STAT_MALFORMED, XDP_DROP);
 	if (iph->version != 4 || iph->ihl < PARSE_IPV4_IHL)
 		return stats_verdict(STAT_MALFORMED, XDP_DROP);
-	len = bpf_ntohs(iph->tot_len);
+	len = bounds_ntohs(iph->tot_len);
 	if (len < sizeof(*iph) || (void *)iph + len > data_end)
 		return stats_verdict(STAT_MALFORMED, XDP_DROP);
 	pkt->flow.src[0] = iph->saddr;
@@ -159,7 +160,7 @@ static __always_inline int parse_ipv6(void *data, void *data_end, struct parse_p
 		return stats_verdict(STAT_MALFORMED, XDP_DROP);
 	if (ip6h->version != 6)
 		return stats_verdict(STAT_MALFORMED, XDP_DROP);
-	plen = bpf_ntohs(ip6h->payload_len);
+	plen = bounds_ntohs(ip6h->payload_len);
 	if ((void *)(ip6h + 1) + plen > data_end)
 		return stats_verdict(STAT_MALFORMED, XDP_DROP);
 	__builtin_memcpy(pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));

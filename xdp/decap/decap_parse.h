@@ -24,6 +24,7 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/udp.h>
 
+#include "common/bounds.h"
 #include "decap/decap.h"
 
 /* Returned by helpers when the packet is to be decapsulated (verdicts are >= 0). */
@@ -62,7 +63,7 @@ static __always_inline __u16 decap_parse_inner(void *inner, void *data_end, __u3
 	if (version == DECAP_IP_VERSION_4) {
 		if ((void *)(iph + 1) > data_end || iph->ihl * DECAP_IHL_UNIT < sizeof(*iph))
 			return 0;
-		len = bpf_ntohs(iph->tot_len);
+		len = bounds_ntohs(iph->tot_len);
 		if (len < iph->ihl * DECAP_IHL_UNIT || len > avail)
 			return 0;
 		return ETH_P_IP;
@@ -70,7 +71,7 @@ static __always_inline __u16 decap_parse_inner(void *inner, void *data_end, __u3
 	if (version == DECAP_IP_VERSION_6) {
 		if ((void *)(ip6h + 1) > data_end)
 			return 0;
-		len = sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
+		len = sizeof(*ip6h) + bounds_ntohs(ip6h->payload_len);
 		if (len > avail)
 			return 0;
 		return ETH_P_IPV6;
@@ -100,7 +101,7 @@ static __always_inline int decap_parse_payload(void *payload, void *data_end, __
 		/* XXX: the outer UDP checksum is not verified (0 is accepted, as RFC 6935 allows
 		 * for tunnels over IPv6); the inner transport checksum still covers the payload.
 		 */
-		udp_len = bpf_ntohs(udp->len);
+		udp_len = bounds_ntohs(udp->len);
 		if (udp_len < sizeof(*udp) || udp_len > avail)
 			return decap_count(DECAP_STAT_DROP_MALFORMED, drop);
 		payload = udp + 1;
@@ -135,7 +136,7 @@ static __always_inline int decap_parse_v4(void *l3, void *data_end, struct decap
 	if (iph->frag_off & bpf_htons(DECAP_IP_MF | DECAP_IP_OFFSET))
 		return decap_count(DECAP_STAT_PASS_FRAG, pass);
 	hlen = iph->ihl * DECAP_IHL_UNIT;
-	tot_len = bpf_ntohs(iph->tot_len);
+	tot_len = bounds_ntohs(iph->tot_len);
 	if (hlen < sizeof(*iph) || tot_len < hlen || l3 + tot_len > data_end)
 		return decap_count(DECAP_STAT_DROP_MALFORMED, drop);
 	info->outer_proto = ETH_P_IP;
@@ -164,7 +165,7 @@ static __always_inline int decap_parse_v6(void *l3, void *data_end, struct decap
 	key.family = DECAP_FAMILY_V6;
 	if (!decap_is_local(&key))
 		return decap_count(DECAP_STAT_PASS_NOT_LOCAL, pass);
-	plen = bpf_ntohs(ip6h->payload_len);
+	plen = bounds_ntohs(ip6h->payload_len);
 	if ((void *)(ip6h + 1) + plen > data_end)
 		return decap_count(DECAP_STAT_DROP_MALFORMED, drop);
 	info->outer_proto = ETH_P_IPV6;
