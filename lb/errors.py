@@ -88,3 +88,10 @@ class BccUnavailable(KernelError):
     """BCC cannot be imported or cannot compile the data plane."""
 
     kind = "bcc-unavailable"
+
+
+class UnsupportedKernel(KernelError):
+    """The running kernel lacks a BPF feature the data plane needs, or its verifier refused a
+    program; the message is one line naming what is missing and what is supported."""
+
+    kind = "unsupported-kernel"

@@ -79,6 +79,12 @@ def bpf(cmd: int, attr: ctypes.Structure, what: str, *, hints: bool = True) -> i
     return rc
 
 
+def bpf_try(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
+    """One bpf(2) call: (its result, 0) on success, (-1, errno) on failure."""
+    rc = _call(cmd, attr)
+    return (rc, 0) if rc >= 0 else (-1, ctypes.get_errno())
+
+
 def bpf_errno(cmd: int, attr: ctypes.Structure) -> int:
     """One bpf(2) call for a command that returns 0; its errno on failure, else 0."""
     return 0 if _call(cmd, attr) >= 0 else ctypes.get_errno()
@@ -207,6 +213,34 @@ class _ProgInfo(ctypes.Structure):
         ("nr_map_ids", ctypes.c_uint32),
         ("map_ids", ctypes.c_uint64),
         ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        # The rest, up to verified_insns (Linux 5.16): what the verifier walked.
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+        ("attach_btf_obj_id", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
     ]
 
 
@@ -234,6 +268,11 @@ class ProgInfo:
     type: int
     name: str
     map_ids: tuple[int, ...]
+    # Program size after the verifier's rewrites and once JITed, in bytes.
+    xlated_len: int = 0
+    jited_len: int = 0
+    # Instructions the verifier processed (all paths walked), the figure its 1M limit counts.
+    verified_insns: int = 0
 
 
 def obj_get(path: Path) -> int:
@@ -267,8 +306,10 @@ def prog_info(fd: int) -> ProgInfo:
     bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"reading program info of fd {fd}")
     n = min(info.nr_map_ids, len(ids))
     return ProgInfo(
-        id=info.id, type=info.type, name=info.name.decode(), map_ids=tuple(ids[:n])
-    )
+        id=info.id, type=info.type, name=info.name.decode(), map_ids=tuple(ids[:n]),
+        xlated_len=info.xlated_prog_len, jited_len=info.jited_prog_len,
+        verified_insns=info.verified_insns,
+    )  # fmt: skip
 
 
 def prog_info_by_id(prog_id: int) -> ProgInfo:

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from lb.dataplane.keys import IPAddress, family_of, get_addr, set_addr
-from lb.dataplane.loader import compile_program
+from lb.dataplane.loader import compile_program, load_func
 from lb.errors import InvalidInput, KernelError, LimitReached, NotFound
 
 SOURCE = "decap/decap.c"
@@ -86,8 +86,8 @@ class Decap:
         self.pin_dir = pin_dir
         self.bpf = compile_program(SOURCE, [f"-DDECAP_MAX_ADDRS={max_addrs}"], pin_dir=pin_dir)
         try:
-            self.xdp_fn = self.bpf.load_func(XDP_PROGRAM.encode(), self.bpf.XDP)
-            self.tc_fn = self.bpf.load_func(TC_PROGRAM.encode(), self.bpf.SCHED_CLS)
+            self.xdp_fn = load_func(self.bpf, XDP_PROGRAM, self.bpf.XDP)
+            self.tc_fn = load_func(self.bpf, TC_PROGRAM, self.bpf.SCHED_CLS)
             self.maps: dict[str, Any] = {name: self.bpf[name.encode()] for name in MAP_NAMES}
             # None keeps what a pinned decap_cfg already holds (0 means the default port).
             if gue_port is not None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from lb.dataplane import netlink
 from lb.dataplane.keys import mac_bytes, put_field, set_addr
-from lb.dataplane.loader import compile_program
+from lb.dataplane.loader import compile_program, load_func
 from lb.errors import InvalidInput, KernelError
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class HcEncap:
     def __init__(self, runtime: RuntimeConfig, *, max_reals: int = 4096) -> None:
         self.bpf = compile_program(SOURCE, [f"-DHC_MAX_REALS={max_reals}"])
         try:
-            self.fn = self.bpf.load_func(PROGRAM.encode(), self.bpf.SCHED_CLS)
+            self.fn = load_func(self.bpf, PROGRAM, self.bpf.SCHED_CLS)
             self.reals, self.cfg, self.stats = (self.bpf[n.encode()] for n in MAP_NAMES)
             self.set_config(runtime)
         except Exception:

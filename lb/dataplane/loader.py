@@ -17,12 +17,14 @@ import ctypes
 import ipaddress
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lb.config import DataplaneConfig, RuntimeConfig, xdp_source_dir
+from lb.dataplane import kernelcheck
 
 # lb.dataplane.bpf's object calls, re-exported for the callers of lb.dataplane.loader.
 from lb.dataplane.bpf import MapInfo as MapInfo
@@ -43,7 +45,7 @@ from lb.dataplane.keys import (
     put_field,
     set_addr,
 )
-from lb.errors import BccUnavailable, IncompatiblePins, KernelError
+from lb.errors import BccUnavailable, IncompatiblePins, KernelError, UnsupportedKernel
 
 MAP_NAMES = (
     "vip_map",
@@ -88,6 +90,66 @@ def compile_program(
         return bcc.BPF(src_file=str(path).encode(), cflags=flags)
     except Exception as e:
         raise BccUnavailable(f"BCC could not compile {path}: {e}") from e
+
+
+@contextmanager
+def _fd2_captured() -> Iterator[list[str]]:
+    """Collect what C code writes to fd 2 (libbcc prints the verifier log there)."""
+    out: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+# Verifier log lines that are statistics, not the reason for a refusal.
+_LOG_STATS = ("processed ", "verification time", "stack depth", "max_states_per_insn")
+
+
+def verifier_message(log: str) -> str:
+    """The verifier's reason for a refusal: the lines at the end of its log that are neither
+    statistics nor instructions ("371: (0f) r1 += r4") nor source (";"), joined with "; "."""
+    reason: list[str] = []
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        if not line or (not reason and line.startswith(_LOG_STATS)):
+            continue
+        if line.split(":", 1)[0].isdigit() or line.startswith(";"):
+            if reason:
+                break
+            continue
+        reason.append(line)
+    return "; ".join(reversed(reason))
+
+
+def load_func(bpf: Any, name: str, prog_type: int) -> Any:
+    """bpf.load_func, after checking the kernel has the features `name` uses; a refusal
+    raises UnsupportedKernel with the verifier's reason in one line, and the whole log is
+    kept in a file the message names."""
+    kernelcheck.require(name)
+    with _fd2_captured() as captured:
+        try:
+            return bpf.load_func(name.encode(), prog_type)
+        except Exception as e:
+            error = e
+    log = captured[0] if captured else ""
+    reason = verifier_message(log) or str(error)
+    where = ""
+    if log.strip():
+        fd, path = tempfile.mkstemp(prefix=f"xlb-verifier-{name}-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(log)
+        where = f" (verifier log: {path})"
+    raise UnsupportedKernel(
+        f"Linux {os.uname().release} refused {name}: {reason}{where}; xlb is tested on Linux"
+        f" {', '.join(kernelcheck.SUPPORTED)}"
+    ) from error
 
 
 # The connection table's map type before docs/conn-table.md (enum bpf_map_type).
@@ -274,6 +336,7 @@ class Balancer:
                 )
             if repin:
                 unpin(pin_dir)
+        kernelcheck.require(self.PROGRAM)
         self.bpf = compile_program("balancer/balancer.c", config.cflags(), pin_dir=pin_dir)
         try:
             if pin_dir is not None:
@@ -287,11 +350,7 @@ class Balancer:
         self.maps: dict[str, Any] = {name: self.bpf[name.encode()] for name in MAP_NAMES}
 
     def _load(self) -> Any:
-        try:
-            return self.bpf.load_func(self.PROGRAM.encode(), self.bpf.XDP)
-        except Exception as e:
-            # BCC raises a bare Exception; the verifier log went to stderr.
-            raise KernelError(f"the kernel refused {self.PROGRAM}: {e}") from e
+        return load_func(self.bpf, self.PROGRAM, self.bpf.XDP)
 
     @property
     def prog_fd(self) -> int:
