@@ -9,6 +9,7 @@ import ctypes
 import ipaddress
 import mmap
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -218,12 +219,15 @@ def test_flow5_refuses_mixed_families_and_bad_ports() -> None:
 def test_a_packet_creates_the_slot_python_predicts(bed: Bed, version: int, proto: str) -> None:
     flow = bed.flow(version, proto)
     flags = "S" if proto == "tcp" else ""
+    t0 = time.monotonic()
     assert bed.send(flow, flags) == str(RING[version][1]), "the ring picks a new flow"
     entry = bed.table.lookup(flow)
+    # Time passes while the test runs (minutes-slow under qemu's TCG): allow for it.
+    slack = 2 * STAMP_S + (time.monotonic() - t0)
     assert entry is not None, "the packet left no entry where Python looks"
     assert entry.real_idx == RING[version][0] and entry.vip_num == VIP_NUMS[(version, proto)]
     assert entry.udp == (proto == "udp") and not entry.closing
-    assert entry.age_s < 2 * STAMP_S, "the stamp is not the data plane's clock now"
+    assert entry.age_s < slack, "the stamp is not the data plane's clock now"
     # Read back through bpf(2), independently of the mmap: the set index and tag agree.
     s = conn_index(flow, bed.table.sets)
     tags = [int(w.tag) for w in bed.b.conn_table[bed.b.conn_table.Key(s)].way]
@@ -257,6 +261,7 @@ def test_count_and_entries_agree_with_what_was_written(
     by_python = [bed.flow(version, proto, sport=42000 + i) for i in range(30)]
     for f in by_packet:
         bed.send(f, "S" if proto == "tcp" else "")
+    t0 = time.monotonic()
     for f in by_python:
         bed.table.insert(f, CONN[version][0], num, udp=proto == "udp", age_s=5.0)
     assert bed.table.count() == 50
@@ -265,16 +270,20 @@ def test_count_and_entries_agree_with_what_was_written(
     assert sorted(e.real_idx.tolist()) == [RING[version][0]] * 20 + [CONN[version][0]] * 30
     assert (e.vip_num == num).all() and (e.udp == (proto == "udp")).all()
     aged = e.age_s[e.real_idx == CONN[version][0]]
-    assert (abs(aged - 5.0) <= 2 * STAMP_S).all(), "insert's age_s does not read back"
+    late = time.monotonic() - t0  # the entries age while they are written and read
+    ok = (aged >= 5.0 - 2 * STAMP_S) & (aged <= 5.0 + late + 2 * STAMP_S)
+    assert ok.all(), "insert's age_s does not read back"
 
 
 def test_fin_marks_the_entry_closing_and_a_packet_refreshes_its_stamp(bed: Bed) -> None:
     flow = bed.flow(4, "tcp", sport=40200)
     bed.table.insert(flow, CONN[4][0], VIP_NUMS[(4, "tcp")], age_s=10.0)
+    t0 = time.monotonic()
     assert bed.send(flow, "FA") == str(CONN[4][1])
     entry = bed.table.lookup(flow)
+    slack = 2 * STAMP_S + (time.monotonic() - t0)
     assert entry is not None and entry.closing, "a client FIN marks the entry closing"
-    assert entry.age_s < 2 * STAMP_S, "the packet did not refresh the stamp"
+    assert entry.age_s < slack, "the packet did not refresh the stamp"
 
 
 def test_insert_replaces_an_expired_udp_entry_before_the_oldest_live_one(bed: Bed) -> None:
