@@ -32,6 +32,9 @@ CONN_STAMP_NS_SHIFT = 24
 CONN_SEED_INDEX = 0x636F6E6E
 CONN_SEED_TAG = 0x7461676C
 
+#: A closing TCP entry counts as live this long after the client's last FIN or RST (the last
+#: ACKs): drains and the live-flow count use it.
+CLOSING_GRACE_S = 2.0
 # UDP connection-table idle timeout when lb_cfg.udp_timeout_ns is 0.
 UDP_TIMEOUT_DEFAULT_S = 30
 
@@ -66,6 +69,8 @@ GLOB_STATS: tuple[str, ...] = (
     "STAT_LRU_EXPIRED",
     "STAT_LRU_REAL_GONE",
     "STAT_CONN_EVICT",
+    "STAT_PASS_NOT_OURS",
+    "STAT_ICMP_SRC_BAD",
 )
 STAT_MAX = len(GLOB_STATS)
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(GLOB_STATS)}

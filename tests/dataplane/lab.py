@@ -113,9 +113,9 @@ class Lab:
 
     # --- seeding -----------------------------------------------------------------------------
 
-    def config(self, **changes: Any) -> None:
-        """Write lb_cfg: the defaults with `changes`."""
-        write_runtime_config(self.b, default_runtime(**changes))
+    def config(self, *, lb_mac: str | None = None, **changes: Any) -> None:
+        """Write lb_cfg: the defaults with `changes` (and the interface MAC `lb_mac`)."""
+        write_runtime_config(self.b, default_runtime(**changes), lb_mac=lb_mac)
 
     def vip(self, addr: IPAddress, port: int, proto: str = "tcp", *, num: int = 0,
             flags: int = 0) -> None:

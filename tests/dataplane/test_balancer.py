@@ -389,6 +389,35 @@ DSTOPT_NONVIP6 = bytes(ether() / IPv6(src=str(CLIENT6), dst=str(NONVIP6)) / IPv6
                        / TCP(sport=40000, dport=80, flags="S"))
 
 
+FIN4 = P.tcp4(flags="FA")
+FIN6 = P.tcp6(flags="FA")
+ECHO_NONVIP4 = bytes(ether() / IP(src=str(CLIENT4), dst=str(NONVIP4)) / ICMP(id=7, seq=3))
+# 1460 bytes of IP: 14 + 1460 + 20 (IPIP) = 1494 fits max_frame 1514, with 60 more it would not.
+FIT_TRAILER4 = P.tcp4(flags="A", payload=b"t" * 1420)
+
+
+def _to_mac(frame: bytes, mac: str) -> bytes:
+    """`frame` sent to Ethernet destination `mac`."""
+    return bytes.fromhex(mac.replace(":", "")) + frame[6:]
+
+
+def _version(frame: bytes, version: int) -> bytes:
+    raw = bytearray(frame)
+    raw[14] = (version << 4) | (raw[14] & 0x0F)
+    return bytes(raw)
+
+
+def _with_src(frame: bytes, src: IPAddress) -> bytes:
+    """`frame` (Ethernet/IP/TCP) from another source address, checksums recomputed."""
+    pkt = Ether(frame)
+    ip = pkt[IP] if IP in pkt else pkt[IPv6]
+    ip.src = str(src)
+    if IP in pkt:
+        del pkt[IP].chksum
+    del pkt[TCP].chksum
+    return bytes(pkt)
+
+
 def _truncated_ip_len(frame: bytes, claimed: int) -> bytes:
     """`frame` with its IPv4 total length rewritten (checksum left as is)."""
     raw = bytearray(frame)
@@ -527,6 +556,43 @@ def set_cases(family: str, base: Flow, vip: Callable[[Lab], None]) -> list[Case]
     ]
 
 
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+OTHER_HOST_MAC = "02:00:00:00:00:99"
+NOT_OURS = {"STAT_PASS_NOT_OURS": 1}
+
+MAC_CASES = [
+    Case("broadcast frame to a VIP is not balanced (passed)", V4,
+         passed(_to_mac(SYN4, BROADCAST)), NOT_OURS, table_empty),
+    Case("IPv4 multicast frame to a VIP is not balanced", V4,
+         passed(_to_mac(SYN4, "01:00:5e:00:00:01")), NOT_OURS),
+    Case("IPv6 multicast frame to a VIP is not balanced", V6,
+         passed(_to_mac(SYN6, "33:33:00:00:00:01")), NOT_OURS),
+    Case("broadcast echo request to a VIP gets no reply", V4,
+         passed(_to_mac(ECHO4, BROADCAST)), NOT_OURS),
+    Case("another host's unicast frame (promiscuous NIC) is not balanced",
+         seeds(V4, with_config(lb_mac=P.LB_MAC)),
+         passed(_to_mac(SYN4, OTHER_HOST_MAC)), NOT_OURS, table_empty),
+    Case("a frame to the interface's own MAC is balanced, sent from that MAC",
+         seeds(V4, with_config(lb_mac=P.LB_MAC)),
+         tx(SYN4, enc(SYN4, REAL4[0], RSS4)), MISS_SYN),
+    Case("an echo reply leaves from the interface's own MAC",
+         seeds(V4, with_config(lb_mac=P.LB_MAC)),
+         tx(ECHO4, P.echo_reply(ECHO4)), {"STAT_ICMP_ECHO": 1}),
+]
+
+# Sources that must never get an ICMP error (RFC 1122 3.2.2, RFC 4443 2.4(e)).
+BAD_ICMP_SOURCES4 = ("224.0.0.5", "255.255.255.255", "0.0.0.0", "127.0.0.1", "240.0.0.1")
+BAD_ICMP_SOURCES6 = ("ff02::1", "::", "::1")
+ICMP_SOURCE_CASES = [
+    *(Case(f"IPv4 too big from {src}: no frag-needed, dropped", V4,
+           dropped(_with_src(BIG4_DF, ipaddress.ip_address(src))),
+           {"STAT_ICMP_SRC_BAD": 1, **MISS}) for src in BAD_ICMP_SOURCES4),
+    *(Case(f"IPv6 too big from {src}: no packet-too-big, dropped", V6,
+           dropped(_with_src(BIG6, ipaddress.ip_address(src))),
+           {"STAT_ICMP_SRC_BAD": 1, **MISS}) for src in BAD_ICMP_SOURCES6),
+]
+
+
 SET_CASES = [
     *set_cases("IPv4", F4, TWO4),
     *set_cases("IPv6", F6, TWO6),
@@ -553,8 +619,8 @@ CASES: list[Case] = [
     Case("VLAN-tagged ARP is passed", V4,
          passed(bytes(ether(5) / ARP(psrc=str(CLIENT4), pdst=str(VIP4)))),
          {"STAT_PASS_NOT_IP": 1}),
-    Case("Ethernet header alone, IPv4 EtherType, is dropped", V4, dropped(SYN4[:14]),
-         {"STAT_MALFORMED": 1}),
+    Case("Ethernet header alone, IPv4 EtherType, is passed (it names no destination)", V4,
+         passed(SYN4[:14]), {"STAT_PASS_NOT_IP": 1}),
     Case("Ethernet header alone, ARP EtherType, is passed", V4,
          passed(bytes(ether() / ARP())[:14]), {"STAT_PASS_NOT_IP": 1}),
     Case("truncated 802.1Q tag is passed", V4, passed(VLAN_SYN4[:16]),
@@ -610,8 +676,14 @@ CASES: list[Case] = [
          tx(DSCP4, enc(DSCP4, REAL4[0], RSS4)), MISS_SYN),
     Case("IPv4 DF copied to the outer header", V4,
          tx(DF4, enc(DF4, REAL4[0], RSS4)), MISS_SYN),
-    Case("IPv4 Ethernet padding stays behind the packet", V4,
-         tx(PADDED4, enc(PADDED4, REAL4[0], RSS4)), MISS_SYN),
+    Case("IPv4 Ethernet padding is not sent to the backend", V4,
+         tx(PADDED4, enc(SYN4, REAL4[0], RSS4)), MISS_SYN),
+    Case("IPv4 bytes after the IP packet are trimmed before encapsulating", V4,
+         tx(SYN4 + b"\xee" * 200, enc(SYN4, REAL4[0], RSS4)), MISS_SYN),
+    Case("IPv4 trailer does not count toward max_frame: the trimmed frame fits", V4,
+         tx(FIT_TRAILER4 + b"\xee" * 60, enc(FIT_TRAILER4, REAL4[0], RSS4)), MISS),
+    Case("IPv6 bytes after the IP packet are trimmed before encapsulating", V6,
+         tx(SYN6 + b"\xee" * 100, enc(SYN6, REAL6[0], RSS6)), MISS_SYN),
     Case("IPv4 port-0 VIP takes every port", vip_with(port=0),
          tx(PORT0_FRAME4, enc(PORT0_FRAME4, REAL4[0], P.rss_src4(CLIENT4, 40000))), MISS_SYN),
     Case("IPv4 exact VIP wins over the port-0 VIP",
@@ -670,9 +742,20 @@ CASES: list[Case] = [
     Case("IPv4 UDP timeout comes from lb_cfg",
          seeds(UDP_TWO4, with_config(udp_timeout_s=1.0), with_conn(UF4, 2, age_s=2)),
          tx(UDP4, enc(UDP4, REAL4[0], RSS4)), {"STAT_LRU_EXPIRED": 1, **MISS}),
-    Case("IPv4 TCP entries never expire by age",
-         seeds(TWO4, with_conn(F4, 2, age_s=100000)),
+    Case("IPv4 TCP entries never expire with tcp_timeout_s 0",
+         seeds(TWO4, with_config(tcp_timeout_s=0), with_conn(F4, 2, age_s=100000)),
          tx(ACK4, enc(ACK4, REAL4[1], RSS4)), HIT),
+    Case("IPv4 TCP entry idle past tcp_timeout_s (900 s) is re-picked from the ring",
+         seeds(TWO4, with_conn(F4, 2, age_s=1000)),
+         tx(ACK4, enc(ACK4, REAL4[0], RSS4)), {"STAT_LRU_EXPIRED": 1, **MISS},
+         conn_is(F4, 1, fresh=True)),
+    Case("IPv4 TCP entry idle just under tcp_timeout_s still steers",
+         seeds(TWO4, with_conn(F4, 2, age_s=880)),
+         tx(ACK4, enc(ACK4, REAL4[1], RSS4)), HIT, conn_is(F4, 2, fresh=True)),
+    Case("IPv4 FIN of an unknown flow is forwarded but opens no entry", V4,
+         tx(FIN4, enc(FIN4, REAL4[0], RSS4)), MISS, conn_is(F4, None)),
+    Case("IPv6 FIN of an unknown flow is forwarded but opens no entry", V6,
+         tx(FIN6, enc(FIN6, REAL6[0], RSS6)), MISS, conn_is(F6, None)),
     Case("IPv4 removed backend in the table: re-picked from the ring, entry overwritten",
          seeds(TWO4, with_conn(F4, 2), lambda lab: lab.remove_real(2)),
          tx(ACK4, enc(ACK4, REAL4[0], RSS4)), {"STAT_LRU_REAL_GONE": 1, **MISS},
@@ -909,23 +992,41 @@ CASES: list[Case] = [
          passed(DSTOPT_NONVIP6), {"STAT_PASS_NON_VIP": 1}),
 
     # --- malformed ---------------------------------------------------------------------------
-    Case("truncated IPv4 header is dropped", V4, dropped(SYN4[:14 + 12]),
-         {"STAT_MALFORMED": 1}),
+    Case("truncated IPv4 header is passed (it names no destination)", V4,
+         passed(SYN4[:14 + 12]), {"STAT_PASS_NOT_IP": 1}),
+    Case("IPv4 total length beyond the frame to a non-VIP address is passed", V4,
+         passed(_truncated_ip_len(P.tcp4(dst=NONVIP4), 200)), {"STAT_PASS_NON_VIP": 1}),
+    Case("IPv4 IHL below 5 to a non-VIP address is passed", V4,
+         passed(_ihl(P.tcp4(dst=NONVIP4), 4)), {"STAT_PASS_NON_VIP": 1}),
+    Case("truncated TCP header to a non-VIP address is passed", V4,
+         passed(_truncated_ip_len(P.tcp4(dst=NONVIP4)[:14 + 20 + 10], 30)),
+         {"STAT_PASS_NON_VIP": 1}),
+    Case("truncated UDP header to a non-VIP address is passed", V4,
+         passed(_truncated_ip_len(P.udp4(dst=NONVIP4)[:14 + 20 + 4], 24)),
+         {"STAT_PASS_NON_VIP": 1}),
+    Case("truncated ICMP header to a non-VIP address is passed", V4,
+         passed(_truncated_ip_len(ECHO_NONVIP4[:14 + 20 + 4], 24)), {"STAT_PASS_NON_VIP": 1}),
+    Case("truncated TCP header to a non-VIP IPv6 address is passed", V6,
+         passed(_v6_plen(P.tcp6(dst=NONVIP6), 8)), {"STAT_PASS_NON_VIP": 1}),
+    Case("IPv6 payload length beyond the frame to a non-VIP address is passed", V6,
+         passed(_v6_plen(P.tcp6(dst=NONVIP6), 400)), {"STAT_PASS_NON_VIP": 1}),
     Case("IPv4 total length beyond the frame is dropped", V4,
          dropped(_truncated_ip_len(SYN4, 200)), {"STAT_MALFORMED": 1}),
     Case("IPv4 total length below the header is dropped", V4,
          dropped(_truncated_ip_len(SYN4, 12)), {"STAT_MALFORMED": 1}),
     Case("IPv4 IHL below 5 is dropped", V4, dropped(_ihl(SYN4, 4)), {"STAT_MALFORMED": 1}),
-    Case("IPv6 packet in an IPv4 EtherType is dropped", V4,
-         dropped(bytes(Ether(src=P.PEER_MAC, dst=P.LB_MAC, type=0x0800)
-                       / IPv6(src=str(CLIENT6), dst=str(VIP6)) / TCP())),
-         {"STAT_MALFORMED": 1}),
+    Case("IPv6 packet in an IPv4 EtherType is passed (not to a VIP address as IPv4)", V4,
+         passed(bytes(Ether(src=P.PEER_MAC, dst=P.LB_MAC, type=0x0800)
+                      / IPv6(src=str(CLIENT6), dst=str(VIP6)) / TCP())),
+         {"STAT_PASS_NON_VIP": 1}),
+    Case("IPv4 header with version 6 to a VIP address is dropped", V4,
+         dropped(_version(SYN4, 6)), {"STAT_MALFORMED": 1}),
     Case("truncated TCP header to a VIP is dropped", V4,
          dropped(_truncated_ip_len(SYN4[:14 + 20 + 10], 30)), {"STAT_MALFORMED": 1}),
     Case("truncated UDP header to a VIP is dropped", vip_with(proto="udp"),
          dropped(_truncated_ip_len(UDP4[:14 + 20 + 4], 24)), {"STAT_MALFORMED": 1}),
-    Case("truncated IPv6 header is dropped", V6, dropped(SYN6[:14 + 30]),
-         {"STAT_MALFORMED": 1}),
+    Case("truncated IPv6 header is passed (it names no destination)", V6,
+         passed(SYN6[:14 + 30]), {"STAT_PASS_NOT_IP": 1}),
     Case("IPv6 payload length beyond the frame is dropped", V6,
          dropped(_v6_plen(SYN6, 400)), {"STAT_MALFORMED": 1}),
     Case("IPv6 payload shorter than a TCP header is dropped", V6,
@@ -933,6 +1034,8 @@ CASES: list[Case] = [
     Case("truncated ICMP header is dropped", V4,
          dropped(_truncated_ip_len(ECHO4[:14 + 20 + 4], 24)), {"STAT_MALFORMED": 1}),
     *SET_CASES,
+    *MAC_CASES,
+    *ICMP_SOURCE_CASES,
 ]
 
 
@@ -981,9 +1084,34 @@ def _first_difference(got: bytes, want: bytes) -> str | None:
     return None
 
 
+def _outer_ipv4_offset(frame: bytes) -> int | None:
+    """Offset of the frame's first IPv4 header (the one the program wrote), if any."""
+    off = 14
+    if frame[12:14] == b"\x81\x00":
+        off = 18
+    return off if frame[off - 2 : off] == b"\x08\x00" and len(frame) >= off + 20 else None
+
+
+def _with_id_of(got: bytes, want: bytes) -> bytes:
+    """`got` with the outer IPv4 ID of `want` (checksum fixed) when DF is clear there: such
+    a datagram gets a random ID (RFC 6864 4.1), proven by test_outer_ids_vary_without_df."""
+    off = _outer_ipv4_offset(got)
+    if off is None or _outer_ipv4_offset(want) != off or got[off + 6] & 0x40:
+        return got
+    hdr = bytearray(got[off : off + 20])
+    hdr[4:6] = want[off + 4 : off + 6]
+    hdr[10:12] = b"\0\0"
+    s = sum(int.from_bytes(hdr[i : i + 2], "big") for i in range(0, 20, 2))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    hdr[10:12] = (~s & 0xFFFF).to_bytes(2, "big")
+    return got[:off] + bytes(hdr) + got[off + 20 :]
+
+
 def _check_frame(got: bytes, want: bytes) -> None:
     bad = P.bad_checksums(got)
     assert not bad, f"checksum wrong in the output: {bad}"
+    got = _with_id_of(got, want)
     if got != want:
         diff = _first_difference(got, want) or "bytes differ"
         pytest.fail(f"{diff}\n got: {got.hex()}\nwant: {want.hex()}")
@@ -1135,3 +1263,17 @@ def test_an_unarmed_vip_filter_filters_nothing(lab: Lab) -> None:
     V4(lab)
     lab.b.vip_filter[lab.b.vip_filter.Key(0)] = lab.b.vip_filter.Leaf()
     assert lab.run(SYN4).verdict == XDP_TX, "an unarmed (all-zero) filter dropped a VIP"
+
+
+def test_outer_ids_vary_without_df_and_are_zero_with_df(lab: Lab) -> None:
+    # RFC 6864 4.1: a datagram that may be fragmented (DF clear) needs an ID; an atomic one
+    # (DF set) may carry 0. The packet cases compare everything else byte for byte.
+    vip_with(proto="udp")(lab)
+    ids = {Ether(lab.run(P.udp4(dport=80, sport=41000 + i)).packet)[IP].id for i in range(16)}
+    assert len(ids) > 1, f"DF clear, but every outer ID is {ids}"
+    df = P.udp4(dport=80, flags="DF")
+    assert Ether(lab.run(df).packet)[IP].id == 0
+    lab.config(max_frame=200)
+    big = P.udp4(dport=80, payload=b"x" * 400)
+    replies = {Ether(lab.run(big).packet)[IP].id for _ in range(8)}
+    assert len(replies) > 1, "a frag-needed reply (DF clear) needs an ID"

@@ -232,11 +232,16 @@ def _check(frame: bytes, verdict: int, out: bytes) -> str | None:
         return None if out == frame else f"{VERDICT_NAMES[verdict]} but the frame was changed"
     gw = bytes.fromhex(P.GW_MAC.replace(":", ""))
     if out[:6] == gw:
-        grow = len(out) - len(frame)
+        l2 = 18 if frame[12:14] == b"\x81\x00" else 14
+        # Only the IP packet is sent on: a trailer after it is trimmed.
+        if frame[l2 - 2 : l2] == b"\x08\x00":
+            ip_len = int.from_bytes(frame[l2 + 2 : l2 + 4], "big")
+        else:
+            ip_len = 40 + int.from_bytes(frame[l2 + 4 : l2 + 6], "big")
+        grow = len(out) - (l2 + ip_len)
         if grow not in ENCAP_GROWTH:
             return f"encapsulation added {grow} bytes"
-        l2 = 18 if frame[12:14] == b"\x81\x00" else 14
-        if out[l2 + grow:] != frame[l2:]:
+        if out[l2 + grow:] != frame[l2 : l2 + ip_len]:
             return "the encapsulated packet differs from the original"
         if out[6:12] != frame[0:6]:
             return "encapsulated frame's source MAC is not the original destination MAC"

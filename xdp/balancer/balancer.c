@@ -85,6 +85,23 @@ static __always_inline int parse_is_vip_addr(const __be32 *addr, __u32 family)
 	return vip_addrs.lookup(&key) != NULL;
 }
 
+/* Is the frame addressed to the LB? Never to a group address (broadcast, multicast: the
+ * I/G bit); with lb_mac set, only to that address (a promiscuous interface also sees other
+ * hosts' unicast). So the frames the program sends, which take the received destination as
+ * their source, always leave from the LB's own address.
+ */
+static __always_inline int lb_frame_is_ours(const struct ethhdr *eth, const struct lb_cfg *cfg)
+{
+	const __u8 *d = eth->h_dest, *m = cfg->lb_mac;
+
+	if (d[0] & 1)
+		return 0;
+	if (!(m[0] | m[1] | m[2] | m[3] | m[4] | m[5]))
+		return 1;
+	return !((d[0] ^ m[0]) | (d[1] ^ m[1]) | (d[2] ^ m[2]) | (d[3] ^ m[3]) | (d[4] ^ m[4]) |
+		 (d[5] ^ m[5]));
+}
+
 /* Can a VIP live on the flow's destination? 0 only when the programmed filter says no. */
 static __always_inline int lb_maybe_vip(const struct flow_key *flow)
 {
@@ -140,13 +157,14 @@ static __always_inline int conn_locate(const struct flow_key *flow, const struct
 	if (!timeout)
 		timeout = UDP_TIMEOUT_DEFAULT_S * LB_NSEC_PER_SEC;
 	ref->udp_timeout = timeout >> CONN_STAMP_NS_SHIFT;
+	ref->tcp_timeout = cfg->tcp_timeout_ns >> CONN_STAMP_NS_SHIFT;
 	return 1;
 }
 
 /* Choose the backend: connection table first (unless a TCP SYN or an LRU-bypass VIP), then
- * the VIP's Maglev ring; on a miss, remember the choice (unless a TCP RST, LRU bypass or a
- * forwarded ICMP error, which opens no flow). A table entry is ignored when it is a UDP
- * entry idle past the timeout or its backend was removed (address zeroed in reals): that is
+ * the VIP's Maglev ring; on a miss, remember the choice (unless a TCP FIN or RST, LRU bypass
+ * or a forwarded ICMP error, which open no flow). A table entry is ignored when it is idle
+ * past its protocol's timeout or its backend was removed (address zeroed in reals): that is
  * how removed backends' flows move while draining ones (still in reals) keep theirs.
  * The table is keyed by the full 5-tuple, F_HASH_SRC_ONLY included: that flag changes only
  * the ring hash, so every new flow of a client lands on the same backend.
@@ -164,13 +182,14 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	int bypass = vip->flags & F_LRU_BYPASS;
 	int syn = is_tcp && (pkt->tcp_flags & PARSE_TCP_SYN);
 	int rst = is_tcp && (pkt->tcp_flags & PARSE_TCP_RST);
+	int fin = is_tcp && (pkt->tcp_flags & PARSE_TCP_FIN);
 	int way, table = !bypass && conn_locate(&pkt->flow, cfg, &ref);
 
 	if (table && !syn) {
 		way = conn_find(&ref, &meta);
 		if (way >= 0) {
 			way &= CONN_WAYS - 1;
-			if (is_udp && conn_age(meta, ref.now) > ref.udp_timeout) {
+			if (conn_expired(&ref, meta)) {
 				stats_inc(STAT_LRU_EXPIRED);
 			} else {
 				key = meta & CONN_REAL_MASK;
@@ -223,7 +242,10 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	if (bypass)
 		return FURTHER_PROCESSING;
 	stats_inc(syn ? STAT_LRU_MISS_SYN : STAT_LRU_MISS_OTHER);
-	if (table && !rst)
+	/* A FIN or RST of a flow the table does not know closes nothing we track: inserting
+	 * it would leave an open entry for a connection that is ending.
+	 */
+	if (table && !rst && !fin)
 		conn_insert(&ref, (key & CONN_REAL_MASK) |
 				  ((__u64)(vip->vip_num & CONN_VIP_MASK) << CONN_VIP_SHIFT) |
 				  (is_udp ? CONN_F_UDP : 0) | ref.now << CONN_STAMP_SHIFT);
@@ -261,6 +283,8 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 		/* Never an ICMP error about an ICMP error (RFC 1122 3.2.2). */
 		if (pkt->icmp_fwd)
 			return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
+		if (!icmp_source_ok(&pkt->flow))
+			return stats_verdict(STAT_ICMP_SRC_BAD, XDP_DROP);
 		mtu = cfg->max_frame > ETH_HLEN + over ? cfg->max_frame - ETH_HLEN - over : 0;
 		if (pkt->flow.family == FAMILY_V4)
 			return icmp_too_big_v4(ctx, pkt, mtu);
@@ -293,7 +317,7 @@ static __always_inline int lb_icmp_v4(struct xdp_md *ctx, struct parse_pkt *pkt,
 
 	if ((void *)(icmph + 1) > data_end ||
 	    pkt->ip_len < sizeof(struct iphdr) + sizeof(*icmph))
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, FAMILY_V4, STAT_MALFORMED);
 	if (icmph->type == ICMP_ECHO) {
 		if (!FEAT_ICMP_ECHO)
 			return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
@@ -326,7 +350,7 @@ static __always_inline int lb_icmp_v6(struct xdp_md *ctx, struct parse_pkt *pkt,
 
 	if ((void *)(icmp6h + 1) > data_end ||
 	    pkt->ip_len < sizeof(struct ipv6hdr) + sizeof(*icmp6h))
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, FAMILY_V6, STAT_MALFORMED);
 	if (icmp6h->icmp6_type == ICMPV6_ECHO_REQUEST) {
 		if (!FEAT_ICMP_ECHO)
 			return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
@@ -361,6 +385,12 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	action = parse_eth(data, data_end, &pkt, &proto);
 	if (action >= 0)
 		return action;
+	cfg = lb_cfg.lookup(&zero);
+	/* Verifier: an array lookup of index 0 cannot fail, but must be checked. */
+	if (!cfg)
+		return stats_verdict(STAT_PASS_NOT_IP, XDP_PASS);
+	if (!lb_frame_is_ours(data, cfg))
+		return stats_verdict(STAT_PASS_NOT_OURS, XDP_PASS);
 	if (proto == __constant_htons(ETH_P_IP)) {
 		action = parse_ipv4(data, data_end, &pkt);
 		hdr_len = sizeof(struct iphdr);
@@ -373,10 +403,6 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	if (action >= 0)
 		return action;
 
-	cfg = lb_cfg.lookup(&zero);
-	/* Verifier: an array lookup of index 0 cannot fail, but must be checked. */
-	if (!cfg)
-		return stats_verdict(STAT_PASS_NOT_IP, XDP_PASS);
 	if (pkt.flow.proto == IPPROTO_ICMP)
 		return lb_icmp_v4(ctx, &pkt, cfg);
 	if (pkt.flow.proto == IPPROTO_ICMPV6)

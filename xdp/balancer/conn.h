@@ -25,12 +25,24 @@ struct conn_ref {
 	__u64 now;
 	/* The UDP idle timeout, in stamp units. */
 	__u64 udp_timeout;
+	/* The TCP idle timeout, in stamp units; 0 = never. */
+	__u64 tcp_timeout;
 };
 
 /* Units of CONN_STAMP_NS_SHIFT since `stamp`, modulo the stamp's width. */
 static __always_inline __u64 conn_age(__u64 meta, __u64 now)
 {
 	return (now - (meta >> CONN_STAMP_SHIFT)) & CONN_STAMP_MASK;
+}
+
+/* Has the entry `meta` been idle past its protocol's timeout? */
+static __always_inline int conn_expired(const struct conn_ref *ref, __u64 meta)
+{
+	__u64 age = conn_age(meta, ref->now);
+
+	if (meta & CONN_F_UDP)
+		return age > ref->udp_timeout;
+	return ref->tcp_timeout && age > ref->tcp_timeout;
 }
 
 /* Locate the flow's set and compute its tag; 0 when the set cannot be read (balancer.c). */
@@ -63,7 +75,7 @@ static __always_inline int conn_find(const struct conn_ref *ref, __u64 *meta)
 	return -1;
 }
 
-/* Write the flow's slot: its own if it has one, else a free slot, else an expired UDP entry,
+/* Write the flow's slot: its own if it has one, else a free slot, else an expired entry,
  * else the least recently seen one of the set (an eviction, counted). A slot another CPU
  * writes at the same moment is left to it: the flow misses again on its next packet.
  */
@@ -71,7 +83,7 @@ static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta)
 {
 	struct conn_set *s = ref->set;
 	__u64 seen = 0, oldest = 0, t, m, age;
-	/* What the pick is: 4 the flow's own slot, 3 free, 2 expired UDP, 1 live, 0 none. */
+	/* What the pick is: 4 the flow's own slot, 3 free, 2 expired, 1 live, 0 none. */
 	int pick = -1, rank = 0, i;
 
 	/* As in conn_find: a NULL check Linux 6.1's verifier needs to see. */
@@ -98,7 +110,7 @@ static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta)
 			continue;
 		m = CONN_READ(s->way[i].meta);
 		age = conn_age(m, ref->now);
-		if ((m & CONN_F_UDP) && age > ref->udp_timeout) {
+		if (conn_expired(ref, m)) {
 			pick = i;
 			seen = t;
 			rank = 2;

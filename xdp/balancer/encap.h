@@ -82,13 +82,22 @@ static __always_inline __u32 encap_push(struct xdp_md *ctx, const struct parse_p
 	__u32 hdr_len = outer_v6 ? sizeof(*ip6h) : sizeof(*iph);
 	__u32 over = encap_overhead(outer_v6, gue);
 	__u32 outer_len = pkt->ip_len + over;
+	__u32 frame_len = data_end - data, want = pkt->l3_off + pkt->ip_len;
 	__be16 eth_proto;
 	__u8 proto;
 
 	if ((void *)(eth + 1) > data_end)
 		return 0;
-	/* The frame's destination MAC (ours) becomes the source of the frame we send. */
+	/* The frame's destination MAC (ours: lb_frame_is_ours) becomes the source of the frame
+	 * we send.
+	 */
 	__builtin_memcpy(orig_dst, eth->h_dest, ETH_ALEN);
+	/* Bytes after the IP packet (a short packet's Ethernet padding, or a trailer) are not
+	 * the client's: they would reach the backend inside the tunnel and make the frame
+	 * larger than the size check allowed.
+	 */
+	if (frame_len > want && bpf_xdp_adjust_tail(ctx, (int)want - (int)frame_len))
+		return 0;
 	if (bpf_xdp_adjust_head(ctx, 0 - (int)over))
 		return 0;
 	data = (void *)(long)ctx->data;
@@ -132,8 +141,16 @@ static __always_inline __u32 encap_push(struct xdp_md *ctx, const struct parse_p
 		iph->ihl = PARSE_IPV4_IHL;
 		iph->tos = pkt->tos;
 		iph->tot_len = bpf_htons(outer_len);
-		iph->id = 0;
-		iph->frag_off = pkt->df ? __constant_htons(PARSE_IP_DF) : 0;
+		/* ID 0 is fine for an atomic datagram (DF set); one that may be fragmented
+		 * needs an ID (RFC 6864 4.1).
+		 */
+		if (pkt->df) {
+			iph->id = 0;
+			iph->frag_off = __constant_htons(PARSE_IP_DF);
+		} else {
+			iph->id = (__u16)bpf_get_prandom_u32();
+			iph->frag_off = 0;
+		}
 		iph->ttl = pkt->ttl;
 		iph->protocol = proto;
 		iph->check = 0;

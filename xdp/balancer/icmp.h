@@ -30,6 +30,29 @@
 /* Bytes of the quoted transport header the balancer reads: the two ports. */
 #define ICMP_INNER_PORTS 4
 
+/* May the flow's client get an ICMP error from us? Not when its source is multicast,
+ * broadcast, unspecified or loopback (RFC 1122 3.2.2, RFC 4443 2.4(e)): such a source never
+ * sent the packet, and answering it would make the LB a reflector.
+ */
+static __always_inline int icmp_source_ok(const struct flow_key *flow)
+{
+	__u32 a0 = bpf_ntohl(flow->src[0]);
+
+	if (flow->family == FAMILY_V4) {
+		__u32 first = a0 >> 24;
+
+		/* 0/8 "this network", 127/8 loopback, 224/4 multicast, 240/4 and broadcast. */
+		return first != 0 && first != 127 && first < 224;
+	}
+	/* ff00::/8 multicast. */
+	if ((a0 >> 24) == 0xff)
+		return 0;
+	/* :: unspecified and ::1 loopback. */
+	if (!(flow->src[0] | flow->src[1] | flow->src[2]) && bpf_ntohl(flow->src[3]) <= 1)
+		return 0;
+	return 1;
+}
+
 /* Swap the MAC addresses of a frame (its header is known to be in bounds). */
 static __always_inline void icmp_swap_macs(struct ethhdr *eth)
 {
@@ -188,7 +211,8 @@ static __always_inline int icmp_too_big_v4(struct xdp_md *ctx, const struct pars
 	iph->ihl = PARSE_IPV4_IHL;
 	iph->tos = 0;
 	iph->tot_len = bpf_htons(hdr + quote);
-	iph->id = 0;
+	/* DF clear: the datagram may be fragmented, so it needs an ID (RFC 6864 4.1). */
+	iph->id = (__u16)bpf_get_prandom_u32();
 	iph->frag_off = 0;
 	iph->ttl = ICMP_TTL;
 	iph->protocol = IPPROTO_ICMP;

@@ -5,7 +5,8 @@
  * write `if (action >= 0) return action;`. Every packet bound is checked against data_end
  * right before the access, and also against the length the IP header claims, so a packet
  * whose headers lie about their length is dropped as malformed instead of being read past
- * its end.
+ * its end, when it is to a VIP address: the host's own traffic, malformed or not, is the
+ * stack's (parse_refuse).
  */
 #ifndef XLB_PARSE_H
 #define XLB_PARSE_H
@@ -122,15 +123,16 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct parse_p
 	struct iphdr *iph = data + pkt->l3_off;
 	__u32 len;
 
+	/* Too short to name its destination: nothing shows it is ours. */
 	if ((void *)(iph + 1) > data_end)
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return stats_verdict(STAT_PASS_NOT_IP, XDP_PASS);
+	pkt->flow.dst[0] = iph->daddr;
 	if (iph->version != 4 || iph->ihl < PARSE_IPV4_IHL)
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, FAMILY_V4, STAT_MALFORMED);
 	len = bounds_ntohs(iph->tot_len);
 	if (len < sizeof(*iph) || (void *)iph + len > data_end)
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, FAMILY_V4, STAT_MALFORMED);
 	pkt->flow.src[0] = iph->saddr;
-	pkt->flow.dst[0] = iph->daddr;
 	pkt->flow.family = FAMILY_V4;
 	if (iph->frag_off & __constant_htons(PARSE_IP_MF | PARSE_IP_OFFSET))
 		return parse_refuse(pkt->flow.dst, FAMILY_V4, STAT_FRAG);
@@ -156,15 +158,16 @@ static __always_inline int parse_ipv6(void *data, void *data_end, struct parse_p
 	struct ipv6hdr *ip6h = data + pkt->l3_off;
 	__u32 plen;
 
+	/* Too short to name its destination: nothing shows it is ours. */
 	if ((void *)(ip6h + 1) > data_end)
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return stats_verdict(STAT_PASS_NOT_IP, XDP_PASS);
+	__builtin_memcpy(pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
 	if (ip6h->version != 6)
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, FAMILY_V6, STAT_MALFORMED);
 	plen = bounds_ntohs(ip6h->payload_len);
 	if ((void *)(ip6h + 1) + plen > data_end)
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, FAMILY_V6, STAT_MALFORMED);
 	__builtin_memcpy(pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
-	__builtin_memcpy(pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
 	pkt->flow.family = FAMILY_V6;
 	pkt->flow.proto = ip6h->nexthdr;
 	pkt->ip_len = sizeof(*ip6h) + plen;
@@ -195,7 +198,7 @@ static __always_inline int parse_ports(void *l4, void *data_end, struct parse_pk
 
 	if (pkt->flow.proto == IPPROTO_TCP) {
 		if ((void *)(th + 1) > data_end || l4_len < sizeof(*th))
-			return stats_verdict(STAT_MALFORMED, XDP_DROP);
+			return parse_refuse(pkt->flow.dst, pkt->flow.family, STAT_MALFORMED);
 		pkt->flow.sport = th->source;
 		pkt->flow.dport = th->dest;
 		/* The flags byte follows the data-offset byte (offset 13). */
@@ -203,7 +206,7 @@ static __always_inline int parse_ports(void *l4, void *data_end, struct parse_pk
 		return FURTHER_PROCESSING;
 	}
 	if ((void *)(uh + 1) > data_end || l4_len < sizeof(*uh))
-		return stats_verdict(STAT_MALFORMED, XDP_DROP);
+		return parse_refuse(pkt->flow.dst, pkt->flow.family, STAT_MALFORMED);
 	pkt->flow.sport = uh->source;
 	pkt->flow.dport = uh->dest;
 	return FURTHER_PROCESSING;

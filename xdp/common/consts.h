@@ -158,7 +158,9 @@ enum glob_stat {
 	 * other errors, errors about non-TCP/UDP packets).
 	 */
 	STAT_PASS_ICMP,
-	/* Connection-table hit on a UDP entry idle past the timeout (re-picked from the ring). */
+	/* Connection-table hit on an entry idle past its timeout (UDP, or TCP with
+	 * tcp_timeout_ns): re-picked from the ring.
+	 */
 	STAT_LRU_EXPIRED,
 	/* Connection-table hit whose backend was removed (re-picked from the ring). */
 	STAT_LRU_REAL_GONE,
@@ -166,6 +168,14 @@ enum glob_stat {
 	 * for the flows, or an unlucky set).
 	 */
 	STAT_CONN_EVICT,
+	/* Passed: a frame not addressed to the LB (broadcast, multicast, or another host's
+	 * unicast seen by a promiscuous interface).
+	 */
+	STAT_PASS_NOT_OURS,
+	/* Dropped: a too-big reply was due to a source that must never get an ICMP error
+	 * (multicast, broadcast, unspecified, loopback: RFC 1122 3.2.2, RFC 4443 2.4(e)).
+	 */
+	STAT_ICMP_SRC_BAD,
 	STAT_MAX,
 };
 

@@ -84,8 +84,16 @@ struct lb_cfg {
 	__be32 rss_v6[2];
 	/* Largest frame (Ethernet header included, no FCS) the LB may send; 0 = no check. */
 	__u32 max_frame;
+	/* The interface's own MAC: the source of every frame the LB sends, and frames to any
+	 * other unicast destination are not ours. All zero: only group destinations are
+	 * refused, and sent frames take the received destination as their source.
+	 */
+	__u8 lb_mac[6];
+	__u8 pad[6];
 	/* UDP connection-table entries idle longer than this are ignored and replaced. */
 	__u64 udp_timeout_ns;
+	/* The same for TCP entries (a client that vanished without FIN); 0 = never. */
+	__u64 tcp_timeout_ns;
 };
 
 /* Per-VIP counters (vip_stats, per CPU). */
