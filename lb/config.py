@@ -126,6 +126,11 @@ class RuntimeConfig(BaseModel):
         1514, ge=0, le=65535, description="largest frame sent, Ethernet header included; 0 = off"
     )
     udp_timeout_s: float = Field(30.0, gt=0, le=86400, description="UDP flow idle timeout")
+    # IPVS's default for established TCP: a client that vanished without FIN stops counting
+    # as live (and its slot becomes reusable) after this long without a packet.
+    tcp_timeout_s: float = Field(
+        900.0, ge=0, le=86400, description="TCP flow idle timeout (0 = never)"
+    )
 
     @field_validator("gateway_mac")
     @classmethod

@@ -89,10 +89,16 @@ class XlbCollector(Collector):
         yield from real_fams.values()
         ct = GaugeMetricFamily(
             "xlb_conn_table_entries",
-            "connection-table slots holding a flow (a snapshot count: an estimate under load)",
+            "live flows in the connection table: not expired, not closed (a snapshot count)",
         )
         ct.add_metric([], rt.stats.conn_table_count())
         yield ct
+        used = GaugeMetricFamily(
+            "xlb_conn_table_slots_used",
+            "connection-table slots holding an entry, live or reusable (a snapshot count)",
+        )
+        used.add_metric([], rt.stats.conn_table_used())
+        yield used
         cap = GaugeMetricFamily(
             "xlb_conn_table_capacity", "connection-table slots (sets x 8 ways)"
         )

@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lb.consts import (
+    CLOSING_GRACE_S,
     CONN_F_CLOSING,
     CONN_F_UDP,
     CONN_REAL_MASK,
@@ -105,6 +106,23 @@ def udp_timeout_ns(balancer: Balancer) -> int:
     """The UDP idle timeout the data plane applies (lb_cfg, else its default), in ns."""
     leaf = balancer.lb_cfg[balancer.lb_cfg.Key(0)]
     return int(leaf.udp_timeout_ns) or UDP_TIMEOUT_DEFAULT_S * 1_000_000_000
+
+
+def tcp_timeout_ns(balancer: Balancer) -> int:
+    """The idle timeout of TCP entries the data plane applies (lb_cfg; 0 = never), in ns."""
+    return int(balancer.lb_cfg[balancer.lb_cfg.Key(0)].tcp_timeout_ns)
+
+
+def live_flows(e: ConnEntries, udp_s: float, tcp_s: float, closing_grace_s: float,
+               *, later_s: float = 0.0) -> NDArray[np.bool_]:  # fmt: skip
+    """Which entries are live flows: UDP seen within its timeout; TCP seen within its
+    timeout (tcp_s 0: no timeout) and not closing, or closing for less than the grace.
+    The others are reusable slots the data plane replaces before live ones."""
+    age = e.age_s + later_s
+    tcp = ~e.udp & (~e.closing | (age < closing_grace_s))
+    if tcp_s > 0:
+        tcp &= age <= tcp_s
+    return (e.udp & (age <= udp_s)) | tcp
 
 
 def make_meta(real_idx: int, vip_num: int, *, udp: bool, closing: bool, stamp: int) -> int:
@@ -383,11 +401,12 @@ class ConnTable:
 
     def _pick(self, s: int, tag: int) -> tuple[int, int] | None:
         """(way, tag seen) to write `tag` into, by conn_insert's preference
-        (xdp/balancer/balancer.c): the flow's own slot, a free one, an expired UDP entry, the
+        (xdp/balancer/conn.h): the flow's own slot, a free one, an expired entry, the
         least recently seen."""
         w = self._w[s]
         now = now_stamp()
         udp_timeout = udp_timeout_ns(self._balancer) >> CONN_STAMP_NS_SHIFT
+        tcp_timeout = tcp_timeout_ns(self._balancer) >> CONN_STAMP_NS_SHIFT
         rank, pick, oldest = 0, None, -1
         for way in range(CONN_WAYS):
             t = int(w[way, 0])
@@ -402,7 +421,8 @@ class ConnTable:
                 continue
             m = int(w[way, 1])
             age = (now - (m >> CONN_STAMP_SHIFT)) & CONN_STAMP_MASK
-            if m & CONN_F_UDP and age > udp_timeout:
+            expired = age > udp_timeout if m & CONN_F_UDP else 0 < tcp_timeout < age
+            if expired:
                 rank, pick = 2, (way, t)
             elif age > oldest:
                 rank, pick, oldest = 1, (way, t), age
@@ -525,6 +545,13 @@ class ConnTable:
             tags = self._w[lo : lo + CHUNK_SETS, :, 0]
             n += int(np.count_nonzero(tags > CONN_TAG_BUSY))
         return n
+
+    def count_live(self, closing_grace_s: float = CLOSING_GRACE_S) -> int:
+        """Entries that are live flows (live_flows): what an operator calls connections."""
+        b = self._balancer
+        live = live_flows(self.entries(), udp_timeout_ns(b) / 1e9, tcp_timeout_ns(b) / 1e9,
+                          closing_grace_s)  # fmt: skip
+        return int(live.sum())
 
     def entries(self) -> ConnEntries:
         """Every slot holding a flow, decoded (a snapshot; each slot read tag-meta-tag)."""

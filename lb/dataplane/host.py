@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.dataplane import attach as xdp
+from lb.dataplane import netlink
 from lb.dataplane.loader import Balancer, write_runtime_config
 from lb.settings import Settings
 
@@ -41,6 +42,11 @@ class Host:
         s = self.settings
         return xdp.query(s.interface, netns=s.netns) if s.interface else None
 
+    def lb_mac(self) -> str | None:
+        """The MAC of the interface the program runs on (None without an interface)."""
+        s = self.settings
+        return netlink.link_info(s.netns, s.interface).mac if s.interface else None
+
     def attach(self) -> xdp.AttachInfo | None:
         """Attach per settings (after `open_host(..., attach=False)` and a first reconcile).
 
@@ -50,6 +56,9 @@ class Host:
         s = self.settings
         if not s.interface:
             return None
+        # The interface's own MAC (frames to other hosts are not balanced), now that it is
+        # known to be the one the program runs on.
+        write_runtime_config(self.balancer, self.runtime, lb_mac=self.lb_mac())
         self.attach_info = xdp.attach(
             self.balancer.prog_fd,
             s.interface,
@@ -71,6 +80,10 @@ class Host:
         cfg = new_dataplane_config or self.balancer.config
         new = Balancer(cfg, pin_dir=self.settings.pin_dir)
         try:
+            # lb_cfg may be new (a changed layout is replaced, see Balancer): write it.
+            write_runtime_config(
+                new, self.runtime, lb_mac=self.lb_mac() if self.attach_info else None
+            )
             info = None
             if self.attach_info is not None:
                 old = self.attach_info

@@ -60,6 +60,13 @@ MAP_NAMES = (
     "glob_stats",
 )
 
+# Maps that hold no flow state: lb_cfg is rewritten from the configuration at every start,
+# glob_stats are counters. A pin of either with another layout (an upgrade added a field or
+# a counter) is replaced instead of refusing the upgrade; rings, backends and the
+# connection table are never replaced behind the operator's back.
+STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats"})
+
+
 def _bcc() -> Any:
     try:
         import bcc
@@ -282,10 +289,18 @@ def _incompatible(pin_dir: Path, diffs: list[str]) -> IncompatiblePins:
 # --- runtime configuration (lb_cfg) -------------------------------------------------------
 
 
-def write_runtime_config(balancer: Balancer, runtime: RuntimeConfig) -> None:
-    """Write `runtime` into lb_cfg[0], the one entry the program reads per packet."""
+def write_runtime_config(
+    balancer: Balancer, runtime: RuntimeConfig, *, lb_mac: str | None = None
+) -> None:
+    """Write `runtime` into lb_cfg[0], the one entry the program reads per packet.
+
+    `lb_mac` is the attached interface's own MAC: frames to another unicast MAC are passed
+    (a promiscuous interface sees them). None leaves that filter off (only group addresses
+    are refused), for programs that are not attached (tests, benchmarks).
+    """
     leaf = balancer.lb_cfg.Leaf()
     put_field(leaf, "gw_mac", mac_bytes(runtime.gateway_mac))
+    put_field(leaf, "lb_mac", mac_bytes(lb_mac or "00:00:00:00:00:00"))
     put_field(leaf, "gue_port", runtime.gue_port.to_bytes(2, "big"))
     put_field(leaf, "src_v4", runtime.src_v4.packed)
     put_field(leaf, "src_v6", runtime.src_v6.packed)
@@ -293,6 +308,7 @@ def write_runtime_config(balancer: Balancer, runtime: RuntimeConfig) -> None:
     put_field(leaf, "rss_v6", runtime.rss_v6.network_address.packed[:8])
     leaf.max_frame = runtime.max_frame
     leaf.udp_timeout_ns = round(runtime.udp_timeout_s * 1e9)
+    leaf.tcp_timeout_ns = round(runtime.tcp_timeout_s * 1e9)
     balancer.lb_cfg[balancer.lb_cfg.Key(0)] = leaf
 
 
@@ -310,6 +326,7 @@ def read_runtime_config(balancer: Balancer) -> RuntimeConfig | None:
         rss_v6=ipaddress.IPv6Network((get_field(leaf, "rss_v6") + bytes(8), 64)),
         max_frame=leaf.max_frame,
         udp_timeout_s=leaf.udp_timeout_ns / 1e9,
+        tcp_timeout_s=leaf.tcp_timeout_ns / 1e9,
     )
 
 
@@ -328,6 +345,8 @@ class Balancer:
         self.config = config
         self.pin_dir = pin_dir
         self._closed = False
+        # Pins replaced at load because their layout changed (STATELESS_MAPS only).
+        self.replaced_pins: list[str] = []
         if pin_dir is not None:
             if not is_bpffs(pin_dir):
                 raise KernelError(
@@ -341,6 +360,18 @@ class Balancer:
         try:
             if pin_dir is not None:
                 diffs = pin_differences(self.bpf)
+                stale = {d.split(":", 1)[0] for d in diffs} & STATELESS_MAPS
+                if diffs and {d.split(":", 1)[0] for d in diffs} <= STATELESS_MAPS:
+                    # Only maps whose content is rewritten at start (or is counters) differ:
+                    # replace those pins rather than refuse, and compile again on them.
+                    self.bpf.cleanup()
+                    for name in stale:
+                        (pin_dir / name).unlink(missing_ok=True)
+                    self.bpf = compile_program(
+                        "balancer/balancer.c", config.cflags(), pin_dir=pin_dir
+                    )
+                    self.replaced_pins = sorted(stale)
+                    diffs = pin_differences(self.bpf)
                 if diffs:
                     raise _incompatible(pin_dir, diffs)
             self.fn = self._load()

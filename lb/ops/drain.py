@@ -18,14 +18,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lb.consts import CLOSING_GRACE_S
 from lb.control.model import VipSpec
-from lb.dataplane.conntab import ConnTable, udp_timeout_ns
+from lb.dataplane.conntab import ConnTable, live_flows, tcp_timeout_ns, udp_timeout_ns
 
 if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
-
-#: A closing TCP entry counts this long after the client's last FIN or RST (the last ACKs).
-CLOSING_GRACE_S = 2.0
 
 
 def vip_number(balancer: Balancer, vip: VipSpec) -> int | None:
@@ -53,7 +51,6 @@ def count_flows(
         return 0
     e = (table or ConnTable(balancer)).entries()
     mine = (e.real_idx == real_idx) & (e.vip_num == num)
-    age = e.age_s + later_s
-    udp_s = udp_timeout_ns(balancer) / 1e9
-    live = (e.udp & (age <= udp_s)) | (~e.udp & (~e.closing | (age < closing_grace_s)))
+    live = live_flows(e, udp_timeout_ns(balancer) / 1e9, tcp_timeout_ns(balancer) / 1e9,
+                      closing_grace_s, later_s=later_s)  # fmt: skip
     return int((mine & live).sum())

@@ -59,7 +59,7 @@ class StatsReader:
     def __init__(self, balancer: Balancer, *, conn_count_ttl: float = 0.0) -> None:
         self._b = balancer
         self._conn_ttl = conn_count_ttl
-        self._conn_cache: tuple[float, int] | None = None
+        self._conn_cache: tuple[float, tuple[int, int]] | None = None
         self._conn_lock = threading.Lock()
         self._conn_table: ConnTable | None = None
         self._map_lock = threading.Lock()
@@ -118,14 +118,24 @@ class StatsReader:
         )
 
     def conn_table_count(self) -> int:
-        """Entries in the connection table (a snapshot, reused for `conn_count_ttl` seconds)."""
+        """Live flows in the connection table (ConnTable.count_live: expired entries and
+        flows closed past the grace are reusable slots, not flows); a snapshot, reused for
+        `conn_count_ttl` seconds."""
+        return self._conn_counts()[0]
+
+    def conn_table_used(self) -> int:
+        """Slots holding an entry, live or reusable (the table's occupancy); same snapshot."""
+        return self._conn_counts()[1]
+
+    def _conn_counts(self) -> tuple[int, int]:
         with self._conn_lock:
             now = time.monotonic()
             if self._conn_cache is not None and now - self._conn_cache[0] < self._conn_ttl:
                 return self._conn_cache[1]
-            n = self.conn_table().count()
-            self._conn_cache = (now, n)
-            return n
+            table = self.conn_table()
+            counts = (table.count_live(), table.count())
+            self._conn_cache = (now, counts)
+            return counts
 
     def conn_table(self) -> ConnTable:
         """The connection table mapped into this process (mapped again after an upgrade

@@ -52,7 +52,7 @@ def test_open_tcp_flows_count_until_the_client_closes(lab: Lab) -> None:
     assert count_flows(lab.b, TCP_VIP, 1) == 2
     assert count_flows(lab.b, TCP_VIP, 2) == 0, "flows of another backend do not count"
     assert count_flows(lab.b, UDP_VIP, 1) == 0, "flows of another VIP do not count"
-    assert count_flows(lab.b, TCP_VIP, 1, later_s=3600) == 2, "open flows count however idle"
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=600) == 2, "open flows count while idle"
     _send(lab, P.tcp4(sport=40000, flags="FA"))
     _send(lab, P.tcp4(sport=40001, flags="R"))
     with ConnTable(lab.b) as table:
@@ -85,3 +85,34 @@ def test_entries_written_by_the_control_plane_count_by_their_age(lab: Lab) -> No
             "an open flow and one closing for less than the grace (not another VIP's)")
     unknown = VipSpec(protocol="tcp", address=P.VIP4, port=8080)
     assert count_flows(lab.b, unknown, 1) == 0, "a VIP the data plane lacks has no flows"
+
+
+def test_an_idle_open_tcp_flow_stops_counting_after_tcp_timeout(lab: Lab) -> None:
+    # A client that vanished without FIN: with tcp_timeout_s (900 s by default) its flow
+    # stops counting, so drain --wait ends; with 0 it counts forever.
+    _send(lab, P.tcp4(sport=40000))
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=899) == 1
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=901) == 0, "idle past tcp_timeout_s"
+    lab.config(tcp_timeout_s=0)
+    assert count_flows(lab.b, TCP_VIP, 1, later_s=86400) == 1, "tcp_timeout_s 0: never"
+
+
+def test_a_fin_of_an_unknown_flow_leaves_nothing_to_drain(lab: Lab) -> None:
+    _send(lab, P.tcp4(sport=40000, flags="FA"))
+    _send(lab, P.tcp4(sport=40001, flags="R"))
+    assert count_flows(lab.b, TCP_VIP, 1) == 0
+    with ConnTable(lab.b) as table:
+        assert table.count() == 0, "a FIN or RST of an unknown flow opened a table entry"
+
+
+def test_count_live_is_what_drains_count(lab: Lab) -> None:
+    with ConnTable(lab.b) as table:
+        for sport, age in ((1000, 0.5), (1001, 31.0)):  # UDP: live, expired
+            table.insert(Flow5.of(P.CLIENT4, P.VIP4, sport, 53, "udp"), 1, 2, udp=True,
+                         age_s=age)
+        for sport, age in ((2000, 0.5), (2001, 1000.0)):  # TCP open: live, idle too long
+            table.insert(Flow5.of(P.CLIENT4, P.VIP4, sport, 80, "tcp"), 1, 1, age_s=age)
+        table.insert(Flow5.of(P.CLIENT4, P.VIP4, 2002, 80, "tcp"), 1, 1, closing=True,
+                     age_s=5.0)  # closed past the grace
+        assert table.count() == 5
+        assert table.count_live() == 2

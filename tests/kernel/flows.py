@@ -92,13 +92,14 @@ SEEDED = {
 }
 
 
-def packet() -> bytes:
-    """A mid-flow TCP ACK of the tracked flow (not a SYN, so the ring is not consulted)."""
+def packet(lb_mac: str = LB_MAC) -> bytes:
+    """A mid-flow TCP ACK of the tracked flow (not a SYN, so the ring is not consulted), to
+    the LB's MAC `lb_mac` (an attached program balances only frames to its interface's)."""
     from scapy.layers.inet import IP, TCP
     from scapy.layers.l2 import Ether
 
     return bytes(
-        Ether(src=CLIENT_MAC, dst=LB_MAC)
+        Ether(src=CLIENT_MAC, dst=lb_mac)
         / IP(src=str(CLIENT), dst=str(VIP))
         / TCP(sport=SPORT, dport=DPORT, flags="A", seq=1000, ack=2000)
         / (b"x" * 16)

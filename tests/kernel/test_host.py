@@ -13,6 +13,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from lb.config import Features
+from lb.consts import GLOB_STATS
 from lb.dataplane import attach as xdp
 from lb.dataplane.host import open_host
 from lb.dataplane.loader import (
@@ -34,9 +35,9 @@ pytestmark = [pytest.mark.bpf]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _steer(b: Balancer) -> str | None:
+def _steer(b: Balancer, lb_mac: str | None = None) -> str | None:
     """Run the tracked flow's packet; the backend it was sent to (None: not sent)."""
-    res = TestRunner(b.prog_fd).run(flows.packet())
+    res = TestRunner(b.prog_fd).run(flows.packet(lb_mac or flows.LB_MAC))
     return flows.backend_of(res.verdict, res.packet)
 
 
@@ -93,6 +94,31 @@ def test_incompatible_pins_are_refused_with_what_differs(pin_dir: Path) -> None:
     with loaded_balancer(TEST_CONFIG, pin_dir=pin_dir, repin=True) as b:
         assert pinned_map_info(pin_dir / "ch_rings").max_entries == want, "--repin made new pins"
         assert b.map_ids()["conn_table"] == pinned_map_info(pin_dir / "conn_table").id
+
+
+def test_stateless_pins_of_an_older_layout_are_replaced_and_the_rest_kept(
+    pin_dir: Path,
+) -> None:
+    # An upgrade that grows lb_cfg (a field) or glob_stats (a counter) must not force a
+    # --repin, which would drop the connection table: those two hold no flow state.
+    from bcc import BPF
+
+    with loaded_balancer(TEST_CONFIG, pin_dir=pin_dir) as b:
+        reals_id = b.map_ids()["reals"]
+        conn_id = b.map_ids()["conn_table"]
+    for name in ("lb_cfg", "glob_stats"):
+        (pin_dir / name).unlink()
+    old = BPF(text=f"""
+        struct old_cfg {{ char b[56]; }};
+        BPF_TABLE_PINNED("array", u32, struct old_cfg, lb_cfg, 1, "{pin_dir}/lb_cfg");
+        BPF_TABLE_PINNED("percpu_array", u32, u64, glob_stats, 20, "{pin_dir}/glob_stats");
+    """.encode())  # fmt: skip
+    old.cleanup()
+    with loaded_balancer(TEST_CONFIG, pin_dir=pin_dir) as b:
+        assert b.replaced_pins == ["glob_stats", "lb_cfg"]
+        assert b.map_ids()["reals"] == reals_id, "a map with state was replaced"
+        assert b.map_ids()["conn_table"] == conn_id, "the connection table was replaced"
+        assert pinned_map_info(pin_dir / "glob_stats").max_entries == len(GLOB_STATS)
 
 
 def test_an_old_lru_connection_table_pin_is_refused_in_one_clear_line(pin_dir: Path) -> None:
@@ -162,7 +188,10 @@ def test_upgrade_replaces_the_program_atomically_and_keeps_the_maps(
         assert ids == {n: pinned_map_info(pin_dir / n).id for n in ids}, "maps are not the pins"
         assert set(prog_info(host.balancer.prog_fd).map_ids) <= set(ids.values())
         assert flows.snapshot(host.balancer) == flows.SEEDED
-        assert _steer(host.balancer) == str(flows.CONN_BACKEND), "tracked flow moved"
+        assert _steer(host.balancer, host.lb_mac()) == str(flows.CONN_BACKEND), (
+            "tracked flow moved"
+        )
+        assert _steer(host.balancer) is None, "a frame to another host's MAC was balanced"
 
 
 @pytest.mark.netns

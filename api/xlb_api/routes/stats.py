@@ -63,6 +63,7 @@ def get_stats(rt: RuntimeDep, stats: StatsDep, per_cpu: PerCpuQuery = False) -> 
         ],
         conn_table=ConnTablePublic(
             entries=stats.conn_table_count(),
+            slots_used=stats.conn_table_used(),
             capacity=stats.conn_table_capacity,
             hits=sum(glob.get("STAT_LRU_HIT", ())),
             misses=misses,

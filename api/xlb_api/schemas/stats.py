@@ -30,7 +30,13 @@ class BackendStatsPublic(BaseModel):
 class ConnTablePublic(BaseModel):
     """Connection-table usage and lookups."""
 
-    entries: int = Field(description="entries now (a snapshot count: an estimate under load)")
+    entries: int = Field(
+        description="live flows now: UDP seen within udp_timeout_s, TCP seen within"
+        " tcp_timeout_s and not closed (a snapshot count: an estimate under load)"
+    )
+    slots_used: int = Field(
+        description="slots holding an entry, live or reusable (expired or closed flows)"
+    )
     capacity: int = Field(description="slots: sets x 8 ways (conn_table_size rounded up)")
     hits: int = Field(description="STAT_LRU_HIT")
     misses: int = Field(description="STAT_LRU_MISS_SYN + STAT_LRU_MISS_OTHER")
