@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-quick demo demo-dataplane check bench bench-smoke clean
+.PHONY: setup test test-quick test-kernels demo demo-dataplane check bench bench-smoke clean
 
 setup:
 	@./scripts/setup.sh
@@ -16,6 +16,13 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+## The data-plane suite inside other kernels booted under qemu (scripts/kernels.conf; TCG, so
+## ~25 minutes per kernel). KERNELS="6.1" picks some; results in build/kernels/.
+KERNELS ?=
+test-kernels: setup
+	@./scripts/setup-kernels.sh $(KERNELS)
+	$(PY) scripts/kernels.py $(KERNELS)
+
 ## The project's main job, end to end: lab, daemon, REST calls, real traffic, teardown.
 demo: setup
 	$(PY) -m lb.lab.demo
@@ -25,7 +32,7 @@ demo-dataplane: setup
 	$(PY) -m lb.lab.demo_dataplane
 
 check: setup
-	$(VENV)/bin/ruff check lb api lbctl tests bench
+	$(VENV)/bin/ruff check lb api lbctl tests bench scripts
 	$(VENV)/bin/mypy
 
 bench: setup
