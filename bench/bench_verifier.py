@@ -68,7 +68,7 @@ def measure() -> dict[str, dict[str, Any]]:
     except Exception as e:
         out["tc_hc_encap"] = {"error": str(e)}
     else:
-        out["tc_hc_encap"] = _figures(hc.fd, time.monotonic() - t0)
+        out["tc_hc_encap"] = _figures(int(hc.fn.fd), time.monotonic() - t0)
         hc.close()
     return out
 
