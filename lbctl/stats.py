@@ -20,9 +20,14 @@ def _stats_text(s: Any) -> str:
     out = []
     ct = s["conn_table"]
     glob = s["global"]
+    mode = s.get("xdp_mode")
     out.append(
-        f"window {s['window_s']:.1f}s   conn table {ct['entries']}/{ct['capacity']} entries "
-        f"(estimate)   hits {ct['hits']}   misses {ct['misses']}"
+        f"XDP {mode} ({s.get('xdp_mode_reason')})" if mode else "XDP not attached"
+    )
+    out.append(
+        f"window {s['window_s']:.1f}s   conn table {ct['entries']} live flows, "
+        f"{ct.get('slots_used', '?')}/{ct['capacity']} slots used (estimate)   "
+        f"hits {ct['hits']}   misses {ct['misses']}"
     )
     rows = [
         [name, c["value"], _rate(c)] for name, c in glob.items() if c["value"] or c.get("per_s")

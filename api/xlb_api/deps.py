@@ -41,6 +41,8 @@ class Runtime:
     attachment: Callable[[], tuple[bool, str]] = lambda: (False, "no interface configured")
     #: Name of the XDP mode in force ("native", "generic") or None, for /metrics.
     attach_mode: Callable[[], str | None] = lambda: None
+    #: Why that mode (e.g. why auto fell back to generic), or None when not attached.
+    attach_reason: Callable[[], str | None] = lambda: None
     started: float = field(default_factory=time.time)
     #: The loaded balancer (None: the control plane runs on maps it was handed, or none).
     balancer: Balancer | None = None

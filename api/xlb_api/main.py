@@ -51,6 +51,7 @@ def build_runtime(
     *,
     attachment: Callable[[], tuple[bool, str]] | None = None,
     attach_mode: Callable[[], str | None] | None = None,
+    attach_reason: Callable[[], str | None] | None = None,
 ) -> Runtime:
     """Assemble the objects the routes use around a control plane (and its data plane)."""
     rt = Runtime(control=control, token=settings.expected_token())
@@ -65,6 +66,8 @@ def build_runtime(
         rt.attachment = attachment
     if attach_mode is not None:
         rt.attach_mode = attach_mode
+    if attach_reason is not None:
+        rt.attach_reason = attach_reason
     return rt
 
 
@@ -126,7 +129,12 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         info = getattr(host, "attach_info", None)
         return None if info is None else str(info.mode)
 
-    rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode)
+    def mode_reason() -> str | None:
+        info = getattr(host, "attach_info", None)
+        return None if info is None else str(info.reason)
+
+    rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode,
+                       attach_reason=mode_reason)  # fmt: skip
     rt.host = host
     # Tunnelled probes need a tc program on the interface, compiled on first use only.
     rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
@@ -141,6 +149,7 @@ def create_app(
     lb_settings: Any = None,
     attachment: Callable[[], tuple[bool, str]] | None = None,
     attach_mode: Callable[[], str | None] | None = None,
+    attach_reason: Callable[[], str | None] | None = None,
     health_manager: HealthManager | None = None,
 ) -> FastAPI:
     """Build the app; with `control` it wraps that control plane instead of opening one.
@@ -163,6 +172,7 @@ def create_app(
                     balancer,
                     attachment=attachment,
                     attach_mode=attach_mode,
+                    attach_reason=attach_reason,
                 )
                 if health_manager is not None:
                     app.state.runtime.health = health_manager

@@ -51,8 +51,10 @@ class XlbCollector(Collector):
         )
         att.add_metric([mode], 1 if attached else 0)
         yield att
-        info = InfoMetricFamily("xlb_attach", "where and how the XDP program is attached")
-        info.add_metric([], {"mode": mode, "where": where})
+        info = InfoMetricFamily(
+            "xlb_attach", "where and how the XDP program is attached, and why that mode"
+        )
+        info.add_metric([], {"mode": mode, "where": where, "reason": rt.attach_reason() or ""})
         yield info
         if rt.stats is None:
             return

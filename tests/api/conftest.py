@@ -31,6 +31,8 @@ from xlb_api.main import create_app
 from xlb_api.settings import ApiSettings
 
 TOKEN = "test-token-0123456789"
+# What auto mode says when it falls back (lb.dataplane.attach), as the tests' attachment.
+AUTO_REASON = "auto: native refused (no driver support); fell back to generic"
 #: Small but with room: 16 VIPs, 255 backends, a ring balancing 40 backends.
 API_CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=256, conn_table_size=4096)
 RUNTIME = RuntimeConfig(
@@ -124,6 +126,7 @@ def running_api(
         settings=settings,
         attachment=(lambda: (True, "generic on test0")) if attached else None,
         attach_mode=(lambda: "generic") if attached else None,
+        attach_reason=(lambda: AUTO_REASON) if attached else None,
     )
     sock = _free_socket()
     port = sock.getsockname()[1]

@@ -11,7 +11,8 @@ from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import Flow5, Flows, conn_index, conn_index_many
 from lb.dataplane.testrun import TestRunner
 from lb.ops.explain import build_packet
-from tests.api.conftest import Served, assert_problem
+from tests.api.conftest import AUTO_REASON, Served, assert_problem
+from tests.api.test_cli import lbctl
 
 pytestmark = pytest.mark.bpf
 
@@ -193,6 +194,7 @@ def test_metrics_expose_every_counter(lb: Served) -> None:
         'xlb_backend_bytes_total{backend="198.18.1.2"}',
         'xlb_datapath_total{counter="STAT_LRU_HIT"}',
         "xlb_conn_table_entries 1.0",
+        "xlb_conn_table_slots_used 1.0",
         "xlb_conn_table_capacity 4096.0",
         'xlb_attached{mode="generic"} 1.0',
         f"xlb_state_generation {float(lb.control.generation)}",
@@ -212,8 +214,20 @@ def test_readyz_is_200_when_attached_and_in_sync(api: Served) -> None:
         "ready": True,
         "reasons": [],
         "attachment": "generic on test0",
+        "xdp_mode": "generic",
+        "xdp_mode_reason": AUTO_REASON,
         "generation": api.control.generation,
     }
+
+
+def test_the_xdp_mode_and_why_show_in_stats_metrics_and_lbctl(lb: Served) -> None:
+    s = lb.client.get("/v1/stats").json()
+    assert (s["xdp_mode"], s["xdp_mode_reason"]) == ("generic", AUTO_REASON)
+    text = lb.anon.get("/metrics").text
+    assert 'xlb_attach_info{mode="generic",reason="' + AUTO_REASON in text, text
+    p = lbctl(lb, "stats")
+    assert p.returncode == 0, p.stderr
+    assert f"XDP generic ({AUTO_REASON})" in p.stdout
 
 
 def test_readyz_is_503_with_reason_when_not_attached(serve: Callable[..., Served]) -> None:

@@ -29,6 +29,10 @@ class ReadyPublic(BaseModel):
     ready: bool
     reasons: list[str] = Field(description="why not ready (empty when ready)")
     attachment: str
+    xdp_mode: str | None = Field(None, description="native, generic or offload; None: not attached")
+    xdp_mode_reason: str | None = Field(
+        None, description="why that mode, e.g. why auto fell back to generic"
+    )
     generation: int | None
 
 
@@ -66,7 +70,12 @@ async def readyz(request: Request, response: Response) -> ReadyPublic:
     if reasons:
         response.status_code = 503
     return ReadyPublic(
-        ready=not reasons, reasons=reasons, attachment=where, generation=rt.control.generation
+        ready=not reasons,
+        reasons=reasons,
+        attachment=where,
+        xdp_mode=rt.attach_mode(),
+        xdp_mode_reason=rt.attach_reason(),
+        generation=rt.control.generation,
     )
 
 

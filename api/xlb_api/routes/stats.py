@@ -52,6 +52,8 @@ def get_stats(rt: RuntimeDep, stats: StatsDep, per_cpu: PerCpuQuery = False) -> 
     misses = sum(sum(glob.get(n, ())) for n in ("STAT_LRU_MISS_SYN", "STAT_LRU_MISS_OTHER"))
     return StatsPublic(
         window_s=round(span, 3),
+        xdp_mode=rt.attach_mode(),
+        xdp_mode_reason=rt.attach_reason(),
         global_=_counters("glob", glob, rates, per_cpu),
         vips=[
             VipStatsPublic(vip_id=vid, counters=_counters(f"vip/{vid}", c, rates, per_cpu))

@@ -46,6 +46,10 @@ class StatsPublic(BaseModel):
     """Every counter of the data plane."""
 
     window_s: float = Field(description="span the rates cover (0: no earlier sample yet)")
+    xdp_mode: str | None = Field(None, description="native, generic or offload; None: not attached")
+    xdp_mode_reason: str | None = Field(
+        None, description="why that mode, e.g. why auto fell back to generic"
+    )
     global_: dict[str, CounterPublic] = Field(
         alias="global", description="global counters by their C name (enum glob_stat)"
     )
