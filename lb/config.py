@@ -42,6 +42,8 @@ class Features(BaseModel):
     icmp_fwd: bool = True
     too_big: bool = True
     gue: bool = True
+    #: Counters per VIP-backend pair (pair_stats): one per-CPU hash lookup per packet.
+    pair_stats: bool = True
 
 
 class DataplaneConfig(BaseModel):
@@ -56,6 +58,11 @@ class DataplaneConfig(BaseModel):
         4_194_304, ge=1024, le=1 << 28,
         description="connection-table slots (16 bytes each), rounded up to a power of two;"
         " sets of 8, so hold about a quarter as many flows before sets fill",
+    )
+    max_vip_backends: int = Field(
+        16384, ge=1, le=1 << 22,
+        description="VIP-backend pairs with their own counters (pair_stats entries,"
+        " 24 bytes per possible CPU each)",
     )
     features: Features = Features()
 
@@ -98,6 +105,8 @@ class DataplaneConfig(BaseModel):
             f"-DFEAT_ICMP_FWD={int(f.icmp_fwd)}",
             f"-DFEAT_TOO_BIG={int(f.too_big)}",
             f"-DFEAT_GUE={int(f.gue)}",
+            f"-DMAX_PAIRS={self.max_vip_backends}",
+            f"-DFEAT_PAIR_STATS={int(f.pair_stats)}",
         ]
 
 

@@ -61,6 +61,25 @@ def _stats_text(s: Any) -> str:
             ]
         )
     out.append(table(["BACKEND", "PACKETS", "PPS", "BYTES", "BPS"], brows))
+    prows = []
+    for v in s["vips"]:
+        for b in v.get("backends", []):
+            c = b["counters"]
+            prows.append(
+                [
+                    v["vip_id"],
+                    b["address"],
+                    c["packets"]["value"],
+                    _rate(c["packets"]),
+                    human(c["bytes"]["value"]) + "B",
+                    c["new_conns"]["value"],
+                    _rate(c["new_conns"]),
+                ]
+            )
+    if prows:
+        out.append(
+            table(["VIP", "BACKEND", "PACKETS", "PPS", "BYTES", "NEW-CONNS", "CPS"], prows)
+        )
     return "\n\n".join(out)
 
 

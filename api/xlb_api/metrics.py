@@ -89,6 +89,19 @@ class XlbCollector(Collector):
                     )
                 fam.add_metric([addr], sum(per_cpu))
         yield from real_fams.values()
+        pair_fams: dict[str, CounterMetricFamily] = {}
+        for vid, by_addr in sorted(snap.pairs.items()):
+            for addr, counters in sorted(by_addr.items()):
+                for field, per_cpu in counters.items():
+                    fam = pair_fams.get(field)
+                    if fam is None:
+                        fam = pair_fams[field] = CounterMetricFamily(
+                            f"xlb_vip_backend_{_metric_name(field)}",
+                            f"{field} one VIP sent to one backend",
+                            labels=["vip", "backend"],
+                        )
+                    fam.add_metric([vid, addr], sum(per_cpu))
+        yield from pair_fams.values()
         ct = GaugeMetricFamily(
             "xlb_conn_table_entries",
             "live flows in the connection table: not expired, not closed (a snapshot count)",

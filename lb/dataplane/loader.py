@@ -57,14 +57,16 @@ MAP_NAMES = (
     "lb_cfg",
     "vip_stats",
     "real_stats",
+    "pair_stats",
     "glob_stats",
 )
 
 # Maps that hold no flow state: lb_cfg is rewritten from the configuration at every start,
-# glob_stats are counters. A pin of either with another layout (an upgrade added a field or
-# a counter) is replaced instead of refusing the upgrade; rings, backends and the
-# connection table are never replaced behind the operator's back.
-STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats"})
+# glob_stats and pair_stats are counters. A pin of one of them with another layout (an
+# upgrade added a field or a counter, or dataplane.max_vip_backends changed) is replaced
+# instead of refusing the start; rings, backends and the connection table are never
+# replaced behind the operator's back.
+STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_stats"})
 
 
 def _bcc() -> Any:
@@ -208,6 +210,7 @@ SIZE_SOURCE = {
     "conn_table": "sets: dataplane.conn_table_size / 8, rounded up to a power of two",
     "vip_stats": "dataplane.max_vips",
     "real_stats": "dataplane.max_reals",
+    "pair_stats": "dataplane.max_vip_backends",
 }
 
 

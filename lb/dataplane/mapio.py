@@ -267,8 +267,23 @@ class MapIO:
         return self._conns
 
     def purge_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
-        """Free the conn_table slots naming any of these VIP numbers or backend indices."""
-        return self.conn_table().purge_any(vip_nums=vip_nums, real_idx=real_idx)
+        """Free the conn_table slots naming any of these VIP numbers or backend indices (and
+        their pair counters)."""
+        nums, idx = set(vip_nums), set(real_idx)
+        self.drop_pairs(nums, idx)
+        return self.conn_table().purge_any(vip_nums=nums, real_idx=idx)
+
+    def drop_pairs(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
+        """Delete the pair_stats entries of these VIP numbers or backend indices: freed, or
+        handed out afresh, their pairs start from zero."""
+        nums, idx = set(vip_nums), set(real_idx)
+        if not nums and not idx:
+            return
+        t = self.b.maps["pair_stats"]
+        for k in list(t.keys()):
+            if int(k.vip_num) in nums or int(k.real_idx) in idx:
+                with contextlib.suppress(KeyError):  # gone meanwhile
+                    del t[k]
 
     def purge_stale_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
         """Free the conn_table slots naming a VIP number or backend index not listed."""
@@ -282,6 +297,8 @@ class MapIO:
 
     def reset_counters(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
         """Zero the per-CPU counters of freshly allocated indices."""
+        vip_nums, real_idx = list(vip_nums), list(real_idx)
+        self.drop_pairs(vip_nums, real_idx)
         for name, keys in (("vip_stats", vip_nums), ("real_stats", real_idx)):
             t = self.b.maps[name]
             for i in keys:

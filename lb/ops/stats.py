@@ -42,14 +42,20 @@ class Snapshot:
     glob: dict[str, PerCpu]
     vips: dict[str, dict[str, PerCpu]]
     reals: dict[str, dict[str, PerCpu]]
+    #: VIP id -> backend address -> counters of that pair (pair_stats).
+    pairs: dict[str, dict[str, dict[str, PerCpu]]] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int]:
-        """Flat totals keyed `glob/NAME`, `vip/ID/field`, `real/ADDR/field` (for rates)."""
+        """Flat totals keyed `glob/NAME`, `vip/ID/field`, `real/ADDR/field`,
+        `pair/ID/ADDR/field` (for rates)."""
         out = {f"glob/{k}": sum(v) for k, v in self.glob.items()}
         for vid, counters in self.vips.items():
             out.update({f"vip/{vid}/{k}": sum(v) for k, v in counters.items()})
         for addr, counters in self.reals.items():
             out.update({f"real/{addr}/{k}": sum(v) for k, v in counters.items()})
+        for vid, by_addr in self.pairs.items():
+            for addr, counters in by_addr.items():
+                out.update({f"pair/{vid}/{addr}/{k}": sum(v) for k, v in counters.items()})
         return out
 
 
@@ -106,15 +112,36 @@ class StatsReader:
         cpus = table.getvalue(table.Key(index))
         return {f: tuple(int(getattr(c, f)) for c in cpus) for f in _fields(table)}
 
+    def pairs(
+        self, vip_ids: dict[int, str], addrs: dict[int, str]
+    ) -> dict[str, dict[str, dict[str, PerCpu]]]:
+        """Counters per (VIP, backend) from pair_stats, for the VIP numbers and backend
+        indices given (others are entries of freed ones not purged yet)."""
+        table = self._b.pair_stats
+        fields = _fields(table)
+        out: dict[str, dict[str, dict[str, PerCpu]]] = {}
+        for k, cpus in table.items():
+            vid, addr = vip_ids.get(int(k.vip_num)), addrs.get(int(k.real_idx))
+            if vid is None or addr is None:
+                continue
+            out.setdefault(vid, {})[addr] = {
+                f: tuple(int(getattr(c, f)) for c in cpus) for f in fields
+            }
+        return out
+
     def snapshot(self, *, vips: Iterable[str] | None = None) -> Snapshot:
         """Every counter now (or only these VIP ids' and all backends')."""
         nums = self.vip_numbers()
         wanted = nums if vips is None else {v: nums[v] for v in vips if v in nums}
+        indices = self.real_indices()
         return Snapshot(
             time=time.monotonic(),
             glob=self.glob(),
             vips={vid: self.vip(n) for vid, n in wanted.items()},
-            reals={addr: self.real(i) for addr, i in self.real_indices().items()},
+            reals={addr: self.real(i) for addr, i in indices.items()},
+            pairs=self.pairs(
+                {n: v for v, n in wanted.items()}, {i: a for a, i in indices.items()}
+            ),
         )
 
     def conn_table_count(self) -> int:

@@ -167,8 +167,12 @@ def test_stats_count_packets_per_vip_backend_and_globally(lb: Served) -> None:
     assert s["global"]["STAT_XDP_TX"]["value"] >= 10
     assert s["conn_table"]["entries"] == 10 and s["conn_table"]["capacity"] == 4096
     assert s["conn_table"]["misses"] >= 10
+    pairs = next(v for v in s["vips"] if v["vip_id"] == VIP_ID)["backends"]
+    assert sum(p["counters"]["new_conns"]["value"] for p in pairs) >= 10, pairs
+    assert {p["address"] for p in pairs} <= {b["address"] for b in s["backends"]}
     one = lb.client.get(f"/v1/vips/{VIP_ID}/stats").json()
     assert one["counters"]["packets"]["value"] == vip["packets"]["value"]
+    assert [p["address"] for p in one["backends"]] == [p["address"] for p in pairs]
     assert one["counters"]["packets"]["per_cpu"] is None
 
 
@@ -192,6 +196,8 @@ def test_metrics_expose_every_counter(lb: Served) -> None:
         f'xlb_vip_new_connections_total{{vip="{VIP_ID}"}}',
         'xlb_backend_packets_total{backend="198.18.1.2"}',
         'xlb_backend_bytes_total{backend="198.18.1.2"}',
+        f'",vip="{VIP_ID}"}} 1.0',  # xlb_vip_backend_* {backend=<the one it picked>,vip=}
+        "xlb_vip_backend_new_connections_total{backend=",
         'xlb_datapath_total{counter="STAT_LRU_HIT"}',
         "xlb_conn_table_entries 1.0",
         "xlb_conn_table_slots_used 1.0",

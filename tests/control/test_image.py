@@ -68,14 +68,18 @@ def test_rings_built_ahead_two_at_a_time_are_the_rings_built_alone(
     real_idx = {b.identity: i + 1 for i, b in enumerate(b for v in vips for b in v.backends)}
     ahead = RingCache(LIMITS.ring_size)
     builders: set[str] = set()
-    helper_took_one = threading.Event()
+    helper_took_one, caller_took_one = threading.Event(), threading.Event()
     build = ahead._build
 
     def counted(key: tuple[tuple[str, int], ...]) -> Any:
+        # Each thread holds its first ring until the other has one too, however the two are
+        # scheduled (a helper that starts first would otherwise take them all).
         name = threading.current_thread().name
         if name.startswith("helper"):
             helper_took_one.set()
-        else:  # the caller waits for the helper to take a ring, however slow it starts
+            caller_took_one.wait(10)
+        else:
+            caller_took_one.set()
             helper_took_one.wait(10)
         builders.add(name)
         return build(key)

@@ -201,6 +201,16 @@ class Lab:
         return (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
                 sum(c.new_conns for c in per_cpu))
 
+    def pair_counters(self, num: int, idx: int) -> tuple[int, int, int] | None:
+        """(packets, bytes, new_conns) VIP `num` sent to backend `idx` (None: no entry)."""
+        t = self.b.pair_stats
+        key = t.Key(num, idx)
+        if key not in t:
+            return None
+        per_cpu = t[key]
+        return (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
+                sum(c.new_conns for c in per_cpu))
+
     def real_counters(self, idx: int) -> tuple[int, int]:
         """(packets, bytes) sent to backend `idx`, summed over CPUs."""
         per_cpu = self.b.real_stats[self.b.real_stats.Key(idx)]
@@ -246,6 +256,7 @@ class Lab:
             table = self.b.maps[name]
             for i in range(len(table)):
                 table.clearitem(table.Key(i))
+        self.b.pair_stats.clear()
         self._vip_keys.clear()
         self._addr_keys.clear()
         self._reals.clear()

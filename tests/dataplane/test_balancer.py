@@ -1277,3 +1277,18 @@ def test_outer_ids_vary_without_df_and_are_zero_with_df(lab: Lab) -> None:
     big = P.udp4(dport=80, payload=b"x" * 400)
     replies = {Ether(lab.run(big).packet)[IP].id for _ in range(8)}
     assert len(replies) > 1, "a frag-needed reply (DF clear) needs an ID"
+
+
+def test_each_vip_counts_what_it_sent_to_each_backend(lab: Lab) -> None:
+    # Two VIPs share backend 1; VIP 1 also uses backend 2. The per-backend totals sum over
+    # VIPs; the pairs keep them apart (packets, client IP bytes, new connections).
+    vip_with(backends=(REAL4[0],), ring=[1])(lab)
+    vip_with(port=443, backends=(REAL4[0], REAL4[1]), ring=[2], num=1)(lab)
+    assert lab.run(SYN4).verdict == XDP_TX
+    assert lab.run(ACK4).verdict == XDP_TX
+    syn443 = P.tcp4(dport=443)
+    assert lab.run(syn443).verdict == XDP_TX
+    assert lab.pair_counters(0, 1) == (2, ip_len(SYN4) + ip_len(ACK4), 1)
+    assert lab.pair_counters(1, 2) == (1, ip_len(syn443), 1)
+    assert lab.pair_counters(1, 1) is None, "VIP 1 sent nothing to backend 1"
+    assert lab.real_counters(1)[0] == 2 and lab.real_counters(2)[0] == 1

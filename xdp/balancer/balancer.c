@@ -76,6 +76,31 @@ static __always_inline void stats_real(__u32 real_idx, __u32 bytes)
 	rs->bytes += bytes;
 }
 
+/* Count a packet of VIP `vip_num` sent to backend `real_idx` (FEAT_PAIR_STATS). A full map
+ * leaves the pair uncounted; the VIP and backend totals still count it.
+ */
+static __always_inline void stats_pair(__u32 vip_num, __u32 real_idx, __u32 bytes,
+				       int new_conn)
+{
+	struct pair_key key = { .vip_num = vip_num, .real_idx = real_idx };
+	struct pair_stats *ps, init = {};
+
+	if (!FEAT_PAIR_STATS)
+		return;
+	ps = pair_stats.lookup(&key);
+	if (!ps) {
+		init.packets = 1;
+		init.bytes = bytes;
+		init.new_conns = !!new_conn;
+		pair_stats.update(&key, &init);
+		return;
+	}
+	ps->packets += 1;
+	ps->bytes += bytes;
+	if (new_conn)
+		ps->new_conns += 1;
+}
+
 static __always_inline int parse_is_vip_addr(const __be32 *addr, __u32 family)
 {
 	struct vip_addr key = {};
@@ -297,6 +322,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 	if (!outer_len)
 		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
 	stats_real(ch.real_idx, outer_len);
+	stats_pair(vip->vip_num, ch.real_idx, pkt->ip_len, ch.new_conn);
 	if (pkt->icmp_fwd)
 		stats_inc(STAT_ICMP_FWD);
 	return XDP_TX;

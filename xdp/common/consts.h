@@ -22,6 +22,11 @@
 #define MAX_REALS 4096
 #endif
 
+/* VIP-backend pairs with counters of their own (pair_stats). */
+#ifndef MAX_PAIRS
+#define MAX_PAIRS 16384
+#endif
+
 /* Distinct VIP addresses (a VIP address may carry many ports/protocols). */
 #ifndef MAX_VIP_ADDRS
 #define MAX_VIP_ADDRS MAX_VIPS
@@ -52,6 +57,10 @@
 #endif
 #ifndef FEAT_GUE
 #define FEAT_GUE 1
+#endif
+/* Counters per VIP-backend pair (one per-CPU hash lookup per forwarded packet). */
+#ifndef FEAT_PAIR_STATS
+#define FEAT_PAIR_STATS 1
 #endif
 
 /* GUE source ports: the upper quarter of the port space, low bits from the flow hash

@@ -103,6 +103,19 @@ struct vip_stats {
 	__u64 new_conns;
 };
 
+/* A VIP-backend pair (pair_stats key). */
+struct pair_key {
+	__u32 vip_num;
+	__u32 real_idx;
+};
+
+/* Per-VIP-per-backend counters (pair_stats, per CPU): what one VIP sent to one backend. */
+struct pair_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_conns;
+};
+
 /* Per-backend counters (real_stats, per CPU). */
 struct real_stats {
 	__u64 packets;

@@ -37,6 +37,21 @@ def _counters(
     }
 
 
+def _vip(
+    vid: str, snap: Snapshot, rates: dict[str, float], per_cpu: bool
+) -> VipStatsPublic:
+    return VipStatsPublic(
+        vip_id=vid,
+        counters=_counters(f"vip/{vid}", snap.vips[vid], rates, per_cpu),
+        backends=[
+            BackendStatsPublic(
+                address=addr, counters=_counters(f"pair/{vid}/{addr}", c, rates, per_cpu)
+            )
+            for addr, c in sorted(snap.pairs.get(vid, {}).items())
+        ],
+    )
+
+
 def _rates(rt: RuntimeDep, snap: Snapshot) -> tuple[dict[str, float], float]:
     if rt.sampler is None:
         return {}, 0.0
@@ -55,10 +70,7 @@ def get_stats(rt: RuntimeDep, stats: StatsDep, per_cpu: PerCpuQuery = False) -> 
         xdp_mode=rt.attach_mode(),
         xdp_mode_reason=rt.attach_reason(),
         global_=_counters("glob", glob, rates, per_cpu),
-        vips=[
-            VipStatsPublic(vip_id=vid, counters=_counters(f"vip/{vid}", c, rates, per_cpu))
-            for vid, c in sorted(snap.vips.items())
-        ],
+        vips=[_vip(vid, snap, rates, per_cpu) for vid in sorted(snap.vips)],
         backends=[
             BackendStatsPublic(address=addr, counters=_counters(f"real/{addr}", c, rates, per_cpu))
             for addr, c in sorted(snap.reals.items())
@@ -89,6 +101,4 @@ def get_vip_stats(
     if vid not in snap.vips:
         raise NotFound(f"VIP {vid} is not in the data plane's vip_map", field="vip_id")
     rates, _ = _rates(rt, snap)
-    return VipStatsPublic(
-        vip_id=vid, counters=_counters(f"vip/{vid}", snap.vips[vid], rates, per_cpu)
-    )
+    return _vip(vid, snap, rates, per_cpu)

@@ -13,18 +13,26 @@ class CounterPublic(BaseModel):
     per_cpu: list[int] | None = Field(None, description="one value per possible CPU")
 
 
+class BackendStatsPublic(BaseModel):
+    """Counters of one backend: summed over every VIP it serves (in `backends` of the stats),
+    or what one VIP sent it (in a VIP's `backends`)."""
+
+    address: str
+    counters: dict[str, CounterPublic] = Field(
+        description="packets, bytes (outer, summed); packets, bytes, new_conns (per VIP)"
+    )
+
+
 class VipStatsPublic(BaseModel):
-    """Counters of one VIP."""
+    """Counters of one VIP, and what it sent to each of its backends."""
 
     vip_id: str
     counters: dict[str, CounterPublic] = Field(description="packets, bytes, new_conns")
-
-
-class BackendStatsPublic(BaseModel):
-    """Counters of one backend (summed over every VIP it serves)."""
-
-    address: str
-    counters: dict[str, CounterPublic] = Field(description="packets, bytes")
+    backends: list[BackendStatsPublic] = Field(
+        default_factory=list,
+        description="per backend: packets, bytes (client IP bytes) and new_conns this VIP"
+        " sent it (dataplane.features.pair_stats)",
+    )
 
 
 class ConnTablePublic(BaseModel):
