@@ -106,7 +106,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     s = _lb_settings(args)
     if not s.interface:
         raise CliError("no interface configured: give --interface or XLB_INTERFACE", EXIT_USAGE)
-    removed = xdp.detach(s.interface, netns=s.netns)
+    removed = xdp.detach(s.interface, netns=s.netns, pin_dir=s.pin_dir)
     where = s.interface + (f" in netns {s.netns}" if s.netns else "")
     if removed is None or removed.prog_id is None:
         print(f"nothing attached to {where}")

@@ -82,7 +82,6 @@ async def _sample_forever(sampler: RateSampler) -> None:
 
 def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> Runtime:
     """Open the data plane the daemon's way: load, pin, reconcile, attach."""
-    from lb.dataplane import attach as xdp
     from lb.dataplane.hcencap import tunnel_factory
     from lb.dataplane.host import open_host
 
@@ -98,14 +97,9 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
     stack.callback(control.close)
     s = lb_settings
     if s.interface:
-        host.attach_info = xdp.attach(
-            balancer.prog_fd,
-            s.interface,
-            mode=s.xdp_mode,
-            netns=s.netns,
-            replace_foreign=s.replace_foreign,
-        )
-        info = host.attach_info
+        # host.attach also tells the program the interface's MAC (lb_cfg.lb_mac).
+        info = host.attach()
+        assert info is not None
         log.info("attached to %s in %s mode (%s)", s.interface, info.mode, info.reason)
 
     def attachment() -> tuple[bool, str]:

@@ -11,6 +11,10 @@ helper, one XDP set call, one table of mode names). Rules:
   `replace_foreign=True`, and only ours is detached unless told otherwise.
 - Everything works in a named network namespace (netlink.iproute: a misspelt name fails
   instead of silently creating a namespace).
+- Without CAP_SYS_ADMIN a program cannot be opened by id (BPF_PROG_GET_FD_BY_ID), so with a
+  pin directory the attached program is also pinned there (PROG_PIN) and opened by path to
+  tell that it is ours and to replace it atomically: a daemon with CAP_BPF and
+  CAP_NET_ADMIN restarts and upgrades itself.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from lb.dataplane import netlink
-from lb.dataplane.loader import Balancer, prog_fd_by_id, prog_info_by_id
+from lb.dataplane.loader import Balancer, obj_get, obj_pin, prog_fd_by_id, prog_info
 from lb.dataplane.netlink import (
     ATTACHED_MODES,
     MODE_FLAGS,
@@ -40,6 +45,34 @@ Mode = Literal["native", "generic"]
 RequestedMode = Literal["native", "generic", "auto"]
 
 PROGRAM_NAME = Balancer.PROGRAM
+# The attached balancer program's pin in the pin directory (beside the maps).
+PROG_PIN = "prog_" + PROGRAM_NAME
+
+
+def open_prog(prog_id: int, pin_dir: Path | None = None) -> int | None:
+    """An fd of loaded program `prog_id` (the caller closes it): by id, which needs
+    CAP_SYS_ADMIN, else through the program pin in `pin_dir` when the pin is that program
+    (file permissions only). None when neither works (gone, or not ours without the
+    capability)."""
+    try:
+        return prog_fd_by_id(prog_id)
+    except KernelError:
+        pass
+    path = pin_dir / PROG_PIN if pin_dir is not None else None
+    if path is None or not path.exists():
+        return None
+    fd = obj_get(path)
+    if prog_info(fd).id == prog_id:
+        return fd
+    os.close(fd)
+    return None
+
+
+def pin_program(prog_fd: int, pin_dir: Path) -> None:
+    """Make `prog_fd` the program pin of `pin_dir` (replacing the previous one)."""
+    path = pin_dir / PROG_PIN
+    path.unlink(missing_ok=True)
+    obj_pin(prog_fd, path)
 
 
 @dataclass(frozen=True)
@@ -72,7 +105,9 @@ class AttachInfo:
     replaced_prog_id: int | None = None
 
 
-def _query(ipr: Any, idx: int, interface: str, netns: str | None) -> XdpState:
+def _query(
+    ipr: Any, idx: int, interface: str, netns: str | None, pin_dir: Path | None = None
+) -> XdpState:
     link = ipr.get_links(idx)[0]
     xdp = link.get_attr("IFLA_XDP")
     attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp is not None else None
@@ -83,20 +118,24 @@ def _query(ipr: Any, idx: int, interface: str, netns: str | None) -> XdpState:
         or xdp.get_attr("IFLA_XDP_DRV_PROG_ID")
         or xdp.get_attr("IFLA_XDP_SKB_PROG_ID")
     )
-    try:
-        name: str | None = prog_info_by_id(int(prog_id)).name if prog_id else None
-    except KernelError:
-        # Detached between the two calls: report what netlink said.
-        name = None
+    name: str | None = None
+    fd = open_prog(int(prog_id), pin_dir) if prog_id else None
+    if fd is not None:  # None: detached meanwhile, or not ours without CAP_SYS_ADMIN
+        try:
+            name = prog_info(fd).name
+        finally:
+            os.close(fd)
     return XdpState(
         interface, netns, idx, int(prog_id) if prog_id else None, ATTACHED_MODES.get(attached), name
     )
 
 
-def query(interface: str, *, netns: str | None = None) -> XdpState:
+def query(
+    interface: str, *, netns: str | None = None, pin_dir: Path | None = None
+) -> XdpState:
     """What is attached to `interface` (program id, mode, program name)."""
     with iproute(netns) as ipr:
-        return _query(ipr, index(ipr, netns, interface), interface, netns)
+        return _query(ipr, index(ipr, netns, interface), interface, netns, pin_dir)
 
 
 def attach(
@@ -107,15 +146,17 @@ def attach(
     netns: str | None = None,
     replace_foreign: bool = False,
     expected_prog_id: int | None = None,
+    pin_dir: Path | None = None,
 ) -> AttachInfo:
     """Attach (or atomically replace) the XDP program on `interface`; returns what is in effect.
 
-    With `expected_prog_id` (an upgrade), the program attached now must be that one.
+    With `expected_prog_id` (an upgrade), the program attached now must be that one. With
+    `pin_dir`, the program attached is pinned there as PROG_PIN.
     """
     where = netlink.where(interface, netns)
     with iproute(netns) as ipr:
         idx = index(ipr, netns, interface)
-        cur = _query(ipr, idx, interface, netns)
+        cur = _query(ipr, idx, interface, netns, pin_dir)
         replaced: int | None = None
         if expected_prog_id is not None and cur.prog_id != expected_prog_id:
             raise Conflict(
@@ -124,7 +165,7 @@ def attach(
                 field="interface",
             )
         if cur.prog_id is not None:
-            used, reason = _replace(ipr, prog_fd, cur, mode, replace_foreign)
+            used, reason = _replace(ipr, prog_fd, cur, mode, replace_foreign, pin_dir)
             replaced = cur.prog_id
         elif mode == "auto":
             try:
@@ -143,12 +184,15 @@ def attach(
         now = _query(ipr, idx, interface, netns)
     if now.prog_id is None or now.mode != used:
         raise KernelError(f"XDP on {where} is {now.mode} id {now.prog_id} after attaching {used}")
+    if pin_dir is not None:
+        pin_program(prog_fd, pin_dir)
     return AttachInfo(interface, netns, idx, used, now.prog_id, reason, replaced)
 
 
 def _replace(
-    ipr: Any, prog_fd: int, cur: XdpState, mode: RequestedMode, replace_foreign: bool
-) -> tuple[Mode, str]:
+    ipr: Any, prog_fd: int, cur: XdpState, mode: RequestedMode, replace_foreign: bool,
+    pin_dir: Path | None,
+) -> tuple[Mode, str]:  # fmt: skip
     where = netlink.where(cur.interface, cur.netns)
     assert cur.prog_id is not None
     if not cur.ours and not replace_foreign:
@@ -171,25 +215,30 @@ def _replace(
             field="xdp_mode",
         )
     used: Mode = "native" if cur.mode == "native" else "generic"
-    expected = prog_fd_by_id(cur.prog_id)
+    # None: a foreign program without CAP_SYS_ADMIN, replaced without the expected-program
+    # check (still one swap of the program pointer).
+    expected = open_prog(cur.prog_id, pin_dir)
     try:
         set_xdp(ipr, cur.ifindex, prog_fd, MODE_FLAGS[used],
                  f"replacing XDP program id {cur.prog_id} on {where}",
                  expected_fd=expected)  # fmt: skip
     finally:
-        os.close(expected)
+        if expected is not None:
+            os.close(expected)
     whose = "our" if cur.ours else f"foreign ({cur.prog_name!r}, replace_foreign)"
     return used, f"atomically replaced {whose} program id {cur.prog_id} in its {used} mode"
 
 
 def detach(
-    interface: str, *, netns: str | None = None, only_ours: bool = True
-) -> XdpState | None:
-    """Remove the XDP program from `interface`; returns what was removed (None if nothing)."""
+    interface: str, *, netns: str | None = None, only_ours: bool = True,
+    pin_dir: Path | None = None,
+) -> XdpState | None:  # fmt: skip
+    """Remove the XDP program from `interface`; returns what was removed (None if nothing).
+    With `pin_dir`, its program pin goes too (it would keep the program loaded)."""
     where = netlink.where(interface, netns)
     with iproute(netns) as ipr:
         idx = index(ipr, netns, interface)
-        cur = _query(ipr, idx, interface, netns)
+        cur = _query(ipr, idx, interface, netns, pin_dir)
         if cur.prog_id is None:
             return None
         if only_ours and not cur.ours:
@@ -199,13 +248,16 @@ def detach(
                 field="interface",
             )
         flags = MODE_FLAGS.get(cur.mode or "", 0)
-        expected = prog_fd_by_id(cur.prog_id)
+        expected = open_prog(cur.prog_id, pin_dir)
         try:
             # Expect the program we looked at, so a concurrent upgrade is not undone.
             set_xdp(ipr, idx, -1, flags, f"detaching XDP program id {cur.prog_id} from {where}",
                      expected_fd=expected)  # fmt: skip
         finally:
-            os.close(expected)
+            if expected is not None:
+                os.close(expected)
+        if pin_dir is not None:
+            (pin_dir / PROG_PIN).unlink(missing_ok=True)
         return cur
 
 

@@ -26,6 +26,7 @@ SYS_BPF = {"x86_64": 321, "aarch64": 280}
 # enum bpf_cmd
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_PROG_LOAD = 5
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
@@ -280,6 +281,13 @@ def obj_get(path: Path) -> int:
     raw = ctypes.create_string_buffer(os.fsencode(path))
     attr = ObjGetAttr(pathname=ctypes.addressof(raw))
     return bpf(BPF_OBJ_GET, attr, f"opening pin {path}")
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    """Pin a map or program fd at `path` on bpffs (needs write access to the directory)."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = ObjGetAttr(pathname=ctypes.addressof(raw), bpf_fd=fd)
+    bpf(BPF_OBJ_PIN, attr, f"pinning {path}")
 
 
 def prog_fd_by_id(prog_id: int) -> int:

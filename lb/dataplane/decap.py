@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from lb.dataplane.keys import IPAddress, family_of, get_addr, set_addr
-from lb.dataplane.loader import compile_program, load_func
+from lb.dataplane.loader import compile_pinned, compile_program, load_func
 from lb.errors import InvalidInput, KernelError, LimitReached, NotFound
 
 SOURCE = "decap/decap.c"
@@ -84,7 +84,11 @@ class Decap:
         if max_addrs < 1:
             raise InvalidInput(f"max_addrs must be at least 1, got {max_addrs}", field="max_addrs")
         self.pin_dir = pin_dir
-        self.bpf = compile_program(SOURCE, [f"-DDECAP_MAX_ADDRS={max_addrs}"], pin_dir=pin_dir)
+        cflags = [f"-DDECAP_MAX_ADDRS={max_addrs}"]
+        if pin_dir is None:
+            self.bpf = compile_program(SOURCE, cflags)
+        else:
+            self.bpf, _ = compile_pinned(SOURCE, cflags, pin_dir)
         try:
             self.xdp_fn = load_func(self.bpf, XDP_PROGRAM, self.bpf.XDP)
             self.tc_fn = load_func(self.bpf, TC_PROGRAM, self.bpf.SCHED_CLS)

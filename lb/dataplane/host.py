@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.dataplane import attach as xdp
-from lb.dataplane import netlink
+from lb.dataplane import netlink, privileges
 from lb.dataplane.loader import Balancer, write_runtime_config
 from lb.settings import Settings
 
@@ -40,7 +40,7 @@ class Host:
     def xdp_state(self) -> xdp.XdpState | None:
         """What the interface runs now, asked from the kernel (None without an interface)."""
         s = self.settings
-        return xdp.query(s.interface, netns=s.netns) if s.interface else None
+        return xdp.query(s.interface, netns=s.netns, pin_dir=s.pin_dir) if s.interface else None
 
     def lb_mac(self) -> str | None:
         """The MAC of the interface the program runs on (None without an interface)."""
@@ -65,6 +65,7 @@ class Host:
             mode=s.xdp_mode,
             netns=s.netns,
             replace_foreign=s.replace_foreign,
+            pin_dir=s.pin_dir,
         )
         self.detached = False
         return self.attach_info
@@ -93,6 +94,7 @@ class Host:
                     mode=old.mode,
                     netns=old.netns,
                     expected_prog_id=old.prog_id,
+                    pin_dir=self.settings.pin_dir,
                 )
         except BaseException:
             new.close()
@@ -104,7 +106,9 @@ class Host:
     def detach(self) -> xdp.XdpState | None:
         """Take the balancer off the interface (traffic passes to the stack); maps stay pinned."""
         s = self.settings
-        removed = xdp.detach(s.interface, netns=s.netns) if s.interface else None
+        removed = (
+            xdp.detach(s.interface, netns=s.netns, pin_dir=s.pin_dir) if s.interface else None
+        )
         self.attach_info = None
         self.detached = True
         return removed
@@ -125,6 +129,7 @@ def open_host(settings: Settings, *, attach: bool = True, repin: bool = False) -
     `repin=True` drops the old pins first (after an IncompatiblePins, on the operator's word).
     On exit the program stays attached and the maps pinned unless `host.detach()` was called.
     """
+    privileges.require()
     runtime = effective_runtime(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     balancer = Balancer(settings.dataplane, pin_dir=settings.pin_dir, repin=repin)

@@ -31,6 +31,7 @@ from lb.dataplane.bpf import MapInfo as MapInfo
 from lb.dataplane.bpf import ProgInfo as ProgInfo
 from lb.dataplane.bpf import map_info as map_info
 from lb.dataplane.bpf import obj_get as obj_get
+from lb.dataplane.bpf import obj_pin as obj_pin
 from lb.dataplane.bpf import pinned_map_info as pinned_map_info
 from lb.dataplane.bpf import prog_fd_by_id as prog_fd_by_id
 from lb.dataplane.bpf import prog_info as prog_info
@@ -47,6 +48,7 @@ from lb.dataplane.keys import (
 )
 from lb.errors import BccUnavailable, IncompatiblePins, KernelError, UnsupportedKernel
 
+SOURCE = "balancer/balancer.c"
 MAP_NAMES = (
     "vip_map",
     "vip_addrs",
@@ -79,10 +81,9 @@ def _bcc() -> Any:
     return bcc
 
 
-def compile_program(
-    source: str | Path, cflags: list[str], *, pin_dir: Path | None = None
-) -> Any:
-    """Compile a C program with BCC; returns the `bcc.BPF` object.
+def compile_program(source: str | Path, cflags: list[str]) -> Any:
+    """Compile a C program with BCC; returns the `bcc.BPF` object (its maps fresh, unpinned:
+    `compile_pinned` is the variant that puts them on pins).
 
     `source` is a path under xdp/ ("balancer/balancer.c") or an absolute path (bench/xdp/).
     Includes resolve against xdp/ ("common/consts.h"): BCC compiles the text as
@@ -92,13 +93,29 @@ def compile_program(
     src_dir = xdp_source_dir()
     path = src_dir / source
     flags = [f"-I{src_dir}", *cflags]
-    if pin_dir is not None:
-        pin_dir.mkdir(parents=True, exist_ok=True)
-        flags.append(f'-DPIN_DIR="{pin_dir}"')
     try:
         return bcc.BPF(src_file=str(path).encode(), cflags=flags)
     except Exception as e:
         raise BccUnavailable(f"BCC could not compile {path}: {e}") from e
+
+
+def compile_pinned(
+    source: str | Path, cflags: list[str], pin_dir: Path,
+    *, replace: frozenset[str] = frozenset(),
+) -> tuple[Any, list[str]]:  # fmt: skip
+    """`compile_program`, then every map on its pin in `pin_dir` (see adopt_pins); returns
+    the BPF object and the pins replaced. IncompatiblePins (nothing changed) when a pin
+    differs from what the program declares and is not in `replace`."""
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    bpf = compile_program(source, cflags)
+    try:
+        diffs, replaced = adopt_pins(bpf, pin_dir, replace=replace)
+        if diffs:
+            raise _incompatible(pin_dir, diffs)
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return bpf, replaced
 
 
 @contextmanager
@@ -236,16 +253,11 @@ def _bcc_lib() -> Any:
     return _libbcc
 
 
-def pin_differences(bpf: Any) -> list[str]:
-    """How each map BCC opened differs from what the program declares ([] = compatible).
-
-    Every table of the compiled module is checked (a map BCC just created always matches),
-    so maps added to the program later are covered without a list to keep in sync.
-    """
+def _declared(bpf: Any) -> list[tuple[str, int, dict[str, int]]]:
+    """Every table of the compiled module: name, BCC's fd, and what the program declares."""
     lib, mod = _bcc_lib(), bpf.module
-    diffs = []
+    out = []
     for i in range(lib.bpf_num_tables(mod)):
-        name = lib.bpf_table_name(mod, i).decode()
         want = {
             "type": int(lib.bpf_table_type_id(mod, i)),
             "key_size": int(lib.bpf_table_key_size_id(mod, i)),
@@ -253,28 +265,81 @@ def pin_differences(bpf: Any) -> list[str]:
             "max_entries": int(lib.bpf_table_max_entries_id(mod, i)),
             "flags": int(lib.bpf_table_flags_id(mod, i)),
         }
-        got = map_info(int(lib.bpf_table_fd_id(mod, i)))
-        if name == "conn_table" and got.type == BPF_MAP_TYPE_LRU_HASH != want["type"]:
-            # Every other field differs too; one line says what happened.
-            diffs.append(
-                "conn_table: the pinned connection table is the LRU hash of an older data"
-                " plane; this one is a set-associative array (docs/conn-table.md) and cannot"
-                " take its entries over"
-            )
+        out.append((lib.bpf_table_name(mod, i).decode(), int(lib.bpf_table_fd_id(mod, i)), want))
+    return out
+
+
+def _differences(name: str, want: dict[str, int], got: MapInfo) -> list[str]:
+    """How a pinned map differs from what the program declares ([] = compatible)."""
+    if name == "conn_table" and got.type == BPF_MAP_TYPE_LRU_HASH != want["type"]:
+        # Every other field differs too; one line says what happened.
+        return [
+            "conn_table: the pinned connection table is the LRU hash of an older data"
+            " plane; this one is a set-associative array (docs/conn-table.md) and cannot"
+            " take its entries over"
+        ]
+    diffs = []
+    for field, expected in want.items():
+        actual = getattr(got, field)
+        if actual == expected:
             continue
-        for field, expected in want.items():
-            actual = getattr(got, field)
-            if actual == expected:
-                continue
-            if field == "type":
-                a, e = MAP_TYPE_NAMES.get(actual, actual), MAP_TYPE_NAMES.get(expected, expected)
-                diffs.append(f"{name}: type {a} pinned, {e} in the program")
-            elif field == "max_entries":
-                src = SIZE_SOURCE.get(name, "the program")
-                diffs.append(f"{name}: max_entries {actual} pinned, {expected} configured ({src})")
-            else:
-                diffs.append(f"{name}: {field} {actual} pinned, {expected} in the program")
+        if field == "type":
+            a, e = MAP_TYPE_NAMES.get(actual, actual), MAP_TYPE_NAMES.get(expected, expected)
+            diffs.append(f"{name}: type {a} pinned, {e} in the program")
+        elif field == "max_entries":
+            src = SIZE_SOURCE.get(name, "the program")
+            diffs.append(f"{name}: max_entries {actual} pinned, {expected} configured ({src})")
+        else:
+            diffs.append(f"{name}: {field} {actual} pinned, {expected} in the program")
     return diffs
+
+
+def adopt_pins(
+    bpf: Any, pin_dir: Path, *, replace: frozenset[str] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """Put each of the compiled program's maps on its pin PIN_DIR/<name>, before the program
+    is loaded; returns (differences, pins replaced).
+
+    A pin is opened by path (BPF_OBJ_GET: file permissions, no capability) and dup2()ed onto
+    the fd BCC gave its fresh map, so the program and every BCC table object use the pinned
+    map. (BCC's own BPF_TABLE_PINNED reopens pins by id, BPF_MAP_GET_FD_BY_ID, which needs
+    CAP_SYS_ADMIN: a daemon with only CAP_BPF could create pins but never reuse them.) A map
+    without a pin is pinned; a pin that differs from the declaration is replaced when its
+    name is in `replace`. Any other difference is returned and nothing is changed.
+    """
+    plan: list[tuple[str, str, int, int | None]] = []
+    diffs: list[str] = []
+    for name, fd, want in _declared(bpf):
+        path = pin_dir / name
+        if not path.exists():
+            plan.append(("pin", name, fd, None))
+            continue
+        pinned = obj_get(path)
+        d = _differences(name, want, map_info(pinned))
+        if not d:
+            plan.append(("adopt", name, fd, pinned))
+            continue
+        os.close(pinned)
+        if name in replace:
+            plan.append(("replace", name, fd, None))
+        else:
+            diffs.extend(d)
+    if diffs:
+        for *_, opened in plan:
+            if opened is not None:
+                os.close(opened)
+        return diffs, []
+    replaced: list[str] = []
+    for kind, name, fd, opened in plan:
+        if opened is not None:
+            os.dup2(opened, fd)
+            os.close(opened)
+            continue
+        if kind == "replace":
+            (pin_dir / name).unlink()
+            replaced.append(name)
+        obj_pin(fd, pin_dir / name)
+    return [], sorted(replaced)
 
 
 def _incompatible(pin_dir: Path, diffs: list[str]) -> IncompatiblePins:
@@ -359,24 +424,15 @@ class Balancer:
             if repin:
                 unpin(pin_dir)
         kernelcheck.require(self.PROGRAM)
-        self.bpf = compile_program("balancer/balancer.c", config.cflags(), pin_dir=pin_dir)
+        if pin_dir is None:
+            self.bpf = compile_program(SOURCE, config.cflags())
+        else:
+            # Maps whose content is rewritten at start, or is counters, are replaced when
+            # their layout changed rather than refusing the start.
+            self.bpf, self.replaced_pins = compile_pinned(
+                SOURCE, config.cflags(), pin_dir, replace=STATELESS_MAPS
+            )
         try:
-            if pin_dir is not None:
-                diffs = pin_differences(self.bpf)
-                stale = {d.split(":", 1)[0] for d in diffs} & STATELESS_MAPS
-                if diffs and {d.split(":", 1)[0] for d in diffs} <= STATELESS_MAPS:
-                    # Only maps whose content is rewritten at start (or is counters) differ:
-                    # replace those pins rather than refuse, and compile again on them.
-                    self.bpf.cleanup()
-                    for name in stale:
-                        (pin_dir / name).unlink(missing_ok=True)
-                    self.bpf = compile_program(
-                        "balancer/balancer.c", config.cflags(), pin_dir=pin_dir
-                    )
-                    self.replaced_pins = sorted(stale)
-                    diffs = pin_differences(self.bpf)
-                if diffs:
-                    raise _incompatible(pin_dir, diffs)
             self.fn = self._load()
         except BaseException:
             self.bpf.cleanup()

@@ -37,11 +37,15 @@ class MapsOnly:
 
         self.config = config
         self.pin_dir = pin_dir
+        from lb.dataplane.loader import adopt_pins
+
         flags = [f"-I{xdp_source_dir()}", *config.cflags()]
-        if pin_dir is not None:
-            pin_dir.mkdir(parents=True, exist_ok=True)
-            flags.append(f'-DPIN_DIR="{pin_dir}"')
         self.bpf = bcc.BPF(text=MAPS_ONLY_SOURCE.encode(), cflags=flags)
+        if pin_dir is not None:
+            # On the pins, as the loader puts the balancer's maps (opened by path).
+            pin_dir.mkdir(parents=True, exist_ok=True)
+            diffs, _ = adopt_pins(self.bpf, pin_dir)
+            assert not diffs, diffs
         self.maps: dict[str, Any] = {n: self.bpf[n.encode()] for n in MAP_NAMES}
 
     def __getattr__(self, name: str) -> Any:

@@ -1,8 +1,9 @@
 /* maps.h - every map of the balancer, one comment each.
  *
- * With PIN_DIR defined (the loader passes it) each map is pinned as PIN_DIR/<name>: a map that
- * is already pinned is reused, so rings, connections and counters survive a restart or an
- * upgrade of the program. Names stay at most 15 characters so bpftool shows them whole.
+ * With a pin directory the loader puts each map on its pin <dir>/<name>, opened by path
+ * (lb.dataplane.loader.adopt_pins): a map that is already pinned is reused, so rings,
+ * connections and counters survive a restart or an upgrade of the program. Names stay at
+ * most 15 characters so bpftool shows them whole.
  */
 #ifndef XLB_MAPS_H
 #define XLB_MAPS_H
@@ -10,12 +11,7 @@
 #include "common/consts.h"
 #include "common/structs.h"
 
-#ifdef PIN_DIR
-#define LB_MAP(type, key, val, name, size, flags) \
-	BPF_TABLE_PINNED(type, key, val, name, size, PIN_DIR "/" #name, flags)
-#else
 #define LB_MAP(type, key, val, name, size, flags) BPF_F_TABLE(type, key, val, name, size, flags)
-#endif
 
 /* An array user space can mmap (lb/dataplane/conntab.py reads the connection table that way). */
 #define MMAPABLE 1024 /* BPF_F_MMAPABLE */

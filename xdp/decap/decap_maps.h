@@ -1,21 +1,16 @@
 /* decap_maps.h - every map of the backend decap programs, one comment each.
  *
- * With PIN_DIR defined (lb/dataplane/decap.py passes it when asked) each map is pinned as
- * PIN_DIR/<name> and reused if already pinned, like the balancer's maps.h. The names differ
- * from the balancer's, so both programs may share one pin directory.
+ * With a pin directory, lb/dataplane/decap.py puts each map on its pin <dir>/<name>
+ * (lb.dataplane.loader.adopt_pins), like the balancer's. The names differ from the
+ * balancer's, so both programs may share one pin directory.
  */
 #ifndef XLB_DECAP_MAPS_H
 #define XLB_DECAP_MAPS_H
 
 #include "decap/decap.h"
 
-#ifdef PIN_DIR
-#define DECAP_MAP(type, key, val, name, size, flags) \
-	BPF_TABLE_PINNED(type, key, val, name, size, PIN_DIR "/" #name, flags)
-#else
 #define DECAP_MAP(type, key, val, name, size, flags) \
 	BPF_F_TABLE(type, key, val, name, size, flags)
-#endif
 
 /* The backend's own addresses: an outer destination found here is decapsulated. */
 DECAP_MAP("hash", struct decap_addr, __u32, decap_addrs, DECAP_MAX_ADDRS, 0);
