@@ -124,7 +124,8 @@ def guest_script(out: Path, tests: list[str], pytest_args: list[str],
     """The shell the guest runs in `tree`: bpffs, verifier figures, then pytest; results to
     `out`. Python imports the project from `tree` (the working directory comes first on
     sys.path), with the project venv's packages."""
-    test_cmd = [str(PY), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+    # -v: one line per test as it ends, so a run cut short still says what passed.
+    test_cmd = [str(PY), "-m", "pytest", "-p", "no:cacheprovider", "-v",
                 f"--junitxml={out}/junit.xml", *tests, *pytest_args]  # fmt: skip
     verifier_cmd = [str(PY), "-m", "bench.bench_verifier", "--results-dir", str(out)]
     return "\n".join([
@@ -184,8 +185,14 @@ def run_kernel(name: str, release: str, results: Path, tests: list[str],
         except subprocess.TimeoutExpired:
             rc = -1
     result.wall_s = round(time.monotonic() - t0, 1)
+    try:
+        result.verifier = json.loads((out / "verifier.json").read_text())
+    except (OSError, ValueError):
+        pass
     if rc == -1:
-        result.status, result.reason = "error", f"the guest ran over {GUEST_TIMEOUT_S} s"
+        partial = _partial_counts(out / "pytest.log", result)
+        result.status = "error"
+        result.reason = f"the guest ran over {GUEST_TIMEOUT_S} s{partial}"
         return result
     if not (out / "pytest.rc").exists():
         tail = (out / "vng.log").read_text(errors="replace").splitlines()[-15:]
@@ -201,9 +208,7 @@ def run_kernel(name: str, release: str, results: Path, tests: list[str],
         pass
     if (out / "junit.xml").exists():
         parse_junit(out / "junit.xml", result)
-    try:
-        result.verifier = json.loads((out / "verifier.json").read_text())
-    except (OSError, ValueError):
+    if not result.verifier:
         result.reason = "no verifier figures (see guest.log)"
     pytest_rc = int((out / "pytest.rc").read_text().strip() or 1)
     verifier_rc = int((out / "verifier.rc").read_text().strip() or 1)
@@ -212,6 +217,20 @@ def run_kernel(name: str, release: str, results: Path, tests: list[str],
     if not ok and not result.reason:
         result.reason = f"pytest exit {pytest_rc}, verifier exit {verifier_rc}: see {out}"
     return result
+
+
+def _partial_counts(log: Path, result: Result) -> str:
+    """Counts from a verbose pytest log cut short; ' (N passed, M failed so far: ...)'."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    failed = [ln.split(" ", 1)[0] for ln in lines if " FAILED" in ln or " ERROR" in ln]
+    result.passed = sum(" PASSED" in ln for ln in lines)
+    result.failed = len(failed)
+    result.skipped = sum(" SKIPPED" in ln for ln in lines)
+    names = f": {', '.join(failed)}" if failed else ""
+    return f" ({result.passed} passed, {result.failed} failed so far{names})"
 
 
 def verifier_cells(result: Result) -> str:
