@@ -27,6 +27,7 @@ as skipped with the reason, and the status is 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -185,10 +186,8 @@ def run_kernel(name: str, release: str, results: Path, tests: list[str],
         except subprocess.TimeoutExpired:
             rc = -1
     result.wall_s = round(time.monotonic() - t0, 1)
-    try:
+    with contextlib.suppress(OSError, ValueError):
         result.verifier = json.loads((out / "verifier.json").read_text())
-    except (OSError, ValueError):
-        pass
     if rc == -1:
         partial = _partial_counts(out / "pytest.log", result)
         result.status = "error"
