@@ -93,6 +93,11 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
     balancer = host.balancer
     control = ControlPlane(lb_settings, balancer)
     stack.callback(control.close)
+    if control.start_error is not None:
+        log.error(
+            "cannot bring the maps to stored generation %d: %s; changes are refused (503) "
+            "until they can", control.generation, control.start_error,
+        )
     s = lb_settings
     if s.interface:
         host.attach_info = xdp.attach(

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
 
 from lb.config import DataplaneConfig
 from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
@@ -39,7 +39,24 @@ MAX_WEIGHT = 1000
 DEFAULT_OUTER_SOURCE: dict[str, OuterSource] = {"ipip": "rss", "gue": "lb"}
 
 _PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+#: Ranges no VIP or backend can be in, with the reason (RFC 6890 special-purpose blocks that
+#: are never routed between hosts). Checked in order; the first match names the reason.
+_UNUSABLE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 ('this network', RFC 1122), never a "
+     "destination"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "a loopback address (127.0.0.0/8): it never "
+     "leaves the host"),
+    (ipaddress.IPv6Network("::1/128"), "the loopback address (::1): it never leaves the host"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16): it is not routed "
+     "beyond one link"),
+    (ipaddress.IPv6Network("fe80::/10"), "link-local (fe80::/10): it is not routed beyond one "
+     "link"),
+    (ipaddress.IPv4Network("255.255.255.255/32"), "the broadcast address"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "in 240.0.0.0/4 (reserved, RFC 1112): hosts and "
+     "routers drop it"),
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped IPv6 (::ffff:0:0/96): it is an IPv4 "
+     "address in a socket API and never appears on the wire; write the IPv4 address"),
+)
 
 
 _TEXT: dict[tuple[int, int], str] = {}
@@ -57,6 +74,53 @@ def _text(addr: IPAddress) -> str:
     return text
 
 
+def zone_error(text: str, what: str) -> str:
+    """Why an address with an IPv6 zone id (``%eth0``) is refused, for `what` (a message)."""
+    host, _, zone = text.partition("%")
+    return (
+        f"{what} {text!r} has an IPv6 zone id (%{zone}): the data plane matches addresses "
+        f"without one, so it would alias {host}; write the address without %{zone}"
+    )
+
+
+def _refuse_zone(v: object, what: str) -> object:
+    # ipaddress keeps a zone id (scope_id) in equality and text but not in int(): two specs
+    # would differ while the data plane keys them the same (issue 14, item 16).
+    text = v if isinstance(v, str) else str(v) if isinstance(v, ipaddress.IPv6Address) else None
+    if text is not None and "%" in text:
+        raise ValueError(zone_error(text, what))
+    if isinstance(v, str) and not v.isascii():
+        raise ValueError(f"{what} {v!r} has characters that are not ASCII")
+    return v
+
+
+def parse_address(text: str, *, field: str, what: str = "address") -> IPAddress:
+    """An address given as text (ASCII, no zone id); InvalidInput naming `field`."""
+    stripped = text.strip()
+    if "%" in stripped:
+        raise InvalidInput(f"{field}: " + zone_error(stripped, what), field=field)
+    try:
+        if not stripped.isascii():
+            raise ValueError
+        return ipaddress.ip_address(stripped)
+    except ValueError:
+        raise InvalidInput(
+            f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
+        ) from None
+
+
+def unusable_reason(addr: IPAddress) -> str | None:
+    """Why `addr` cannot be a VIP or a backend (None: it can)."""
+    if addr.is_unspecified:
+        return "the unspecified address"
+    if addr.is_multicast:
+        return "a multicast address"
+    for net, why in _UNUSABLE:
+        if addr.version == net.version and addr in net:
+            return why
+    return None
+
+
 class BackendSpec(BaseModel):
     """One backend of a VIP; its identity is its address in canonical text."""
 
@@ -68,6 +132,11 @@ class BackendSpec(BaseModel):
         "active",
         description="active: in the ring; draining: tracked flows only; disabled: out",
     )
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address(cls, v: object) -> object:
+        return _refuse_zone(v, "backend address")
 
     @cached_property
     def identity(self) -> str:
@@ -115,6 +184,11 @@ class VipSpec(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="how the backends are probed (lb/health/policy.py); null: not checked"
     )
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address(cls, v: object) -> object:
+        return _refuse_zone(v, "VIP address")
 
     @property
     def id(self) -> str:
@@ -197,6 +271,9 @@ class Limits(NamedTuple):
     max_backends: int
     #: Slots per ring; a VIP needs 100 per backend in its ring for 1% balance.
     ring_size: int
+    #: Accept loopback backends (127.0.0.0/8, ::1): only for a one-host test bed of the health
+    #: checker, whose probes reach them; the data plane can never deliver to one.
+    loopback_backends: bool = False
 
     @classmethod
     def from_config(cls, config: DataplaneConfig) -> Limits:
@@ -268,12 +345,7 @@ def vip_id(protocol: str, address: IPAddress, port: int) -> str:
 
 def canonical_address(text: str, *, field: str) -> str:
     """Canonical text of an address given in any spelling; InvalidInput naming `field`."""
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise InvalidInput(
-            f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
-        ) from None
+    return str(parse_address(text, field=field))
 
 
 def parse_vip_id(text: str) -> VipKey:
@@ -287,8 +359,15 @@ def parse_vip_id(text: str) -> VipKey:
     if not sep or proto.lower() not in _PROTOCOLS:
         raise bad
     host, sep, port_text = rest.rpartition(":")
-    if not sep or not port_text.isdigit():
+    # ASCII only: str.isdigit() and int() also take '²' and Arabic-Indic digits, which
+    # would alias another VIP's port (issue 14, item 18).
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
         raise bad
+    if not host.isascii():
+        raise bad
+    if "%" in host:
+        raise InvalidInput(f"vip_id: {zone_error(host.strip('[]'), 'VIP address')}",
+                           field="vip_id")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         if ":" not in host:
@@ -320,17 +399,18 @@ def invalid_from_validation(exc: ValidationError, *, prefix: str = "") -> Invali
     return InvalidInput(f"{field or 'body'}: {err['msg']}", field=field or None)
 
 
-def _check_address(addr: IPAddress, field: str, what: str) -> None:
-    if addr.is_unspecified or addr.is_multicast:
-        raise InvalidInput(f"{field}: {what} {addr} cannot be unspecified or multicast",
-                           field=field)
-    if addr == _BROADCAST:
-        raise InvalidInput(f"{field}: {what} {addr} is the broadcast address", field=field)
+def _check_address(addr: IPAddress, field: str, what: str, *, loopback: bool = False) -> None:
+    why = unusable_reason(addr)
+    if why is not None and not (loopback and addr.is_loopback):
+        raise InvalidInput(f"{field}: {what} {addr} cannot work: it is {why}", field=field)
 
 
-def validate_backend(vip: VipSpec, backend: BackendSpec, field: str) -> None:
+def validate_backend(
+    vip: VipSpec, backend: BackendSpec, field: str, limits: Limits | None = None
+) -> None:
     """Rules one backend must follow within its VIP; InvalidInput naming `field`."""
-    _check_address(backend.address, f"{field}.address", "backend address")
+    _check_address(backend.address, f"{field}.address", "backend address",
+                   loopback=limits is not None and limits.loopback_backends)
     if not 0 <= backend.weight <= MAX_WEIGHT:
         raise InvalidInput(
             f"{field}.weight: must be in 0..{MAX_WEIGHT}, got {backend.weight}",
@@ -361,7 +441,7 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
     seen: dict[str, int] = {}
     for i, b in enumerate(vip.backends):
         field = f"backends[{i}]"
-        validate_backend(vip, b, field)
+        validate_backend(vip, b, field, limits)
         if b.identity in seen:
             raise InvalidInput(
                 f"{field}.address: backend {b.identity} is listed twice "
