@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from xlb_api.main import create_app
+    from xlb_api.server import plain_http_warning, uvicorn_config
     from xlb_api.settings import ApiSettings, ensure_token_file
 
     updates: dict[str, Any] = {
@@ -62,17 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    warning = plain_http_warning(settings)
+    if warning is not None:
+        logging.getLogger("xlb.api").warning(warning)
     app = create_app(settings=settings, lb_settings=lb_settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=5)
     uds = settings.uds
     sockets = None
     if uds is not None:

@@ -28,6 +28,7 @@ from lb.health.manager import HealthManager
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
+from xlb_api.guard import RequestGuard
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
 from xlb_api.routes import backends, checks, explain, health, state, stats, vips
 from xlb_api.settings import ApiSettings, get_settings
@@ -203,6 +204,7 @@ def create_app(
     app.state.runtime = None
     app.state.settings = api_settings
     install_problem_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=api_settings.max_body_bytes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
