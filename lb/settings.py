@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -118,6 +118,22 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+
+def known_env_names() -> set[str]:
+    """Every XLB_* variable Settings reads (nested ones as `XLB_RUNTIME__MAX_FRAME`)."""
+    names = {CONFIG_ENV}
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, info in model.model_fields.items():
+            env = f"{prefix}{name.upper()}"
+            names.add(env)
+            sub = info.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(env + "__", sub)
+
+    walk("XLB_", Settings)
+    return names
 
 
 def _config_path(path: Path | str | None) -> Path | None:

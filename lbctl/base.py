@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: 0 done, 1 the API refused, 2 bad usage, 3 the daemon cannot be reached, 4 `lbctl serve`
+#: could not start (the one-line message names the setting and the fix).
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_START = 0, 1, 2, 3, 4
 
 #: A command: parsed arguments in, exit code out.
 Command = Callable[[argparse.Namespace], int]
@@ -43,6 +45,14 @@ def _port(text: str) -> int | None:
     if not (text.isascii() and text.isdigit()) or len(text) > 5 or int(text) > 65535:
         return None
     return int(text)
+
+
+def port_arg(text: str) -> int:
+    """A TCP/UDP port argument (0..65535)."""
+    port = _port(text)
+    if port is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port in 0..65535")
+    return port
 
 
 def check_address(text: str, what: str) -> str:

@@ -78,7 +78,19 @@ async def _sample_forever(sampler: RateSampler) -> None:
         await asyncio.sleep(sampler.interval)
 
 
-def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> Runtime:
+def open_daemon(
+    stack: ExitStack, settings: ApiSettings, lb_settings: Any, *, repin: bool = False
+) -> Runtime:
+    """Open the data plane the daemon's way (load, pin, reconcile, attach) onto `stack`.
+
+    Blocking (BCC, netlink): call it from a worker thread. `repin` drops the old pins first.
+    """
+    return _host_runtime(stack, settings, lb_settings, repin=repin)
+
+
+def _host_runtime(
+    stack: ExitStack, settings: ApiSettings, lb_settings: Any, *, repin: bool = False
+) -> Runtime:
     """Open the data plane the daemon's way: load, pin, reconcile, attach."""
     from lb.dataplane import attach as xdp
     from lb.dataplane.hcencap import tunnel_factory
@@ -90,7 +102,7 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         from lb.settings import load_settings
 
         lb_settings = load_settings()
-    host = stack.enter_context(open_host(lb_settings, attach=False))
+    host = stack.enter_context(open_host(lb_settings, attach=False, repin=repin))
     balancer = host.balancer
     control = ControlPlane(lb_settings, balancer)
     stack.callback(control.close)
@@ -148,11 +160,14 @@ def create_app(
     attachment: Callable[[], tuple[bool, str]] | None = None,
     attach_mode: Callable[[], str | None] | None = None,
     health_manager: HealthManager | None = None,
+    opened: tuple[Runtime, ExitStack] | None = None,
 ) -> FastAPI:
     """Build the app; with `control` it wraps that control plane instead of opening one.
 
     The daemon runs the health checker; a wrapped control plane runs the one given in
-    `health_manager` (none by default: probes would leave the test's namespace).
+    `health_manager` (none by default: probes would leave the test's namespace). `opened`
+    is a daemon runtime already opened by `open_daemon` (`lbctl serve` opens it before
+    serving, so a failing start is one line, not a traceback): the app closes its stack.
     """
     api_settings = settings or get_settings()
 
@@ -173,9 +188,13 @@ def create_app(
                 if health_manager is not None:
                     app.state.runtime.health = health_manager
             else:
-                app.state.runtime = await asyncio.to_thread(
-                    _host_runtime, stack, api_settings, lb_settings
-                )
+                if opened is not None:
+                    stack.enter_context(opened[1])
+                    app.state.runtime = opened[0]
+                else:
+                    app.state.runtime = await asyncio.to_thread(
+                        _host_runtime, stack, api_settings, lb_settings
+                    )
                 if api_settings.detach_on_exit:
                     stack.callback(_detach, app.state.runtime.host)
             rt: Runtime = app.state.runtime
