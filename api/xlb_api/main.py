@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from lb.control.facade import ControlPlane
+from lb.control.model import validate_vip
 from lb.dataplane.loader import Balancer
 from lb.errors import XlbError
 from lb.health.manager import HealthManager
@@ -104,8 +105,22 @@ def _host_runtime(
         lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False, repin=repin))
     balancer = host.balancer
-    control = ControlPlane(lb_settings, balancer)
+    control = ControlPlane(lb_settings, balancer, runtime=host.runtime)
     stack.callback(control.close)
+    r, s = host.runtime, lb_settings
+    for v in (4, 6):
+        src = getattr(r, f"src_v{v}")
+        if src.is_unspecified:
+            log.info("outer_source lb: no IPv%d source (runtime.src_v%d unset, none on %s): "
+                     "VIPs that need one are refused", v, v, s.interface or "no interface")
+        elif getattr(s.runtime, f"src_v{v}").is_unspecified:
+            log.info("outer_source lb: IPv%d source %s, taken from %s (runtime.src_v%d unset)",
+                     v, src, s.interface, v)
+    for vip in control.list_vips():
+        try:
+            validate_vip(vip, control.limits)
+        except XlbError as e:
+            log.warning("stored VIP %s: %s", vip.id, e.detail)
     if control.start_error is not None:
         log.error(
             "cannot bring the maps to stored generation %d: %s; changes are refused (503) "

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from lb.config import DataplaneConfig
+from lb.config import DataplaneConfig, RuntimeConfig
 from lb.control import maglev
 from lb.control.model import (
     BackendSpec,
@@ -141,6 +141,7 @@ class ControlPlane:
         config: DataplaneConfig | None = None,
         seed: int = maglev.DEFAULT_SEED,
         loopback_backends: bool = False,
+        runtime: RuntimeConfig | None = None,
     ) -> None:
         #: Held by a group's leader and by every read (see _write).
         self._lock = _Lock()
@@ -152,7 +153,14 @@ class ControlPlane:
         if config is None:
             config = balancer.config if balancer is not None else DataplaneConfig()
         # loopback_backends: a one-host test bed of the health checker (see Limits).
+        # runtime: the lb_cfg in force, so a VIP that needs the LB's own source is refused
+        # while that source is unset (issue 14, item 7).
         self.limits = Limits.from_config(config)._replace(loopback_backends=loopback_backends)
+        if runtime is not None:
+            self.limits = self.limits._replace(
+                lb_source_v4="" if runtime.src_v4.is_unspecified else str(runtime.src_v4),
+                lb_source_v6="" if runtime.src_v6.is_unspecified else str(runtime.src_v6),
+            )
         self._store = Store(Path(settings.state_dir), self.limits)
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
         #: Builds a group's rings alongside the leader (two VIPs changed or more).

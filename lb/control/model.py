@@ -264,7 +264,8 @@ class VipKey(NamedTuple):
 
 
 class Limits(NamedTuple):
-    """Capacity of the data plane as compiled (from lb.config.DataplaneConfig)."""
+    """Capacity of the data plane as compiled (from lb.config.DataplaneConfig), and what of
+    its configuration a VIP is checked against."""
 
     max_vips: int
     #: Usable backend slots: max_reals - 1, since index 0 means "no backend".
@@ -274,6 +275,11 @@ class Limits(NamedTuple):
     #: Accept loopback backends (127.0.0.0/8, ::1): only for a one-host test bed of the health
     #: checker, whose probes reach them; the data plane can never deliver to one.
     loopback_backends: bool = False
+    #: The LB's own outer source of each family (runtime.src_v4 / src_v6, or the interface's
+    #: address), which `outer_source: lb` sends from: "" when it has none; None when it is
+    #: not known here (a control plane without a data plane), so not checked.
+    lb_source_v4: str | None = None
+    lb_source_v6: str | None = None
 
     @classmethod
     def from_config(cls, config: DataplaneConfig) -> Limits:
@@ -425,6 +431,31 @@ def validate_backend(
         )
 
 
+def _check_lb_source(vip: VipSpec, limits: Limits) -> None:
+    # An unset source would put 0.0.0.0 / :: on the wire (issue 14, item 7).
+    sources = {4: limits.lb_source_v4, 6: limits.lb_source_v6}
+    why = "outer_source lb" if vip.outer_source else f"outer_source lb, the default for {vip.encap}"
+    fix = "or use outer_source rss"
+    if all(s == "" for s in sources.values()):
+        raise InvalidInput(
+            f"outer_source: VIP {vip.id} sends from the LB's own address ({why}), but neither "
+            "runtime.src_v4 nor runtime.src_v6 is set and the interface has no address to take "
+            f"them from: set XLB_RUNTIME__SRC_V4 / XLB_RUNTIME__SRC_V6 ([runtime] src_v4, src_v6) "
+            f"{fix}",
+            field="outer_source",
+        )
+    for b in vip.backends:
+        if sources[b.address.version] == "":
+            v = b.address.version
+            raise InvalidInput(
+                f"outer_source: VIP {vip.id} sends from the LB's own address ({why}) to IPv{v} "
+                f"backend {b.identity}, but runtime.src_v{v} is not set and the interface has "
+                f"no IPv{v} address to take it from: set XLB_RUNTIME__SRC_V{v} ([runtime] "
+                f"src_v{v}) {fix}",
+                field="outer_source",
+            )
+
+
 def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
     """Rules a VIP must follow on its own; InvalidInput / LimitReached naming the field."""
     _check_address(vip.address, "address", "VIP address")
@@ -449,6 +480,8 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                 field=f"{field}.address",
             )
         seen[b.identity] = i
+    if limits is not None and vip.effective_outer_source == "lb":
+        _check_lb_source(vip, limits)
     if limits is not None:
         in_ring = sum(1 for b in vip.backends if b.in_ring)
         most = limits.ring_size // 100

@@ -6,9 +6,13 @@ every whole-state change go through.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
+from lb.config import RuntimeConfig
+from lb.control.facade import ControlPlane
 from lb.control.model import (
     BackendSpec,
     VipSpec,
@@ -18,6 +22,7 @@ from lb.control.model import (
     validate_vip,
 )
 from lb.errors import InvalidInput
+from tests.control.conftest import StateSettings
 
 
 def test_a_zone_id_is_refused_in_vip_and_backend_addresses() -> None:
@@ -97,3 +102,43 @@ def test_unusable_addresses_are_refused_as_vips_and_backends_with_the_reason(
 def test_lab_and_global_addresses_stay_usable() -> None:
     for address in ("198.18.0.10", "2001:db8::10", "10.0.0.1", "192.0.2.1", "2a00::1"):
         validate_vip(VipSpec(protocol="tcp", address=address, port=80))  # type: ignore[arg-type]
+
+
+def _cp(tmp_path: Path, **runtime: object) -> ControlPlane:
+    return ControlPlane(StateSettings(tmp_path), None, runtime=RuntimeConfig(**runtime))  # type: ignore[arg-type]
+
+
+def _gue(*backends: str, **kw: object) -> VipSpec:
+    return VipSpec.model_validate({"protocol": "udp", "address": "198.18.0.10", "port": 53,
+                                   "encap": "gue", "backends": [{"address": a} for a in backends],
+                                   **kw})
+
+
+def test_outer_source_lb_without_an_lb_source_is_refused_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    cp = _cp(tmp_path)  # src_v4 0.0.0.0, src_v6 ::
+    try:
+        with pytest.raises(InvalidInput, match=r"XLB_RUNTIME__SRC_V4 / XLB_RUNTIME__SRC_V6") as e:
+            cp.create_vip(_gue())
+        assert e.value.field == "outer_source"
+        ipip_lb = _gue("198.18.1.2", encap="ipip", outer_source="lb")
+        with pytest.raises(InvalidInput, match="outer_source lb"):
+            cp.create_vip(ipip_lb)
+        # RSS-friendly sources need no LB address.
+        cp.create_vip(_gue("198.18.1.2", outer_source="rss"))
+    finally:
+        cp.close()
+
+
+def test_outer_source_lb_needs_the_source_of_the_backends_family(tmp_path: Path) -> None:
+    import ipaddress
+
+    cp = _cp(tmp_path, src_v4=ipaddress.IPv4Address("198.18.0.1"))
+    try:
+        vip = cp.create_vip(_gue("198.18.1.2"))
+        with pytest.raises(InvalidInput, match=r"IPv6 backend 2001:db8::2.*XLB_RUNTIME__SRC_V6"):
+            cp.add_backend(vip.id, BackendSpec(address="2001:db8::2"))  # type: ignore[arg-type]
+        assert [b.identity for b in cp.get_vip(vip.id).backends] == ["198.18.1.2"]
+    finally:
+        cp.close()
