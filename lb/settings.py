@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lb.config import DataplaneConfig, RuntimeConfig
+from lb.config import MIN_MTU, DataplaneConfig, RuntimeConfig, min_max_frame
 from lb.errors import InvalidInput
 
 XdpMode = Literal["native", "generic", "auto"]
@@ -96,6 +96,24 @@ class Settings(BaseSettings):
         if not v.is_absolute():
             raise ValueError(f"must be an absolute path, got {str(v)!r}")
         return v
+
+    @field_validator("runtime")
+    @classmethod
+    def _max_frame_fits(cls, runtime: RuntimeConfig) -> RuntimeConfig:
+        # Below this no VIP can work: an IPv4 client behind IPIP over IPv4 (the smallest
+        # encapsulation) would be told an MTU under IPv4's 68. Larger needs (IPv6 clients:
+        # 1280, GUE, IPv6 backends) are checked per VIP by the control plane. Checked here,
+        # not in RuntimeConfig, so packet tests can still program any size.
+        frame = runtime.max_frame
+        least = min_max_frame(4, 4, gue=False)
+        if frame and frame < least:
+            raise ValueError(
+                f"max_frame {frame} leaves IPv4 clients an MTU of "
+                f"{frame - least + MIN_MTU[4]} after IPIP (20 bytes), below IPv4's minimum of "
+                f"{MIN_MTU[4]}: use at least {least} (1342 for IPv6 clients behind any "
+                f"encapsulation), or 0 (no check) (XLB_RUNTIME__MAX_FRAME, got {frame})"
+            )
+        return runtime
 
     @property
     def gateway_mac_unset(self) -> bool:

@@ -160,6 +160,7 @@ class ControlPlane:
             self.limits = self.limits._replace(
                 lb_source_v4="" if runtime.src_v4.is_unspecified else str(runtime.src_v4),
                 lb_source_v6="" if runtime.src_v6.is_unspecified else str(runtime.src_v6),
+                max_frame=runtime.max_frame,
             )
         self._store = Store(Path(settings.state_dir), self.limits)
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
@@ -255,9 +256,11 @@ class ControlPlane:
     def update_vip(self, vip_id: str, changes: VipUpdate) -> VipSpec:
         """Change a VIP's flags, encapsulation or outer source; NotFound, InvalidInput."""
         fields = {f: getattr(changes, f) for f in changes.model_fields_set}
+        # null is the default, as for outer_source and health_check (JSON merge patch:
+        # null removes the member).
         for f in ("hash_src_only", "lru_bypass", "encap"):
-            if fields.get(f, True) is None:
-                raise InvalidInput(f"{f}: must not be null", field=f)
+            if f in fields and fields[f] is None:
+                fields[f] = VipSpec.model_fields[f].default
 
         def change() -> VipSpec:
             vip = self._vip(vip_id)

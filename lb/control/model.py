@@ -20,7 +20,13 @@ from typing import Any, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
 
-from lb.config import DataplaneConfig
+from lb.config import (
+    MIN_MTU,
+    DataplaneConfig,
+    encap_overhead,
+    min_max_frame,
+    unusable_reason,
+)
 from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
 from lb.errors import InvalidInput, LimitReached
 from lb.health.policy import HealthCheck
@@ -39,24 +45,6 @@ MAX_WEIGHT = 1000
 DEFAULT_OUTER_SOURCE: dict[str, OuterSource] = {"ipip": "rss", "gue": "lb"}
 
 _PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
-#: Ranges no VIP or backend can be in, with the reason (RFC 6890 special-purpose blocks that
-#: are never routed between hosts). Checked in order; the first match names the reason.
-_UNUSABLE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = (
-    (ipaddress.IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 ('this network', RFC 1122), never a "
-     "destination"),
-    (ipaddress.IPv4Network("127.0.0.0/8"), "a loopback address (127.0.0.0/8): it never "
-     "leaves the host"),
-    (ipaddress.IPv6Network("::1/128"), "the loopback address (::1): it never leaves the host"),
-    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16): it is not routed "
-     "beyond one link"),
-    (ipaddress.IPv6Network("fe80::/10"), "link-local (fe80::/10): it is not routed beyond one "
-     "link"),
-    (ipaddress.IPv4Network("255.255.255.255/32"), "the broadcast address"),
-    (ipaddress.IPv4Network("240.0.0.0/4"), "in 240.0.0.0/4 (reserved, RFC 1112): hosts and "
-     "routers drop it"),
-    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped IPv6 (::ffff:0:0/96): it is an IPv4 "
-     "address in a socket API and never appears on the wire; write the IPv4 address"),
-)
 
 
 _TEXT: dict[tuple[int, int], str] = {}
@@ -107,18 +95,6 @@ def parse_address(text: str, *, field: str, what: str = "address") -> IPAddress:
         raise InvalidInput(
             f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
         ) from None
-
-
-def unusable_reason(addr: IPAddress) -> str | None:
-    """Why `addr` cannot be a VIP or a backend (None: it can)."""
-    if addr.is_unspecified:
-        return "the unspecified address"
-    if addr.is_multicast:
-        return "a multicast address"
-    for net, why in _UNUSABLE:
-        if addr.version == net.version and addr in net:
-            return why
-    return None
 
 
 class BackendSpec(BaseModel):
@@ -280,6 +256,8 @@ class Limits(NamedTuple):
     #: not known here (a control plane without a data plane), so not checked.
     lb_source_v4: str | None = None
     lb_source_v6: str | None = None
+    #: runtime.max_frame in force (0: no size check); None: not known here (not checked).
+    max_frame: int | None = None
 
     @classmethod
     def from_config(cls, config: DataplaneConfig) -> Limits:
@@ -456,6 +434,25 @@ def _check_lb_source(vip: VipSpec, limits: Limits) -> None:
             )
 
 
+def _check_max_frame(vip: VipSpec, max_frame: int) -> None:
+    # The too-big replies advertise max_frame - 14 - the encapsulation: below the family's
+    # minimum MTU, clients ignore them (RFC 8201) and the VIP's large packets are lost.
+    client = vip.address.version
+    gue = vip.encap == "gue"
+    for i, b in enumerate(vip.backends):
+        outer = b.address.version
+        need = min_max_frame(client, outer, gue)
+        if max_frame < need:
+            enc = f"{'GUE' if gue else 'IP'} over IPv{outer} ({encap_overhead(outer, gue)} bytes)"
+            raise InvalidInput(
+                f"backends[{i}].address: runtime.max_frame {max_frame} leaves IPv{client} "
+                f"clients of {vip.id} an MTU of {max_frame - need + MIN_MTU[client]} after "
+                f"{enc} to {b.identity}, below IPv{client}'s minimum of {MIN_MTU[client]}: "
+                f"raise max_frame to at least {need} (XLB_RUNTIME__MAX_FRAME), or 0 (no check)",
+                field=f"backends[{i}].address",
+            )
+
+
 def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
     """Rules a VIP must follow on its own; InvalidInput / LimitReached naming the field."""
     _check_address(vip.address, "address", "VIP address")
@@ -482,6 +479,8 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
         seen[b.identity] = i
     if limits is not None and vip.effective_outer_source == "lb":
         _check_lb_source(vip, limits)
+    if limits is not None and limits.max_frame:
+        _check_max_frame(vip, limits.max_frame)
     if limits is not None:
         in_ring = sum(1 for b in vip.backends if b.in_ring)
         most = limits.ring_size // 100
