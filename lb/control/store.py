@@ -70,6 +70,20 @@ CREATE TABLE IF NOT EXISTS free_indices (
 """
 
 
+#: The store holds every VIP and backend: readable by its owner only, like the token.
+STORE_MODE = 0o600
+
+
+def _private(path: Path) -> None:
+    # Created 0600 before SQLite opens it (SQLite would use the umask, 0644 by default), and
+    # an older store made world-readable is closed off.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, STORE_MODE)
+    try:
+        os.fchmod(fd, STORE_MODE)
+    finally:
+        os.close(fd)
+
+
 class StoreError(KernelError):
     """The state store cannot be opened, read or written."""
 
@@ -102,10 +116,14 @@ class _Allocator:
             self.next_unused += 1
             return idx
         if not self.free:
-            what = "VIP numbers (max_vips)"
+            what, field = "VIP numbers (max_vips)", None
             if self.kind == "real":
-                what = "backend slots (max_reals - 1)"
-            raise LimitReached(f"no free {what}: all {self.limit - self.first} are in use")
+                what, field = "backend slots (max_reals - 1)", "backends"
+            raise LimitReached(
+                f"{field + ': ' if field else ''}no free {what}: all "
+                f"{self.limit - self.first} are in use",
+                field=field,
+            )
         idx = min(self.free, key=self.free.__getitem__)
         del self.free[idx]
         return idx
@@ -167,6 +185,7 @@ class Store:
         self.limits = limits
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
+            _private(self.path)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False
@@ -174,6 +193,12 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.chmod(STORE_MODE)
+        except OSError as e:
+            raise StoreError(f"cannot open the state store {self.path}: {e}") from e
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the state store {self.path}: {e}") from e
         self._vips: dict[str, VipSpec] = {}

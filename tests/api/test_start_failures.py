@@ -110,3 +110,12 @@ def test_pins_of_another_size_refuse_in_one_line_and_the_repin_advice_works_as_p
         assert '"tcp:198.18.0.10:80"' in out.stdout, "the VIPs come back from the store"
     finally:
         assert d.stop() in (0, -signal.SIGTERM), d.log.read_text()
+
+
+def test_plain_http_off_loopback_is_warned_about(daemon_env: dict[str, str]) -> None:  # noqa: F811
+    # The start fails on the state directory before anything binds: no listener off loopback.
+    p = _serve(daemon_env | {"XLB_STATE_DIR": "/etc/hostname/state"}, "--host", "0.0.0.0")
+    assert p.returncode == EXIT_START
+    assert "listens on 0.0.0.0:0 over plain HTTP" in p.stderr and "--ssl-certfile" in p.stderr
+    p = _serve(daemon_env | {"XLB_STATE_DIR": "/etc/hostname/state"})
+    assert "plain HTTP" not in p.stderr

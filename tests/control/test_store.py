@@ -264,3 +264,31 @@ def test_a_store_with_zone_ids_loads_without_them_and_twins_dropped(tmp_path: Pa
     assert again.zone_fixes == [] and again.generation == gen + 1
     assert list(again.vips) == ["tcp:[2001:db8::10]:81", "tcp:[2001:db8::20]:80"]
     again.close()
+
+
+def test_the_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        s = Store(tmp_path, LIMITS)
+        s.commit([vip(80, "198.18.1.1")])
+        files = [tmp_path / DB_NAME, tmp_path / f"{DB_NAME}-wal", tmp_path / f"{DB_NAME}-shm"]
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        s.close()
+        # A store an older version left world-readable is closed off when opened.
+        (tmp_path / DB_NAME).chmod(0o644)
+        Store(tmp_path, LIMITS).close()
+        assert stat.S_IMODE((tmp_path / DB_NAME).stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_running_out_of_backend_slots_names_the_field(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    many = [f"198.18.1.{i}" for i in range(1, LIMITS.max_backends + 2)]
+    with pytest.raises(LimitReached, match=r"^backends: no free backend slots") as e:
+        s.commit([vip(80, *many)])
+    assert e.value.field == "backends"
