@@ -121,11 +121,6 @@ def _host_runtime(
             validate_vip(vip, control.limits)
         except XlbError as e:
             log.warning("stored VIP %s: %s", vip.id, e.detail)
-    if control.start_error is not None:
-        log.error(
-            "cannot bring the maps to stored generation %d: %s; changes are refused (503) "
-            "until they can", control.generation, control.start_error,
-        )
     s = lb_settings
     if s.interface:
         host.attach_info = xdp.attach(

@@ -177,7 +177,7 @@ class ControlPlane:
         #: Why the start could not bring the maps to the stored state (None: it could).
         self.start_error: str | None = None
         with self._lock:
-            self._reconcile()
+            self._reconcile(starting=True)
             if self._last_error is not None:
                 self.start_error = self._last_error
 
@@ -619,6 +619,8 @@ class ControlPlane:
         self,
         new_vip_nums: frozenset[int] = frozenset(),
         new_real_idx: frozenset[int] = frozenset(),
+        *,
+        starting: bool = False,
     ) -> None:
         rec = self._reconciler
         if rec is None:
@@ -634,8 +636,13 @@ class ControlPlane:
             self._reconcile_errors += 1
             self._last_error = e.detail if isinstance(e, KernelError) else repr(e)
             rec.reset()
-            log.error("maps not in sync with generation %d: %s", self.generation,
-                      self._last_error)
+            if starting:  # one line: what failed and what it means for changes
+                log.error("cannot bring the maps to stored generation %d at start: %s; "
+                          "changes are refused (503) until they can", self.generation,
+                          self._last_error)
+            else:
+                log.error("maps not in sync with generation %d: %s", self.generation,
+                          self._last_error)
             return
         rec.rings.forget(store.vips)
         self._last_error = None

@@ -6,6 +6,7 @@ every write to it from user space), a real store, real uvicorn over TCP.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,13 +37,16 @@ def frozen_reals() -> Iterator[MapsOnly]:
 
 
 def test_a_start_that_cannot_reconcile_refuses_writes_with_503(
-    frozen_reals: MapsOnly, tmp_path: Path
+    frozen_reals: MapsOnly, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = Store(tmp_path, Limits.from_config(API_CONFIG))
     store.commit([VipSpec.model_validate({**VIP, "backends": [{"address": "198.18.1.2"}]})])
     store.close()
+    caplog.set_level(logging.ERROR, logger="lb.control.facade")
     with running_api(frozen_reals, tmp_path) as api:
         assert api.control.start_error is not None
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 1 and "at start" in said[0] and "refused (503)" in said[0], said
         ready = api.anon.get("/readyz")
         assert ready.status_code == 503 and "not in step" in ready.json()["reasons"][0]
         # Every change is refused, not stored and acknowledged; reads still answer.
