@@ -83,7 +83,8 @@ class RequestGuard:
                     raise NotReady("the control plane is not running yet")
                 check_token(rt, _bearer(_header(scope, b"authorization")))
             length = _header(scope, b"content-length")
-            if length is not None and length.strip().isdigit() and int(length) > self.max_body:
+            digits = length.strip() if length is not None else ""
+            if digits.isascii() and digits.isdigit() and int(digits) > self.max_body:
                 raise self._too_large()
         except XlbError as e:
             await self._refuse(scope, receive, send, e)

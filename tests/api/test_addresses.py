@@ -121,3 +121,10 @@ def test_lbctl_parses_ids_and_addresses_as_ascii_without_zone_ids(
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert [v.id for v in api.control.list_vips()] == ["tcp:198.18.0.10:80"]
+
+
+def test_an_if_match_with_non_ascii_digits_is_412_not_500(api: Served) -> None:
+    # Header bytes are latin-1: b"\xb2" is "²", which str.isdigit() takes.
+    for tag in ('"\u00b2"'.encode("latin-1"), '"\u0661"'.encode()):
+        r = api.client.put("/v1/state", json={"vips": []}, headers={"If-Match": tag})
+        assert_problem(r, 412, "precondition-failed", "If-Match")
