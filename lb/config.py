@@ -11,12 +11,62 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lb.consts import CONN_WAYS
 
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+#: Bytes of Ethernet header max_frame counts (like MTU + 14).
+ETH_HLEN = 14
+#: Smallest MTU each IP version must be able to use (RFC 791: 68, RFC 8200: 1280).
+MIN_MTU = {4: 68, 6: 1280}
+
+
+def encap_overhead(outer_version: int, gue: bool) -> int:
+    """Bytes the encapsulation adds: the outer IP header, and GUE's UDP header."""
+    return (20 if outer_version == 4 else 40) + (8 if gue else 0)
+
+
+def min_max_frame(client_version: int, outer_version: int, gue: bool) -> int:
+    """Smallest max_frame that leaves clients of `client_version` their minimum MTU."""
+    return ETH_HLEN + encap_overhead(outer_version, gue) + MIN_MTU[client_version]
+
+
+#: Ranges no VIP or backend can be in, with the reason (RFC 6890 special-purpose blocks that
+#: are never routed between hosts). Checked in order; the first match names the reason.
+_UNUSABLE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "in 0.0.0.0/8 ('this network', RFC 1122), never a "
+     "destination"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "a loopback address (127.0.0.0/8): it never "
+     "leaves the host"),
+    (ipaddress.IPv6Network("::1/128"), "the loopback address (::1): it never leaves the host"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16): it is not routed "
+     "beyond one link"),
+    (ipaddress.IPv6Network("fe80::/10"), "link-local (fe80::/10): it is not routed beyond one "
+     "link"),
+    (ipaddress.IPv4Network("255.255.255.255/32"), "the broadcast address"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "in 240.0.0.0/4 (reserved, RFC 1112): hosts and "
+     "routers drop it"),
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped IPv6 (::ffff:0:0/96): it is an IPv4 "
+     "address in a socket API and never appears on the wire; write the IPv4 address"),
+)
+
+
+def unusable_reason(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why `addr` cannot be a VIP or a backend (None: it can)."""
+    if addr.is_unspecified:
+        return "the unspecified address"
+    if addr.is_multicast:
+        return "a multicast address"
+    for net, why in _UNUSABLE:
+        if addr.version == net.version and addr in net:
+            return why
+    return None
+
+
 
 
 def is_prime(n: int) -> bool:
@@ -69,8 +119,10 @@ class DataplaneConfig(BaseModel):
     @field_validator("ring_size")
     @classmethod
     def _ring_is_prime(cls, v: int) -> int:
-        if v < 3 or v > (1 << 24) or not is_prime(v):
-            raise ValueError(f"ring_size must be a prime between 3 and 16777216, got {v}")
+        # At least 101: a ring balances ring_size // 100 backends, so below that no VIP
+        # could have a backend in its ring.
+        if v < 101 or v > (1 << 24) or not is_prime(v):
+            raise ValueError(f"ring_size must be a prime between 101 and 16777216, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -148,19 +200,50 @@ class RuntimeConfig(BaseModel):
             raise ValueError(f"gateway_mac must look like 02:00:00:00:00:01, got {v!r}")
         return v.lower()
 
+    @field_validator("gateway_mac")
+    @classmethod
+    def _unicast_mac(cls, v: str) -> str:
+        # A group address (first octet's low bit) floods every frame to the whole segment.
+        if int(v[:2], 16) & 1:
+            raise ValueError(f"gateway_mac {v} is a multicast/broadcast MAC: give the next "
+                             "hop's own (unicast) MAC, or leave it unset to resolve it")
+        return v
+
+    @field_validator("src_v4", "src_v6")
+    @classmethod
+    def _source(cls, v: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        # Unspecified means "not set" (taken from the interface); anything else is sent.
+        why = None if v.is_unspecified else unusable_reason(v)
+        if why is not None:
+            raise ValueError(f"{v} cannot be an outer source address: it is {why}")
+        return v
+
     @field_validator("rss_v4")
     @classmethod
     def _v4_16(cls, v: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
         if v.prefixlen != 16:
             raise ValueError(f"rss_v4 must be a /16, got /{v.prefixlen}")
-        return v
+        return _rss_usable(v)
 
     @field_validator("rss_v6")
     @classmethod
     def _v6_64(cls, v: ipaddress.IPv6Network) -> ipaddress.IPv6Network:
         if v.prefixlen != 64:
             raise ValueError(f"rss_v6 must be a /64, got /{v.prefixlen}")
-        return v
+        return _rss_usable(v)
+
+
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _rss_usable(net: _Net) -> _Net:
+    # Every address of the prefix is sent as an outer source: none may be unusable.
+    for addr in (net.network_address, net.broadcast_address):
+        why = unusable_reason(addr)
+        if why is not None:
+            raise ValueError(f"{net} cannot hold outer source addresses: {addr} is {why}")
+    return net
 
 
 def xdp_source_dir() -> Path:

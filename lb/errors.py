@@ -9,7 +9,9 @@
      ├── LimitReached (409)       a configured limit (VIPs, backends, ring) is full
      ├── PreconditionFailed (412) If-Match generation mismatch
      └── KernelError (503)        a bpf(2)/netlink call failed; errno translated here
-         └── BccUnavailable       BCC's Python module or kernel headers are missing
+         ├── BccUnavailable       BCC's Python module or kernel headers are missing
+         └── NotApplied           the start could not bring the maps to the stored state:
+                                  changes are refused until it can
 
 Routes never build error JSON: api/ renders any XlbError as application/problem+json.
 """
@@ -95,3 +97,10 @@ class UnsupportedKernel(KernelError):
     program; the message is one line naming what is missing and what is supported."""
 
     kind = "unsupported-kernel"
+
+
+class NotApplied(KernelError):
+    """The maps could not be brought to the stored state when the daemon started: a change
+    would be stored but not applied, so changes are refused (503) until a retry succeeds."""
+
+    kind = "not-applied"

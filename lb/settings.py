@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lb.config import DataplaneConfig, RuntimeConfig
+from lb.config import MIN_MTU, DataplaneConfig, RuntimeConfig, min_max_frame
 from lb.errors import InvalidInput
 
 XdpMode = Literal["native", "generic", "auto"]
@@ -97,6 +97,24 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an absolute path, got {str(v)!r}")
         return v
 
+    @field_validator("runtime")
+    @classmethod
+    def _max_frame_fits(cls, runtime: RuntimeConfig) -> RuntimeConfig:
+        # Below this no VIP can work: an IPv4 client behind IPIP over IPv4 (the smallest
+        # encapsulation) would be told an MTU under IPv4's 68. Larger needs (IPv6 clients:
+        # 1280, GUE, IPv6 backends) are checked per VIP by the control plane. Checked here,
+        # not in RuntimeConfig, so packet tests can still program any size.
+        frame = runtime.max_frame
+        least = min_max_frame(4, 4, gue=False)
+        if frame and frame < least:
+            raise ValueError(
+                f"max_frame {frame} leaves IPv4 clients an MTU of "
+                f"{frame - least + MIN_MTU[4]} after IPIP (20 bytes), below IPv4's minimum of "
+                f"{MIN_MTU[4]}: use at least {least} (1342 for IPv6 clients behind any "
+                f"encapsulation), or 0 (no check) (XLB_RUNTIME__MAX_FRAME, got {frame})"
+            )
+        return runtime
+
     @property
     def gateway_mac_unset(self) -> bool:
         """True when the gateway MAC is to be resolved from the default route's neighbour."""
@@ -118,6 +136,22 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+
+def known_env_names() -> set[str]:
+    """Every XLB_* variable Settings reads (nested ones as `XLB_RUNTIME__MAX_FRAME`)."""
+    names = {CONFIG_ENV}
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, info in model.model_fields.items():
+            env = f"{prefix}{name.upper()}"
+            names.add(env)
+            sub = info.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(env + "__", sub)
+
+    walk("XLB_", Settings)
+    return names
 
 
 def _config_path(path: Path | str | None) -> Path | None:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from lb.client import backend_path, vip_path
-from lbctl.base import EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser
+from lbctl.base import EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser, address_arg, vip_id_arg
 from lbctl.client import client_from
 from lbctl.output import emit, table
 
@@ -93,15 +93,15 @@ def add_commands(sub: Any, leaf: Leaf) -> None:
     be = sub.add_parser("backend", help="backends of a VIP").add_subparsers(
         dest="sub", required=True, parser_class=Parser
     )
-    leaf(be, "list", cmd_backend_list, "list a VIP's backends").add_argument("vip")
+    leaf(be, "list", cmd_backend_list, "list a VIP's backends").add_argument("vip", type=vip_id_arg)
     sp = leaf(be, "add", cmd_backend_add, "add a backend to a VIP")
-    sp.add_argument("vip")
-    sp.add_argument("address")
+    sp.add_argument("vip", type=vip_id_arg)
+    sp.add_argument("address", type=address_arg)
     sp.add_argument("--weight", type=int, default=1)
     sp.add_argument("--state", choices=["active", "draining", "disabled"])
     sp = leaf(be, "set", cmd_backend_set, "change a backend's weight or state")
-    sp.add_argument("vip")
-    sp.add_argument("address")
+    sp.add_argument("vip", type=vip_id_arg)
+    sp.add_argument("address", type=address_arg)
     sp.add_argument("--weight", type=int)
     sp.add_argument("--state", choices=["active", "draining", "disabled"])
     for name, fn, text in (
@@ -110,7 +110,7 @@ def add_commands(sub: Any, leaf: Leaf) -> None:
         ("rm", cmd_backend_rm, "remove a backend from a VIP"),
     ):
         sp = leaf(be, name, fn, text)
-        sp.add_argument("vip")
-        sp.add_argument("address")
+        sp.add_argument("vip", type=vip_id_arg)
+        sp.add_argument("address", type=address_arg)
         if name == "drain":
             add_drain_flags(sp)

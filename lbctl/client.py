@@ -80,6 +80,11 @@ def _read_token(path: str | Path) -> str | None:
     return first[0].strip() if first and first[0].strip() else None
 
 
+#: The environment variables client_from reads.
+CLIENT_ENV = frozenset({"XLB_URL", "XLB_TOKEN", "XLB_TOKEN_FILE", "XLB_CACERT",
+                        "XLB_LBCTL_CONFIG"})
+
+
 def client_from(args: argparse.Namespace) -> Client:
     """The API client the flags, environment and config file describe."""
     cfg = _config_file()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lb.client import backend_path, vip_path
-from lbctl.base import EXIT_API, EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser
+from lbctl.base import EXIT_API, EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser, vip_id_arg
 from lbctl.client import Client, client_from
 from lbctl.output import emit, table
 
@@ -112,9 +112,9 @@ def add_commands(sub: Any, leaf: Leaf) -> None:
     grp = sub.add_parser("health", help="health checks of VIPs' backends")
     hsub = grp.add_subparsers(dest="sub", required=True, parser_class=Parser)
     leaf(hsub, "show", cmd_health_show, "health of every checked backend, recent events") \
-        .add_argument("vip", nargs="?", help="only this VIP")
+        .add_argument("vip", nargs="?", type=vip_id_arg, help="only this VIP")
     sp = leaf(hsub, "set", cmd_health_set, "set a VIP's health check (unset flags: defaults)")
-    sp.add_argument("vip")
+    sp.add_argument("vip", type=vip_id_arg)
     sp.add_argument("--type", choices=["tcp", "http", "https", "udp"])
     sp.add_argument("--mode", choices=["direct", "tunnel"])
     sp.add_argument("--port", type=int, help="port to probe (default: the VIP's)")
@@ -132,7 +132,9 @@ def add_commands(sub: Any, leaf: Leaf) -> None:
     sp.add_argument("--slow-start", type=float, help="seconds a returning backend ramps (0)")
     sp.add_argument("--flap-threshold", type=float, help="damping penalty to hold down (3)")
     sp.add_argument("--flap-half-life", type=float, help="damping half-life in s (60)")
-    leaf(hsub, "rm", cmd_health_rm, "stop checking a VIP's backends").add_argument("vip")
+    leaf(hsub, "rm", cmd_health_rm, "stop checking a VIP's backends").add_argument(
+        "vip", type=vip_id_arg
+    )
 
 
 def add_drain_flags(sp: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ XLB_TOKEN_FILE, ~/.config/xlb/lbctl.toml, then http://127.0.0.1:9780 and /etc/xl
 `--url unix:///run/xlb/api.sock` talks over a unix socket.
 
 Output: tables for people, `-o json` (or yaml) for scripts. Exit codes: 0 done, 1 the API
-refused (its problem detail is printed), 2 bad usage, 3 the daemon cannot be reached.
+refused (its problem detail is printed), 2 bad usage, 3 the daemon cannot be reached, 4 `lbctl
+serve` could not start (one line naming the setting and the fix).
 
 One module per command group (vips, backends, health, stats, explain, state, serve); `lab`
 and `doctor` own their options (lbctl.lab, lbctl.doctor). Only the standard library is used

@@ -7,7 +7,7 @@ from typing import Any
 
 from lb.client import vip_path
 from lbctl.backends import backends_table
-from lbctl.base import EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser, split_hostport
+from lbctl.base import EXIT_OK, EXIT_USAGE, CliError, Leaf, Parser, split_hostport, vip_id_arg
 from lbctl.client import client_from
 from lbctl.output import emit, table
 
@@ -97,12 +97,14 @@ def add_commands(sub: Any, leaf: Leaf) -> None:
         dest="sub", required=True, parser_class=Parser
     )
     leaf(vip, "list", cmd_vip_list, "list VIPs")
-    leaf(vip, "get", cmd_vip_get, "show one VIP").add_argument("vip", help="tcp:198.18.0.10:80")
+    leaf(vip, "get", cmd_vip_get, "show one VIP").add_argument(
+        "vip", type=vip_id_arg, help="tcp:198.18.0.10:80"
+    )
     sp = leaf(vip, "add", cmd_vip_add, "create a VIP")
     sp.add_argument("protocol", choices=["tcp", "udp"])
     sp.add_argument("address", help="ADDRESS:PORT, IPv6 as [ADDRESS]:PORT; port 0 = every port")
     _vip_flags(sp)
     sp = leaf(vip, "set", cmd_vip_set, "change a VIP's flags or encapsulation")
-    sp.add_argument("vip")
+    sp.add_argument("vip", type=vip_id_arg)
     _vip_flags(sp)
-    leaf(vip, "rm", cmd_vip_rm, "delete a VIP").add_argument("vip")
+    leaf(vip, "rm", cmd_vip_rm, "delete a VIP").add_argument("vip", type=vip_id_arg)

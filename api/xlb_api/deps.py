@@ -117,13 +117,18 @@ def _is_local(request: Request) -> bool:
         return False
 
 
-def _check(rt: Runtime, creds: HTTPAuthorizationCredentials | None) -> None:
+def check_token(rt: Runtime, token: str | None) -> None:
+    """Unauthorized unless `token` is the daemon's (compared in constant time)."""
     if rt.token is None:
         raise Unauthorized("the daemon has no token configured: changes are refused")
-    if creds is None:
+    if token is None:
         raise Unauthorized("this request needs 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(creds.credentials.encode(), rt.token.encode()):
+    if not hmac.compare_digest(token.encode(), rt.token.encode()):
         raise Unauthorized("the bearer token is not the daemon's token")
+
+
+def _check(rt: Runtime, creds: HTTPAuthorizationCredentials | None) -> None:
+    check_token(rt, creds.credentials if creds is not None else None)
 
 
 async def require_write(rt: RuntimeDep, creds: Credentials) -> None:

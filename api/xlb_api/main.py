@@ -22,12 +22,14 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from lb.control.facade import ControlPlane
+from lb.control.model import validate_vip
 from lb.dataplane.loader import Balancer
 from lb.errors import XlbError
 from lb.health.manager import HealthManager
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
+from xlb_api.guard import RequestGuard
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
 from xlb_api.routes import backends, checks, explain, health, state, stats, vips
 from xlb_api.settings import ApiSettings, get_settings
@@ -80,7 +82,19 @@ async def _sample_forever(sampler: RateSampler) -> None:
         await asyncio.sleep(sampler.interval)
 
 
-def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> Runtime:
+def open_daemon(
+    stack: ExitStack, settings: ApiSettings, lb_settings: Any, *, repin: bool = False
+) -> Runtime:
+    """Open the data plane the daemon's way (load, pin, reconcile, attach) onto `stack`.
+
+    Blocking (BCC, netlink): call it from a worker thread. `repin` drops the old pins first.
+    """
+    return _host_runtime(stack, settings, lb_settings, repin=repin)
+
+
+def _host_runtime(
+    stack: ExitStack, settings: ApiSettings, lb_settings: Any, *, repin: bool = False
+) -> Runtime:
     """Open the data plane the daemon's way: load, pin, reconcile, attach."""
     from lb.dataplane.hcencap import tunnel_factory
     from lb.dataplane.host import open_host
@@ -91,10 +105,24 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         from lb.settings import load_settings
 
         lb_settings = load_settings()
-    host = stack.enter_context(open_host(lb_settings, attach=False))
+    host = stack.enter_context(open_host(lb_settings, attach=False, repin=repin))
     balancer = host.balancer
-    control = ControlPlane(lb_settings, balancer)
+    control = ControlPlane(lb_settings, balancer, runtime=host.runtime)
     stack.callback(control.close)
+    r, s = host.runtime, lb_settings
+    for v in (4, 6):
+        src = getattr(r, f"src_v{v}")
+        if src.is_unspecified:
+            log.info("outer_source lb: no IPv%d source (runtime.src_v%d unset, none on %s): "
+                     "VIPs that need one are refused", v, v, s.interface or "no interface")
+        elif getattr(s.runtime, f"src_v{v}").is_unspecified:
+            log.info("outer_source lb: IPv%d source %s, taken from %s (runtime.src_v%d unset)",
+                     v, src, s.interface, v)
+    for vip in control.list_vips():
+        try:
+            validate_vip(vip, control.limits)
+        except XlbError as e:
+            log.warning("stored VIP %s: %s", vip.id, e.detail)
     s = lb_settings
     if s.interface:
         # host.attach also tells the program the interface's MAC (lb_cfg.lb_mac).
@@ -145,11 +173,14 @@ def create_app(
     attach_mode: Callable[[], str | None] | None = None,
     attach_reason: Callable[[], str | None] | None = None,
     health_manager: HealthManager | None = None,
+    opened: tuple[Runtime, ExitStack] | None = None,
 ) -> FastAPI:
     """Build the app; with `control` it wraps that control plane instead of opening one.
 
     The daemon runs the health checker; a wrapped control plane runs the one given in
-    `health_manager` (none by default: probes would leave the test's namespace).
+    `health_manager` (none by default: probes would leave the test's namespace). `opened`
+    is a daemon runtime already opened by `open_daemon` (`lbctl serve` opens it before
+    serving, so a failing start is one line, not a traceback): the app closes its stack.
     """
     api_settings = settings or get_settings()
 
@@ -171,9 +202,13 @@ def create_app(
                 if health_manager is not None:
                     app.state.runtime.health = health_manager
             else:
-                app.state.runtime = await asyncio.to_thread(
-                    _host_runtime, stack, api_settings, lb_settings
-                )
+                if opened is not None:
+                    stack.enter_context(opened[1])
+                    app.state.runtime = opened[0]
+                else:
+                    app.state.runtime = await asyncio.to_thread(
+                        _host_runtime, stack, api_settings, lb_settings
+                    )
                 if api_settings.detach_on_exit:
                     stack.callback(_detach, app.state.runtime.host)
             rt: Runtime = app.state.runtime
@@ -202,6 +237,7 @@ def create_app(
     app.state.runtime = None
     app.state.settings = api_settings
     install_problem_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=api_settings.max_body_bytes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -47,6 +47,18 @@ class ApiSettings(BaseSettings):
         2.0, ge=0, le=3600, description="how long a connection-table count is reused"
     )
     log_level: str = Field("info", description="uvicorn log level")
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, le=1 << 30,
+        description="largest request body accepted (413 above); checked after the token",
+    )
+    head_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="a connection must send a complete request head within this time of "
+        "opening or of its last response, else it is closed",
+    )
+    idle_timeout_s: int = Field(
+        5, ge=1, le=3600, description="an idle keep-alive connection is closed after this"
+    )
 
     @field_validator("host")
     @classmethod

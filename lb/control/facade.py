@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from pydantic import ValidationError
 
-from lb.config import DataplaneConfig
+from lb.config import DataplaneConfig, RuntimeConfig
 from lb.control import maglev
 from lb.control.model import (
     BackendSpec,
@@ -49,7 +49,14 @@ from lb.control.model import (
 )
 from lb.control.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
 from lb.control.store import Store, crash_point
-from lb.errors import Conflict, InvalidInput, KernelError, NotFound, PreconditionFailed
+from lb.errors import (
+    Conflict,
+    InvalidInput,
+    KernelError,
+    NotApplied,
+    NotFound,
+    PreconditionFailed,
+)
 
 if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
@@ -133,6 +140,8 @@ class ControlPlane:
         *,
         config: DataplaneConfig | None = None,
         seed: int = maglev.DEFAULT_SEED,
+        loopback_backends: bool = False,
+        runtime: RuntimeConfig | None = None,
     ) -> None:
         #: Held by a group's leader and by every read (see _write).
         self._lock = _Lock()
@@ -143,7 +152,16 @@ class ControlPlane:
         self._balancer = balancer
         if config is None:
             config = balancer.config if balancer is not None else DataplaneConfig()
-        self.limits = Limits.from_config(config)
+        # loopback_backends: a one-host test bed of the health checker (see Limits).
+        # runtime: the lb_cfg in force, so a VIP that needs the LB's own source is refused
+        # while that source is unset (issue 14, item 7).
+        self.limits = Limits.from_config(config)._replace(loopback_backends=loopback_backends)
+        if runtime is not None:
+            self.limits = self.limits._replace(
+                lb_source_v4="" if runtime.src_v4.is_unspecified else str(runtime.src_v4),
+                lb_source_v6="" if runtime.src_v6.is_unspecified else str(runtime.src_v6),
+                max_frame=runtime.max_frame,
+            )
         self._store = Store(Path(settings.state_dir), self.limits)
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
         #: Builds a group's rings alongside the leader (two VIPs changed or more).
@@ -156,8 +174,12 @@ class ControlPlane:
         self._last_error: str | None = None
         #: Maps each stored VIP to the VIP the maps carry (health checks; see set_overlay).
         self._overlay: Callable[[VipSpec], VipSpec] | None = None
+        #: Why the start could not bring the maps to the stored state (None: it could).
+        self.start_error: str | None = None
         with self._lock:
-            self._reconcile()
+            self._reconcile(starting=True)
+            if self._last_error is not None:
+                self.start_error = self._last_error
 
     # -- properties -------------------------------------------------------------------
 
@@ -234,9 +256,11 @@ class ControlPlane:
     def update_vip(self, vip_id: str, changes: VipUpdate) -> VipSpec:
         """Change a VIP's flags, encapsulation or outer source; NotFound, InvalidInput."""
         fields = {f: getattr(changes, f) for f in changes.model_fields_set}
+        # null is the default, as for outer_source and health_check (JSON merge patch:
+        # null removes the member).
         for f in ("hash_src_only", "lru_bypass", "encap"):
-            if fields.get(f, True) is None:
-                raise InvalidInput(f"{f}: must not be null", field=f)
+            if f in fields and fields[f] is None:
+                fields[f] = VipSpec.model_fields[f].default
 
         def change() -> VipSpec:
             vip = self._vip(vip_id)
@@ -266,7 +290,7 @@ class ControlPlane:
             if vip.backend(spec.identity) is not None:
                 raise Conflict(f"VIP {vip.id} already has backend {spec.identity}",
                                field="address")
-            validate_backend(vip, spec, "backend")
+            validate_backend(vip, spec, "backend", self.limits)
             new = self._copy(vip, {"backends": [*vip.backends, spec]})
             validate_vip(new, self.limits)
             self._commit(upserts=[new])
@@ -285,7 +309,7 @@ class ControlPlane:
             vip = self._vip(vip_id)
             old = self._backend(vip, address)
             new_b = self._copy(old, fields)
-            validate_backend(vip, new_b, "backend")
+            validate_backend(vip, new_b, "backend", self.limits)
             if new_b == old:
                 return old
             backends = [new_b if b.identity == old.identity else b for b in vip.backends]
@@ -379,6 +403,7 @@ class ControlPlane:
                 self._reconcile()
                 if self._last_error is not None:
                     raise KernelError(f"repair failed: {self._last_error}")
+                self.start_error = None
             return drifts
 
     @contextmanager
@@ -481,6 +506,8 @@ class ControlPlane:
         """Run `change` (checks, then `_commit`) in the next group; its result once applied."""
         if self._group is not None and self._lock.held():
             return change()  # a write made by a change: part of that change's group
+        if self.start_error is not None:
+            self._retry_start()
         w = _Write(change)
         if self._lock.held():
             # Within paused() or an overlay: the queue's leader may be waiting for this
@@ -508,6 +535,26 @@ class ControlPlane:
                 else:
                     self._leading = False
         return w.outcome()
+
+    def _retry_start(self) -> None:
+        # A start that could not apply the stored state acknowledges nothing: a change would
+        # be stored and never applied (issue 14, item 17). Each write retries first.
+        with self._lock:
+            if self.start_error is None:
+                return
+            if self._reconciler is not None:
+                self._reconciler.invalidate()
+            self._reconcile()
+            if self._last_error is None:
+                log.warning("the maps are in step with generation %d again: changes accepted",
+                            self.generation)
+                self.start_error = None
+                return
+            raise NotApplied(
+                f"changes are refused: the daemon could not bring the maps to stored generation "
+                f"{self.generation} when it started ({self._last_error}); fix the cause and "
+                "restart (GET /readyz shows it)"
+            )
 
     def _run_group(self, group: list[_Write[Any]]) -> None:
         store = self._store
@@ -572,6 +619,8 @@ class ControlPlane:
         self,
         new_vip_nums: frozenset[int] = frozenset(),
         new_real_idx: frozenset[int] = frozenset(),
+        *,
+        starting: bool = False,
     ) -> None:
         rec = self._reconciler
         if rec is None:
@@ -587,8 +636,13 @@ class ControlPlane:
             self._reconcile_errors += 1
             self._last_error = e.detail if isinstance(e, KernelError) else repr(e)
             rec.reset()
-            log.error("maps not in sync with generation %d: %s", self.generation,
-                      self._last_error)
+            if starting:  # one line: what failed and what it means for changes
+                log.error("cannot bring the maps to stored generation %d at start: %s; "
+                          "changes are refused (503) until they can", self.generation,
+                          self._last_error)
+            else:
+                log.error("maps not in sync with generation %d: %s", self.generation,
+                          self._last_error)
             return
         rec.rings.forget(store.vips)
         self._last_error = None

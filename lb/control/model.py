@@ -18,9 +18,15 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
 
-from lb.config import DataplaneConfig
+from lb.config import (
+    MIN_MTU,
+    DataplaneConfig,
+    encap_overhead,
+    min_max_frame,
+    unusable_reason,
+)
 from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
 from lb.errors import InvalidInput, LimitReached
 from lb.health.policy import HealthCheck
@@ -39,7 +45,6 @@ MAX_WEIGHT = 1000
 DEFAULT_OUTER_SOURCE: dict[str, OuterSource] = {"ipip": "rss", "gue": "lb"}
 
 _PROTOCOLS: tuple[str, ...] = ("tcp", "udp")
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 _TEXT: dict[tuple[int, int], str] = {}
@@ -57,6 +62,41 @@ def _text(addr: IPAddress) -> str:
     return text
 
 
+def zone_error(text: str, what: str) -> str:
+    """Why an address with an IPv6 zone id (``%eth0``) is refused, for `what` (a message)."""
+    host, _, zone = text.partition("%")
+    return (
+        f"{what} {text!r} has an IPv6 zone id (%{zone}): the data plane matches addresses "
+        f"without one, so it would alias {host}; write the address without %{zone}"
+    )
+
+
+def _refuse_zone(v: object, what: str) -> object:
+    # ipaddress keeps a zone id (scope_id) in equality and text but not in int(): two specs
+    # would differ while the data plane keys them the same (issue 14, item 16).
+    text = v if isinstance(v, str) else str(v) if isinstance(v, ipaddress.IPv6Address) else None
+    if text is not None and "%" in text:
+        raise ValueError(zone_error(text, what))
+    if isinstance(v, str) and not v.isascii():
+        raise ValueError(f"{what} {v!r} has characters that are not ASCII")
+    return v
+
+
+def parse_address(text: str, *, field: str, what: str = "address") -> IPAddress:
+    """An address given as text (ASCII, no zone id); InvalidInput naming `field`."""
+    stripped = text.strip()
+    if "%" in stripped:
+        raise InvalidInput(f"{field}: " + zone_error(stripped, what), field=field)
+    try:
+        if not stripped.isascii():
+            raise ValueError
+        return ipaddress.ip_address(stripped)
+    except ValueError:
+        raise InvalidInput(
+            f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
+        ) from None
+
+
 class BackendSpec(BaseModel):
     """One backend of a VIP; its identity is its address in canonical text."""
 
@@ -68,6 +108,11 @@ class BackendSpec(BaseModel):
         "active",
         description="active: in the ring; draining: tracked flows only; disabled: out",
     )
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address(cls, v: object) -> object:
+        return _refuse_zone(v, "backend address")
 
     @cached_property
     def identity(self) -> str:
@@ -115,6 +160,11 @@ class VipSpec(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="how the backends are probed (lb/health/policy.py); null: not checked"
     )
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address(cls, v: object) -> object:
+        return _refuse_zone(v, "VIP address")
 
     @property
     def id(self) -> str:
@@ -190,13 +240,24 @@ class VipKey(NamedTuple):
 
 
 class Limits(NamedTuple):
-    """Capacity of the data plane as compiled (from lb.config.DataplaneConfig)."""
+    """Capacity of the data plane as compiled (from lb.config.DataplaneConfig), and what of
+    its configuration a VIP is checked against."""
 
     max_vips: int
     #: Usable backend slots: max_reals - 1, since index 0 means "no backend".
     max_backends: int
     #: Slots per ring; a VIP needs 100 per backend in its ring for 1% balance.
     ring_size: int
+    #: Accept loopback backends (127.0.0.0/8, ::1): only for a one-host test bed of the health
+    #: checker, whose probes reach them; the data plane can never deliver to one.
+    loopback_backends: bool = False
+    #: The LB's own outer source of each family (runtime.src_v4 / src_v6, or the interface's
+    #: address), which `outer_source: lb` sends from: "" when it has none; None when it is
+    #: not known here (a control plane without a data plane), so not checked.
+    lb_source_v4: str | None = None
+    lb_source_v6: str | None = None
+    #: runtime.max_frame in force (0: no size check); None: not known here (not checked).
+    max_frame: int | None = None
 
     @classmethod
     def from_config(cls, config: DataplaneConfig) -> Limits:
@@ -268,12 +329,7 @@ def vip_id(protocol: str, address: IPAddress, port: int) -> str:
 
 def canonical_address(text: str, *, field: str) -> str:
     """Canonical text of an address given in any spelling; InvalidInput naming `field`."""
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise InvalidInput(
-            f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
-        ) from None
+    return str(parse_address(text, field=field))
 
 
 def parse_vip_id(text: str) -> VipKey:
@@ -287,8 +343,15 @@ def parse_vip_id(text: str) -> VipKey:
     if not sep or proto.lower() not in _PROTOCOLS:
         raise bad
     host, sep, port_text = rest.rpartition(":")
-    if not sep or not port_text.isdigit():
+    # ASCII only: str.isdigit() and int() also take '²' and Arabic-Indic digits, which
+    # would alias another VIP's port (issue 14, item 18).
+    if not sep or not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
         raise bad
+    if not host.isascii():
+        raise bad
+    if "%" in host:
+        raise InvalidInput(f"vip_id: {zone_error(host.strip('[]'), 'VIP address')}",
+                           field="vip_id")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         if ":" not in host:
@@ -320,17 +383,18 @@ def invalid_from_validation(exc: ValidationError, *, prefix: str = "") -> Invali
     return InvalidInput(f"{field or 'body'}: {err['msg']}", field=field or None)
 
 
-def _check_address(addr: IPAddress, field: str, what: str) -> None:
-    if addr.is_unspecified or addr.is_multicast:
-        raise InvalidInput(f"{field}: {what} {addr} cannot be unspecified or multicast",
-                           field=field)
-    if addr == _BROADCAST:
-        raise InvalidInput(f"{field}: {what} {addr} is the broadcast address", field=field)
+def _check_address(addr: IPAddress, field: str, what: str, *, loopback: bool = False) -> None:
+    why = unusable_reason(addr)
+    if why is not None and not (loopback and addr.is_loopback):
+        raise InvalidInput(f"{field}: {what} {addr} cannot work: it is {why}", field=field)
 
 
-def validate_backend(vip: VipSpec, backend: BackendSpec, field: str) -> None:
+def validate_backend(
+    vip: VipSpec, backend: BackendSpec, field: str, limits: Limits | None = None
+) -> None:
     """Rules one backend must follow within its VIP; InvalidInput naming `field`."""
-    _check_address(backend.address, f"{field}.address", "backend address")
+    _check_address(backend.address, f"{field}.address", "backend address",
+                   loopback=limits is not None and limits.loopback_backends)
     if not 0 <= backend.weight <= MAX_WEIGHT:
         raise InvalidInput(
             f"{field}.weight: must be in 0..{MAX_WEIGHT}, got {backend.weight}",
@@ -343,6 +407,50 @@ def validate_backend(vip: VipSpec, backend: BackendSpec, field: str) -> None:
             "supported are IPv4 VIP -> IPv4/IPv6 backend and IPv6 VIP -> IPv6 backend",
             field=f"{field}.address",
         )
+
+
+def _check_lb_source(vip: VipSpec, limits: Limits) -> None:
+    # An unset source would put 0.0.0.0 / :: on the wire (issue 14, item 7).
+    sources = {4: limits.lb_source_v4, 6: limits.lb_source_v6}
+    why = "outer_source lb" if vip.outer_source else f"outer_source lb, the default for {vip.encap}"
+    fix = "or use outer_source rss"
+    if all(s == "" for s in sources.values()):
+        raise InvalidInput(
+            f"outer_source: VIP {vip.id} sends from the LB's own address ({why}), but neither "
+            "runtime.src_v4 nor runtime.src_v6 is set and the interface has no address to take "
+            f"them from: set XLB_RUNTIME__SRC_V4 / XLB_RUNTIME__SRC_V6 ([runtime] src_v4, src_v6) "
+            f"{fix}",
+            field="outer_source",
+        )
+    for b in vip.backends:
+        if sources[b.address.version] == "":
+            v = b.address.version
+            raise InvalidInput(
+                f"outer_source: VIP {vip.id} sends from the LB's own address ({why}) to IPv{v} "
+                f"backend {b.identity}, but runtime.src_v{v} is not set and the interface has "
+                f"no IPv{v} address to take it from: set XLB_RUNTIME__SRC_V{v} ([runtime] "
+                f"src_v{v}) {fix}",
+                field="outer_source",
+            )
+
+
+def _check_max_frame(vip: VipSpec, max_frame: int) -> None:
+    # The too-big replies advertise max_frame - 14 - the encapsulation: below the family's
+    # minimum MTU, clients ignore them (RFC 8201) and the VIP's large packets are lost.
+    client = vip.address.version
+    gue = vip.encap == "gue"
+    for i, b in enumerate(vip.backends):
+        outer = b.address.version
+        need = min_max_frame(client, outer, gue)
+        if max_frame < need:
+            enc = f"{'GUE' if gue else 'IP'} over IPv{outer} ({encap_overhead(outer, gue)} bytes)"
+            raise InvalidInput(
+                f"backends[{i}].address: runtime.max_frame {max_frame} leaves IPv{client} "
+                f"clients of {vip.id} an MTU of {max_frame - need + MIN_MTU[client]} after "
+                f"{enc} to {b.identity}, below IPv{client}'s minimum of {MIN_MTU[client]}: "
+                f"raise max_frame to at least {need} (XLB_RUNTIME__MAX_FRAME), or 0 (no check)",
+                field=f"backends[{i}].address",
+            )
 
 
 def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
@@ -361,7 +469,7 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
     seen: dict[str, int] = {}
     for i, b in enumerate(vip.backends):
         field = f"backends[{i}]"
-        validate_backend(vip, b, field)
+        validate_backend(vip, b, field, limits)
         if b.identity in seen:
             raise InvalidInput(
                 f"{field}.address: backend {b.identity} is listed twice "
@@ -369,6 +477,10 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                 field=f"{field}.address",
             )
         seen[b.identity] = i
+    if limits is not None and vip.effective_outer_source == "lb":
+        _check_lb_source(vip, limits)
+    if limits is not None and limits.max_frame:
+        _check_max_frame(vip, limits.max_frame)
     if limits is not None:
         in_ring = sum(1 for b in vip.backends if b.in_ring)
         most = limits.ring_size // 100

@@ -26,6 +26,8 @@ possible instead of landing on whichever backend got the index next.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import signal
 import sqlite3
@@ -36,6 +38,8 @@ from typing import Any, Literal
 
 from lb.control.model import Limits, VipSpec
 from lb.errors import KernelError, LimitReached
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_NAME = "xlb-state.sqlite3"
@@ -64,6 +68,20 @@ CREATE TABLE IF NOT EXISTS free_indices (
     PRIMARY KEY (kind, idx)
 );
 """
+
+
+#: The store holds every VIP and backend: readable by its owner only, like the token.
+STORE_MODE = 0o600
+
+
+def _private(path: Path) -> None:
+    # Created 0600 before SQLite opens it (SQLite would use the umask, 0644 by default), and
+    # an older store made world-readable is closed off.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, STORE_MODE)
+    try:
+        os.fchmod(fd, STORE_MODE)
+    finally:
+        os.close(fd)
 
 
 class StoreError(KernelError):
@@ -98,10 +116,14 @@ class _Allocator:
             self.next_unused += 1
             return idx
         if not self.free:
-            what = "VIP numbers (max_vips)"
+            what, field = "VIP numbers (max_vips)", None
             if self.kind == "real":
-                what = "backend slots (max_reals - 1)"
-            raise LimitReached(f"no free {what}: all {self.limit - self.first} are in use")
+                what, field = "backend slots (max_reals - 1)", "backends"
+            raise LimitReached(
+                f"{field + ': ' if field else ''}no free {what}: all "
+                f"{self.limit - self.first} are in use",
+                field=field,
+            )
         idx = min(self.free, key=self.free.__getitem__)
         del self.free[idx]
         return idx
@@ -163,6 +185,7 @@ class Store:
         self.limits = limits
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
+            _private(self.path)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False
@@ -170,6 +193,12 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.chmod(STORE_MODE)
+        except OSError as e:
+            raise StoreError(f"cannot open the state store {self.path}: {e}") from e
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the state store {self.path}: {e}") from e
         self._vips: dict[str, VipSpec] = {}
@@ -179,6 +208,8 @@ class Store:
         self._generation = 0
         self._clock = 0
         self._batch: _Batch | None = None
+        #: What loading this store changed to drop IPv6 zone ids (empty: nothing).
+        self.zone_fixes: list[str] = []
         self._load()
 
     # -- reads (in memory) ------------------------------------------------------------
@@ -218,6 +249,12 @@ class Store:
             self._clock = int(meta.get("clock", 0))
             rows = db.execute("SELECT id, vip_num, spec FROM vips ORDER BY seq").fetchall()
             backends = db.execute("SELECT address, idx FROM backends").fetchall()
+            if any("%" in r[2] for r in rows) or any("%" in r[0] for r in backends):
+                self._drop_zone_ids(rows, backends)
+                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                rows = db.execute("SELECT id, vip_num, spec FROM vips ORDER BY seq").fetchall()
+                backends = db.execute("SELECT address, idx FROM backends").fetchall()
+                self._generation = int(meta.get("generation", 0))
             free = db.execute("SELECT kind, idx, freed_at FROM free_indices").fetchall()
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the state store {self.path}: {e}") from e
@@ -255,6 +292,91 @@ class Store:
         for alloc in (self._vip_alloc, self._real_alloc):
             alloc.free = {i: t for i, t in alloc.free.items() if i < alloc.limit}
             alloc.next_unused = min(alloc.next_unused, alloc.limit)
+
+    def _drop_zone_ids(self, rows: list[Any], backends: list[Any]) -> None:
+        """Rewrite a store made before zone ids were refused (issue 14, items 16-17).
+
+        The data plane never saw a zone id (it keys by the address alone), so an address with
+        one is the same address without it: a VIP or backend whose only difference from
+        another is its zone id is dropped (the one without a zone id stays, with its number
+        and index), and every other address loses its zone id. One transaction; each change
+        is logged and kept in `self.zone_fixes`.
+        """
+        fixes: list[str] = []
+        ids: set[str] = set()
+        kept: list[tuple[str, int, str]] = []  # (id, vip_num, spec JSON)
+        freed: list[tuple[str, int]] = []
+        # VIPs without a zone id first, so they keep their ids against a zone-id twin.
+        order = sorted(rows, key=lambda r: "%" in r[2])
+        for vid, num, spec in order:
+            d = json.loads(spec)
+            if "%" not in spec:
+                ids.add(vid)
+                kept.append((vid, int(num), spec))
+                continue
+            d["address"] = str(d["address"]).partition("%")[0]
+            seen: set[str] = set()
+            new_backends = []
+            for b in d.get("backends", []):
+                addr = str(b["address"]).partition("%")[0]
+                if addr in seen:
+                    fixes.append(f"VIP {vid}: dropped backend {b['address']} (twin of {addr})")
+                    continue
+                if addr != b["address"]:
+                    fixes.append(f"VIP {vid}: backend {b['address']} is now {addr}")
+                seen.add(addr)
+                new_backends.append({**b, "address": addr})
+            d["backends"] = new_backends
+            vip = VipSpec.model_validate(d)
+            if vip.id in ids:
+                fixes.append(f"dropped VIP {vid} (twin of {vip.id}, which stays)")
+                freed.append(("vip", int(num)))
+                continue
+            if vip.id != vid:
+                fixes.append(f"VIP {vid} is now {vip.id}")
+            ids.add(vip.id)
+            kept.append((vip.id, int(num), vip.model_dump_json()))
+        used = {b.identity for _, _, spec in kept
+                for b in VipSpec.model_validate_json(spec).backends}
+        new_idx: dict[str, int] = {}
+        # Addresses without a zone id first: they keep their index against a zone-id twin.
+        for addr, idx in sorted(backends, key=lambda r: "%" in r[0]):
+            plain = str(addr).partition("%")[0]
+            if plain in new_idx or plain not in used:
+                fixes.append(f"freed backend index {idx} of {addr}")
+                freed.append(("real", int(idx)))
+                continue
+            new_idx[plain] = int(idx)
+        db = self._db
+        seqs = dict(db.execute("SELECT id, seq FROM vips").fetchall())
+        clock = int(dict(db.execute("SELECT key, value FROM meta").fetchall()).get("clock", 0))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            by_num = {int(r[1]): r[0] for r in rows}
+            db.execute("DELETE FROM vips")
+            db.executemany(
+                "INSERT INTO vips (id, seq, vip_num, spec) VALUES (?, ?, ?, ?)",
+                [(vid, seqs[by_num[num]], num, spec) for vid, num, spec in kept],
+            )
+            db.execute("DELETE FROM backends")
+            db.executemany("INSERT INTO backends (address, idx) VALUES (?, ?)",
+                           list(new_idx.items()))
+            db.executemany(
+                "INSERT OR REPLACE INTO free_indices (kind, idx, freed_at) VALUES (?, ?, ?)",
+                [(kind, idx, clock) for kind, idx in freed],
+            )
+            gen = int(dict(db.execute("SELECT key, value FROM meta").fetchall())
+                      .get("generation", 0))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', ?)",
+                       (gen + 1,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        for f in fixes:
+            log.warning("%s: IPv6 zone ids are refused now: %s", self.path, f)
+        self.zone_fixes = fixes
 
     # -- write ------------------------------------------------------------------------
 

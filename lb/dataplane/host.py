@@ -14,6 +14,7 @@ replaces the running program. Only `host.detach()` takes the balancer off the in
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,11 +116,24 @@ class Host:
 
 
 def effective_runtime(settings: Settings) -> RuntimeConfig:
-    """settings.runtime with the gateway MAC resolved from the route when it is unset."""
-    if settings.interface is None or not settings.gateway_mac_unset:
-        return settings.runtime
-    mac = xdp.resolve_gateway_mac(settings.interface, netns=settings.netns)
-    return settings.runtime.model_copy(update={"gateway_mac": mac})
+    """settings.runtime with what is unset taken from the interface: the gateway MAC from the
+    default route's neighbour, the LB's own outer sources (src_v4/src_v6, used by
+    `outer_source: lb`) from the interface's first global address of each family."""
+    runtime = settings.runtime
+    if settings.interface is None:
+        return runtime
+    update: dict[str, object] = {}
+    if settings.gateway_mac_unset:
+        update["gateway_mac"] = xdp.resolve_gateway_mac(settings.interface, netns=settings.netns)
+    if runtime.src_v4.is_unspecified or runtime.src_v6.is_unspecified:
+        for text in netlink.addresses(settings.netns, settings.interface):
+            addr = ipaddress.ip_interface(text).ip
+            if addr.is_link_local or addr.is_loopback or addr.is_multicast:
+                continue
+            key = f"src_v{addr.version}"
+            if getattr(runtime, key).is_unspecified and key not in update:
+                update[key] = addr
+    return runtime.model_copy(update=update) if update else runtime
 
 
 @contextmanager

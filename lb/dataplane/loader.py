@@ -347,9 +347,9 @@ def _incompatible(pin_dir: Path, diffs: list[str]) -> IncompatiblePins:
         f"pinned maps in {pin_dir} do not match this data plane: "
         + "; ".join(diffs)
         + ". Reusing them would mix layouts, so nothing was loaded. Either start with the"
-        " configuration the pins were made with, or start fresh with --repin (or"
-        f" `rm -r {pin_dir}`): that drops the connection table, rings and counters, and the"
-        " control plane rewrites VIPs and backends from its store.",
+        " configuration the pins were made with, or start fresh with `lbctl serve --repin`"
+        f" (or `rm -r {pin_dir}`): that drops the connection table, rings and counters, and"
+        " the control plane rewrites VIPs and backends from its store.",
         field="pin_dir",
     )
 

@@ -144,7 +144,10 @@ async def _http(check: HealthCheck, address: str, port: int, mark: int | None) -
         with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
             await writer.wait_closed()
     parts = line.decode("latin-1").split()
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    status_text = parts[1] if len(parts) > 1 else ""
+    if not parts[0:1] or not parts[0].startswith("HTTP/") or not (
+        status_text.isascii() and status_text.isdigit()
+    ):
         raise ProbeFailed(f"not an HTTP answer: {line[:40]!r}")
     status = int(parts[1])
     if status not in check.expect_status:

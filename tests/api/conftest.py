@@ -28,6 +28,7 @@ from pydantic import SecretStr
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.control.facade import ControlPlane
 from xlb_api.main import create_app
+from xlb_api.server import uvicorn_config
 from xlb_api.settings import ApiSettings
 
 TOKEN = "test-token-0123456789"
@@ -130,14 +131,18 @@ def running_api(
     )
     sock = _free_socket()
     port = sock.getsockname()[1]
+    # The daemon's own uvicorn configuration (timeouts, protocol), as `lbctl serve` builds it.
     server = uvicorn.Server(
-        uvicorn.Config(
+        uvicorn_config(
             app,
-            log_level="warning",
-            access_log=False,
+            settings.model_copy(
+                update={
+                    "log_level": "warning",
+                    "ssl_certfile": tls[0] if tls else None,
+                    "ssl_keyfile": tls[1] if tls else None,
+                }
+            ),
             lifespan="on",
-            ssl_certfile=str(tls[0]) if tls else None,
-            ssl_keyfile=str(tls[1]) if tls else None,
         )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

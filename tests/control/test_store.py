@@ -204,3 +204,91 @@ def test_failed_batch_write_changes_nothing(tmp_path: Path) -> None:
     s._db.execute("DROP TRIGGER boom")
     s.close()
     assert _everything(Store(tmp_path, LIMITS)) == before
+
+
+def _legacy_zone_store(tmp_path: Path) -> None:
+    """A store as versions before issue 14 could leave it: zone-id twins of real objects."""
+    import json
+    import sqlite3
+
+    s = Store(tmp_path, LIMITS)
+    real = VipSpec.model_validate(
+        {"protocol": "tcp", "address": "2001:db8::10", "port": 80,
+         "backends": [{"address": "2001:db8:11::8"}]})
+    other = VipSpec.model_validate(
+        {"protocol": "tcp", "address": "2001:db8::10", "port": 81,
+         "backends": [{"address": "2001:db8:11::9"}]})
+    lone = VipSpec.model_validate(
+        {"protocol": "tcp", "address": "2001:db8::20", "port": 80,
+         "backends": [{"address": "2001:db8:11::7"}]})
+    s.commit([real, other, lone])
+    s.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    # The twin VIP (number 3) with a zone-id twin of the real VIP's backend (index 4).
+    twin = {**json.loads(real.model_dump_json()), "address": "2001:db8::10%x",
+            "backends": [{"address": "2001:db8:11::8%zz", "weight": 1, "state": "active"}]}
+    db.execute("INSERT INTO vips VALUES (?, ?, ?, ?)",
+               ("tcp:[2001:db8::10%x]:80", 99, 3, json.dumps(twin)))
+    db.execute("INSERT INTO backends VALUES ('2001:db8:11::8%zz', 4)")
+    # A zone id on the other VIP's backend, and on the lone VIP's own address.
+    spec = json.loads(other.model_dump_json())
+    spec["backends"][0]["address"] = "2001:db8:11::9%eth0"
+    db.execute("UPDATE vips SET spec = ? WHERE vip_num = 1", (json.dumps(spec),))
+    db.execute("UPDATE backends SET address = '2001:db8:11::9%eth0' WHERE address = "
+               "'2001:db8:11::9'")
+    spec = {**json.loads(lone.model_dump_json()), "address": "2001:db8::20%eth1"}
+    db.execute("UPDATE vips SET spec = ?, id = 'tcp:[2001:db8::20%eth1]:80' WHERE vip_num = 2",
+               (json.dumps(spec),))
+    db.execute("UPDATE meta SET value = 4 WHERE key = 'next_vip'")
+    db.execute("UPDATE meta SET value = 5 WHERE key = 'next_real'")
+    db.commit()
+    db.close()
+
+
+def test_a_store_with_zone_ids_loads_without_them_and_twins_dropped(tmp_path: Path) -> None:
+    _legacy_zone_store(tmp_path)
+    s = Store(tmp_path, LIMITS)
+    assert list(s.vips) == ["tcp:[2001:db8::10]:80", "tcp:[2001:db8::10]:81",
+                            "tcp:[2001:db8::20]:80"]
+    assert not any("%" in v.model_dump_json() for v in s.vips.values())
+    # The real VIP keeps its number and its backend's index; the twin's are free again.
+    assert s.vip_nums["tcp:[2001:db8::10]:80"] == 0
+    assert s.real_idx == {"2001:db8:11::8": 1, "2001:db8:11::9": 2, "2001:db8:11::7": 3}
+    assert any("dropped VIP tcp:[2001:db8::10%x]:80" in f for f in s.zone_fixes)
+    assert s._vip_alloc.free.keys() == {3} and s._real_alloc.free.keys() == {4}
+    # Written back in one go: the next load finds nothing to fix, and changes work.
+    gen = s.generation
+    s.commit(deletes=["tcp:[2001:db8::10]:80"])
+    s.close()
+    again = Store(tmp_path, LIMITS)
+    assert again.zone_fixes == [] and again.generation == gen + 1
+    assert list(again.vips) == ["tcp:[2001:db8::10]:81", "tcp:[2001:db8::20]:80"]
+    again.close()
+
+
+def test_the_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        s = Store(tmp_path, LIMITS)
+        s.commit([vip(80, "198.18.1.1")])
+        files = [tmp_path / DB_NAME, tmp_path / f"{DB_NAME}-wal", tmp_path / f"{DB_NAME}-shm"]
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        s.close()
+        # A store an older version left world-readable is closed off when opened.
+        (tmp_path / DB_NAME).chmod(0o644)
+        Store(tmp_path, LIMITS).close()
+        assert stat.S_IMODE((tmp_path / DB_NAME).stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_running_out_of_backend_slots_names_the_field(tmp_path: Path) -> None:
+    s = Store(tmp_path, LIMITS)
+    many = [f"198.18.1.{i}" for i in range(1, LIMITS.max_backends + 2)]
+    with pytest.raises(LimitReached, match=r"^backends: no free backend slots") as e:
+        s.commit([vip(80, *many)])
+    assert e.value.field == "backends"

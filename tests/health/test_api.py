@@ -31,7 +31,7 @@ CHECK = {"type": "http", "interval_s": 0.2, "timeout_s": 0.2, "fall": 2, "rise":
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[httpx.Client]:
     """The API (store-only control plane, health manager) served by uvicorn in a thread."""
-    control = ControlPlane(StateSettings(tmp_path), None)
+    control = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
     app = create_app(
         control=control,
         settings=ApiSettings(token=SecretStr(TOKEN)),

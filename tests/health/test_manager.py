@@ -95,7 +95,7 @@ def _out(hm: HealthManager, vip_id: str) -> set[str]:
 def test_failed_backend_leaves_and_returns_without_touching_the_store(
     tmp_path: Path, pool: Pool
 ) -> None:
-    cp = ControlPlane(StateSettings(tmp_path), None)
+    cp = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
     vip = cp.create_vip(_vip(pool.port))
     gen = cp.generation
     check = vip.health_check
@@ -124,7 +124,7 @@ def test_failed_backend_leaves_and_returns_without_touching_the_store(
 
 
 def test_safety_floor_and_all_down_keep_the_vip_served(tmp_path: Path, pool: Pool) -> None:
-    cp = ControlPlane(StateSettings(tmp_path), None)
+    cp = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
     vip = cp.create_vip(_vip(pool.port))
 
     def held() -> set[str]:
@@ -149,7 +149,7 @@ def test_safety_floor_and_all_down_keep_the_vip_served(tmp_path: Path, pool: Poo
 
 
 def test_flapping_backend_is_held_out(tmp_path: Path, pool: Pool) -> None:
-    cp = ControlPlane(StateSettings(tmp_path), None)
+    cp = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
     vip = cp.create_vip(_vip(pool.port, rise=1, fall=1, flap_threshold=1.5,
                              flap_half_life_s=30))
 
@@ -177,7 +177,7 @@ def test_ring_follows_health_and_verify_sees_no_drift(
     from lb.control.reconcile import MapIO
 
     clear_maps(balancer)
-    cp = ControlPlane(StateSettings(tmp_path), balancer)
+    cp = ControlPlane(StateSettings(tmp_path), balancer, loopback_backends=True)
     try:
         vip = cp.create_vip(_vip(pool.port, n=2))
         io = MapIO(balancer)
@@ -202,7 +202,7 @@ def test_ring_follows_health_and_verify_sees_no_drift(
 
 
 def test_returning_backend_ramps_its_weight(tmp_path: Path, pool: Pool) -> None:
-    cp = ControlPlane(StateSettings(tmp_path), None)
+    cp = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
     vip = cp.create_vip(_vip(pool.port, n=2, slow_start_s=2))
 
     def weights(hm: HealthManager) -> dict[str, int]:

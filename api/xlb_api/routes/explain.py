@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from lb.control.model import Protocol
+from lb.control.model import Protocol, parse_address
 from lb.dataplane.flowhash import Flow5
 from lb.errors import InvalidInput
 from xlb_api.deps import ExplainerDep, ReadAuth
@@ -20,12 +20,8 @@ router = APIRouter(
 
 
 def _address(text: str, field: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        return ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        raise InvalidInput(
-            f"{field}: {text!r} is not an IPv4 or IPv6 address", field=field
-        ) from None
+    # The same parser as VIPs and backends: ASCII only, no IPv6 zone id.
+    return parse_address(text.strip().strip("[]"), field=field)
 
 
 @router.get("", dependencies=[ReadAuth])

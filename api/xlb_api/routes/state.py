@@ -26,7 +26,7 @@ def parse_if_match(value: str | None) -> int | None:
         return None
     tags = [t.strip().removeprefix("W/").strip('"') for t in value.split(",")]
     for t in tags:
-        if t.isdigit():
+        if t.isascii() and t.isdigit():  # int() also takes "²" (issue 14, item 18)
             return int(t)
     raise PreconditionFailed(
         f"If-Match {value!r} names no state generation (send the ETag of GET /v1/state)",

@@ -29,7 +29,7 @@ class BackendCreate(BaseModel):
 
 
 class BackendUpdate(BaseModel):
-    """Changes to a backend; fields left out stay as they are."""
+    """Changes to a backend; fields left out (or null) stay as they are."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -37,8 +37,10 @@ class BackendUpdate(BaseModel):
         json_schema_extra={"examples": [{"state": "draining"}, {"weight": 5}]},
     )
 
-    weight: int | None = Field(None, ge=0, le=MAX_WEIGHT, description="new weight")
-    state: BackendState | None = Field(None, description="new state")
+    weight: int | None = Field(
+        None, ge=0, le=MAX_WEIGHT, description="new weight (null: unchanged)"
+    )
+    state: BackendState | None = Field(None, description="new state (null: unchanged)")
 
 
 class BackendsReplace(BaseModel):

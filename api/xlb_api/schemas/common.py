@@ -8,10 +8,18 @@ from typing import Annotated
 from fastapi import Path
 from pydantic import BeforeValidator, IPvAnyAddress, WithJsonSchema
 
+from lb.control.model import zone_error
+
 
 def _text_or_address(v: object) -> object:
     # pydantic's IPvAnyAddress also takes integers (and so booleans): JSON must send text.
-    if isinstance(v, str | ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if isinstance(v, str):
+        if "%" in v:
+            raise ValueError(zone_error(v, "address"))
+        if not v.isascii():
+            raise ValueError(f"{v!r} has characters that are not ASCII")
+        return v
+    if isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return v
     raise ValueError("must be an IPv4 or IPv6 address as a string")
 

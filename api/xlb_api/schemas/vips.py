@@ -56,7 +56,8 @@ class VipCreate(BaseModel):
 class VipUpdate(BaseModel):
     """Changes to a VIP's flags and encapsulation; fields left out stay as they are.
 
-    `outer_source: null` goes back to the encapsulation's default.
+    null goes back to the default: `hash_src_only`/`lru_bypass` false, `encap` ipip,
+    `outer_source` the encapsulation's default, `health_check` none.
     """
 
     model_config = ConfigDict(
@@ -65,10 +66,12 @@ class VipUpdate(BaseModel):
         json_schema_extra={"examples": [{"encap": "gue", "hash_src_only": True}]},
     )
 
-    hash_src_only: bool | None = None
-    lru_bypass: bool | None = None
-    encap: Encap | None = None
-    outer_source: OuterSource | None = None
+    hash_src_only: bool | None = Field(None, description="null: back to false")
+    lru_bypass: bool | None = Field(None, description="null: back to false")
+    encap: Encap | None = Field(None, description="null: back to ipip")
+    outer_source: OuterSource | None = Field(
+        None, description="null: back to the encapsulation's default"
+    )
     health_check: HealthCheck | None = Field(None, description="null removes the check")
 
 
