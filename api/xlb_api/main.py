@@ -194,6 +194,8 @@ def create_app(
                         t.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await t
+                if rt.explainer is not None:
+                    rt.explainer.close()
                 app.state.runtime = None
         finally:
             await asyncio.to_thread(stack.close)
