@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -24,7 +25,7 @@ from fastapi import Depends, FastAPI
 from lb.control.facade import ControlPlane
 from lb.dataplane.loader import Balancer
 from lb.errors import XlbError
-from lb.health.manager import HealthManager
+from lb.health.manager import HEALTH_FILE, HealthManager, restored_overlay
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
@@ -94,7 +95,9 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False))
     balancer = host.balancer
-    control = ControlPlane(lb_settings, balancer)
+    # Backends health had taken out stay out from the first map write on (lb.health.manager).
+    health_file = Path(lb_settings.state_dir) / HEALTH_FILE
+    control = ControlPlane(lb_settings, balancer, overlay=restored_overlay(health_file))
     stack.callback(control.close)
     s = lb_settings
     if s.interface:
@@ -137,7 +140,8 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
                        attach_reason=mode_reason)  # fmt: skip
     rt.host = host
     # Tunnelled probes need a tc program on the interface, compiled on first use only.
-    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
+    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack),
+                              state_file=health_file)
     return rt
 
 

@@ -133,7 +133,10 @@ class ControlPlane:
         *,
         config: DataplaneConfig | None = None,
         seed: int = maglev.DEFAULT_SEED,
+        overlay: Callable[[VipSpec], VipSpec] | None = None,
     ) -> None:
+        """`overlay` programs the first reconciliation already (see set_overlay): health
+        restored from the last run keeps its backends out from the first map write on."""
         #: Held by a group's leader and by every read (see _write).
         self._lock = _Lock()
         self._queue_lock = threading.Lock()
@@ -155,7 +158,7 @@ class ControlPlane:
         self._reconcile_errors = 0
         self._last_error: str | None = None
         #: Maps each stored VIP to the VIP the maps carry (health checks; see set_overlay).
-        self._overlay: Callable[[VipSpec], VipSpec] | None = None
+        self._overlay: Callable[[VipSpec], VipSpec] | None = overlay
         with self._lock:
             self._reconcile()
 
