@@ -26,6 +26,12 @@ table) is taken out and purged first, before its new owner is written. An apply 
 the maps back (a start, after a failed write) first frees the slots naming a number no
 vip_map entry holds or a backend whose reals slot is empty: those of a purge that a crash
 or an error cut short (docs/conn-table.md).
+
+A backend can also leave one VIP (removed, or disabled there) while another VIP keeps its
+index programmed: the first VIP's slots naming it would go on steering that VIP's flows to
+it. So the (VIP number, backend index) pairs a change takes out of a VIP's set are purged
+once that VIP's ring no longer names the backend; a read-back apply frees every slot naming
+a pair no VIP's set holds. A draining backend stays in its VIP's set (its flows go on).
 """
 
 from __future__ import annotations
@@ -240,6 +246,8 @@ class Touched:
     vip_addrs: set[AddrKey] = field(default_factory=set)
     reals: set[int] = field(default_factory=set)
     rings: set[int] = field(default_factory=set)
+    #: (VIP number, backend index) pairs that left a VIP's set while the VIP kept its number.
+    left_pairs: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -278,17 +286,27 @@ class DesiredImage:
         for vid in [v for v in self._shares if v not in vips]:
             self._remove(vid, touched)
         changed = []
+        replaced: list[_Share] = []
         for vid, spec in vips.items():
             share = self._shares.get(vid)
             if share is not None and share.spec is spec and share.num == vip_nums[vid]:
                 continue
             if share is not None:
                 self._remove(vid, touched)
+                replaced.append(share)
             changed.append((spec, vip_nums[vid]))
         # Adds after every removal: a VIP number may pass from one VIP to another.
         for spec, num in changed:
             self._add(spec, num, real_idx, touched)
+        for old in replaced:
+            new = self._shares[old.spec.id]
+            if new.num == old.num:
+                touched.left_pairs.update((old.num, i) for i in old.reals if i not in new.reals)
         return touched
+
+    def pairs(self) -> set[tuple[int, int]]:
+        """Every (VIP number, backend index) the desired state lets a slot name."""
+        return {(s.num, i) for s in self._shares.values() for i in s.reals}
 
     def _add(self, spec: VipSpec, num: int, real_idx: Mapping[str, int], t: Touched) -> None:
         img = self.image
@@ -455,6 +473,7 @@ class _Writer:
         # VIP numbers and backend indices whose slots go, once nothing writes such slots.
         self.gone_nums: set[int] = set()
         self.gone_idx: set[int] = set()
+        self.gone_pairs: set[tuple[int, int]] = set(touched.left_pairs) if touched else set()
         if touched is None:
             self.vip_keys = list(want.vip_map.keys() | have.vip_map.keys())
             self.addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
@@ -477,6 +496,15 @@ class _Writer:
             self.res.purged += self.io.purge_conns(self.gone_nums, self.gone_idx)
             self.gone_nums.clear()
             self.gone_idx.clear()
+
+    def purge_pairs(self) -> None:
+        """Free the slots of backends that left a VIP's set (its ring no longer names them;
+        their index may live on for other VIPs)."""
+        pairs = {(n, i) for n, i in self.gone_pairs if n not in self.gone_nums}
+        if pairs:
+            crash_point("before-purge")
+            self.res.purged += self.io.purge_conn_pairs(pairs)
+        self.gone_pairs.clear()
 
     def retire_reused_numbers(self) -> None:
         """A VIP number handed to another VIP in this change (only when the table is full):
@@ -679,6 +707,10 @@ class Reconciler:
                 )
             res = self._write(have, want, touched, set(new_vip_nums), set(new_real_idx),
                               real_idx)  # fmt: skip
+            if read_back:
+                # Once the rings are written: no VIP keeps slots naming a backend it no longer
+                # has (another VIP keeping the index), left by a change a crash cut short.
+                purged += self.io.purge_conn_pairs(self.desired.pairs(), outside=True)
             res.purged += purged
             addrs = frozenset(want.vip_addrs)
             if addrs != self._filter_addrs:
@@ -723,4 +755,5 @@ class Reconciler:
         w.clear_rings()
         w.free_backends(real_idx)
         w.purge()
+        w.purge_pairs()
         return w.res

@@ -270,6 +270,11 @@ class MapIO:
         """Free the conn_table slots naming any of these VIP numbers or backend indices."""
         return self.conn_table().purge_any(vip_nums=vip_nums, real_idx=real_idx)
 
+    def purge_conn_pairs(self, pairs: Iterable[tuple[int, int]], *, outside: bool = False) -> int:
+        """Free the conn_table slots naming one of these (VIP number, backend index) pairs
+        (`outside`: naming a pair not listed)."""
+        return self.conn_table().purge_pairs(pairs, outside=outside)
+
     def purge_stale_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
         """Free the conn_table slots naming a VIP number or backend index not listed."""
         return self.conn_table().purge_unless(vip_nums=vip_nums, real_idx=real_idx)
