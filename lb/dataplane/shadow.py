@@ -27,12 +27,12 @@ if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
 
 BPF_MAP_CREATE = 0
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
 #: ld_imm64 (BPF_LD | BPF_IMM | BPF_DW) and its source register for "imm is a map fd".
 BPF_LD_IMM64 = 0x18
 BPF_PSEUDO_MAP_FD = 1
-#: The maps the shadow gets private copies of: everything that counts, nothing that steers.
-COUNTER_MAPS = ("vip_stats", "real_stats", "glob_stats")
+#: The maps the shadow gets private copies of (those the program has): everything that
+#: counts, nothing that steers.
+COUNTER_MAPS = ("vip_stats", "real_stats", "pair_stats", "glob_stats")
 _INSN = 8
 _FUNC = b"xdp_balancer"
 
@@ -48,9 +48,11 @@ class _MapCreateAttr(ctypes.Structure):
     ]
 
 
-def _percpu_array(key_size: int, value_size: int, entries: int) -> int:
-    attr = _MapCreateAttr(BPF_MAP_TYPE_PERCPU_ARRAY, key_size, value_size, entries, 0)
-    return bpf.bpf(BPF_MAP_CREATE, attr, "creating the shadow's counter map")
+def _map_like(info: bpf.MapInfo) -> int:
+    """A new, empty map of the same type and shape (per-CPU array or hash)."""
+    attr = _MapCreateAttr(info.type, info.key_size, info.value_size, info.max_entries,
+                          info.flags)  # fmt: skip
+    return bpf.bpf(BPF_MAP_CREATE, attr, f"creating the shadow's {info.name}")
 
 
 def _retarget(insns: bytearray, fds: dict[int, int]) -> int:
@@ -77,8 +79,10 @@ class ShadowProgram:
         try:
             replace: dict[int, int] = {}
             for name in COUNTER_MAPS:
+                if name not in balancer.maps:
+                    continue
                 info = bpf.map_info(int(balancer.maps[name].map_fd))
-                fd = _percpu_array(info.key_size, info.value_size, info.max_entries)
+                fd = _map_like(info)
                 self._fds.append(fd)
                 self.counters[name] = fd
                 replace[int(balancer.maps[name].map_fd)] = fd
