@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: `lbctl verify`: the maps differ from the stored state (and were not repaired).
+EXIT_DRIFT = 5
 
 #: A command: parsed arguments in, exit code out.
 Command = Callable[[argparse.Namespace], int]

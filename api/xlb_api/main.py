@@ -30,7 +30,7 @@ from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
-from xlb_api.routes import backends, checks, explain, health, state, stats, vips
+from xlb_api.routes import backends, checks, explain, health, state, stats, verify, vips
 from xlb_api.settings import ApiSettings, get_settings
 
 log = logging.getLogger("xlb.api")
@@ -70,6 +70,24 @@ def build_runtime(
     if attach_reason is not None:
         rt.attach_reason = attach_reason
     return rt
+
+
+async def _verify_forever(control: ControlPlane, interval: float, repair: bool) -> None:
+    # Drift behind the daemon's back (bpftool, a raw map write) survives incremental writes:
+    # only reading the maps back finds it.
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await asyncio.to_thread(control.check_drift, repair=repair)
+        except Exception as e:  # a failed read must not stop the checks
+            log.warning("verifying the maps failed: %s", e)
+            continue
+        if report.drifts:
+            what = "; ".join(f"{d.map} {d.key}: {d.actual} (expected {d.expected})"
+                             for d in report.drifts[:5])  # fmt: skip
+            log.warning("%d map entries differed from generation %d%s: %s",
+                        len(report.drifts), report.generation,
+                        ", rewritten" if report.repaired else "", what)  # fmt: skip
 
 
 async def _sample_forever(sampler: RateSampler) -> None:
@@ -190,10 +208,15 @@ def create_app(
             task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
             hm: HealthManager | None = rt.health
             htask = asyncio.create_task(hm.run(), name="xlb-health") if hm else None
+            vtask = None
+            if rt.balancer is not None and api_settings.verify_interval_s > 0:
+                vtask = asyncio.create_task(_verify_forever(
+                    rt.control, api_settings.verify_interval_s, api_settings.verify_repair),
+                    name="xlb-verify")  # fmt: skip
             try:
                 yield
             finally:
-                for t in (task, htask):
+                for t in (task, htask, vtask):
                     if t is not None:
                         t.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
@@ -223,7 +246,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health, checks):
+    for module in (vips, backends, state, stats, explain, health, checks, verify):
         app.include_router(module.router)
     return app
 
