@@ -53,6 +53,7 @@ from lb.control.model import (
     vip_id,
 )
 from lb.control.store import crash_point
+from lb.dataplane.flowhash import vip_filter_bit
 from lb.dataplane.keys import PROTO_NUMBERS, addr16, addr_from16, family_of, proto_name
 from lb.dataplane.mapio import AddrKey, MapIO, RealVal, VipMapKey
 from lb.errors import KernelError
@@ -215,6 +216,8 @@ class MapImage:
     reals: dict[int, RealVal] = field(default_factory=dict)
     #: Ring values per VIP number (only the rings of interest are present).
     rings: dict[int, array[int]] = field(default_factory=dict)
+    #: The VIP address filter: (armed, bits set); None when not computed or not read.
+    vip_filter: tuple[bool, frozenset[int]] | None = None
 
 
 def desired_image(
@@ -235,6 +238,7 @@ def desired_image(
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
                 img.reals[real_idx[b.identity]] = (addr16(b.address), flags)
+    img.vip_filter = (True, frozenset(vip_filter_bit(*k) for k in img.vip_addrs))
     return img
 
 
@@ -421,6 +425,17 @@ def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> lis
                 map="vip_addrs", key=_addr_text(*akey),
                 expected=None if wc is None else f"{wc} VIPs",
                 actual=None if hc is None else f"{hc} VIPs",
+            ))
+    if want.vip_filter is not None and have.vip_filter is not None:
+        (w_on, w_bits), (h_on, h_bits) = want.vip_filter, have.vip_filter
+        if (w_on, w_bits) != (h_on, h_bits):
+            missing, extra = len(w_bits - h_bits), len(h_bits - w_bits)
+            drifts.append(Drift(
+                map="vip_filter", key="0",
+                expected=f"armed, {len(w_bits)} address bits",
+                actual=f"{'armed' if h_on else 'not armed'}, {len(h_bits)} address bits"
+                       f" ({missing} missing: their VIPs' packets go to the stack;"
+                       f" {extra} extra)",
             ))
     for idx in sorted(want.reals.keys() | have.reals.keys()):
         wr, hr = want.reals.get(idx), have.reals.get(idx)
@@ -661,6 +676,7 @@ class Reconciler:
         """What the maps hold now: every entry, and the rings `want` has or stale VIPs use."""
         io = self.io
         have = MapImage(io.read_vip_map(), io.read_vip_addrs(), io.read_reals())
+        have.vip_filter = io.read_vip_filter()
         nums = set(want.rings) | {num for num, _ in have.vip_map.values()}
         for num in sorted(nums):
             if 0 <= num < self.io.b.config.max_vips:

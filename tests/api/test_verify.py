@@ -73,7 +73,7 @@ def test_ring_slot_overwritten_behind_the_daemons_back_is_reported_and_repaired(
     assert api.client.get("/readyz").status_code == 200
     _overwrite(api, key, bad)
 
-    _until(lambda: api.client.get("/readyz").status_code == 503, 5, "/readyz reports drift")
+    _until(lambda: api.client.get("/readyz").status_code == 503, 15, "/readyz reports drift")
     reasons = api.client.get("/readyz").json()["reasons"]
     assert any(r.startswith("drift: 1 map entries") and "ch_rings" in r for r in reasons), reasons
     assert _metric(api, "xlb_drift_entries") == 1
@@ -100,7 +100,7 @@ def test_periodic_verify_repairs_drift_by_default(serve: Callable[..., Served]) 
     key = _vip(api)
     good = _ring_slot(api, key)
     _overwrite(api, key, 0)  # an emptied slot: its flows would be dropped
-    _until(lambda: _ring_slot(api, key) == good, 5, "the periodic verify rewrites the slot")
+    _until(lambda: _ring_slot(api, key) == good, 15, "the periodic verify rewrites the slot")
     assert _metric(api, "xlb_drift_repaired_entries_total") == 1
     assert api.client.get("/readyz").status_code == 200
 
@@ -120,3 +120,26 @@ def test_verify_over_rest_get_reports_post_repairs(api: Served) -> None:
     r = api.client.post("/v1/verify")
     assert r.status_code == 200 and r.json()["repaired"] and r.json()["in_sync"], r.text
     assert _ring_slot(api, key) == good
+
+
+def test_a_cleared_vip_filter_is_reported_and_repaired(api: Served) -> None:
+    from lb.consts import XDP_PASS, XDP_TX
+    from lb.dataplane.flowhash import Flow5
+    from lb.dataplane.testrun import TestRunner
+    from lb.ops.explain import build_packet
+
+    _vip(api)
+    packet = build_packet(Flow5.of("198.18.2.1", "198.18.0.10", 40000, 80, "tcp"))
+    runner = TestRunner(api.balancer.prog_fd)
+    assert runner.run(packet).verdict == XDP_TX
+    f = api.balancer.vip_filter
+    leaf = f.Leaf()
+    leaf.ready = 1  # armed, but no address bit: every VIP's packets go to the stack
+    f[f.Key(0)] = leaf
+    assert runner.run(packet).verdict == XDP_PASS
+    body = api.client.get("/v1/verify").json()
+    assert [d["map"] for d in body["drifts"]] == ["vip_filter"], body
+    assert "1 missing" in body["drifts"][0]["actual"]
+    assert api.client.post("/v1/verify").json()["repaired"]
+    assert runner.run(packet).verdict == XDP_TX, "the filter was not rewritten"
+    assert api.client.get("/v1/verify").json()["in_sync"]

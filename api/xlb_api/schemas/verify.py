@@ -12,7 +12,7 @@ from lb.control.facade import DriftReport
 class DriftPublic(BaseModel):
     """One map entry that differs from what the stored state says."""
 
-    map: Literal["vip_map", "vip_addrs", "reals", "ch_rings"]
+    map: Literal["vip_map", "vip_addrs", "vip_filter", "reals", "ch_rings"]
     key: str = Field(description="the entry: VIP id, address, backend index, ring of a VIP")
     expected: str | None = Field(description="what the state says (null: no entry)")
     actual: str | None = Field(description="what the map holds (null: no entry)")
