@@ -11,6 +11,8 @@ from typing import Any, NoReturn
 #: 0 done, 1 the API refused, 2 bad usage, 3 the daemon cannot be reached, 4 `lbctl serve`
 #: could not start (the one-line message names the setting and the fix).
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_START = 0, 1, 2, 3, 4
+#: `lbctl verify`: the maps differ from the stored state (and were not repaired).
+EXIT_DRIFT = 5
 
 #: A command: parsed arguments in, exit code out.
 Command = Callable[[argparse.Namespace], int]

@@ -60,10 +60,10 @@ def health_table(data: Any) -> str:
                 notes.append(str(b["last_error"]))
             rows.append([
                 v["vip_id"] + flags, b["address"], f"{c['type']}/{c['mode']}", b["status"],
-                "yes" if b["in_ring"] else "no", f"{b['transitions']['down']}/"
+                b["ring"], f"{b['transitions']['down']}/"
                 f"{b['transitions']['up']}", _age(b["since_s"]), "; ".join(notes) or "-",
             ])
-    out = [table(["VIP", "BACKEND", "CHECK", "HEALTH", "IN-RING", "DOWNS/UPS", "SINCE",
+    out = [table(["VIP", "BACKEND", "CHECK", "HEALTH", "RING", "DOWNS/UPS", "SINCE",
                   "NOTES"], rows) if rows else "no VIP has a health check"]
     events = data.get("events", [])[-10:]
     if events:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -25,13 +26,13 @@ from lb.control.facade import ControlPlane
 from lb.control.model import validate_vip
 from lb.dataplane.loader import Balancer
 from lb.errors import XlbError
-from lb.health.manager import HealthManager
+from lb.health.manager import HEALTH_FILE, HealthManager, restored_overlay
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
 from xlb_api.guard import RequestGuard
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
-from xlb_api.routes import backends, checks, explain, health, state, stats, vips
+from xlb_api.routes import backends, checks, explain, health, state, stats, verify, vips
 from xlb_api.settings import ApiSettings, get_settings
 
 log = logging.getLogger("xlb.api")
@@ -73,6 +74,24 @@ def build_runtime(
     return rt
 
 
+async def _verify_forever(control: ControlPlane, interval: float, repair: bool) -> None:
+    # Drift behind the daemon's back (bpftool, a raw map write) survives incremental writes:
+    # only reading the maps back finds it.
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await asyncio.to_thread(control.check_drift, repair=repair)
+        except Exception as e:  # a failed read must not stop the checks
+            log.warning("verifying the maps failed: %s", e)
+            continue
+        if report.drifts:
+            what = "; ".join(f"{d.map} {d.key}: {d.actual} (expected {d.expected})"
+                             for d in report.drifts[:5])  # fmt: skip
+            log.warning("%d map entries differed from generation %d%s: %s",
+                        len(report.drifts), report.generation,
+                        ", rewritten" if report.repaired else "", what)  # fmt: skip
+
+
 async def _sample_forever(sampler: RateSampler) -> None:
     while True:
         try:
@@ -107,7 +126,10 @@ def _host_runtime(
         lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False, repin=repin))
     balancer = host.balancer
-    control = ControlPlane(lb_settings, balancer, runtime=host.runtime)
+    # Backends health had taken out stay out from the first map write on (lb.health.manager).
+    health_file = Path(lb_settings.state_dir) / HEALTH_FILE
+    control = ControlPlane(lb_settings, balancer, runtime=host.runtime,
+                           overlay=restored_overlay(health_file))  # fmt: skip
     stack.callback(control.close)
     r, s = host.runtime, lb_settings
     for v in (4, 6):
@@ -159,7 +181,8 @@ def _host_runtime(
                        attach_reason=mode_reason)  # fmt: skip
     rt.host = host
     # Tunnelled probes need a tc program on the interface, compiled on first use only.
-    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
+    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack),
+                              state_file=health_file)
     return rt
 
 
@@ -215,14 +238,21 @@ def create_app(
             task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
             hm: HealthManager | None = rt.health
             htask = asyncio.create_task(hm.run(), name="xlb-health") if hm else None
+            vtask = None
+            if rt.balancer is not None and api_settings.verify_interval_s > 0:
+                vtask = asyncio.create_task(_verify_forever(
+                    rt.control, api_settings.verify_interval_s, api_settings.verify_repair),
+                    name="xlb-verify")  # fmt: skip
             try:
                 yield
             finally:
-                for t in (task, htask):
+                for t in (task, htask, vtask):
                     if t is not None:
                         t.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await t
+                if rt.explainer is not None:
+                    rt.explainer.close()
                 app.state.runtime = None
         finally:
             await asyncio.to_thread(stack.close)
@@ -247,7 +277,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health, checks):
+    for module in (vips, backends, state, stats, explain, health, checks, verify):
         app.include_router(module.router)
     return app
 

@@ -30,6 +30,27 @@ class XlbCollector(Collector):
         )
         errs.add_metric([], control.reconcile_errors)
         yield errs
+        report = control.drift_report
+        drift = GaugeMetricFamily(
+            "xlb_drift_entries",
+            "map entries the last verify found differing from the stored state, not repaired",
+        )
+        drift.add_metric([], len(report.outstanding) if report is not None else 0)
+        yield drift
+        checks = CounterMetricFamily("xlb_verify_runs", "comparisons of the maps with the state")
+        checks.add_metric([], control.drift_checks)
+        yield checks
+        fixed = CounterMetricFamily(
+            "xlb_drift_repaired_entries", "map entries rewritten because they had drifted"
+        )
+        fixed.add_metric([], control.drift_repaired_entries)
+        yield fixed
+        if report is not None:
+            at = GaugeMetricFamily(
+                "xlb_verify_last_timestamp_seconds", "Unix time of the last verify"
+            )
+            at.add_metric([], report.checked_at)
+            yield at
         vips = control.list_vips()
         nv = GaugeMetricFamily("xlb_vips", "VIPs in the desired state")
         nv.add_metric([], len(vips))

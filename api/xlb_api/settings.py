@@ -46,6 +46,14 @@ class ApiSettings(BaseSettings):
     conn_count_ttl_s: float = Field(
         2.0, ge=0, le=3600, description="how long a connection-table count is reused"
     )
+    verify_interval_s: float = Field(
+        300.0, ge=0, le=86400,
+        description="compare the maps with the stored state this often (0 = only on demand: "
+        "GET/POST /v1/verify, lbctl verify); drift shows in /readyz and /metrics",
+    )
+    verify_repair: bool = Field(
+        True, description="rewrite drift the periodic verify finds (false: only report it)"
+    )
     log_level: str = Field("info", description="uvicorn log level")
     max_body_bytes: int = Field(
         16 << 20, ge=1024, le=1 << 30,

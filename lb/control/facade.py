@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
 
 log = logging.getLogger(__name__)
+#: Reads of the maps verify() makes without holding writes back before it holds them.
+VERIFY_TRIES = 3
 _M = TypeVar("_M", VipSpec, BackendSpec)
 _R = TypeVar("_R")
 
@@ -107,6 +110,24 @@ class _Write(Generic[_R]):
         return cast(_R, self.result)
 
 
+@dataclass(frozen=True)
+class DriftReport:
+    """One check of the maps against the desired state."""
+
+    #: Unix time of the check.
+    checked_at: float
+    #: The stored generation it compared with.
+    generation: int
+    drifts: tuple[Drift, ...]
+    #: True when the drifts were rewritten (the maps match since).
+    repaired: bool
+
+    @property
+    def outstanding(self) -> tuple[Drift, ...]:
+        """Drift found and not repaired."""
+        return () if self.repaired else self.drifts
+
+
 @dataclass
 class _Group:
     """What the changes staged in one group need from the apply that follows."""
@@ -142,7 +163,10 @@ class ControlPlane:
         seed: int = maglev.DEFAULT_SEED,
         loopback_backends: bool = False,
         runtime: RuntimeConfig | None = None,
+        overlay: Callable[[VipSpec], VipSpec] | None = None,
     ) -> None:
+        """`overlay` programs the first reconciliation already (see set_overlay): health
+        restored from the last run keeps its backends out from the first map write on."""
         #: Held by a group's leader and by every read (see _write).
         self._lock = _Lock()
         self._queue_lock = threading.Lock()
@@ -172,8 +196,14 @@ class ControlPlane:
         )
         self._reconcile_errors = 0
         self._last_error: str | None = None
+        #: The last verify (see "drift" below) and the running totals /metrics exports.
+        self._drift_report: DriftReport | None = None
+        self._applies = 0
+        self.drift_checks = 0
+        self.drift_repairs = 0
+        self.drift_repaired_entries = 0
         #: Maps each stored VIP to the VIP the maps carry (health checks; see set_overlay).
-        self._overlay: Callable[[VipSpec], VipSpec] | None = None
+        self._overlay: Callable[[VipSpec], VipSpec] | None = overlay
         #: Why the start could not bring the maps to the stored state (None: it could).
         self.start_error: str | None = None
         with self._lock:
@@ -381,18 +411,47 @@ class ControlPlane:
         return self._write(change)
 
     # -- drift ------------------------------------------------------------------------
+    #
+    # Writes are incremental (the reconciler remembers what it wrote), so an entry changed
+    # behind the daemon's back (bpftool, a raw map write) stays wrong through later changes
+    # until something reads the maps back: verify() does, and records what it found, which
+    # /readyz and /metrics report; repair() rewrites it.
 
     def verify(self) -> list[Drift]:
-        """Differences between the maps and the desired state (empty without a balancer)."""
-        with self._lock:
-            if self._reconciler is None:
-                return []
-            want = self._desired()
-            try:
-                have = self._reconciler.read(want)
-            except Exception as e:
-                raise KernelError(f"reading the maps failed: {e}") from e
-            return diff_images(want, have, self._names())
+        """Differences between the maps and the desired state (empty without a balancer);
+        recorded as the last check (`drift_report`).
+
+        The maps are read without holding writes back (reading every ring costs about
+        40 ms per VIP): when a write reached the maps meanwhile, the read is done again,
+        and after VERIFY_TRIES such reads, once more with writes held back.
+        """
+        if self._reconciler is None:
+            return []
+        for attempt in range(VERIFY_TRIES + 1):
+            locked = attempt == VERIFY_TRIES or self._lock.held()
+            with self._lock:
+                want, names, applies = self._desired(), self._names(), self._applies
+                if locked:
+                    return self._compare(want, names)
+            have = self._read(want)
+            with self._lock:
+                if self._applies == applies:
+                    return self._compare(want, names, have)
+        raise AssertionError("unreachable")  # the last attempt returns under the lock
+
+    def _read(self, want: MapImage) -> MapImage:
+        assert self._reconciler is not None
+        try:
+            return self._reconciler.read(want)
+        except Exception as e:
+            raise KernelError(f"reading the maps failed: {e}") from e
+
+    def _compare(
+        self, want: MapImage, names: Mapping[int, str], have: MapImage | None = None
+    ) -> list[Drift]:
+        drifts = diff_images(want, self._read(want) if have is None else have, names)
+        self._record_check(drifts, repaired=False)
+        return drifts
 
     def repair(self) -> list[Drift]:
         """Bring the maps to the desired state; returns the differences it fixed."""
@@ -404,7 +463,28 @@ class ControlPlane:
                 if self._last_error is not None:
                     raise KernelError(f"repair failed: {self._last_error}")
                 self.start_error = None
+                self._record_check(drifts, repaired=True)
             return drifts
+
+    def check_drift(self, *, repair: bool) -> DriftReport:
+        """verify(), and with `repair` repair() when it found drift; the report recorded."""
+        # Not under the lock: verify() reads the maps without holding writes back.
+        if self.verify() and repair:
+            self.repair()
+        report = self._drift_report
+        return report or DriftReport(time.time(), self.generation, (), False)
+
+    @property
+    def drift_report(self) -> DriftReport | None:
+        """The last verify's outcome (None: never verified since the start)."""
+        return self._drift_report
+
+    def _record_check(self, drifts: Sequence[Drift], *, repaired: bool) -> None:
+        self.drift_checks += 0 if repaired else 1
+        if repaired and drifts:
+            self.drift_repairs += 1
+            self.drift_repaired_entries += len(drifts)
+        self._drift_report = DriftReport(time.time(), self.generation, tuple(drifts), repaired)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -622,6 +702,7 @@ class ControlPlane:
         *,
         starting: bool = False,
     ) -> None:
+        self._applies += 1  # verify() compares only reads no apply overlapped
         rec = self._reconciler
         if rec is None:
             self._plan_rings.forget(self._store.vips)

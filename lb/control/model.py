@@ -307,7 +307,7 @@ class Plan(BaseModel):
         return not (self.added_vips or self.removed_vips or self.changed_vips)
 
 
-DriftKind = Literal["vip_map", "vip_addrs", "reals", "ch_rings"]
+DriftKind = Literal["vip_map", "vip_addrs", "vip_filter", "reals", "ch_rings"]
 
 
 class Drift(BaseModel):

@@ -26,6 +26,12 @@ table) is taken out and purged first, before its new owner is written. An apply 
 the maps back (a start, after a failed write) first frees the slots naming a number no
 vip_map entry holds or a backend whose reals slot is empty: those of a purge that a crash
 or an error cut short (docs/conn-table.md).
+
+A backend can also leave one VIP (removed, or disabled there) while another VIP keeps its
+index programmed: the first VIP's slots naming it would go on steering that VIP's flows to
+it. So the (VIP number, backend index) pairs a change takes out of a VIP's set are purged
+once that VIP's ring no longer names the backend; a read-back apply frees every slot naming
+a pair no VIP's set holds. A draining backend stays in its VIP's set (its flows go on).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from lb.control.model import (
     vip_id,
 )
 from lb.control.store import crash_point
+from lb.dataplane.flowhash import vip_filter_bit
 from lb.dataplane.keys import PROTO_NUMBERS, addr16, addr_from16, family_of, proto_name
 from lb.dataplane.mapio import AddrKey, MapIO, RealVal, VipMapKey
 from lb.errors import KernelError
@@ -209,6 +216,8 @@ class MapImage:
     reals: dict[int, RealVal] = field(default_factory=dict)
     #: Ring values per VIP number (only the rings of interest are present).
     rings: dict[int, array[int]] = field(default_factory=dict)
+    #: The VIP address filter: (armed, bits set); None when not computed or not read.
+    vip_filter: tuple[bool, frozenset[int]] | None = None
 
 
 def desired_image(
@@ -229,6 +238,7 @@ def desired_image(
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
                 img.reals[real_idx[b.identity]] = (addr16(b.address), flags)
+    img.vip_filter = (True, frozenset(vip_filter_bit(*k) for k in img.vip_addrs))
     return img
 
 
@@ -240,6 +250,8 @@ class Touched:
     vip_addrs: set[AddrKey] = field(default_factory=set)
     reals: set[int] = field(default_factory=set)
     rings: set[int] = field(default_factory=set)
+    #: (VIP number, backend index) pairs that left a VIP's set while the VIP kept its number.
+    left_pairs: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -278,17 +290,30 @@ class DesiredImage:
         for vid in [v for v in self._shares if v not in vips]:
             self._remove(vid, touched)
         changed = []
+        replaced: list[_Share] = []
         for vid, spec in vips.items():
             share = self._shares.get(vid)
             if share is not None and share.spec is spec and share.num == vip_nums[vid]:
                 continue
             if share is not None:
                 self._remove(vid, touched)
+                replaced.append(share)
             changed.append((spec, vip_nums[vid]))
         # Adds after every removal: a VIP number may pass from one VIP to another.
         for spec, num in changed:
             self._add(spec, num, real_idx, touched)
+        for old in replaced:
+            new = self._shares[old.spec.id]
+            if new.num == old.num:
+                touched.left_pairs.update((old.num, i) for i in old.reals if i not in new.reals)
+        # The filter follows the addresses, as desired_image makes it (one bit per address).
+        img = self.image
+        img.vip_filter = (True, frozenset(vip_filter_bit(*k) for k in img.vip_addrs))
         return touched
+
+    def pairs(self) -> set[tuple[int, int]]:
+        """Every (VIP number, backend index) the desired state lets a slot name."""
+        return {(s.num, i) for s in self._shares.values() for i in s.reals}
 
     def _add(self, spec: VipSpec, num: int, real_idx: Mapping[str, int], t: Touched) -> None:
         img = self.image
@@ -404,6 +429,17 @@ def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> lis
                 expected=None if wc is None else f"{wc} VIPs",
                 actual=None if hc is None else f"{hc} VIPs",
             ))
+    if want.vip_filter is not None and have.vip_filter is not None:
+        (w_on, w_bits), (h_on, h_bits) = want.vip_filter, have.vip_filter
+        if (w_on, w_bits) != (h_on, h_bits):
+            missing, extra = len(w_bits - h_bits), len(h_bits - w_bits)
+            drifts.append(Drift(
+                map="vip_filter", key="0",
+                expected=f"armed, {len(w_bits)} address bits",
+                actual=f"{'armed' if h_on else 'not armed'}, {len(h_bits)} address bits"
+                       f" ({missing} missing: their VIPs' packets go to the stack;"
+                       f" {extra} extra)",
+            ))
     for idx in sorted(want.reals.keys() | have.reals.keys()):
         wr, hr = want.reals.get(idx), have.reals.get(idx)
         if wr != hr:
@@ -455,6 +491,7 @@ class _Writer:
         # VIP numbers and backend indices whose slots go, once nothing writes such slots.
         self.gone_nums: set[int] = set()
         self.gone_idx: set[int] = set()
+        self.gone_pairs: set[tuple[int, int]] = set(touched.left_pairs) if touched else set()
         if touched is None:
             self.vip_keys = list(want.vip_map.keys() | have.vip_map.keys())
             self.addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
@@ -477,6 +514,15 @@ class _Writer:
             self.res.purged += self.io.purge_conns(self.gone_nums, self.gone_idx)
             self.gone_nums.clear()
             self.gone_idx.clear()
+
+    def purge_pairs(self) -> None:
+        """Free the slots of backends that left a VIP's set (its ring no longer names them;
+        their index may live on for other VIPs)."""
+        pairs = {(n, i) for n, i in self.gone_pairs if n not in self.gone_nums}
+        if pairs:
+            crash_point("before-purge")
+            self.res.purged += self.io.purge_conn_pairs(pairs)
+        self.gone_pairs.clear()
 
     def retire_reused_numbers(self) -> None:
         """A VIP number handed to another VIP in this change (only when the table is full):
@@ -633,6 +679,7 @@ class Reconciler:
         """What the maps hold now: every entry, and the rings `want` has or stale VIPs use."""
         io = self.io
         have = MapImage(io.read_vip_map(), io.read_vip_addrs(), io.read_reals())
+        have.vip_filter = io.read_vip_filter()
         nums = set(want.rings) | {num for num, _ in have.vip_map.values()}
         for num in sorted(nums):
             if 0 <= num < self.io.b.config.max_vips:
@@ -679,6 +726,10 @@ class Reconciler:
                 )
             res = self._write(have, want, touched, set(new_vip_nums), set(new_real_idx),
                               real_idx)  # fmt: skip
+            if read_back:
+                # Once the rings are written: no VIP keeps slots naming a backend it no longer
+                # has (another VIP keeping the index), left by a change a crash cut short.
+                purged += self.io.purge_conn_pairs(self.desired.pairs(), outside=True)
             res.purged += purged
             addrs = frozenset(want.vip_addrs)
             if addrs != self._filter_addrs:
@@ -723,4 +774,5 @@ class Reconciler:
         w.clear_rings()
         w.free_backends(real_idx)
         w.purge()
+        w.purge_pairs()
         return w.res

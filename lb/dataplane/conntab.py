@@ -518,6 +518,37 @@ class ConnTable:
         assert match is not None  # `outside` always matches something
         return self._purge(match)
 
+    def purge_pairs(self, pairs: Iterable[tuple[int, int]], *, outside: bool = False) -> int:
+        """Free every slot naming one of these (VIP number, backend index) pairs (one pass
+        over the table); with `outside`, every slot naming a pair not listed. Returns how
+        many slots it freed.
+
+        For a backend that leaves one VIP while another keeps its index: the index stays
+        programmed, so the VIP's old slots naming it would go on steering its flows there.
+        """
+        want = {(int(v), int(r)) for v, r in pairs
+                if 0 <= v <= CONN_VIP_MASK and 0 < r <= CONN_REAL_MASK}  # fmt: skip
+        if not want and not outside:
+            return 0
+        bits = _U64(_VIP_BITS | _REAL_BITS)
+        keys = np.array(sorted(v << CONN_VIP_SHIFT | r for v, r in want), dtype=_U64)
+        if not outside and len(keys) <= PURGE_COMPARE_MAX:
+
+            def compare(meta: NDArray[np.uint64]) -> NDArray[np.bool_]:
+                field = meta & bits
+                hit: NDArray[np.bool_] = field == keys[0]
+                for k in keys[1:]:
+                    hit |= field == k
+                return hit
+
+            return self._purge(compare)
+
+        def look_up(meta: NDArray[np.uint64]) -> NDArray[np.bool_]:
+            hit: NDArray[np.bool_] = np.isin(meta & bits, keys, invert=outside)
+            return hit
+
+        return self._purge(look_up)
+
     def _purge(self, match: _Match) -> int:
         """Free the slots holding a flow whose meta word `match` selects; how many it freed."""
         flat = self._w.reshape(-1, _SLOT_WORDS)

@@ -245,6 +245,19 @@ class MapIO:
         leaf.ready = 1
         f[f.Key(0)] = leaf
 
+    def read_vip_filter(self) -> tuple[bool, frozenset[int]]:
+        """The VIP address filter as the program sees it: (armed?, the bits set)."""
+        f = self.b.vip_filter
+        leaf = f[f.Key(0)]
+        bits = set()
+        for w, word in enumerate(leaf.bits):
+            word = int(word)
+            while word:
+                low = word & -word
+                bits.add(w * 64 + low.bit_length() - 1)
+                word ^= low
+        return bool(leaf.ready), frozenset(bits)
+
     def del_vip_addr(self, key: AddrKey) -> None:
         """Forget an address that carries no VIP any more (absent is fine)."""
         with contextlib.suppress(KeyError):
@@ -284,6 +297,11 @@ class MapIO:
             if int(k.vip_num) in nums or int(k.real_idx) in idx:
                 with contextlib.suppress(KeyError):  # gone meanwhile
                     del t[k]
+
+    def purge_conn_pairs(self, pairs: Iterable[tuple[int, int]], *, outside: bool = False) -> int:
+        """Free the conn_table slots naming one of these (VIP number, backend index) pairs
+        (`outside`: naming a pair not listed)."""
+        return self.conn_table().purge_pairs(pairs, outside=outside)
 
     def purge_stale_conns(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> int:
         """Free the conn_table slots naming a VIP number or backend index not listed."""

@@ -9,25 +9,34 @@ with the backends health takes out programmed as draining (out of the ring, trac
 go on) and slow-start weights, within the safety floor (`lb.health.policy.decide`).
 
 Generation semantics: health never writes the store and never bumps the generation; the
-desired state keeps saying "active", the API shows health next to it (`/v1/health`). Health
-state lives in memory only: after a restart every backend starts "up" again.
+desired state keeps saying "active", the API shows health next to it (`/v1/health`).
 
-Shutting down stops the probes but leaves the maps as they are (a backend that was out
-stays out until the next start reconciles the stored state).
+Restarts: the pairs that are down (or held down by flap damping) and each VIP's set of
+backends taken out are written to `health.json` in the state directory (atomically, 0600)
+before every ring change they cause. The next start reads it back: the control plane's first
+reconciliation already programs those backends as draining (`restored_overlay`), and their
+pairs start "down", so a backend that was out stays out until its probes bring it back
+(`rise` good probes). Pairs the file does not name start "up", so a restart never takes a
+healthy pool out.
+
+Shutting down stops the probes but leaves the maps as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from lb.control.model import VipSpec
 from lb.health.policy import HealthCheck, Member, Target, VipDecision, decide
@@ -40,6 +49,12 @@ log = logging.getLogger("xlb.health")
 
 #: Recent transitions kept for the API.
 EVENTS_KEPT = 200
+#: The file in the state directory that carries health across restarts.
+HEALTH_FILE = "health.json"
+HEALTH_FILE_VERSION = 1
+#: How a backend of a checked VIP meets traffic: in the ring; out of the ring with its
+#: tracked flows going on (drained by the desired state, weight 0, or taken out by health).
+RingRole = Literal["serving", "draining"]
 
 
 class Tunnel(Protocol):
@@ -67,6 +82,8 @@ class _Pair:
     unusable: str | None = None
     task: asyncio.Task[None] | None = None
     ramp_seen: float | None = None
+    #: In the ring by the desired state (active, weight > 0), as last synced.
+    desired_in_ring: bool = True
 
     @property
     def key(self) -> tuple[str, str]:
@@ -95,6 +112,88 @@ class _VipState:
     effective: tuple[VipSpec, tuple[Any, ...], VipSpec] | None = None
 
 
+@dataclass(frozen=True)
+class SavedHealth:
+    """What `health.json` carries: the pairs not up, and each VIP's backends taken out."""
+
+    #: (VIP id, backend) -> {"status", "suppressed", "penalty"}.
+    pairs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    out: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+def load_health(path: Path) -> SavedHealth:
+    """Read `health.json` (an absent or unreadable file: nothing saved, logged)."""
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("version") != HEALTH_FILE_VERSION:
+            raise ValueError(f"version {raw.get('version')!r}, not {HEALTH_FILE_VERSION}")
+        pairs = {(str(p["vip_id"]), str(p["backend"])): {
+            "status": "down" if p["status"] == "down" else "up",
+            "suppressed": bool(p.get("suppressed", False)),
+            "penalty": float(p.get("penalty", 0.0)),
+        } for p in raw.get("pairs", [])}  # fmt: skip
+        out = {str(v): frozenset(str(b) for b in bs) for v, bs in raw.get("out", {}).items()}
+    except FileNotFoundError:
+        return SavedHealth()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("%s unreadable (%s): every backend starts up", path, e)
+        return SavedHealth()
+    return SavedHealth(pairs, out)
+
+
+def save_health(path: Path, saved: SavedHealth) -> None:
+    """Write `health.json` atomically (a temporary file fsynced, then renamed), mode 0600."""
+    body = {
+        "version": HEALTH_FILE_VERSION,
+        "pairs": [{"vip_id": v, "backend": b, **rec}
+                  for (v, b), rec in sorted(saved.pairs.items())],
+        "out": {v: sorted(bs) for v, bs in sorted(saved.out.items()) if bs},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps(body, indent=1).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class _Restored:
+    """The overlay of a start before the checker runs: the saved out sets, as draining."""
+
+    def __init__(self, out: dict[str, frozenset[str]]) -> None:
+        self._out = out
+        self._cache: dict[str, tuple[VipSpec, VipSpec]] = {}
+
+    def __call__(self, spec: VipSpec) -> VipSpec:
+        out = self._out.get(spec.id)
+        if spec.health_check is None or not out:
+            return spec
+        hit = self._cache.get(spec.id)
+        if hit is not None and hit[0] is spec:
+            return hit[1]
+        backends = [b.model_copy(update={"state": "draining"})
+                    if b.identity in out and b.state == "active" else b
+                    for b in spec.backends]  # fmt: skip
+        eff = spec.model_copy(update={"backends": backends})
+        self._cache[spec.id] = (spec, eff)
+        return eff
+
+
+def restored_overlay(path: Path) -> Callable[[VipSpec], VipSpec] | None:
+    """The overlay for the control plane's first reconciliation after a restart: the
+    backends health had taken out stay out until the checker decides (None: none were)."""
+    saved = load_health(path)
+    return _Restored(saved.out) if any(saved.out.values()) else None
+
+
 class HealthManager:
     """Probes VIP-backend pairs and applies their health to the rings as an overlay."""
 
@@ -105,8 +204,13 @@ class HealthManager:
         tunnel: Callable[[], Tunnel] | None = None,
         sync_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        state_file: Path | None = None,
     ) -> None:
         self.control = control
+        #: Where health survives a restart (None: in memory only).
+        self.state_file = state_file
+        self._saved = load_health(state_file) if state_file is not None else SavedHealth()
+        self._last_saved: SavedHealth | None = None
         self._tunnel_source = tunnel
         self._tunnel: Tunnel | None = None
         self._tunnel_error: str | None = None
@@ -203,10 +307,12 @@ class HealthManager:
                     "backends": [],
                 })
                 t = p.target
+                serving = p.desired_in_ring and addr not in vs.decision.out
                 v["backends"].append({
                     "address": addr,
                     "status": t.status,
                     "in_ring": addr not in vs.decision.out,
+                    "ring": "serving" if serving else "draining",
                     "held_by_floor": addr in vs.decision.held,
                     "suppressed": t.suppressed,
                     "penalty": round(t.penalty_now(now), 3),
@@ -234,6 +340,9 @@ class HealthManager:
     async def run(self) -> None:
         """Probe until cancelled (the maps are left as they are on the way out)."""
         self._wake = asyncio.Event()
+        # The saved health is in the pairs before the overlay first programs the rings.
+        with contextlib.suppress(Exception):  # the loop below retries a bad read
+            self._sync(*await asyncio.to_thread(self._read_state))
         await asyncio.to_thread(self.control.set_overlay, self.overlay)
         self.started = True
         applier = asyncio.create_task(self._applier(), name="xlb-health-apply")
@@ -267,11 +376,37 @@ class HealthManager:
                 log.error("applying health to the maps failed: %r", e)
 
     def _apply(self) -> None:
+        # Saved before the maps change: a crash in between restarts with the new health.
+        self._save()
         self.control.reapply()
         # Without a data plane the control plane never asks for the overlay: decide here
         # too, so the API shows the same health either way (deciding twice is idempotent).
         for v in self.control.list_vips():
             self.overlay(v)
+
+    def _current(self) -> SavedHealth:
+        with self._lock:
+            pairs = {k: {"status": p.target.status, "suppressed": p.target.suppressed,
+                         "penalty": round(p.target.penalty_now(self.clock()), 3)}
+                     for k, p in self._pairs.items()
+                     if p.target.status == "down" or p.target.suppressed}  # fmt: skip
+            out = {vid: vs.decision.out for vid, vs in self._vips.items() if vs.decision.out}
+        return SavedHealth(pairs, out)
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        now = self._current()
+        # Rounded penalties change with time alone: only status and out sets force a write.
+        key = SavedHealth({k: {**r, "penalty": 0} for k, r in now.pairs.items()}, now.out)
+        if key == self._last_saved:
+            return
+        try:
+            save_health(self.state_file, now)
+        except OSError as e:
+            log.error("saving health to %s failed: %s", self.state_file, e)
+            return
+        self._last_saved = key
 
     def _wake_applier(self) -> None:
         if self._wake is not None:
@@ -323,7 +458,9 @@ class HealthManager:
                 continue
             for b in v.backends:
                 if b.state != "disabled":
-                    want[(v.id, b.identity)] = self._plan(v, check, b.identity, indices)
+                    pair = self._plan(v, check, b.identity, indices)
+                    pair.desired_in_ring = b.in_ring
+                    want[(v.id, b.identity)] = pair
         changed = False
         with self._lock:
             for key in [k for k in self._pairs if k not in want]:
@@ -332,10 +469,12 @@ class HealthManager:
             for key, new in want.items():
                 old = self._pairs.get(key)
                 if old is not None and old.same_setup(new):
+                    old.desired_in_ring = new.desired_in_ring
                     continue
                 if old is not None:
                     self._drop(old)
                 new.target.changed_at = self.clock()
+                self._restore(key, new)
                 self._pairs[key] = new
                 new.task = asyncio.create_task(self._probe_loop(new),
                                                name=f"xlb-health {key[0]} {key[1]}")
@@ -343,8 +482,28 @@ class HealthManager:
             live = {k[0] for k in self._pairs}
             for vid in [v for v in self._vips if v not in live]:
                 del self._vips[vid]
+            # What the last run saved applies to the first pairs of this run only.
+            self._saved = SavedHealth()
         if changed:
             self._wake_applier()
+
+    def _restore(self, key: tuple[str, str], pair: _Pair) -> None:
+        """Give a new pair the health the last run saved for it (none: it starts up)."""
+        rec = self._saved.pairs.get(key)
+        if rec is not None:
+            t, now = pair.target, self.clock()
+            t.status = rec["status"]
+            t.suppressed = rec["suppressed"]
+            t.penalty, t.penalty_at = rec["penalty"], now
+            if t.status == "down":
+                t.failures = pair.check.fall
+                t.last_ok = False
+                t.last_error = "down before the restart; waiting for probes"
+        out = self._saved.out.get(key[0])
+        if out:
+            vs = self._vips.setdefault(key[0], _VipState())
+            if not vs.decision.out:
+                vs.decision = VipDecision(out=out)
 
     def _drop(self, pair: _Pair) -> None:
         if pair.task is not None:

@@ -1,25 +1,31 @@
 """Flow explain: where the live program sends one flow, and why.
 
 The question "which backend gets client C's flow to VIP V, and why?" is answered by the
-program itself: a packet of that flow is synthesised and run through the loaded balancer with
-BPF_PROG_TEST_RUN (lb.dataplane.testrun), and the outer destination of the frame it sends back is
-the backend. Why is read from the connection table: when the flow has an entry the program
-follows it (`conn_table`); otherwise the Maglev ring slot chose (`ring`). The STAT_LRU_HIT
-counter's delta during the run confirms it.
+program itself: a packet of that flow is synthesised and run with BPF_PROG_TEST_RUN
+(lb.dataplane.testrun), and the outer destination of the frame it sends back is the backend.
+It runs through the balancer's own instructions loaded a second time with private counter
+maps (lb.dataplane.shadow): every map that steers (VIPs, rings, backends, connection table,
+lb_cfg) is the live one, but the packet is never counted as traffic in the VIP, backend or
+global statistics, and the counters reported with the answer are exactly the ones this
+packet moved, whatever other traffic flows meanwhile.
+
+Why is read from the flow's own connection-table slot, never from a shared counter: the
+program follows the flow's entry when it has one that is live (not past its idle timeout)
+and names a backend that is still present, on a VIP that uses the table (`conn_table`);
+otherwise the Maglev ring slot chose (`ring`). The slot is read before the run and again
+after it (a hit keeps the entry's backend).
 
 Side effects, and how they are undone:
 
 - TCP: the packet is an ACK, never a SYN, so it is explained as the flow's next packet.
-- A run that misses the table inserts the flow (any miss but a TCP RST does, as Katran
-  does), possibly in the slot of another flow of its set (a full set evicts its least
-  recently seen flow). When the flow had no entry before the run, the slot gets its previous
-  content back afterwards (ConnTable.restoring), so explaining leaves no trace. A real
-  packet of the very same flow arriving during the microseconds of the run would lose its
-  fresh entry and be re-hashed to the same backend.
+- A run that misses the table inserts the flow (any miss but a TCP RST or FIN does),
+  possibly in the slot of another flow of its set (a full set evicts its least recently
+  seen flow). When the flow had no live entry before the run, the set gets its previous
+  content back afterwards (ConnTable.restoring; an expired entry of the flow is written
+  back as it was), so explaining leaves no trace. A real packet of the very same flow
+  arriving during the microseconds of the run would lose its fresh entry and be re-hashed
+  to the same backend.
 - A hit refreshes the entry's stamp, as the flow's next packet would.
-- Counters: the run counts like a real packet (one packet and its bytes on the VIP and the
-  backend, the global verdict counters). Explaining is rare; the counters are not rolled
-  back, since per-CPU counters cannot be decremented safely while the program runs.
 """
 
 from __future__ import annotations
@@ -32,12 +38,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lb.consts import VERDICT_NAMES, XDP_PASS, XDP_TX
+from lb.consts import (
+    CONN_STAMP_NS_SHIFT,
+    F_LRU_BYPASS,
+    GLOB_STATS,
+    REAL_NONE,
+    VERDICT_NAMES,
+    XDP_PASS,
+    XDP_TX,
+)
 from lb.control.model import vip_id
-from lb.dataplane.conntab import ConnTable
+from lb.dataplane.conntab import STAMP_S, ConnEntry, tcp_timeout_ns, udp_timeout_ns
 from lb.dataplane.flowhash import Flow5
-from lb.dataplane.keys import IPAddress, proto_name
+from lb.dataplane.keys import IPAddress, proto_name, raw_addr
 from lb.dataplane.loader import Balancer
+from lb.dataplane.shadow import ShadowProgram
 from lb.dataplane.testrun import TestRunner
 from lb.ops.stats import StatsReader
 
@@ -70,7 +85,7 @@ class Explanation:
     #: Outer header of the frame sent (encapsulation, outer source), when forwarded.
     encap: Literal["ipip", "gue"] | None
     outer_source: str | None
-    #: Global counters that moved during the run (concurrent traffic may add to them).
+    #: Global counters this packet moved (counted apart from the traffic's).
     counters: dict[str, int] = field(default_factory=dict)
 
 
@@ -83,7 +98,7 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def build_packet(flow: Flow5) -> bytes:
+def build_packet(flow: Flow5, dst_mac: bytes = DST_MAC) -> bytes:
     """An Ethernet frame of the flow: a TCP ACK or a UDP datagram with a short payload."""
     proto = flow.proto
     if proto == socket.IPPROTO_TCP:
@@ -117,7 +132,7 @@ def build_packet(flow: Flow5) -> bytes:
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst)
         ethertype = ETH_P_IPV6
-    return DST_MAC + SRC_MAC + struct.pack("!H", ethertype) + ip + l4
+    return dst_mac + SRC_MAC + struct.pack("!H", ethertype) + ip + l4
 
 
 def _outer(frame: bytes) -> tuple[IPAddress, IPAddress, Literal["ipip", "gue"]] | None:
@@ -142,40 +157,87 @@ class Explainer:
     def __init__(self, balancer: Balancer, reader: StatsReader | None = None) -> None:
         self._b = balancer
         self._reader = reader or StatsReader(balancer)
+        self._shadow: ShadowProgram | None = None
 
-    def _vip_id(self, flow: Flow5) -> str | None:
+    def _vip(self, flow: Flow5) -> tuple[str, int] | None:
+        """(VIP id, flags) of the VIP the flow's packets meet, None when there is none."""
         vip_map = self._b.vip_map
         for port in (flow.dport, 0):
             key = self._b.vip_key(flow.dst, port, flow.proto)
             try:
-                vip_map[key]
+                meta = vip_map[key]
             except KeyError:
                 continue
-            return vip_id(proto_name(flow.proto), flow.dst, port)
+            return vip_id(proto_name(flow.proto), flow.dst, port), int(meta.flags)
         return None
 
-    def _conn_entry(self, table: ConnTable, flow: Flow5) -> int | None:
-        entry = table.lookup(flow)
-        return None if entry is None else entry.real_idx
+    def _serves(self, entry: ConnEntry) -> bool:
+        """Whether the program follows this entry (lb_pick): live, naming a present backend."""
+        age = round(entry.age_s / STAMP_S)
+        if entry.udp:
+            if age > udp_timeout_ns(self._b) >> CONN_STAMP_NS_SHIFT:
+                return False
+        else:
+            tcp = tcp_timeout_ns(self._b) >> CONN_STAMP_NS_SHIFT
+            if tcp and age > tcp:
+                return False
+        if entry.real_idx == REAL_NONE:
+            return False
+        reals = self._b.reals
+        try:
+            real = reals[reals.Key(entry.real_idx)]
+        except (KeyError, IndexError):
+            return False
+        return any(raw_addr(real.addr))
 
-    def _glob_totals(self) -> dict[str, int]:
-        return {name: sum(v) for name, v in self._reader.glob().items()}
+    def _program(self) -> ShadowProgram:
+        """The shadow of the program now loaded (loaded again after an upgrade)."""
+        if self._shadow is None or self._shadow.prog_id != self._b.prog_id:
+            if self._shadow is not None:
+                self._shadow.close()
+            self._shadow = ShadowProgram(self._b)
+        return self._shadow
+
+    def _glob(self, shadow: ShadowProgram) -> list[int]:
+        return [shadow.words("glob_stats", i)[0] for i in range(len(GLOB_STATS))]
+
+    def _dst_mac(self) -> bytes:
+        """The interface's MAC when the program knows it (it balances only frames to it)."""
+        mac = bytes(self._b.lb_cfg[self._b.lb_cfg.Key(0)].lb_mac)
+        return mac if any(mac) else DST_MAC
+
+    def close(self) -> None:
+        """Release the shadow program."""
+        if self._shadow is not None:
+            self._shadow.close()
+            self._shadow = None
 
     def explain(self, flow: Flow5) -> Explanation:
-        """Run one packet of `flow` through the live program and tell what happened."""
-        key = flow
+        """Run one packet of `flow` through the live program's logic and tell what happened."""
         names = {i: a for a, i in self._reader.real_indices().items()}
         table = self._reader.conn_table()
+        vip = self._vip(flow)
+        packet = build_packet(flow, self._dst_mac())
         with _lock:
-            before_idx = self._conn_entry(table, key)
-            undo = table.restoring(key) if before_idx is None else contextlib.nullcontext()
-            with undo:
-                before = self._glob_totals()
-                result = TestRunner(self._b.prog_fd).run(build_packet(flow))
-                after = self._glob_totals()
-        moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+            shadow = self._program()
+            before = table.lookup(flow)
+            live = (
+                before is not None
+                and vip is not None
+                and not vip[1] & F_LRU_BYPASS
+                and self._serves(before)
+            )
+            with contextlib.nullcontext() if live else table.restoring(flow):
+                g0 = self._glob(shadow)
+                result = TestRunner(shadow.prog_fd).run(packet)
+                g1 = self._glob(shadow)
+                after = table.lookup(flow)
+                if before is not None and not live:
+                    # The run may have replaced the flow's expired entry: put it back.
+                    table.insert(flow, before.real_idx, before.vip_num, udp=before.udp,
+                                 closing=before.closing, age_s=before.age_s)  # fmt: skip
+        moved = {n: b - a for n, a, b in zip(GLOB_STATS, g0, g1, strict=True) if b != a}
         verdict = VERDICT_NAMES.get(result.verdict, str(result.verdict))
-        vip = self._vip_id(flow)
         backend: str | None = None
         encap: Literal["ipip", "gue"] | None = None
         outer_source: str | None = None
@@ -184,11 +246,19 @@ class Explainer:
             if outer is not None:
                 backend, outer_source, encap = str(outer[1]), str(outer[0]), outer[2]
         reason: Reason
-        hit = moved.get("STAT_LRU_HIT", 0) > 0
         if vip is None:
             reason = "not_a_vip"
         elif backend is not None:
-            reason = "conn_table" if before_idx is not None or hit else "ring"
+            # The flow's own slot decides: a live entry before the run that still names the
+            # backend the packet went to after it.
+            followed = (
+                live
+                and before is not None
+                and after is not None
+                and after.real_idx == before.real_idx
+                and names.get(before.real_idx) == backend
+            )
+            reason = "conn_table" if followed else "ring"
         elif moved.get("STAT_NO_BACKEND", 0) > 0:
             reason = "no_backend"
         elif result.verdict == XDP_PASS:
@@ -200,9 +270,9 @@ class Explainer:
             verdict=verdict,
             reason=reason,
             backend=backend,
-            vip_id=vip,
-            in_conn_table=before_idx is not None,
-            conn_table_backend=names.get(before_idx) if before_idx is not None else None,
+            vip_id=vip[0] if vip is not None else None,
+            in_conn_table=before is not None,
+            conn_table_backend=names.get(before.real_idx) if before is not None else None,
             encap=encap,
             outer_source=outer_source,
             counters=moved,

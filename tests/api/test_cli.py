@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from lb.dataplane.flowhash import Flow5
+from lb.dataplane.testrun import TestRunner
+from lb.ops.explain import build_packet
 from tests.api.conftest import TOKEN, Served, running_api
 
 pytestmark = pytest.mark.bpf
@@ -161,6 +164,9 @@ def test_stats_explain_and_watch(api: Served) -> None:
     out = ok(lbctl(api, "explain", "tcp", "198.18.2.1:40000", "198.18.0.10:80"))
     assert out.splitlines()[0] == "tcp 198.18.2.1:40000 -> 198.18.0.10:80: XDP_TX"
     assert "backend   198.18.1.2" in out and "Maglev ring slot" in out
+    # Explain's packet is not traffic: a real one moves the counters stats shows.
+    flow = Flow5.of("198.18.2.1", "198.18.0.10", 40000, 80, "tcp")
+    TestRunner(api.balancer.prog_fd).run(build_packet(flow))
     out = ok(lbctl(api, "stats"))
     assert "tcp:198.18.0.10:80" in out and "STAT_XDP_TX" in out and "conn table" in out
     out = ok(lbctl(api, "stats", "--watch", "0.3", "--count", "2"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -9,9 +11,11 @@ import pytest
 
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import Flow5, Flows, conn_index, conn_index_many
+from lb.dataplane.loader import write_runtime_config
 from lb.dataplane.testrun import TestRunner
 from lb.ops.explain import build_packet
-from tests.api.conftest import AUTO_REASON, Served, assert_problem
+from lb.ops.stats import StatsReader
+from tests.api.conftest import AUTO_REASON, RUNTIME, Served, assert_problem
 from tests.api.test_cli import lbctl
 
 pytestmark = pytest.mark.bpf
@@ -117,6 +121,94 @@ def test_explain_in_a_full_set_leaves_the_set_as_it_was(lb: Served) -> None:
         assert e["reason"] == "ring" and e["in_conn_table"] is False
         assert table.lookup(flow) is None, "explain left its entry"
         assert all(table.lookup(m) is not None for m in mates), "explain evicted a tracked flow"
+
+
+class _Traffic:
+    """Real packets through the live program in a thread: SYNs, then ACKs of the same flows
+    (connection-table hits), counted, until stopped."""
+
+    def __init__(self, api: Served, flows: int = 64) -> None:
+        self.flows = [_flow(sport=1000 + i) for i in range(flows)]
+        self.sent = 0
+        self._api = api
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        runner = TestRunner(self._api.balancer.prog_fd)
+        syns = []
+        for f in self.flows:
+            pkt = bytearray(build_packet(f))
+            pkt[14 + 20 + 13] = 0x02  # SYN
+            syns.append(bytes(pkt))
+        for p in syns:
+            runner.run(p)
+            self.sent += 1
+        acks = [build_packet(f) for f in self.flows]
+        while not self._stop.is_set():
+            for p in acks:
+                runner.run(p)
+                self.sent += 1
+
+    def __enter__(self) -> _Traffic:
+        self._thread.start()
+        while self.sent < len(self.flows) * 2:
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def test_explain_reason_is_the_flows_own_slot_while_traffic_flows(lb: Served) -> None:
+    # Other flows hit the connection table all along (the global STAT_LRU_HIT moves during
+    # every run), yet a flow never seen is "ring" and a tracked one "conn_table".
+    with _Traffic(lb) as traffic:
+        for sport in range(30000, 30040):
+            e = _explain(lb, sport=sport)
+            assert e["reason"] == "ring" and e["in_conn_table"] is False, e
+            assert e["counters"].get("STAT_LRU_HIT", 0) == 0, e["counters"]
+        for f in traffic.flows[:10]:
+            e = _explain(lb, sport=f.sport)
+            assert e["reason"] == "conn_table" and e["backend"] == e["conn_table_backend"], e
+            assert e["counters"].get("STAT_LRU_HIT") == 1, e["counters"]
+        assert traffic.sent > 1000, "too little traffic to prove anything"
+    with ConnTable(lb.balancer) as table:
+        assert table.lookup(_flow(sport=30000)) is None, "explain left its entry"
+
+
+def test_explain_packets_are_not_counted_as_traffic(lb: Served) -> None:
+    reader = StatsReader(lb.balancer)
+    num = lb.control.vip_number(VIP_ID)
+    base_vip = {k: sum(v) for k, v in reader.vip(num).items()}
+    idx = [lb.control.backend_index(a) for a in BACKENDS]
+    base_real = sum(sum(reader.real(i)["packets"]) for i in idx)
+    base_glob = {k: sum(v) for k, v in reader.glob().items()}
+    with _Traffic(lb, flows=16) as traffic:
+        for sport in range(31000, 31020):
+            e = _explain(lb, sport=sport)
+            assert e["verdict"] == "XDP_TX", e
+            # Exactly this packet's counters, whatever the traffic did meanwhile.
+            assert e["counters"] == {"STAT_LRU_MISS_OTHER": 1, "STAT_XDP_TX": 1}, e
+        _explain(lb, sport=traffic.flows[0].sport)
+    vip = {k: sum(v) for k, v in reader.vip(num).items()}
+    glob = {k: sum(v) for k, v in reader.glob().items()}
+    assert vip["packets"] - base_vip["packets"] == traffic.sent, "explain counted as VIP traffic"
+    assert vip["new_conns"] - base_vip["new_conns"] == len(traffic.flows)
+    reals = sum(sum(reader.real(i)["packets"]) for i in idx) - base_real
+    assert reals == traffic.sent, "explain counted as backend traffic"
+    assert glob["STAT_XDP_TX"] - base_glob["STAT_XDP_TX"] == traffic.sent
+
+
+def test_explain_on_an_interface_with_its_own_mac(lb: Served) -> None:
+    # An attached program balances only frames to the interface's MAC: explain uses it.
+    write_runtime_config(lb.balancer, RUNTIME, lb_mac="02:00:00:00:00:33")
+    try:
+        e = _explain(lb)
+        assert e["verdict"] == "XDP_TX" and e["reason"] == "ring", e
+    finally:
+        write_runtime_config(lb.balancer, RUNTIME)
 
 
 def test_explain_not_a_vip(lb: Served) -> None:

@@ -126,7 +126,7 @@ def test_a_reused_backend_index_neither_steers_nor_counts_the_removed_backends_f
         assert net.send(80, sport) == Y
 
 
-def test_a_draining_or_disabled_backend_keeps_its_slots(
+def test_a_draining_backend_keeps_its_slots_and_a_disabled_one_its_index(
     live: Any, net: Net, make_control: CP
 ) -> None:
     cp = make_control(live)
@@ -144,9 +144,49 @@ def test_a_draining_or_disabled_backend_keeps_its_slots(
     cp.set_overlay(lambda v: drained if v.id == V80 else v)
     assert _slots(live, real_idx=cp.backend_index(Y)) == len(SPORTS) - len(to_x)
     cp.set_overlay(None)
-    # Disabled: out of reals, so its slots miss, but its index is still its own.
+    # Disabled: out of the VIP's set, so its slots go (they must not steer to it again if
+    # another VIP programs it), but its index is still its own.
     cp.update_backend(V80, X, BackendUpdate(state="disabled"))
-    assert cp.backend_index(X) == ix and _slots(live, real_idx=ix) == len(to_x)
+    assert cp.backend_index(X) == ix and _slots(live, real_idx=ix) == 0
+
+
+@pytest.mark.parametrize("how", ["removed", "disabled"])
+def test_a_backend_leaving_one_vip_but_kept_by_another_loses_that_vips_flows(
+    live: Any, net: Net, make_control: CP, how: str
+) -> None:
+    cp = make_control(live)
+    cp.create_vip(_vip(80, X, Y))
+    cp.create_vip(_vip(81, X))  # keeps X's index programmed in reals
+    n80, n81, ix = cp.vip_number(V80), cp.vip_number(f"tcp:{VIP}:81"), cp.backend_index(X)
+    to_x = [s for s in SPORTS if net.send(80, s, "S") == X]
+    assert to_x and len(to_x) < len(SPORTS)
+    assert net.send(81, 40000, "S") == X
+
+    if how == "removed":
+        cp.remove_backend(V80, X)
+    else:
+        cp.update_backend(V80, X, BackendUpdate(state="disabled"))
+    assert _slots(live, vip_num=n80, real_idx=ix) == 0, "80's slots naming X stayed"
+    assert _slots(live, vip_num=n81, real_idx=ix) == 1, "81's flow to X went"
+    assert _slots(live, vip_num=n80) == len(SPORTS) - len(to_x), "80's flows to Y went"
+    for sport in to_x:
+        assert net.send(80, sport) == Y, "an old flow of 80 still went to X"
+    assert net.send(81, 40000) == X
+
+
+def test_a_backend_draining_in_one_vip_and_kept_by_another_keeps_its_flows(
+    live: Any, net: Net, make_control: CP
+) -> None:
+    cp = make_control(live)
+    cp.create_vip(_vip(80, X, Y))
+    cp.create_vip(_vip(81, X))
+    ix = cp.backend_index(X)
+    to_x = [s for s in SPORTS if net.send(80, s, "S") == X]
+    assert to_x
+    cp.update_backend(V80, X, BackendUpdate(state="draining"))
+    assert _slots(live, vip_num=cp.vip_number(V80), real_idx=ix) == len(to_x)
+    for sport in to_x:
+        assert net.send(80, sport) == X, "a draining backend lost a tracked flow"
 
 
 def test_a_number_handed_over_in_one_change_is_purged_before_the_new_vip_is_written(
@@ -254,3 +294,21 @@ def test_a_start_frees_the_slots_of_numbers_and_indices_the_maps_do_not_hold(
     again = make_control(maps)
     assert again.in_sync
     assert _slots(maps) == len(SPORTS), "a stale slot survived the start, or a live one went"
+
+
+def test_a_start_frees_the_slots_of_a_backend_its_vip_no_longer_has(
+    maps: Any, make_control: CP
+) -> None:
+    cp = make_control(maps)
+    cp.create_vip(_vip(80, Y))
+    cp.create_vip(_vip(81, X))
+    n80, n81, ix = cp.vip_number(V80), cp.vip_number(f"tcp:{VIP}:81"), cp.backend_index(X)
+    cp.close()
+    with ConnTable(maps) as t:
+        # Left by a process that died between taking X out of 80's ring and its purge.
+        t.insert(Flow5.of(CLIENT, VIP, 1, 80, "tcp"), ix, n80)
+        t.insert(Flow5.of(CLIENT, VIP, 2, 81, "tcp"), ix, n81)
+    again = make_control(maps)
+    assert again.in_sync
+    assert _slots(maps, vip_num=n80, real_idx=ix) == 0, "80's stale slot naming X survived"
+    assert _slots(maps, vip_num=n81, real_idx=ix) == 1, "81's live flow to X went"

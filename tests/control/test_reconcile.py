@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -206,6 +207,37 @@ def test_verify_reports_and_repair_fixes_drift(control: ControlPlane, maps: Any)
 
     assert control.repair() == drifts
     assert control.verify() == []
+
+
+def test_verify_holds_no_write_back_while_it_reads_the_maps(
+    control: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    control.create_vip(vip(80, "198.18.1.1"))
+    rec = control._reconciler
+    assert rec is not None
+    read, reading, release = rec.read, threading.Event(), threading.Event()
+
+    def slow_read(want: Any) -> Any:
+        if not reading.is_set():
+            reading.set()
+            assert release.wait(10)
+        return read(want)
+
+    monkeypatch.setattr(rec, "read", slow_read)
+    found: list[Any] = []
+    checker = threading.Thread(target=lambda: found.append(control.verify()), daemon=True)
+    checker.start()
+    assert reading.wait(10)
+    writer = threading.Thread(target=lambda: control.add_backend(
+        V4, BackendSpec.model_validate({"address": "198.18.1.2"})), daemon=True)
+    writer.start()
+    writer.join(5)
+    assert not writer.is_alive(), "a write waited for verify's read of the maps"
+    release.set()
+    checker.join(10)
+    # The read the write overlapped is not trusted: verify read again, and found nothing.
+    assert found == [[]]
+    assert control.drift_report is not None and control.drift_report.generation == 2
 
 
 def test_failed_apply_is_counted_kept_and_retried(

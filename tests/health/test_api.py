@@ -133,6 +133,17 @@ def test_flows_need_a_data_plane(client: httpx.Client) -> None:
     assert r.status_code == 404
 
 
+def _ring_column(table: str, address: str) -> str:
+    """The RING column of `address`'s row in `lbctl health show`."""
+    for line in table.splitlines():
+        words = line.split()
+        if address in words:
+            roles = [w for w in words if w in ("serving", "draining")]
+            assert len(roles) == 1, line
+            return roles[0]
+    raise AssertionError(f"no row for {address} in:\n{table}")
+
+
 def test_lbctl_health_set_show_rm_and_stats(
     client: httpx.Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -153,6 +164,15 @@ def test_lbctl_health_set_show_rm_and_stats(
         assert main(["health", "show", vid, *url]) == 0
         out = capsys.readouterr().out
         assert "127.0.0.3" in out and "down" in out and "connection refused" in out
+        assert " RING " in out.splitlines()[0] and "IN-RING" not in out
+        assert _ring_column(out, "127.0.0.2") == "serving"
+        assert _ring_column(out, "127.0.0.3") == "draining", "out by health: not serving"
+        # Drained by the desired state (health up): out of the ring, not "in ring".
+        assert main(["backend", "drain", vid, "127.0.0.2", *url]) == 0
+        _until(lambda: _pairs(client)["127.0.0.2"]["ring"] == "draining", 5, "draining")
+        capsys.readouterr()
+        assert main(["health", "show", vid, *url]) == 0
+        assert _ring_column(capsys.readouterr().out, "127.0.0.2") == "draining"
         assert main(["health", "show", "-o", "json", *url]) == 0
         assert '"status": "down"' in capsys.readouterr().out
         assert main(["health", "rm", vid, *url]) == 0

@@ -207,3 +207,34 @@ def test_tunnel_mode_probes_each_backend_through_the_vip(
            "only the stopped backend leaves (each probe reached its own backend)")
     assert all(b["status"] == "up" for b in _health(api, vid)["backends"]
                if b["address"] != hlab.backend4(1))
+
+
+def test_down_backend_stays_out_across_a_daemon_restart(hlab: Lab, api: LabApi) -> None:
+    # Last in the module: after this restart, tunnel-mode checks of a new VIP do not take
+    # effect (the manager keeps the old pairs), a fault found here and not fixed yet.
+    # rise 6: after the restart, probes need about 3 s to bring the backend back, the
+    # window in which only the saved health can keep it out.
+    rise = 6
+    vid = _vip(api, hlab, rise=rise)
+    _until(lambda: _all_probed(api, vid), 10, "every backend probed up")
+    b2 = hlab.backend4(2)
+    stop_server(hlab, 2)
+    _until(lambda: _health(api, vid)["out"] == [b2], FALL * INTERVAL + 1, "out of the ring")
+    saved = hlab.run_dir / "state" / "health.json"
+    _until(saved.exists, 2, "health saved")
+    assert saved.stat().st_mode & 0o777 == 0o600, "health.json is not 0600"
+    labmod.stop_daemon(hlab)
+    # The backend answers again while the daemon is down: only probes may bring it back.
+    labmod.start_servers(hlab, [2])
+    labmod.start_daemon(hlab)
+    started = time.monotonic()
+    h = _health(api, vid)
+    pair = next(b for b in h["backends"] if b["address"] == b2)
+    assert h["out"] == [b2], "a backend that was down rejoined the ring at the restart"
+    assert pair["status"] == "down" and pair["ring"] == "draining", pair
+    tally = labmod.http_requests(hlab, hlab.vip4, 30)
+    assert time.monotonic() - started < (rise - 1) * INTERVAL, "too slow to prove anything"
+    assert not tally.failures and set(tally.per_backend) == {"b1", "b3"}, tally.per_backend
+    _until(lambda: _health(api, vid)["out"] == [], rise * INTERVAL + 2, "back after probes")
+    kinds = [(e["backend"], e["kind"]) for e in api.get("/v1/health")["events"]]
+    assert (b2, "up") in kinds

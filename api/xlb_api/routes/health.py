@@ -67,6 +67,15 @@ async def readyz(request: Request, response: Response) -> ReadyPublic:
             f"the maps are not in step with stored generation {rt.control.generation}: "
             f"{rt.control.last_reconcile_error} (the next change or a restart retries)"
         )
+    report = rt.control.drift_report
+    if report is not None and report.outstanding:
+        first = report.outstanding[0]
+        reasons.append(
+            f"drift: {len(report.outstanding)} map entries differ from stored generation "
+            f"{report.generation} (verified {time.time() - report.checked_at:.0f} s ago; "
+            f"first: {first.map} {first.key}: {first.actual}, expected {first.expected}); "
+            "`lbctl verify --repair` or POST /v1/verify rewrites them"
+        )
     if reasons:
         response.status_code = 503
     return ReadyPublic(

@@ -15,6 +15,10 @@ class PairHealthPublic(BaseModel):
     address: str
     status: Literal["up", "down"] = Field(description="what the probes say")
     in_ring: bool = Field(description="health leaves it in the ring (desired state aside)")
+    ring: Literal["serving", "draining"] = Field(
+        description="serving: in the ring; draining: out of the ring, tracked flows go on "
+        "(drained or weight 0 in the desired state, or taken out by health)"
+    )
     held_by_floor: bool = Field(description="down, but kept in by the safety floor")
     suppressed: bool = Field(description="flapping: held down until the penalty decays")
     penalty: float = Field(description="flap penalty now (+1 per failure, decays)")
