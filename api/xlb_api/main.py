@@ -91,7 +91,12 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False))
     balancer = host.balancer
-    control = ControlPlane(lb_settings, balancer)
+    store = None
+    if lb_settings.store == "etcd":
+        from lb.fleet.state import etcd_store
+
+        store = etcd_store(lb_settings.state_dir, lb_settings.etcd)
+    control = ControlPlane(lb_settings, balancer, store=store)
     stack.callback(control.close)
     s = lb_settings
     if s.interface:

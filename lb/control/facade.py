@@ -48,8 +48,16 @@ from lb.control.model import (
     vip_id,
 )
 from lb.control.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
-from lb.control.store import Store, crash_point
-from lb.errors import Conflict, InvalidInput, KernelError, NotFound, PreconditionFailed
+from lb.control.shared import StaleState, StateStore
+from lb.control.store import Store, StoreStatus, crash_point
+from lb.errors import (
+    Conflict,
+    InvalidInput,
+    KernelError,
+    NotFound,
+    PreconditionFailed,
+    XlbError,
+)
 
 if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
@@ -133,6 +141,7 @@ class ControlPlane:
         *,
         config: DataplaneConfig | None = None,
         seed: int = maglev.DEFAULT_SEED,
+        store: Callable[[Limits], StateStore] | None = None,
     ) -> None:
         #: Held by a group's leader and by every read (see _write).
         self._lock = _Lock()
@@ -144,7 +153,11 @@ class ControlPlane:
         if config is None:
             config = balancer.config if balancer is not None else DataplaneConfig()
         self.limits = Limits.from_config(config)
-        self._store = Store(Path(settings.state_dir), self.limits)
+        #: SQLite by default; `store` builds another (lb/fleet/state.py: the fleet's etcd).
+        self._store: StateStore = (
+            store(self.limits) if store is not None
+            else Store(Path(settings.state_dir), self.limits)
+        )
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
         #: Builds a group's rings alongside the leader (two VIPs changed or more).
         self._ring_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-ring")
@@ -158,6 +171,7 @@ class ControlPlane:
         self._overlay: Callable[[VipSpec], VipSpec] | None = None
         with self._lock:
             self._reconcile()
+        self._store.follow(self.apply_remote)
 
     # -- properties -------------------------------------------------------------------
 
@@ -165,6 +179,11 @@ class ControlPlane:
     def generation(self) -> int:
         """Generation of the stored state (bumped by every applied change)."""
         return self._store.generation
+
+    @property
+    def store_status(self) -> StoreStatus:
+        """The store's kind, whether it takes writes now, and its applied revision."""
+        return self._store.status()
 
     @property
     def reconcile_errors(self) -> int:
@@ -356,6 +375,35 @@ class ControlPlane:
 
         return self._write(change)
 
+    # -- a shared store's changes ---------------------------------------------------
+
+    def apply_remote(self, update: Callable[[], None]) -> None:
+        """Run `update` (the store taking another host's change) and bring the maps to it.
+
+        Runs under the lock, between write groups: a group never sees half of it.
+        """
+        with self._lock:
+            self._apply_remote(update)
+
+    def _apply_remote(self, update: Callable[[], None]) -> None:
+        store = self._store
+        nums, idx = dict(store.vip_nums), dict(store.real_idx)
+        update()
+        # Numbers and indices that name something new: their counters start from zero.
+        new_nums = frozenset(n for v, n in store.vip_nums.items() if nums.get(v) != n)
+        new_idx = frozenset(i for a, i in store.real_idx.items() if idx.get(a) != i)
+        self._reconcile(new_nums, new_idx)
+
+    def ring_fingerprints(self) -> dict[str, str]:
+        """Each VIP's ring as the maps carry it (health applied), as a SHA-256 of its slots.
+
+        Hosts whose fingerprints agree send every new flow of that VIP to the same backend.
+        """
+        with self._lock:
+            real_idx = self._store.real_idx
+            return {vid: maglev.fingerprint(self._plan_rings.values(v, real_idx))
+                    for vid, v in self._effective().items()}
+
     # -- drift ------------------------------------------------------------------------
 
     def verify(self) -> list[Drift]:
@@ -509,7 +557,42 @@ class ControlPlane:
                     self._leading = False
         return w.outcome()
 
+    #: Tries of one group against a shared store that other hosts keep moving.
+    STALE_RETRIES = 50
+
     def _run_group(self, group: list[_Write[Any]]) -> None:
+        try:
+            for attempt in range(self.STALE_RETRIES):
+                try:
+                    self._try_group(group)
+                    # A change refused (no such VIP, a duplicate, ...) on a shared store is
+                    # refused for good only if this host had the latest state: another
+                    # host's change may not have reached it yet.
+                    if not any(isinstance(w.error, XlbError) for w in group) \
+                            or not self._store.stale():
+                        return
+                    raise StaleState("a change was refused against an old state")
+                except StaleState as e:
+                    # Another host was first: take its change, then validate the group again.
+                    log.debug("group stale (try %d): %s", attempt + 1, e)
+                    for w in group:
+                        w.result, w.error = None, None
+                    self._apply_remote(self._store.catch_up)
+            err = StaleState(f"the shared state kept changing under this change "
+                             f"({self.STALE_RETRIES} tries): try again")
+            for w in group:
+                w.error = err
+        except BaseException as e:
+            for w in group:
+                if w.error is None:
+                    w.error = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            for w in group:
+                w.ready.set()
+
+    def _try_group(self, group: list[_Write[Any]]) -> None:
         store = self._store
         checked: list[_Write[Any]] = []  # saw the staged state: acknowledged with it
         self._group = _Group()
@@ -526,6 +609,9 @@ class ControlPlane:
                     checked.append(w)
             if store.staged_generation != store.generation:
                 self._store_and_apply(self._group)
+        except StaleState:
+            store.abort()
+            raise
         except BaseException as e:
             store.abort()
             for w in checked if isinstance(e, Exception) else group:
@@ -534,8 +620,6 @@ class ControlPlane:
                 raise
         finally:
             self._group = None
-            for w in group:
-                w.ready.set()
 
     def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> int:
         """Stage one change in the running group (outside one: store and apply it now).
