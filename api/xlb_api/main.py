@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 
@@ -29,8 +29,11 @@ from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
-from xlb_api.routes import backends, checks, explain, health, state, stats, vips
+from xlb_api.routes import backends, checks, explain, fleet, health, state, stats, vips
 from xlb_api.settings import ApiSettings, get_settings
+
+if TYPE_CHECKING:
+    from lb.fleet.node import FleetNode
 
 log = logging.getLogger("xlb.api")
 
@@ -91,13 +94,18 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
         lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False))
     balancer = host.balancer
-    store = None
+    node = None
     if lb_settings.store == "etcd":
-        from lb.fleet.state import etcd_store
+        from lb.fleet.node import FleetNode
 
-        store = etcd_store(lb_settings.state_dir, lb_settings.etcd)
-    control = ControlPlane(lb_settings, balancer, store=store)
+        # Closed after the control plane (an ExitStack unwinds in reverse).
+        node = FleetNode(lb_settings.state_dir, lb_settings.etcd)
+        stack.callback(node.close)
+    control = ControlPlane(lb_settings, balancer,
+                           store=node.store_factory if node is not None else None)
     stack.callback(control.close)
+    if node is not None:
+        node.start(control)
     s = lb_settings
     if s.interface:
         host.attach_info = xdp.attach(
@@ -133,8 +141,10 @@ def _host_runtime(stack: ExitStack, settings: ApiSettings, lb_settings: Any) -> 
 
     rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode)
     rt.host = host
+    rt.fleet = node
     # Tunnelled probes need a tc program on the interface, compiled on first use only.
-    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack))
+    rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack),
+                              view=node.health if node is not None else None)
     return rt
 
 
@@ -147,6 +157,7 @@ def create_app(
     attachment: Callable[[], tuple[bool, str]] | None = None,
     attach_mode: Callable[[], str | None] | None = None,
     health_manager: HealthManager | None = None,
+    fleet_node: FleetNode | None = None,
 ) -> FastAPI:
     """Build the app; with `control` it wraps that control plane instead of opening one.
 
@@ -171,6 +182,7 @@ def create_app(
                 )
                 if health_manager is not None:
                     app.state.runtime.health = health_manager
+                app.state.runtime.fleet = fleet_node
             else:
                 app.state.runtime = await asyncio.to_thread(
                     _host_runtime, stack, api_settings, lb_settings
@@ -212,7 +224,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health, checks):
+    for module in (vips, backends, state, stats, explain, health, checks, fleet):
         app.include_router(module.router)
     return app
 

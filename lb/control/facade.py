@@ -167,6 +167,7 @@ class ControlPlane:
         )
         self._reconcile_errors = 0
         self._last_error: str | None = None
+        self._fingerprints: dict[str, tuple[object, str]] = {}
         #: Maps each stored VIP to the VIP the maps carry (health checks; see set_overlay).
         self._overlay: Callable[[VipSpec], VipSpec] | None = None
         with self._lock:
@@ -401,8 +402,17 @@ class ControlPlane:
         """
         with self._lock:
             real_idx = self._store.real_idx
-            return {vid: maglev.fingerprint(self._plan_rings.values(v, real_idx))
-                    for vid, v in self._effective().items()}
+            out: dict[str, str] = {}
+            cache = self._fingerprints
+            for vid, v in self._effective().items():
+                values = self._plan_rings.values(v, real_idx)
+                hit = cache.get(vid)
+                if hit is None or hit[0] is not values:  # the same array while unchanged
+                    hit = cache[vid] = (values, maglev.fingerprint(values))
+                out[vid] = hit[1]
+            for vid in [v for v in cache if v not in out]:
+                del cache[vid]
+            return out
 
     # -- drift ------------------------------------------------------------------------
 

@@ -22,8 +22,10 @@ Why aetcd: it is maintained and asyncio; `etcd3` 0.12 (2020) breaks on protobuf 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -433,6 +435,66 @@ class Etcd:
         self._thread.join(5)
         if not self._loop.is_running():
             self._loop.close()
+
+
+class LeasedKey:
+    """One key kept under a lease by a thread: its value is re-put when it changes, the lease
+    refreshed every third of its life, granted again when it expired (etcd was away)."""
+
+    def __init__(self, etcd: Etcd, key: bytes, ttl: int, name: str) -> None:
+        self.etcd = etcd
+        self.key = key
+        self.ttl = ttl
+        self._value: bytes | None = None
+        self._dirty = threading.Event()
+        self._closed = threading.Event()
+        self._lease: int | None = None
+        #: monotonic time of the last call etcd answered (None: never).
+        self.last_ok: float | None = None
+        self.puts = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start keeping the key."""
+        self._thread.start()
+
+    def set(self, value: bytes) -> None:
+        """The key's value from now on (put by the thread; never blocks)."""
+        if value != self._value:
+            self._value = value
+            self._dirty.set()
+
+    def _run(self) -> None:
+        period = self.ttl / 3
+        while not self._closed.is_set():
+            changed = self._dirty.wait(period)
+            if self._closed.is_set():
+                return
+            try:
+                if self._lease is not None and not changed and not self.etcd.refresh(
+                        self._lease):
+                    self._lease = None  # expired meanwhile: put again
+                if self._value is not None and (self._lease is None or changed):
+                    self._dirty.clear()
+                    if self._lease is None:
+                        self._lease = self.etcd.grant(self.ttl)
+                    self.etcd.put(self.key, self._value, lease=self._lease)
+                    self.puts += 1
+                self.last_ok = time.monotonic()
+            except KernelError as e:
+                log.info("cannot keep %r in etcd: %s", self.key, e.detail)
+                self._lease = None
+                self._dirty.set()
+                self._closed.wait(min(1.0, period))
+
+    def close(self) -> None:
+        """Stop, and delete the key if etcd answers (else its lease expires it)."""
+        self._closed.set()
+        self._dirty.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        with contextlib.suppress(KernelError):
+            self.etcd.delete(self.key)
 
 
 class _suppress:

@@ -14,6 +14,10 @@ state lives in memory only: after a restart every backend starts "up" again.
 
 Shutting down stops the probes but leaves the maps as they are (a backend that was out
 stays out until the next start reconciles the stored state).
+
+With a fleet `view` (lb/fleet/health.py), each pair's result is published to the fleet and
+the overlay follows the view the hosts agree on instead of this host's own probes, so
+every host's ring is the same; slow start is then not applied.
 """
 
 from __future__ import annotations
@@ -51,6 +55,22 @@ class Tunnel(Protocol):
 
     def release(self, mark: int) -> None:
         """Forget a mark no probe uses any more."""
+        ...
+
+
+class HealthView(Protocol):
+    """Health the fleet agrees on (lb/fleet/health.py): publish our probes, read the view."""
+
+    def publish(self, opinion: dict[str, dict[str, float | None]]) -> None:
+        """This host's results: VIP id -> backend -> down since (wall clock), None = up."""
+        ...
+
+    def agreed(self, vip_id: str, backend: str, local: float | None) -> float | None:
+        """The agreed "down since" of a backend (None: up)."""
+        ...
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` from any thread when the agreed view may have changed."""
         ...
 
 
@@ -105,8 +125,13 @@ class HealthManager:
         tunnel: Callable[[], Tunnel] | None = None,
         sync_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        view: HealthView | None = None,
     ) -> None:
         self.control = control
+        self.view = view
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if view is not None:
+            view.on_change(self._view_changed)
         self._tunnel_source = tunnel
         self._tunnel: Tunnel | None = None
         self._tunnel_error: str | None = None
@@ -132,9 +157,15 @@ class HealthManager:
         with self._lock:
             now = self.clock()
             members = []
+            view = self.view
             for b in spec.backends:
                 pair = self._pairs.get((spec.id, b.identity))
                 t = pair.target if pair is not None else None
+                if view is not None:
+                    local = t.changed_at if t is not None and t.wants_out else None
+                    members.append(Member(b.identity, b.weight, b.in_ring,
+                                          view.agreed(spec.id, b.identity, local), None))
+                    continue
                 members.append(Member(
                     b.identity,
                     b.weight,
@@ -234,6 +265,7 @@ class HealthManager:
     async def run(self) -> None:
         """Probe until cancelled (the maps are left as they are on the way out)."""
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.control.set_overlay, self.overlay)
         self.started = True
         applier = asyncio.create_task(self._applier(), name="xlb-health-apply")
@@ -276,6 +308,27 @@ class HealthManager:
     def _wake_applier(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _view_changed(self) -> None:
+        # From the fleet view's thread: hand the wake-up to the event loop.
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    def opinion(self) -> dict[str, dict[str, float | None]]:
+        """This host's own probe results as the fleet view publishes them."""
+        now, wall = self.clock(), time.time()
+        out: dict[str, dict[str, float | None]] = {}
+        with self._lock:
+            for (vid, addr), p in self._pairs.items():
+                t = p.target
+                out.setdefault(vid, {})[addr] = (
+                    round(wall - (now - t.changed_at), 3) if t.wants_out else None)
+        return out
+
+    def _publish(self) -> None:
+        if self.view is not None:
+            self.view.publish(self.opinion())
 
     def _tunnel_now(self) -> Tunnel | None:
         # Loaded on first use: the tc program costs a BCC compile that most daemons never need.
@@ -344,6 +397,7 @@ class HealthManager:
             for vid in [v for v in self._vips if v not in live]:
                 del self._vips[vid]
         if changed:
+            self._publish()
             self._wake_applier()
 
     def _drop(self, pair: _Pair) -> None:
@@ -401,4 +455,5 @@ class HealthManager:
                 if t.up_since is not None:
                     detail += f"; weight ramps up over {pair.check.slow_start_s:g} s"
             self._event(pair.vip_id, pair.backend, change, detail)
+        self._publish()
         self._wake_applier()

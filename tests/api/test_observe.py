@@ -213,6 +213,8 @@ def test_readyz_is_200_when_attached_and_in_sync(api: Served) -> None:
         "reasons": [],
         "attachment": "generic on test0",
         "generation": api.control.generation,
+        "store": "sqlite",
+        "degraded": [],
     }
 
 

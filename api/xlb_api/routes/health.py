@@ -30,6 +30,12 @@ class ReadyPublic(BaseModel):
     reasons: list[str] = Field(description="why not ready (empty when ready)")
     attachment: str
     generation: int | None
+    store: str | None = Field(None, description="the state store: sqlite, or etcd")
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="what works less than it should while forwarding goes on (e.g. the "
+        "shared store is unreachable: changes are refused)",
+    )
 
 
 @router.get("/healthz")
@@ -63,10 +69,18 @@ async def readyz(request: Request, response: Response) -> ReadyPublic:
             f"the maps are not in step with stored generation {rt.control.generation}: "
             f"{rt.control.last_reconcile_error} (the next change or a restart retries)"
         )
+    degraded: list[str] = []
+    st = rt.control.store_status
+    if not st.writable:
+        degraded.append(
+            f"{st.reason}: forwarding goes on with "
+            f"generation {rt.control.generation} (revision {st.revision}); changes are refused"
+        )
     if reasons:
         response.status_code = 503
     return ReadyPublic(
-        ready=not reasons, reasons=reasons, attachment=where, generation=rt.control.generation
+        ready=not reasons, reasons=reasons, attachment=where, generation=rt.control.generation,
+        store=st.kind, degraded=degraded,
     )
 
 
