@@ -63,6 +63,9 @@ class EtcdStore(Store):
         self.full_reads = 0
         self.applied_changes = 0
         self.latest_seen = self.revision  # highest revision the watch delivered
+        #: The revision the maps were last brought to (after another host's change).
+        self.maps_revision = self.revision
+        self.applied = threading.Condition()
         self._apply: Callable[[Callable[[], None]], None] | None = None
         self._inbox: queue.Queue[list[Change] | None] = queue.Queue()
         self._applier: threading.Thread | None = None
@@ -213,6 +216,9 @@ class EtcdStore(Store):
                 self._mirror[o.key] = o.value
         self.revision = self.guard_revision = new
         self.latest_seen = max(self.latest_seen, new)
+        with self.applied:  # this host's maps get it before the change is acknowledged
+            self.maps_revision = new
+            self.applied.notify_all()
         self.extra_meta[REVISION_META] = new
         self.extra_meta["etcd_guard"] = new
         try:
@@ -268,6 +274,9 @@ class EtcdStore(Store):
                 log.error("applying etcd changes failed: %s", e.detail)
             except Exception as e:
                 log.exception("applying etcd changes failed: %r", e)
+            with self.applied:
+                self.maps_revision = self.revision
+                self.applied.notify_all()
             if self._closed:
                 return
 
@@ -289,6 +298,11 @@ class EtcdStore(Store):
                 guard_rev = c.revision
         self.applied_changes += 1
         self._install(new[-1].revision, guard_rev)
+
+    def wait_applied(self, revision: int, timeout: float) -> bool:
+        """Wait until the maps carry `revision` (or a later one); False on timeout."""
+        with self.applied:
+            return self.applied.wait_for(lambda: self.maps_revision >= revision, timeout)
 
     def catch_up(self) -> None:
         """Read the latest state from etcd (after a write lost the race); the lock is held."""
