@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import aetcd  # type: ignore[import-untyped]
 import aetcd.exceptions  # type: ignore[import-untyped]
+import aetcd.watcher  # type: ignore[import-untyped]
 import grpc  # type: ignore[import-untyped]
 from aetcd import rpc
 
@@ -118,16 +119,30 @@ class _Client(aetcd.Client):  # type: ignore[misc]
         if self._tls is None or self._connected.is_set():
             await super().connect()
             return
-        real = rpc.insecure_channel
-        tls = self._tls
-        # aetcd builds its channel inline; hand it a secure one for this connect only.
-        rpc.insecure_channel = lambda target, options=None: grpc.aio.secure_channel(
-            target, tls, options=options
-        )
+        if getattr(self, "_is_connecting", False):  # another task is connecting: wait
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        # aetcd 1.0's connect() with grpc.aio.secure_channel instead of insecure_channel.
+        self._is_connecting = True
         try:
-            await super().connect()
+            target = f"{self._host}:{self._port}"
+            self.channel = grpc.aio.secure_channel(target, self._tls,
+                                                   options=list(self._options.items()))
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
         finally:
-            rpc.insecure_channel = real
+            self._is_connecting = False
 
 
 def _credentials(cfg: EtcdConfig) -> grpc.ChannelCredentials | None:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -52,6 +53,8 @@ class Member:
     proc: subprocess.Popen[bytes] | None = None
     cluster: str = ""
     token: str = "xlb"  # the same for every member of one cluster
+    #: (CA, certificate, key) PEM files: serve clients over TLS and require client certs.
+    tls: tuple[Path, Path, Path] | None = None
     state: str = "new"
 
     @property
@@ -71,7 +74,7 @@ class Member:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         peer = f"http://{HOST}:{self.peer_port}"
-        client = f"http://{HOST}:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://{HOST}:{self.client_port}"
         args = [
             binary, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -83,6 +86,10 @@ class Member:
             "--snapshot-count", "10000", "--heartbeat-interval", "50",
             "--election-timeout", "500",
         ]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            args += ["--cert-file", str(cert), "--key-file", str(key),
+                     "--trusted-ca-file", str(ca), "--client-cert-auth"]
         log = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
@@ -92,8 +99,15 @@ class Member:
 
     def healthy(self) -> bool:
         """The member answers /health with true."""
+        ctx = None
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            ctx = ssl.create_default_context(cafile=str(ca))
+            ctx.load_cert_chain(str(cert), str(key))
+        scheme = "https" if self.tls else "http"
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"{scheme}://{self.endpoint}/health", timeout=1,
+                                        context=ctx) as r:
                 return b'"true"' in r.read()
         except OSError:
             return False
@@ -127,6 +141,8 @@ class EtcdCluster:
     root: Path
     size: int = 1
     members: list[Member] = field(default_factory=list)
+    #: (CA, certificate, key): clients must speak TLS and show a certificate of this CA.
+    tls: tuple[Path, Path, Path] | None = None
 
     def __post_init__(self) -> None:
         ports = _free_ports(2 * self.size)
@@ -138,6 +154,7 @@ class EtcdCluster:
         cluster = ",".join(f"{m.name}=http://{HOST}:{m.peer_port}" for m in self.members)
         for m in self.members:
             m.cluster = cluster
+            m.tls = self.tls
             m.token = f"xlb-{os.getpid()}-{self.members[0].peer_port}"
 
     @property
