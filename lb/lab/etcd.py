@@ -21,6 +21,44 @@ from types import TracebackType
 
 ETCD = "etcd"
 HOST = "127.0.0.1"
+#: One file per running member: "<owner pid> <member pid> <data dir>", so a member left
+#: behind by a process that died (a killed test run) is found and stopped by its pid.
+RUN_DIR = Path("/tmp/xlb-etcd-members")
+
+
+def sweep_stale() -> list[int]:
+    """Stop members whose starting process is gone (by recorded pid); returns their pids."""
+    stopped: list[int] = []
+    if not RUN_DIR.is_dir():
+        return stopped
+    for f in RUN_DIR.glob("*.pid"):
+        try:
+            owner, pid, data = f.read_text().split(" ", 2)
+        except ValueError:
+            f.unlink(missing_ok=True)
+            continue
+        if _alive(int(owner)):
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
+        # Only the process we recorded: same pid and still running on the same data dir.
+        if data.strip().encode() in cmdline:
+            os.kill(int(pid), signal.SIGKILL)
+            stopped.append(int(pid))
+        f.unlink(missing_ok=True)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def etcd_binary() -> str | None:
@@ -96,6 +134,12 @@ class Member:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log.close()
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        self._pidfile.write_text(f"{os.getpid()} {self.proc.pid} {self.data_dir}")
+
+    @property
+    def _pidfile(self) -> Path:
+        return RUN_DIR / f"{os.getpid()}-{self.client_port}.pid"
 
     def healthy(self) -> bool:
         """The member answers /health with true."""
@@ -128,6 +172,7 @@ class Member:
         if sig in (signal.SIGKILL, signal.SIGTERM):
             self.proc = None
             self.state = "existing"
+            self._pidfile.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the member (SIGTERM, then SIGKILL)."""

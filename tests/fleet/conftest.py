@@ -20,7 +20,7 @@ from lb.config import DataplaneConfig, EtcdConfig
 from lb.control.facade import ControlPlane
 from lb.dataplane.mapio import MapIO
 from lb.fleet.state import EtcdStore, etcd_store
-from lb.lab.etcd import EtcdCluster, etcd_binary
+from lb.lab.etcd import EtcdCluster, etcd_binary, sweep_stale
 from tests.control.conftest import MapsOnly, clear_maps
 
 FLEET_CONFIG = DataplaneConfig(ring_size=1021, max_vips=16, max_reals=64, conn_table_size=1024)
@@ -52,6 +52,12 @@ def dump(maps: Any, control: ControlPlane) -> dict[str, Any]:
     rings = {num: list(io.read_ring(num)) for num, _ in vip_map.values()}
     return {"vip_map": vip_map, "vip_addrs": io.read_vip_addrs(), "reals": io.read_reals(),
             "rings": rings}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_stale_etcd() -> None:
+    """Stop etcd members that a test process which died left behind (by recorded pid)."""
+    sweep_stale()
 
 
 @pytest.fixture

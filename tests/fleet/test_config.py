@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from lb.errors import InvalidInput
+from lb.lab import etcd as labetcd
 from lb.settings import load_settings
 
 
@@ -67,3 +71,21 @@ def test_half_a_client_certificate_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as e:
         load_settings(etcd={"cert_file": str(cert)})
     assert "got only cert_file" in e.value.detail
+
+
+def test_a_member_left_by_a_dead_process_is_swept(tmp_path: Path) -> None:
+    if labetcd.etcd_binary() is None:
+        pytest.skip("etcd is not installed (scripts/setup.sh installs etcd-server)")
+    # A child starts a member and exits without stopping it (as a killed test run would).
+    code = ("import sys, pathlib; from lb.lab.etcd import EtcdCluster; "
+            "c = EtcdCluster(pathlib.Path(sys.argv[1])); c.start(); "
+            "print(c.members[0].proc.pid, flush=True)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "left")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    pid = int(out.stdout.split()[0])
+    assert Path(f"/proc/{pid}").exists(), "the member should still run"
+    assert pid in labetcd.sweep_stale(), "the left member was not stopped"
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # reaped by init once it is gone
+    assert not Path(f"/proc/{pid}").exists(), "the left member still runs"
