@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from lb.config import EtcdConfig
-from lb.control.model import Limits
+from lb.control.model import Limits, VipSpec
 from lb.control.shared import StaleState
 from lb.control.store import SCHEMA_VERSION, Delta, Image, Store, StoreError, StoreStatus
 from lb.errors import XlbError
@@ -62,6 +63,7 @@ class EtcdStore(Store):
         #: Counters for fleet status and tests.
         self.full_reads = 0
         self.applied_changes = 0
+        self.whole_applies = 0  # watched changes that had to be stored whole (see _take_changes)
         self.latest_seen = self.revision  # highest revision the watch delivered
         #: The revision the maps were last brought to (after another host's change).
         self.maps_revision = self.revision
@@ -289,15 +291,146 @@ class EtcdStore(Store):
             self._read_all()
             return
         guard_rev = self.guard_revision
+        changed: dict[bytes, bytes | None] = {}
         for c in new:
             if c.value is None:
                 self._mirror.pop(c.key, None)
             else:
                 self._mirror[c.key] = c.value
+            changed[c.key] = c.value
             if c.key == self.guard:
                 guard_rev = c.revision
         self.applied_changes += 1
-        self._install(new[-1].revision, guard_rev)
+        rev = new[-1].revision
+        try:
+            self._apply_delta(changed, rev, guard_rev)
+        except (StoreError, ValueError, KeyError, TypeError) as e:
+            # Whatever went wrong, the mirror is right: store it whole.
+            log.warning("applying revision %d as a delta failed (%s): storing it whole", rev, e)
+            self.whole_applies += 1
+            self._install(rev, guard_rev)
+
+    def _apply_delta(self, changed: dict[bytes, bytes | None], rev: int,
+                     guard_rev: int) -> None:
+        """Store only the rows these keys changed (SQLite and memory): O(change), not O(state)."""
+        root = self.root
+        vip_puts: list[tuple[str, int, int, VipSpec, str]] = []
+        vip_dels: list[str] = []
+        be_puts: list[tuple[str, int]] = []
+        be_dels: list[str] = []
+        free_puts: list[tuple[str, int, int]] = []
+        free_dels: list[tuple[str, int]] = []
+        meta: dict[str, int] | None = None
+        for key, value in changed.items():
+            kind, _, rest = key[len(root):].decode().partition("/")
+            if kind == "meta":
+                if value is None:
+                    raise ValueError("the guard key was deleted")
+                meta = {k: int(v) for k, v in json.loads(value).items()}
+            elif kind == "vips":
+                if value is None:
+                    vip_dels.append(rest)
+                else:
+                    row = json.loads(value)
+                    vip_puts.append((rest, int(row["seq"]), int(row["num"]),
+                                     VipSpec.model_validate_json(row["spec"]), str(row["spec"])))
+            elif kind == "backends":
+                if value is None:
+                    be_dels.append(rest)
+                else:
+                    be_puts.append((rest, int(value)))
+            elif kind == "free":
+                k, _, idx = rest.partition("/")
+                if value is None:
+                    free_dels.append((k, int(idx)))
+                else:
+                    free_puts.append((k, int(idx), int(value)))
+        if meta is None or meta.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise ValueError("a change without its meta row")
+        self.extra_meta[REVISION_META] = rev
+        self.extra_meta["etcd_guard"] = guard_rev
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Deletions first: their numbers and indices may be reused in the same change.
+                db.executemany("DELETE FROM vips WHERE id = ?",
+                               [(v,) for v in vip_dels] + [(v[0],) for v in vip_puts
+                                                          if v[0] not in self._vips])
+                db.executemany("DELETE FROM backends WHERE address = ?",
+                               [(a,) for a in be_dels] + [(a,) for a, _ in be_puts])
+                db.executemany("DELETE FROM free_indices WHERE kind = ? AND idx = ?", free_dels)
+                for vid, seq, num, _spec, text in vip_puts:
+                    db.execute("INSERT OR REPLACE INTO vips (id, seq, vip_num, spec) "
+                               "VALUES (?, ?, ?, ?)", (vid, seq, num, text))
+                db.executemany("INSERT INTO backends (address, idx) VALUES (?, ?)", be_puts)
+                db.executemany("INSERT OR REPLACE INTO free_indices (kind, idx, freed_at) "
+                               "VALUES (?, ?, ?)", free_puts)
+                db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                               [*meta.items(), *self.extra_meta.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot store revision {rev} in {self.path}: {e}") from e
+        self._take_rows(vip_puts, vip_dels, be_puts, be_dels, free_puts, free_dels, meta)
+        self.revision, self.guard_revision = rev, guard_rev
+        self.latest_seen = max(self.latest_seen, rev)
+
+    def _take_rows(self, vip_puts: list[tuple[str, int, int, VipSpec, str]],
+                   vip_dels: list[str], be_puts: list[tuple[str, int]], be_dels: list[str],
+                   free_puts: list[tuple[str, int, int]], free_dels: list[tuple[str, int]],
+                   meta: dict[str, int]) -> None:
+        # The in-memory copy, as _load would build it from the rows just stored.
+        refs = self._refs
+
+        def ref(v: VipSpec, by: int) -> None:
+            for b in v.backends:
+                n = refs.get(b.identity, 0) + by
+                if n:
+                    refs[b.identity] = n
+                else:
+                    refs.pop(b.identity, None)
+
+        for vid in vip_dels:
+            old = self._vips.pop(vid, None)
+            if old is not None:
+                ref(old, -1)
+            self._vip_nums.pop(vid, None)
+            self._seq.pop(vid, None)
+        reorder = False
+        last = max(self._seq.values(), default=-1)
+        for vid, seq, num, spec, _text in vip_puts:
+            old = self._vips.get(vid)
+            if old is not None:
+                ref(old, -1)
+            elif seq < last:
+                reorder = True  # created before a VIP this host has: keep creation order
+            self._vips[vid] = spec
+            ref(spec, +1)
+            self._vip_nums[vid] = num
+            self._seq[vid] = seq
+            last = max(last, seq)
+        if reorder:
+            order = sorted(self._vips, key=self._seq.__getitem__)
+            vips = self._vips.copy()
+            self._vips.clear()
+            self._vips.update((v, vips[v]) for v in order)
+        for a in be_dels:
+            self._real_idx.pop(a, None)
+        for a, i in be_puts:
+            self._real_idx[a] = i
+        allocs = {"vip": self._vip_alloc, "real": self._real_alloc}
+        for k, i in free_dels:
+            allocs[k].free.pop(i, None)
+        for k, i, t in free_puts:
+            allocs[k].free[i] = t
+        self._generation = meta["generation"]
+        self._clock = meta["clock"]
+        self._vip_alloc.next_unused = meta["next_vip"]
+        self._real_alloc.next_unused = meta["next_real"]
 
     def wait_applied(self, revision: int, timeout: float) -> bool:
         """Wait until the maps carry `revision` (or a later one); False on timeout."""

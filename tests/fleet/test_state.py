@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from lb.control.model import BackendSpec, BackendUpdate, VipSpec
+from lb.control.store import Image, Store
 from lb.errors import XlbError
 from lb.fleet.etcd import EtcdUnavailable
 from tests.fleet.conftest import Fleet, dump, wait_for
@@ -40,6 +41,27 @@ def assert_same_everywhere(fleet: Fleet) -> None:
     maps = [dump(fleet.maps[i], fleet.hosts[i]) for i in hosts]
     assert all(m == maps[0] for m in maps), "maps differ between hosts"
     assert all(fleet.hosts[i].verify() == [] for i in hosts), "maps drift from the state"
+    assert_copies_agree(fleet)
+
+
+def _rows(image: Image) -> tuple[Any, ...]:
+    return (sorted(image.vips), sorted(image.backends.items()), sorted(image.free),
+            {k: v for k, v in image.meta.items() if k != "schema"})
+
+
+def assert_copies_agree(fleet: Fleet) -> None:
+    """Each host's memory, its SQLite copy (opened afresh) and etcd hold the same rows."""
+    for i in sorted(fleet.hosts):
+        store = fleet.store(i)
+        rev, kvs = store.etcd.get_prefix(store.root)
+        in_etcd = store._image_of({kv.key: kv.value for kv in kvs})
+        on_disk = Store(store.path.parent, store.limits)
+        try:
+            assert _rows(on_disk.image()) == _rows(store.image()), f"host {i}: disk != memory"
+        finally:
+            on_disk.close()
+        assert _rows(store.image()) == _rows(in_etcd), f"host {i}: memory != etcd"
+        assert store.whole_applies == 0, f"host {i}: a watched change was not applied as a delta"
 
 
 def test_change_on_one_host_is_applied_on_the_others(fleet: Fleet) -> None:
