@@ -53,7 +53,7 @@ def assert_copies_agree(fleet: Fleet) -> None:
     """Each host's memory, its SQLite copy (opened afresh) and etcd hold the same rows."""
     for i in sorted(fleet.hosts):
         store = fleet.store(i)
-        rev, kvs = store.etcd.get_prefix(store.root)
+        _rev, kvs = store.etcd.get_prefix(store.root)
         in_etcd = store._image_of({kv.key: kv.value for kv in kvs})
         on_disk = Store(store.path.parent, store.limits)
         try:
