@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -179,3 +181,22 @@ def test_compacted_revision_forces_a_full_read(fleet: Fleet) -> None:
     assert fleet.store(1).full_reads > reads, "B caught up without reading everything"
     assert_same_everywhere(fleet)
     assert len(b.get_vip(VIP).backends) == 6
+
+
+def test_host_cut_off_silently_gets_503_and_rejoins_by_itself(fleet: Fleet) -> None:
+    a, b = fleet.start(0), fleet.start(1)
+    a.create_vip(vip(80, "198.18.1.1"))
+    wait_for(fleet.converged, what="B to apply A's VIP")
+    member = fleet.cluster.members[0]
+    member.kill(signal.SIGSTOP)  # etcd stops answering without closing anything
+    try:
+        start = time.monotonic()
+        with pytest.raises(EtcdUnavailable):
+            b.add_backend(VIP, be("198.18.1.2"))
+        assert time.monotonic() - start < 5, "the refusal waited for more than the timeouts"
+    finally:
+        member.kill(signal.SIGCONT)
+    wait_for(lambda: _try(lambda: a.add_backend(VIP, be("198.18.1.3"))), 15,
+             "a write once etcd answers again")
+    assert_same_everywhere(fleet)
+    assert {str(x.address) for x in b.get_vip(VIP).backends} == {"198.18.1.1", "198.18.1.3"}
