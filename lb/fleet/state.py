@@ -284,6 +284,8 @@ class EtcdStore(Store):
 
     def _take_changes(self, changes: list[Change]) -> None:
         """Apply watched changes newer than the applied revision (the control plane's lock)."""
+        if self._closed:
+            return
         new = [c for c in changes if c.revision > self.revision]
         if not new:
             return
@@ -457,11 +459,14 @@ class EtcdStore(Store):
 
     def close(self) -> None:
         """Stop following, close etcd (if ours) and the local copy."""
+        self._closed = True
         self._inbox.put(None)
         if self._own_client:
             self.etcd.close()
         if self._applier is not None:
-            self._applier.join(5)
+            # It may wait for the control plane's lock, which our caller holds: it sees
+            # _closed once it gets the lock, and applies nothing.
+            self._applier.join(1)
         super().close()
 
 
