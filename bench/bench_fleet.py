@@ -33,8 +33,8 @@ from typing import Any
 from lb.config import DataplaneConfig, EtcdConfig
 from lb.control.facade import ControlPlane
 from lb.control.model import BackendSpec, VipSpec
+from lb.fleet.members import EtcdCluster
 from lb.fleet.state import EtcdStore, etcd_store
-from lb.lab.etcd import EtcdCluster
 
 NAME = "fleet"
 CONFIG = DataplaneConfig(ring_size=4099, max_vips=16, max_reals=256, conn_table_size=1024)

@@ -176,10 +176,7 @@ class Etcd:
         self._current = 0
         self._client: _Client | None = None
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="xlb-etcd",
-                                        daemon=True)
-        self._thread.start()
+        self._loop = _shared_loop()
         self._watches: list[Future[None]] = []
         #: Last time a call or the watch heard from etcd (None: never), and the last error.
         self.reachable = False
@@ -211,6 +208,8 @@ class Etcd:
         self.last_error = str(e) or type(e).__name__
 
     async def _connected(self) -> _Client:
+        if self._closed:
+            raise EtcdUnavailable(f"{self.describe()}: this client is closed")
         if self._client is None:
             host, port = self.endpoints[self._current]
             user = self.cfg.username
@@ -428,15 +427,15 @@ class Etcd:
                 await asyncio.wait_for(watcher.cancel(cb.watch_id), 1)
 
     def close(self) -> None:
-        """Stop the watch, close the channel and the client's thread."""
+        """Stop the watches and close the channel (the shared loop goes on)."""
         if self._closed:
             return
         self._closed = True
 
+        for w in self._watches:
+            w.cancel()
+
         async def shut() -> None:
-            for t in asyncio.all_tasks():
-                if t is not asyncio.current_task():
-                    t.cancel()
             if self._client is not None:
                 with _suppress():
                     await asyncio.wait_for(self._client.close(), 2)
@@ -446,10 +445,25 @@ class Etcd:
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
         except Exception as e:
             log.debug("closing etcd: %r", e)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._loop.is_running():
-            self._loop.close()
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every Etcd client runs on: one per process, in a daemon thread.
+
+    One loop for the life of the process, never closed: gRPC's asyncio poller keeps a
+    reference to each loop it served and fails on one that was closed.
+    """
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="xlb-etcd", daemon=True).start()
+            _LOOP = loop
+        return _LOOP
 
 
 class LeasedKey:

@@ -1,4 +1,5 @@
-"""etcd members for the lab and the tests: real `etcd` processes (Debian's etcd-server 3.4).
+"""etcd members for the tests, the benchmark and the lab: real `etcd` processes (Debian's
+etcd-server 3.4), started and stopped by this process.
 
 systemd is not PID 1 on the project's machines and the distribution's instance must never be
 touched, so each member runs with its own name, data directory and loopback ports, and is

@@ -78,7 +78,7 @@ def test_forwarding_smoke_moves_traffic_in_every_scenario(tmp_path: Path) -> Non
 
 def test_fleet_smoke_measures_propagation_and_throughput() -> None:
     from bench import bench_fleet
-    from lb.lab.etcd import etcd_binary
+    from lb.fleet.members import etcd_binary
 
     if etcd_binary() is None:
         pytest.skip("etcd is not installed (scripts/setup.sh installs etcd-server)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lb.lab.etcd import EtcdCluster, etcd_binary
+from lb.fleet.members import EtcdCluster, etcd_binary
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 

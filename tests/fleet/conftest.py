@@ -2,7 +2,7 @@
 
 Each "host" is a ControlPlane with its own state directory (its local SQLite copy) and its
 own set of maps (a maps-only program per host, compiled once per test process), all sharing
-one etcd cluster started by the test (`lb.lab.etcd`: own data directory, loopback ports,
+one etcd cluster started by the test (`lb.fleet.members`: own data directory, loopback ports,
 stopped by pid, removed afterwards).
 """
 
@@ -19,8 +19,8 @@ import pytest
 from lb.config import DataplaneConfig, EtcdConfig
 from lb.control.facade import ControlPlane
 from lb.dataplane.mapio import MapIO
+from lb.fleet.members import EtcdCluster, etcd_binary, sweep_stale
 from lb.fleet.state import EtcdStore, etcd_store
-from lb.lab.etcd import EtcdCluster, etcd_binary, sweep_stale
 from tests.control.conftest import MapsOnly, clear_maps
 
 FLEET_CONFIG = DataplaneConfig(ring_size=1021, max_vips=16, max_reals=64, conn_table_size=1024)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lb.config import EtcdConfig
+from lb.fleet.members import EtcdCluster
 from lb.fleet.node import FleetNode
-from lb.lab.etcd import EtcdCluster
 from tests.api.conftest import Served, assert_problem, running_api
 from tests.api.test_cli import lbctl, ok
 from tests.fleet.conftest import wait_for

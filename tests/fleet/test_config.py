@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lb.errors import InvalidInput
-from lb.lab import etcd as labetcd
+from lb.fleet import members as labetcd
 from lb.settings import load_settings
 
 
@@ -77,7 +77,7 @@ def test_a_member_left_by_a_dead_process_is_swept(tmp_path: Path) -> None:
     if labetcd.etcd_binary() is None:
         pytest.skip("etcd is not installed (scripts/setup.sh installs etcd-server)")
     # A child starts a member and exits without stopping it (as a killed test run would).
-    code = ("import sys, pathlib; from lb.lab.etcd import EtcdCluster; "
+    code = ("import sys, pathlib; from lb.fleet.members import EtcdCluster; "
             "c = EtcdCluster(pathlib.Path(sys.argv[1])); c.start(); "
             "print(c.members[0].proc.pid, flush=True)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "left")],

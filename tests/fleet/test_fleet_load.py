@@ -16,8 +16,8 @@ import pytest
 from lb.config import EtcdConfig
 from lb.control.facade import ControlPlane
 from lb.control.model import BackendUpdate
+from lb.fleet.members import EtcdCluster
 from lb.fleet.state import etcd_store
-from lb.lab.etcd import EtcdCluster
 from tests.fleet.conftest import WRITER_CONFIG, Fleet, StateDir, wait_for
 from tests.fleet.test_state import assert_same_everywhere, be, vip
 

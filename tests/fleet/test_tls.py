@@ -12,8 +12,8 @@ from lb.config import EtcdConfig
 from lb.control.facade import ControlPlane
 from lb.control.model import VipSpec
 from lb.fleet.etcd import EtcdUnavailable
+from lb.fleet.members import EtcdCluster, etcd_binary
 from lb.fleet.state import etcd_store
-from lb.lab.etcd import EtcdCluster, etcd_binary
 from tests.fleet.conftest import FLEET_CONFIG, StateDir, wait_for
 
 

@@ -17,8 +17,8 @@ from lb.control.model import BackendSpec, VipSpec
 from lb.dataplane.testrun import TestRunner
 from lb.errors import XlbError
 from lb.fleet.etcd import EtcdUnavailable
+from lb.fleet.members import EtcdCluster
 from lb.fleet.state import EtcdStore, etcd_store
-from lb.lab.etcd import EtcdCluster
 from tests.conftest import TEST_CONFIG
 from tests.control.conftest import StateSettings, clear_maps
 from tests.fleet.conftest import wait_for
