@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from lb.consts import CONN_WAYS
 
@@ -244,6 +245,81 @@ def _rss_usable(net: _Net) -> _Net:
         if why is not None:
             raise ValueError(f"{net} cannot hold outer source addresses: {addr} is {why}")
     return net
+
+
+class EtcdConfig(BaseModel):
+    """Where the fleet's shared desired state lives when `store = "etcd"` (lb/fleet/state.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoints: list[str] = Field(
+        ["127.0.0.1:2379"], description="etcd members as host:port (IPv6 as [addr]:port)"
+    )
+    prefix: str = Field("/xlb/", description="key prefix of this fleet's state in etcd")
+    host_name: str = Field(
+        default_factory=socket.gethostname,
+        description="this LB host's name in the fleet (fleet status, health opinions)",
+    )
+    ca_file: Path | None = Field(None, description="CA bundle: connect with TLS")
+    cert_file: Path | None = Field(None, description="client certificate (TLS), with key_file")
+    key_file: Path | None = Field(None, description="client key (TLS), with cert_file")
+    username: str | None = Field(None, description="etcd user (with password)")
+    password: SecretStr | None = Field(None, description="etcd password (with username)")
+    timeout_s: float = Field(2.0, gt=0, le=60, description="time one etcd call may take")
+    lease_ttl_s: int = Field(
+        5, ge=2, le=300, description="life of a host's health opinions when it stops"
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("endpoints must name at least one etcd member (host:port), got []")
+        out = []
+        for e in v:
+            host, sep, port = e.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f"each endpoint must be host:port with a port 1-65535, got {e!r}"
+                )
+            if host.startswith("[") != host.endswith("]"):
+                raise ValueError(f"an IPv6 endpoint must look like [2001:db8::1]:2379, got {e!r}")
+            out.append(f"{host}:{int(port)}")
+        return out
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or any(c.isspace() for c in v) or len(v) > 200:
+            raise ValueError(f"prefix must start with / and hold no spaces (<= 200), got {v!r}")
+        return v if v.endswith("/") else v + "/"
+
+    @field_validator("host_name")
+    @classmethod
+    def _host_name(cls, v: str) -> str:
+        if not v or len(v) > 64 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(
+                f"host_name must be 1-64 letters, digits, '.', '_' or '-', got {v!r}"
+            )
+        return v
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no such file: {str(v)!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> EtcdConfig:
+        # "got ..." keeps the settings loader from echoing the input (a password).
+        if (self.cert_file is None) != (self.key_file is None):
+            only = "cert_file" if self.key_file is None else "key_file"
+            raise ValueError(f"cert_file and key_file go together, got only {only}")
+        if (self.username is None) != (self.password is None):
+            only = "username" if self.password is None else "password"
+            raise ValueError(f"username and password go together, got only {only}")
+        return self
 
 
 def xdp_source_dir() -> Path:

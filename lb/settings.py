@@ -24,10 +24,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lb.config import MIN_MTU, DataplaneConfig, RuntimeConfig, min_max_frame
+from lb.config import MIN_MTU, DataplaneConfig, EtcdConfig, RuntimeConfig, min_max_frame
 from lb.errors import InvalidInput
 
 XdpMode = Literal["native", "generic", "auto"]
+StoreKind = Literal["sqlite", "etcd"]
 
 CONFIG_ENV = "XLB_CONFIG"
 # The zero MAC is never a usable next hop, so it doubles as "resolve it from the route".
@@ -63,6 +64,10 @@ class Settings(BaseSettings):
     pin_dir: Path = Field(
         Path("/sys/fs/bpf/xlb"), description="bpffs directory where the maps are pinned"
     )
+    store: StoreKind = Field(
+        "sqlite", description="sqlite: this host's own state; etcd: one state for the fleet"
+    )
+    etcd: EtcdConfig = Field(EtcdConfig(), description="the etcd cluster (store = etcd)")
     dataplane: DataplaneConfig = Field(
         DataplaneConfig(), description="compile-time sizes and features"
     )

@@ -8,7 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP_DIR="$VENV/.setup"
 KVER="$(uname -r)"
-APT_PKGS=(bpfcc-tools python3-bpfcc libbpfcc netsniff-ng iproute2 ethtool tcpdump libatomic1)
+# etcd-server: the fleet's shared state (tests and the lab start their own members).
+APT_PKGS=(bpfcc-tools python3-bpfcc libbpfcc netsniff-ng iproute2 ethtool tcpdump libatomic1
+          etcd-server)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 skip() { printf '    %s (already done)\n' "$*"; }

@@ -12,7 +12,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,6 +26,9 @@ from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.problems import NotReady, Unauthorized, UnsupportedMediaType
 from xlb_api.settings import ApiSettings, get_settings
+
+if TYPE_CHECKING:
+    from lb.fleet.node import FleetNode
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Runtime:
     host: Host | None = None
     #: The health checker, when the daemon runs one.
     health: HealthManager | None = None
+    #: This host's part in a fleet (store = etcd), else None.
+    fleet: FleetNode | None = None
 
 
 async def get_runtime(request: Request) -> Runtime:

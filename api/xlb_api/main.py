@@ -18,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI
 
@@ -32,8 +32,11 @@ from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
 from xlb_api.guard import RequestGuard
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
-from xlb_api.routes import backends, checks, explain, health, state, stats, verify, vips
+from xlb_api.routes import backends, checks, explain, fleet, health, state, stats, verify, vips
 from xlb_api.settings import ApiSettings, get_settings
+
+if TYPE_CHECKING:
+    from lb.fleet.node import FleetNode
 
 log = logging.getLogger("xlb.api")
 
@@ -126,11 +129,21 @@ def _host_runtime(
         lb_settings = load_settings()
     host = stack.enter_context(open_host(lb_settings, attach=False, repin=repin))
     balancer = host.balancer
+    node = None
+    if lb_settings.store == "etcd":
+        from lb.fleet.node import FleetNode
+
+        # Closed after the control plane (an ExitStack unwinds in reverse).
+        node = FleetNode(lb_settings.state_dir, lb_settings.etcd)
+        stack.callback(node.close)
     # Backends health had taken out stay out from the first map write on (lb.health.manager).
     health_file = Path(lb_settings.state_dir) / HEALTH_FILE
     control = ControlPlane(lb_settings, balancer, runtime=host.runtime,
-                           overlay=restored_overlay(health_file))  # fmt: skip
+                           overlay=restored_overlay(health_file),
+                           store=node.store_factory if node is not None else None)  # fmt: skip
     stack.callback(control.close)
+    if node is not None:
+        node.start(control)
     r, s = host.runtime, lb_settings
     for v in (4, 6):
         src = getattr(r, f"src_v{v}")
@@ -180,9 +193,11 @@ def _host_runtime(
     rt = build_runtime(control, settings, balancer, attachment=attachment, attach_mode=mode,
                        attach_reason=mode_reason)  # fmt: skip
     rt.host = host
+    rt.fleet = node
     # Tunnelled probes need a tc program on the interface, compiled on first use only.
     rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack),
-                              state_file=health_file)
+                              state_file=health_file,
+                              view=node.health if node is not None else None)
     return rt
 
 
@@ -197,6 +212,7 @@ def create_app(
     attach_reason: Callable[[], str | None] | None = None,
     health_manager: HealthManager | None = None,
     opened: tuple[Runtime, ExitStack] | None = None,
+    fleet_node: FleetNode | None = None,
 ) -> FastAPI:
     """Build the app; with `control` it wraps that control plane instead of opening one.
 
@@ -224,6 +240,7 @@ def create_app(
                 )
                 if health_manager is not None:
                     app.state.runtime.health = health_manager
+                app.state.runtime.fleet = fleet_node
             else:
                 if opened is not None:
                     stack.enter_context(opened[1])
@@ -277,7 +294,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health, checks, verify):
+    for module in (vips, backends, state, stats, explain, health, checks, verify, fleet):
         app.include_router(module.router)
     return app
 

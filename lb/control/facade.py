@@ -49,7 +49,8 @@ from lb.control.model import (
     vip_id,
 )
 from lb.control.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
-from lb.control.store import Store, crash_point
+from lb.control.shared import StaleState, StateStore
+from lb.control.store import Store, StoreStatus, crash_point
 from lb.errors import (
     Conflict,
     InvalidInput,
@@ -57,6 +58,7 @@ from lb.errors import (
     NotApplied,
     NotFound,
     PreconditionFailed,
+    XlbError,
 )
 
 if TYPE_CHECKING:
@@ -164,6 +166,7 @@ class ControlPlane:
         loopback_backends: bool = False,
         runtime: RuntimeConfig | None = None,
         overlay: Callable[[VipSpec], VipSpec] | None = None,
+        store: Callable[[Limits], StateStore] | None = None,
     ) -> None:
         """`overlay` programs the first reconciliation already (see set_overlay): health
         restored from the last run keeps its backends out from the first map write on."""
@@ -186,7 +189,11 @@ class ControlPlane:
                 lb_source_v6="" if runtime.src_v6.is_unspecified else str(runtime.src_v6),
                 max_frame=runtime.max_frame,
             )
-        self._store = Store(Path(settings.state_dir), self.limits)
+        #: SQLite by default; `store` builds another (lb/fleet/state.py: the fleet's etcd).
+        self._store: StateStore = (
+            store(self.limits) if store is not None
+            else Store(Path(settings.state_dir), self.limits)
+        )
         self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-store")
         #: Builds a group's rings alongside the leader (two VIPs changed or more).
         self._ring_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xlb-ring")
@@ -202,6 +209,7 @@ class ControlPlane:
         self.drift_checks = 0
         self.drift_repairs = 0
         self.drift_repaired_entries = 0
+        self._fingerprints: dict[str, tuple[object, str]] = {}
         #: Maps each stored VIP to the VIP the maps carry (health checks; see set_overlay).
         self._overlay: Callable[[VipSpec], VipSpec] | None = overlay
         #: Why the start could not bring the maps to the stored state (None: it could).
@@ -210,6 +218,7 @@ class ControlPlane:
             self._reconcile(starting=True)
             if self._last_error is not None:
                 self.start_error = self._last_error
+        self._store.follow(self.apply_remote)
 
     # -- properties -------------------------------------------------------------------
 
@@ -217,6 +226,11 @@ class ControlPlane:
     def generation(self) -> int:
         """Generation of the stored state (bumped by every applied change)."""
         return self._store.generation
+
+    @property
+    def store_status(self) -> StoreStatus:
+        """The store's kind, whether it takes writes now, and its applied revision."""
+        return self._store.status()
 
     @property
     def reconcile_errors(self) -> int:
@@ -409,6 +423,44 @@ class ControlPlane:
             return plan.model_copy(update={"to_generation": to})
 
         return self._write(change)
+
+    # -- a shared store's changes ---------------------------------------------------
+
+    def apply_remote(self, update: Callable[[], None]) -> None:
+        """Run `update` (the store taking another host's change) and bring the maps to it.
+
+        Runs under the lock, between write groups: a group never sees half of it.
+        """
+        with self._lock:
+            self._apply_remote(update)
+
+    def _apply_remote(self, update: Callable[[], None]) -> None:
+        store = self._store
+        nums, idx = dict(store.vip_nums), dict(store.real_idx)
+        update()
+        # Numbers and indices that name something new: their counters start from zero.
+        new_nums = frozenset(n for v, n in store.vip_nums.items() if nums.get(v) != n)
+        new_idx = frozenset(i for a, i in store.real_idx.items() if idx.get(a) != i)
+        self._reconcile(new_nums, new_idx)
+
+    def ring_fingerprints(self) -> dict[str, str]:
+        """Each VIP's ring as the maps carry it (health applied), as a SHA-256 of its slots.
+
+        Hosts whose fingerprints agree send every new flow of that VIP to the same backend.
+        """
+        with self._lock:
+            real_idx = self._store.real_idx
+            out: dict[str, str] = {}
+            cache = self._fingerprints
+            for vid, v in self._effective().items():
+                values = self._plan_rings.values(v, real_idx)
+                hit = cache.get(vid)
+                if hit is None or hit[0] is not values:  # the same array while unchanged
+                    hit = cache[vid] = (values, maglev.fingerprint(values))
+                out[vid] = hit[1]
+            for vid in [v for v in cache if v not in out]:
+                del cache[vid]
+            return out
 
     # -- drift ------------------------------------------------------------------------
     #
@@ -635,8 +687,42 @@ class ControlPlane:
                 f"{self.generation} when it started ({self._last_error}); fix the cause and "
                 "restart (GET /readyz shows it)"
             )
+    #: Tries of one group against a shared store that other hosts keep moving.
+    STALE_RETRIES = 50
 
     def _run_group(self, group: list[_Write[Any]]) -> None:
+        try:
+            for attempt in range(self.STALE_RETRIES):
+                try:
+                    self._try_group(group)
+                    # A change refused (no such VIP, a duplicate, ...) on a shared store is
+                    # refused for good only if this host had the latest state: another
+                    # host's change may not have reached it yet.
+                    if not any(isinstance(w.error, XlbError) for w in group) \
+                            or not self._store.stale():
+                        return
+                    raise StaleState("a change was refused against an old state")
+                except StaleState as e:
+                    # Another host was first: take its change, then validate the group again.
+                    log.debug("group stale (try %d): %s", attempt + 1, e)
+                    for w in group:
+                        w.result, w.error = None, None
+                    self._apply_remote(self._store.catch_up)
+            err = StaleState(f"the shared state kept changing under this change "
+                             f"({self.STALE_RETRIES} tries): try again")
+            for w in group:
+                w.error = err
+        except BaseException as e:
+            for w in group:
+                if w.error is None:
+                    w.error = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            for w in group:
+                w.ready.set()
+
+    def _try_group(self, group: list[_Write[Any]]) -> None:
         store = self._store
         checked: list[_Write[Any]] = []  # saw the staged state: acknowledged with it
         self._group = _Group()
@@ -653,6 +739,9 @@ class ControlPlane:
                     checked.append(w)
             if store.staged_generation != store.generation:
                 self._store_and_apply(self._group)
+        except StaleState:
+            store.abort()
+            raise
         except BaseException as e:
             store.abort()
             for w in checked if isinstance(e, Exception) else group:
@@ -661,8 +750,6 @@ class ControlPlane:
                 raise
         finally:
             self._group = None
-            for w in group:
-                w.ready.set()
 
     def _commit(self, upserts: Sequence[VipSpec] = (), deletes: Sequence[str] = ()) -> int:
         """Stage one change in the running group (outside one: store and apply it now).

@@ -31,7 +31,7 @@ import logging
 import os
 import signal
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ SCHEMA_VERSION = 1
 DB_NAME = "xlb-state.sqlite3"
 
 IndexKind = Literal["vip", "real"]
+_META_KEYS = ("schema", "generation", "clock", "next_vip", "next_real")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -88,6 +89,42 @@ class StoreError(KernelError):
     """The state store cannot be opened, read or written."""
 
     kind = "store"
+
+
+@dataclass
+class Delta:
+    """The rows one batch changes: what SQLite (or etcd) must be told."""
+
+    gone: list[str] = dataclasses.field(default_factory=list)  # VIP rows deleted first
+    moved: list[str] = dataclasses.field(default_factory=list)  # backend rows deleted first
+    #: (id, seq, number, spec, created) of each VIP row written.
+    vip_rows: list[tuple[str, int, int, VipSpec, bool]] = dataclasses.field(default_factory=list)
+    added: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # backend rows
+    free_rows: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
+    taken: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # free rows gone
+    meta: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class Image:
+    """The whole state as rows: VIPs (id, seq, number, spec JSON), backends, free list, meta."""
+
+    vips: list[tuple[str, int, int, str]]
+    backends: dict[str, int]
+    free: list[tuple[str, int, int]]
+    meta: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """What a store is, and whether a write can be made now (if not, why)."""
+
+    kind: str  # "sqlite" or "etcd"
+    describe: str  # "etcd at 127.0.0.1:2379 (prefix /xlb/)", or the SQLite file
+    writable: bool
+    reason: str | None
+    #: The shared store's revision this host has applied (None for SQLite).
+    revision: int | None
 
 
 @dataclass(frozen=True)
@@ -205,6 +242,9 @@ class Store:
         self._vip_nums: dict[str, int] = {}
         self._real_idx: dict[str, int] = {}
         self._refs: dict[str, int] = {}  # backend address -> number of VIPs listing it
+        self._seq: dict[str, int] = {}  # VIP id -> creation order (its row's seq)
+        #: Meta rows a subclass keeps besides the allocation state (the etcd store's revision).
+        self.extra_meta: dict[str, int] = {}
         self._generation = 0
         self._clock = 0
         self._batch: _Batch | None = None
@@ -247,7 +287,7 @@ class Store:
                 )
             self._generation = int(meta.get("generation", 0))
             self._clock = int(meta.get("clock", 0))
-            rows = db.execute("SELECT id, vip_num, spec FROM vips ORDER BY seq").fetchall()
+            rows = db.execute("SELECT id, vip_num, spec, seq FROM vips ORDER BY seq").fetchall()
             backends = db.execute("SELECT address, idx FROM backends").fetchall()
             if any("%" in r[2] for r in rows) or any("%" in r[0] for r in backends):
                 self._drop_zone_ids(rows, backends)
@@ -265,7 +305,8 @@ class Store:
         for kind, idx, freed_at in free:
             alloc = self._vip_alloc if kind == "vip" else self._real_alloc
             alloc.free[int(idx)] = int(freed_at)
-        for vid, num, spec in rows:
+        self.extra_meta = {k: int(v) for k, v in meta.items() if k not in _META_KEYS}
+        for vid, num, spec, seq in rows:
             try:
                 vip = VipSpec.model_validate_json(spec)
             except ValueError as e:
@@ -278,6 +319,7 @@ class Store:
                 )
             self._vips[vid] = vip
             self._vip_nums[vid] = int(num)
+            self._seq[vid] = int(seq)
             for b in vip.backends:
                 self._refs[b.identity] = self._refs.get(b.identity, 0) + 1
         for addr, idx in backends:
@@ -525,64 +567,79 @@ class Store:
         b.generation, b.clock = mark.generation, mark.clock
         self._vip_alloc.next_unused, self._real_alloc.next_unused = mark.next_unused
 
-    def _transaction(self, b: _Batch) -> None:
+    def delta(self) -> Delta:
+        """The rows the staged batch changes (what `write` stores), computed from its undo log."""
+        b = self._batch
+        assert b is not None
         # The rows every key the batch touched should have now (first undo entry = before).
         before: dict[int, dict[Any, Any]] = {}
         for d, key, old in b.undo:
             before.setdefault(id(d), {}).setdefault(key, old)
         vips_before = before.get(id(self._vips), {})
         idx_before = before.get(id(self._real_idx), {})
-        vip_rows = [(vid, v) for vid in vips_before if (v := self._vips.get(vid)) is not None]
-        free_rows: list[tuple[str, int, int]] = []
-        taken: list[tuple[str, int]] = []
+        out = Delta()
         for kind, alloc in (("vip", self._vip_alloc), ("real", self._real_alloc)):
             for idx in before.get(id(alloc.free), {}):
                 if idx in alloc.free:
-                    free_rows.append((kind, idx, alloc.free[idx]))
+                    out.free_rows.append((kind, idx, alloc.free[idx]))
                 else:
-                    taken.append((kind, idx))
+                    out.taken.append((kind, idx))
+        # Deleted (or deleted and created again) VIPs and dropped addresses go first:
+        # their numbers and indices may be handed to others in the same batch.
+        out.gone = [vid for vid, old in vips_before.items()
+                  if old is not _MISSING and (vid in b.created or vid not in self._vips)]
+        out.moved = [a for a, old in idx_before.items()
+                   if old is not _MISSING and self._real_idx.get(a) != old]
+        for vid in vips_before:
+            v = self._vips.get(vid)
+            if v is None:
+                continue
+            if vid in b.created:
+                out.vip_rows.append((vid, b.created[vid], self._vip_nums[vid], v, True))
+            elif v is not vips_before[vid]:
+                out.vip_rows.append((vid, self._seq[vid], self._vip_nums[vid], v, False))
+        out.added = [(a, i) for a, old in idx_before.items()
+                   if (i := self._real_idx.get(a)) is not None and i != old]
+        out.meta = {
+            "schema": SCHEMA_VERSION,
+            "generation": b.generation,
+            "clock": b.clock,
+            "next_vip": self._vip_alloc.next_unused,
+            "next_real": self._real_alloc.next_unused,
+        }
+        return out
+
+    def _transaction(self, b: _Batch) -> None:
+        d = self.delta()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            # Deleted (or deleted and created again) VIPs and dropped addresses go first:
-            # their numbers and indices may be handed to others in the same batch.
-            gone = [(vid,) for vid, old in vips_before.items()
-                    if old is not _MISSING and (vid in b.created or vid not in self._vips)]
-            if gone:
-                db.executemany("DELETE FROM vips WHERE id = ?", gone)
-            moved = [(a,) for a, old in idx_before.items()
-                     if old is not _MISSING and self._real_idx.get(a) != old]
-            if moved:
-                db.executemany("DELETE FROM backends WHERE address = ?", moved)
-            for vid, v in vip_rows:
-                if vid in b.created:
+            if d.gone:
+                db.executemany("DELETE FROM vips WHERE id = ?", [(v,) for v in d.gone])
+            if d.moved:
+                db.executemany("DELETE FROM backends WHERE address = ?",
+                               [(a,) for a in d.moved])
+            for vid, seq, num, v, created in d.vip_rows:
+                if created:
                     db.execute(
                         "INSERT INTO vips (id, seq, vip_num, spec) VALUES (?, ?, ?, ?)",
-                        (vid, b.created[vid], self._vip_nums[vid], v.model_dump_json()),
+                        (vid, seq, num, v.model_dump_json()),
                     )
-                elif v is not vips_before[vid]:
+                else:
                     db.execute("UPDATE vips SET spec = ? WHERE id = ?",
                                (v.model_dump_json(), vid))
-            added = [(a, i) for a, old in idx_before.items()
-                     if (i := self._real_idx.get(a)) is not None and i != old]
-            if added:
-                db.executemany("INSERT INTO backends (address, idx) VALUES (?, ?)", added)
-            if free_rows:
+            if d.added:
+                db.executemany("INSERT INTO backends (address, idx) VALUES (?, ?)", d.added)
+            if d.free_rows:
                 db.executemany(
                     "INSERT OR REPLACE INTO free_indices (kind, idx, freed_at) VALUES (?, ?, ?)",
-                    free_rows,
+                    d.free_rows,
                 )
-            if taken:
-                db.executemany("DELETE FROM free_indices WHERE kind = ? AND idx = ?", taken)
+            if d.taken:
+                db.executemany("DELETE FROM free_indices WHERE kind = ? AND idx = ?", d.taken)
             db.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("schema", SCHEMA_VERSION),
-                    ("generation", b.generation),
-                    ("clock", b.clock),
-                    ("next_vip", self._vip_alloc.next_unused),
-                    ("next_real", self._real_alloc.next_unused),
-                ],
+                [*d.meta.items(), *self.extra_meta.items()],
             )
             crash_point("store-before-commit")
             db.execute("COMMIT")
@@ -590,6 +647,91 @@ class Store:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        for vid in d.gone:
+            self._seq.pop(vid, None)
+        for vid, seq, _num, _v, created in d.vip_rows:
+            if created:
+                self._seq[vid] = seq
+
+    def image(self) -> Image:
+        """The whole stored state as rows (what `replace` takes)."""
+        return Image(
+            vips=[(vid, self._seq[vid], self._vip_nums[vid], v.model_dump_json())
+                  for vid, v in self._vips.items()],
+            backends=dict(self._real_idx),
+            free=[(kind, idx, t) for kind, alloc in (("vip", self._vip_alloc),
+                                                     ("real", self._real_alloc))
+                  for idx, t in alloc.free.items()],
+            meta={"schema": SCHEMA_VERSION, "generation": self._generation,
+                  "clock": self._clock, "next_vip": self._vip_alloc.next_unused,
+                  "next_real": self._real_alloc.next_unused},
+        )
+
+    def replace(self, image: Image) -> None:
+        """Make `image` the stored state (one transaction), then reload the in-memory copy.
+
+        For a store that follows another (lb/fleet/state.py): the state comes whole, with
+        its indices, so every host holds the same numbers and rings.
+        """
+        assert self._batch is None, "replace() with a batch staged"
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM vips")
+                db.execute("DELETE FROM backends")
+                db.execute("DELETE FROM free_indices")
+                db.execute("DELETE FROM meta")
+                db.executemany("INSERT INTO vips (id, seq, vip_num, spec) VALUES (?, ?, ?, ?)",
+                               image.vips)
+                db.executemany("INSERT INTO backends (address, idx) VALUES (?, ?)",
+                               list(image.backends.items()))
+                db.executemany(
+                    "INSERT INTO free_indices (kind, idx, freed_at) VALUES (?, ?, ?)", image.free
+                )
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                               [*image.meta.items(), *self.extra_meta.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot store the fleet's state in {self.path}: {e}") from e
+        old = self._vips
+        self._vips, self._vip_nums, self._real_idx, self._refs, self._seq = {}, {}, {}, {}, {}
+        self._load()
+        # Keep the spec objects that did not change: the reconciler skips those by identity.
+        for vid, v in list(self._vips.items()):
+            o = old.get(vid)
+            if o is not None and o == v:
+                self._vips[vid] = o
+
+    def set_extra_meta(self, **values: int) -> None:
+        """Store meta rows of a subclass now (outside a change)."""
+        self.extra_meta.update(values)
+        try:
+            self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 list(values.items()))
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write to the state store {self.path}: {e}") from e
+
+    # -- following another store (SQLite follows nothing) -----------------------------
+
+    def follow(self, apply: Callable[[Callable[[], None]], None]) -> None:
+        """Start applying changes made elsewhere through `apply` (SQLite: none are)."""
+
+    def catch_up(self) -> None:
+        """Bring the in-memory copy to the latest shared state (SQLite: it is the latest)."""
+
+    def stale(self) -> bool:
+        """True when another store moved past this copy (SQLite: never)."""
+        return False
+
+    def status(self) -> StoreStatus:
+        """What the store is and whether it can take writes."""
+        return StoreStatus(kind="sqlite", describe=str(self.path), writable=True,
+                           reason=None, revision=None)
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL)."""

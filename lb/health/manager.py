@@ -20,6 +20,10 @@ pairs start "down", so a backend that was out stays out until its probes bring i
 healthy pool out.
 
 Shutting down stops the probes but leaves the maps as they are.
+
+With a fleet `view` (lb/fleet/health.py), each pair's result is published to the fleet and
+the overlay follows the view the hosts agree on instead of this host's own probes, so
+every host's ring is the same; slow start is then not applied.
 """
 
 from __future__ import annotations
@@ -66,6 +70,22 @@ class Tunnel(Protocol):
 
     def release(self, mark: int) -> None:
         """Forget a mark no probe uses any more."""
+        ...
+
+
+class HealthView(Protocol):
+    """Health the fleet agrees on (lb/fleet/health.py): publish our probes, read the view."""
+
+    def publish(self, opinion: dict[str, dict[str, float | None]]) -> None:
+        """This host's results: VIP id -> backend -> down since (wall clock), None = up."""
+        ...
+
+    def agreed(self, vip_id: str, backend: str, local: float | None) -> float | None:
+        """The agreed "down since" of a backend (None: up)."""
+        ...
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` from any thread when the agreed view may have changed."""
         ...
 
 
@@ -205,12 +225,17 @@ class HealthManager:
         sync_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         state_file: Path | None = None,
+        view: HealthView | None = None,
     ) -> None:
         self.control = control
         #: Where health survives a restart (None: in memory only).
         self.state_file = state_file
         self._saved = load_health(state_file) if state_file is not None else SavedHealth()
         self._last_saved: SavedHealth | None = None
+        self.view = view
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if view is not None:
+            view.on_change(self._view_changed)
         self._tunnel_source = tunnel
         self._tunnel: Tunnel | None = None
         self._tunnel_error: str | None = None
@@ -236,9 +261,15 @@ class HealthManager:
         with self._lock:
             now = self.clock()
             members = []
+            view = self.view
             for b in spec.backends:
                 pair = self._pairs.get((spec.id, b.identity))
                 t = pair.target if pair is not None else None
+                if view is not None:
+                    local = t.changed_at if t is not None and t.wants_out else None
+                    members.append(Member(b.identity, b.weight, b.in_ring,
+                                          view.agreed(spec.id, b.identity, local), None))
+                    continue
                 members.append(Member(
                     b.identity,
                     b.weight,
@@ -340,6 +371,7 @@ class HealthManager:
     async def run(self) -> None:
         """Probe until cancelled (the maps are left as they are on the way out)."""
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         # The saved health is in the pairs before the overlay first programs the rings.
         with contextlib.suppress(Exception):  # the loop below retries a bad read
             self._sync(*await asyncio.to_thread(self._read_state))
@@ -411,6 +443,27 @@ class HealthManager:
     def _wake_applier(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _view_changed(self) -> None:
+        # From the fleet view's thread: hand the wake-up to the event loop.
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    def opinion(self) -> dict[str, dict[str, float | None]]:
+        """This host's own probe results as the fleet view publishes them."""
+        now, wall = self.clock(), time.time()
+        out: dict[str, dict[str, float | None]] = {}
+        with self._lock:
+            for (vid, addr), p in self._pairs.items():
+                t = p.target
+                out.setdefault(vid, {})[addr] = (
+                    round(wall - (now - t.changed_at), 3) if t.wants_out else None)
+        return out
+
+    def _publish(self) -> None:
+        if self.view is not None:
+            self.view.publish(self.opinion())
 
     def _tunnel_now(self) -> Tunnel | None:
         # Loaded on first use: the tc program costs a BCC compile that most daemons never need.
@@ -485,6 +538,7 @@ class HealthManager:
             # What the last run saved applies to the first pairs of this run only.
             self._saved = SavedHealth()
         if changed:
+            self._publish()
             self._wake_applier()
 
     def _restore(self, key: tuple[str, str], pair: _Pair) -> None:
@@ -560,4 +614,5 @@ class HealthManager:
                 if t.up_since is not None:
                     detail += f"; weight ramps up over {pair.check.slow_start_s:g} s"
             self._event(pair.vip_id, pair.backend, change, detail)
+        self._publish()
         self._wake_applier()

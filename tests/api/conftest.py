@@ -106,13 +106,19 @@ def running_api(
     open_reads: bool = True,
     token: str | None = TOKEN,
     tls: tuple[Path, Path] | None = None,
+    fleet_node: Any = None,
     **kw: Any,
 ) -> Iterator[Served]:
     """A fresh control plane on `state_dir` served by uvicorn (in a thread, real TCP).
 
     `tls` = (certificate, key) serves HTTPS through uvicorn's ssl_certfile/ssl_keyfile.
+    `fleet_node` (lb.fleet.node.FleetNode): the control plane's store is the fleet's etcd.
     """
-    control = ControlPlane(StateDir(state_dir), balancer)
+    control = ControlPlane(StateDir(state_dir), balancer,
+                           config=API_CONFIG if fleet_node is not None else None,
+                           store=fleet_node.store_factory if fleet_node is not None else None)
+    if fleet_node is not None:
+        fleet_node.start(control)
     settings = ApiSettings(
         token=SecretStr(token) if token else None,
         open_reads=open_reads,
@@ -128,6 +134,7 @@ def running_api(
         attachment=(lambda: (True, "generic on test0")) if attached else None,
         attach_mode=(lambda: "generic") if attached else None,
         attach_reason=(lambda: AUTO_REASON) if attached else None,
+        fleet_node=fleet_node,
     )
     sock = _free_socket()
     port = sock.getsockname()[1]

@@ -315,6 +315,8 @@ def test_readyz_is_200_when_attached_and_in_sync(api: Served) -> None:
         "xdp_mode": "generic",
         "xdp_mode_reason": AUTO_REASON,
         "generation": api.control.generation,
+        "store": "sqlite",
+        "degraded": [],
     }
 
 

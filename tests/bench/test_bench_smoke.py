@@ -74,3 +74,16 @@ def test_forwarding_smoke_moves_traffic_in_every_scenario(tmp_path: Path) -> Non
         if name.startswith(("lb_", "syn_")):
             assert sc["encap_fraction"] == 1.0, f"{name}: the sink saw unencapsulated frames"
     assert not netns.names(fwd.PREFIX), "the lab's namespaces were left behind"
+
+
+def test_fleet_smoke_measures_propagation_and_throughput() -> None:
+    from bench import bench_fleet
+    from lb.fleet.members import etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (scripts/setup.sh installs etcd-server)")
+    fig = bench_fleet.main(smoke=True)
+    assert fig["propagation"]["changes"] >= 40
+    assert fig["propagation"]["p99_ms"] >= fig["propagation"]["p50_ms"] >= 0
+    for kind in ("etcd_one_host", "etcd_three_hosts", "sqlite"):
+        assert fig["changes_per_s"][kind]["changes_per_s"] > 0, kind

@@ -34,6 +34,12 @@ class ReadyPublic(BaseModel):
         None, description="why that mode, e.g. why auto fell back to generic"
     )
     generation: int | None
+    store: str | None = Field(None, description="the state store: sqlite, or etcd")
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="what works less than it should while forwarding goes on (e.g. the "
+        "shared store is unreachable: changes are refused)",
+    )
 
 
 @router.get("/healthz")
@@ -76,6 +82,13 @@ async def readyz(request: Request, response: Response) -> ReadyPublic:
             f"first: {first.map} {first.key}: {first.actual}, expected {first.expected}); "
             "`lbctl verify --repair` or POST /v1/verify rewrites them"
         )
+    degraded: list[str] = []
+    st = rt.control.store_status
+    if not st.writable:
+        degraded.append(
+            f"{st.reason}: forwarding goes on with "
+            f"generation {rt.control.generation} (revision {st.revision}); changes are refused"
+        )
     if reasons:
         response.status_code = 503
     return ReadyPublic(
@@ -85,6 +98,8 @@ async def readyz(request: Request, response: Response) -> ReadyPublic:
         xdp_mode=rt.attach_mode(),
         xdp_mode_reason=rt.attach_reason(),
         generation=rt.control.generation,
+        store=st.kind,
+        degraded=degraded,
     )
 
 
