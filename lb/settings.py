@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lb.config import DataplaneConfig, RuntimeConfig
+from lb.config import BgpConfig, DataplaneConfig, RuntimeConfig
 from lb.errors import InvalidInput
 
 XdpMode = Literal["native", "generic", "auto"]
@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     runtime: RuntimeConfig = Field(
         RuntimeConfig(), description="values of the lb_cfg map (gateway MAC, outer sources, ...)"
     )
+    bgp: BgpConfig = Field(BgpConfig(), description="VIP announcement by BGP (lb/fleet/bgp.py)")
 
     @field_validator("interface")
     @classmethod
