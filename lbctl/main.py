@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lbctl import backends, explain, health, serve, state, stats, vips
+from lbctl import backends, explain, health, host, serve, state, stats, vips
 from lbctl.base import EXIT_API, EXIT_OK, CliError, Command, Parser
 from lbctl.client import DEFAULT_URL
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    for group in (vips, backends, health, stats, explain, state):
+    for group in (vips, backends, health, stats, explain, state, host):
         group.add_commands(sub, leaf)
     serve.add_commands(sub)
 

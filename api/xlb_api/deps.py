@@ -21,6 +21,7 @@ from lb.control.facade import ControlPlane
 from lb.dataplane.host import Host
 from lb.dataplane.loader import Balancer
 from lb.errors import InvalidInput
+from lb.fleet.announce import Announcer
 from lb.health.manager import HealthManager
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
@@ -50,6 +51,8 @@ class Runtime:
     host: Host | None = None
     #: The health checker, when the daemon runs one.
     health: HealthManager | None = None
+    #: The BGP announcer (lb.fleet.announce), when bgp.enabled.
+    announcer: Announcer | None = None
 
 
 async def get_runtime(request: Request) -> Runtime:
