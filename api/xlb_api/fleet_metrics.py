@@ -1,12 +1,14 @@
-"""Prometheus metrics of the host's BGP announcement (registered next to api.metrics')."""
+"""Prometheus metrics of the host in a fleet: ring fingerprints, BGP announcement."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from lb.errors import XlbError
 from xlb_api.deps import Runtime
 
 
@@ -16,8 +18,17 @@ class FleetCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield the BGP metric families."""
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+        """Yield the ring fingerprints and the BGP metric families."""
+        control = self._rt.control
+        ring = InfoMetricFamily(
+            "xlb_vip_ring", "fingerprint of a VIP's ring slots (equal on hosts that agree)",
+            labels=["vip"],
+        )
+        for v in control.list_vips():
+            with contextlib.suppress(XlbError):  # deleted meanwhile
+                ring.add_metric([v.id], {"fingerprint": control.ring_fingerprint(v.id)})
+        yield ring
         ann = self._rt.announcer
         if ann is None:
             return
