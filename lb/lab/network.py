@@ -395,6 +395,9 @@ def _common_sysctls() -> dict[str, int]:
         "net.ipv6.conf.all.accept_dad": 0,
         "net.ipv6.conf.default.accept_dad": 0,
         "net.ipv6.conf.default.accept_ra": 0,
+        # Keep static IPv6 addresses over a link down/up (a host "dying" and coming back).
+        "net.ipv6.conf.all.keep_addr_on_down": 1,
+        "net.ipv6.conf.default.keep_addr_on_down": 1,
     }
 
 
@@ -612,6 +615,19 @@ def _cmdline_mentions(pid: int, text: str) -> bool:
         return False
 
 
+def _recorded_pids(run: Path, pattern: str) -> list[int]:
+    """Live pids in the run dir's pid files (`pattern`, any depth) whose command names it."""
+    if not run.is_dir():
+        return []
+    out = set()
+    for f in run.rglob(pattern):
+        pid = _pid_from(f)
+        if pid is not None and pid != os.getpid() and netns.pid_alive(pid) \
+                and _cmdline_mentions(pid, str(run)):
+            out.add(pid)
+    return sorted(out)
+
+
 def lab_namespaces(prefix: str) -> list[str]:
     """Existing namespaces that belong to the lab with this exact prefix."""
     pat = re.compile(rf"^{re.escape(prefix)}-(cl|rt|lb\d*|b\d+)$")
@@ -625,15 +641,19 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
     run = RUN_ROOT / prefix
     # Processes first (the daemon, the servers), found by the namespace they live in, or,
     # when the namespace is already gone, by a pid file whose process names our run dir.
-    found = {p for ns in spaces for p in netns.pids_in(ns)}
-    if run.is_dir():
-        # Daemons, servers, and the BIRDs (router, each host's speaker under its state dir).
-        for f in run.rglob("*.pid"):
-            pid = _pid_from(f)
-            if pid is not None and pid != os.getpid() and _cmdline_mentions(pid, str(run)):
-                found.add(pid)
-    pids = sorted(found)
-    if pids:
+    # The daemons go first and alone: a daemon still shutting down would start its BGP
+    # speaker again once it saw it gone, outside any namespace this function then finds.
+    daemons = _recorded_pids(run, "daemon.pid")
+    if daemons:
+        _stop_pids(daemons)
+        removed += [f"process {p}" for p in daemons]
+    for _ in range(2):  # once more for anything started while the first round stopped
+        found = {p for ns in spaces for p in netns.pids_in(ns)}
+        # Servers and the BIRDs (the router's, each host's speaker under its state dir).
+        found.update(_recorded_pids(run, "*.pid"))
+        pids = sorted(found - set(daemons))
+        if not pids:
+            break
         _stop_pids(pids)
         removed += [f"process {p}" for p in pids]
     for ns in spaces:

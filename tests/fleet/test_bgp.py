@@ -35,9 +35,9 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") ->
 
 
 @pytest.fixture
-def speaker(bgp_pair: Pair, tmp_path: Path) -> Iterator[Speaker]:
+def speaker(bgp_pair: Pair, bgp_dir: Path) -> Iterator[Speaker]:
     """A speaker for the host namespace, stopped by its pid file afterwards."""
-    sp = Speaker(BgpConfig(**bgp_pair.bgp_settings()), tmp_path / "bgp")  # type: ignore[arg-type]
+    sp = Speaker(BgpConfig(**bgp_pair.bgp_settings()), bgp_dir / "bgp")
     try:
         yield sp
     finally:
@@ -72,8 +72,8 @@ def test_announce_reaches_router_and_withdraw_removes_it(bgp_pair: Pair, speaker
 
 
 @pytest.mark.netns
-def test_restarted_owner_adopts_speaker_without_withdrawing(bgp_pair: Pair, speaker: Speaker,
-                                                            tmp_path: Path) -> None:
+def test_restarted_owner_adopts_speaker_without_withdrawing(bgp_pair: Pair, speaker: Speaker
+                                                            ) -> None:
     pid = _start(bgp_pair, speaker, {V4})
     wait_for(lambda: kernel_nexthops(bgp_pair.router_ns, "198.18.0.10") == [H4], what="route")
     again = Speaker(speaker.cfg, speaker.work_dir)
@@ -97,12 +97,12 @@ def test_killed_speaker_is_dropped_and_a_stale_pid_is_not_adopted(bgp_pair: Pair
 
 
 @pytest.mark.netns
-def test_md5_password_and_communities_reach_router(bgp_pair: Pair, tmp_path: Path) -> None:
+def test_md5_password_and_communities_reach_router(bgp_pair: Pair, bgp_dir: Path) -> None:
     peers = [{"address": R4, "asn": ROUTER_ASN, "password": "lab-secret"}]
-    cfg = BgpConfig(**bgp_pair.bgp_settings(communities=["65001:100", "65001:7:9"],  # type: ignore[arg-type]
+    cfg = BgpConfig(**bgp_pair.bgp_settings(communities=["65001:100", "65001:7:9"],
                                             peers=peers))
     dataclasses.replace(bgp_pair.router, password="lab-secret").reconfigure()
-    sp = Speaker(cfg, tmp_path / "bgp2")
+    sp = Speaker(cfg, bgp_dir / "bgp2")
     try:
         _start(bgp_pair, sp, {V4})
         wait_for(lambda: kernel_nexthops(bgp_pair.router_ns, "198.18.0.10") == [H4],
@@ -114,7 +114,7 @@ def test_md5_password_and_communities_reach_router(bgp_pair: Pair, tmp_path: Pat
 
 
 def test_config_renders_peers_timers_and_routes() -> None:
-    cfg = BgpConfig(enabled=True, asn=65001, hold_time=6, peers=[  # type: ignore[list-item]
+    cfg = BgpConfig(enabled=True, asn=65001, hold_time=6, peers=[
         {"address": "198.18.2.1", "asn": 65000, "password": "s3cret"}])
     text = render_config(cfg, {V4, V6}, log_file=Path("/tmp/x.log"))
     assert "neighbor 198.18.2.1 port 179 as 65000;" in text
@@ -124,7 +124,7 @@ def test_config_renders_peers_timers_and_routes() -> None:
 
 
 def test_parse_protocols_reads_state_and_exports() -> None:
-    cfg = BgpConfig(enabled=True, asn=65001, peers=[{"address": "198.18.2.1", "asn": 65000}])  # type: ignore[list-item]
+    cfg = BgpConfig(enabled=True, asn=65001, peers=[{"address": "198.18.2.1", "asn": 65000}])
     text = """BIRD 2.0.12 ready.
 Name       Proto      Table      State  Since         Info
 device1    Device     ---        up     1764769800
