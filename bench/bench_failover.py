@@ -5,11 +5,13 @@ connections notice.
 
 A fleet lab (`lbctl lab up --lb-hosts 3`, 2 in smoke) with the same VIP on every host, the
 router (BIRD, ECMP) learning it from each host's BGP speaker (hold time 3 s). Each run kills
-one host silently: a blackhole route to the router inside its namespace, so its BGP session
-stops without a FIN or a link change and only the hold timer can notice (a `kill -9` of
-the speaker closes TCP and is noticed at once: not the case that needs measuring). Meanwhile
-clients open new TCP connections to the VIP all the time (4 threads, 0.25 s connect
-timeout, each a new source port so a new ECMP choice).
+one host at once and silently: its daemon and its speaker freeze (SIGSTOP: no FIN, no
+withdrawal) and its XDP program leaves the interface (nothing forwards), so only the BGP hold
+timer can notice (a `kill -9` of the speaker closes TCP and is noticed at once: not the case
+that needs measuring). Then the host comes back (the speaker resumes, a new daemon with the
+same command adopts it and attaches) before the next run. Meanwhile clients open new TCP
+connections to the VIP all the time (4 threads, 0.25 s connect timeout, each a new source
+port so a new ECMP choice).
 
 - ``route_change_s``: from the death to the router's kernel route losing that nexthop.
 - ``first_ok_s``: from the death to the first successful new connection through the hosts
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lb.client import ApiClient
-from lb.dataplane import netns
+from lb.dataplane import netlink, netns
 
 NAME = "failover"
 PREFIX = f"xbf{os.getpid() % 100000}"
@@ -119,14 +122,49 @@ class Prober:
                 time.sleep(0.005)
 
 
-def one_run(router_ns: str, client_ns: str, victim_ns: str, victim_lb4: str, hosts: int
-            ) -> dict[str, Any]:
-    """Kill one host silently, measure, bring it back; returns the figures of the run."""
-    gw = _gateway(victim_ns)
+def _pid(f: Path) -> int:
+    return int(f.read_text().split()[0])
+
+
+def _kill_host(victim_ns: str, host_dir: Path) -> tuple[list[str], int]:
+    """The host dies at once: its daemon and speaker freeze (no FIN, no withdrawal) and the
+    program leaves the interface (nothing forwards). Returns the daemon's argv and BIRD's pid."""
+    daemon = _pid(host_dir / "daemon.pid")
+    argv = Path(f"/proc/{daemon}/cmdline").read_bytes().decode().split("\0")[:-1]
+    bird = _pid(host_dir / "state" / "bgp" / "bird.pid")
+    os.kill(daemon, signal.SIGSTOP)
+    os.kill(bird, signal.SIGSTOP)
+    netlink.xdp_detach(victim_ns, "lb0")
+    return argv, bird
+
+
+def _revive_host(victim_ns: str, host_dir: Path, argv: list[str], bird: int) -> None:
+    """Back to life: the speaker resumes, a new daemon (same command) adopts it and attaches."""
+    daemon = _pid(host_dir / "daemon.pid")
+    os.kill(daemon, signal.SIGKILL)
+    os.kill(bird, signal.SIGCONT)
+    while netns.pid_alive(daemon):
+        time.sleep(0.02)
+    pid = netns.spawn(victim_ns, argv, log=host_dir / "daemon.log")
+    (host_dir / "daemon.pid").write_text(f"{pid}\n")
+    sock = host_dir / "xlb_api.sock"
+    api = ApiClient(f"unix://{sock}", token_file=host_dir / "token", timeout=5)
+
+    def ready() -> bool:
+        with contextlib.suppress(Exception):
+            return bool(sock.exists() and api.request("GET", "/readyz")[0] == 200)
+        return False
+
+    _wait(ready, 180, "the revived daemon is ready")
+
+
+def one_run(router_ns: str, client_ns: str, victim_ns: str, victim_lb4: str, hosts: int,
+            host_dir: Path) -> dict[str, Any]:
+    """Kill one host, measure, bring it back; returns the figures of the run."""
     with Prober(client_ns) as probe:
         time.sleep(0.5)
         t0 = time.monotonic()
-        netns.run(victim_ns, ["ip", "route", "add", "blackhole", f"{gw}/32"])
+        argv, bird = _kill_host(victim_ns, host_dir)
         try:
             while victim_lb4 in _nexthops(router_ns):
                 if time.monotonic() - t0 > 15:
@@ -135,12 +173,13 @@ def one_run(router_ns: str, client_ns: str, victim_ns: str, victim_lb4: str, hos
             route_change = time.monotonic() - t0
             time.sleep(1.0)
         finally:
-            netns.run(victim_ns, ["ip", "route", "del", "blackhole", f"{gw}/32"], check=False)
-    after = [(t - t0, ok) for t, ok in probe.events if t >= t0]
+            stop = time.monotonic()
+    after = [(t - t0, ok) for t, ok in probe.events if t0 <= t <= stop]
+    _revive_host(victim_ns, host_dir, argv, bird)
     # A failed attempt is stamped when it gives up: its own timeout after it started.
     fails = [t - probe.timeout for t, ok in after if not ok]
     oks = [t for t, ok in after if ok]
-    _wait(lambda: len(_nexthops(router_ns)) == hosts, 30, "the host announced again")
+    _wait(lambda: len(_nexthops(router_ns)) == hosts, 60, "the host announced again")
     return {
         "route_change_s": round(route_change, 3),
         "first_ok_s": round(min(oks), 3) if oks else None,
@@ -169,7 +208,7 @@ def main(smoke: bool = False, write: bool = True) -> dict[str, Any]:
         victim_lb4 = f"198.18.{1 + hosts}.2"
         _wait(lambda: len(_nexthops(router_ns)) == hosts, 30, "every host announced")
         for i in range(runs):
-            r = one_run(router_ns, client_ns, victim_ns, victim_lb4, hosts)
+            r = one_run(router_ns, client_ns, victim_ns, victim_lb4, hosts, sockets[-1].parent)
             _say(f"run {i + 1}/{runs}: route change {r['route_change_s']:.2f} s, last failed "
                  f"connection {r['last_failure_s']:.2f} s, {r['failed_connections']} failed")
             results.append(r)
@@ -190,7 +229,7 @@ def main(smoke: bool = False, write: bool = True) -> dict[str, Any]:
         "runs": results,
         "method": {
             "lb_hosts": hosts,
-            "death": "blackhole route to the router inside the host's namespace (silent)",
+            "death": "SIGSTOP of the host's daemon and BIRD, its XDP program detached (silent)",
             "router": "BIRD 2, ECMP (merge paths), fib_multipath_hash_policy=1",
             "probes": "4 threads, new TCP connection each, 0.25 s connect timeout",
             "cpus": os.cpu_count(),

@@ -295,3 +295,32 @@ def test_kill9_of_a_daemon_withdraws_nothing_and_breaks_nothing(announcing: Lab)
     finally:
         for s in streams:
             s.close()
+
+
+def test_address_without_vips_and_detach_are_withdrawn(announcing: Lab) -> None:
+    lab = announcing
+    h1, h2 = lab.host(1), lab.host(2)
+    api = LabApi(h1)
+    # The last VIP of an address goes: that host withdraws the address, nothing else.
+    spec = api.get(vip_path(TCP6))
+    api.delete(vip_path(TCP6))
+    try:
+        took = wait_for(lambda: h1.lb6 not in kernel_nexthops(lab.router_ns, VIP6),
+                        what="address without VIPs withdrawn")
+        assert took < 2, f"withdrawn after {took:.2f} s"
+        assert h1.lb4 in kernel_nexthops(lab.router_ns, VIP4), "the IPv4 address went too"
+    finally:
+        api.post("/v1/vips", {k: spec[k] for k in ("protocol", "address", "port")}
+                 | {"backends": [{"address": b["address"]} for b in spec["backends"]]})
+    wait_for(partial(_has_nexthops, lab, VIP6, HOSTS), what="address announced again")
+    # The program is taken off the interface behind the daemon's back: it withdraws.
+    netlink.xdp_detach(h2.lb_ns, LB_IF)
+    try:
+        took = wait_for(lambda: h2.lb4 not in kernel_nexthops(lab.router_ns, VIP4),
+                        what="detached host withdrawn")
+        assert took < 2, f"withdrawn after {took:.2f} s"
+        assert "not attached" in LabApi(h2).get("/v1/host")["reason"]
+    finally:
+        # A restart attaches again (the fixture's teardown waits for the routes).
+        labmod.stop_daemon(h2)
+        labmod.start_daemon(h2)
