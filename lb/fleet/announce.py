@@ -124,7 +124,7 @@ class Announcer:
                     log.info("BGP speaker started, announcing %d address(es)", len(want))
                 elif want != self._pushed:
                     self.speaker.announce(want)
-                    log.info("BGP routes now: %s", ", ".join(map(str, sorted(want))) or "none")
+                    log.info("BGP routes now: %s", ", ".join(sorted(map(str, want))) or "none")
                 self._pushed = want
                 self.last_error = None
             except XlbError as e:
