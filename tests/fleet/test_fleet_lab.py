@@ -11,6 +11,8 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -324,3 +326,37 @@ def test_address_without_vips_and_detach_are_withdrawn(announcing: Lab) -> None:
         # A restart attaches again (the fixture's teardown waits for the routes).
         labmod.stop_daemon(h2)
         labmod.start_daemon(h2)
+
+
+def _lbctl(h: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbctl", "--url", f"unix://{h.api_socket}", "--token-file",
+         str(h.token_file), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_lbctl_host_drain_wait_status_undrain(announcing: Lab) -> None:
+    lab = announcing
+    h = lab.host(3)
+    streams = labmod.open_streams(lab, VIP4, 12, interval=0.05, stall=3.0)
+    try:
+        r = _lbctl(h, "host", "drain", "--wait", "--quiet", "1.5", "--timeout", "30")
+        assert r.returncode == 0, r.stderr
+        assert "drained: no packet to the VIPs for 1.5 s" in r.stdout
+        assert h.lb4 not in kernel_nexthops(lab.router_ns, VIP4)
+        st = _lbctl(h, "host", "status")
+        assert st.returncode == 0 and "drained:    yes" in st.stdout, st.stdout
+        assert "announcing: nothing  (drained by the operator)" in st.stdout
+        assert "Established" in st.stdout
+        # Drained survives a daemon restart.
+        labmod.stop_daemon(h)
+        labmod.start_daemon(h)
+        assert LabApi(h).get("/v1/host")["drained"] is True
+        assert h.lb4 not in kernel_nexthops(lab.router_ns, VIP4)
+        r = _lbctl(h, "host", "undrain")
+        assert r.returncode == 0 and "undrained" in r.stdout, r.stderr
+        wait_for(lambda: h.lb4 in kernel_nexthops(lab.router_ns, VIP4), what="announced again")
+        broken = [s.error for s in streams if not s.alive]
+        assert not broken, f"{len(broken)} of 12 broke: {broken[:3]}"
+    finally:
+        for s in streams:
+            s.close()
