@@ -288,7 +288,10 @@ class Speaker:
     def _write(self, routes: set[IPAddress]) -> None:
         text = render_config(self.cfg, routes, log_file=self.log_file)
         tmp = self.config_file.with_suffix(".tmp")
-        with tmp.open("w") as f:
+        tmp.unlink(missing_ok=True)
+        # 0600: it holds the peers' MD5 passwords.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -60,6 +60,7 @@ def test_announce_reaches_router_and_withdraw_removes_it(bgp_pair: Pair, speaker
              what="v6 route")
     st = speaker.state()
     assert st.running and sorted(st.routes) == sorted([str(V4), str(V6)])
+    assert speaker.config_file.stat().st_mode & 0o077 == 0, "the config (passwords) is readable"
     assert all(p.up for p in st.peers) and len(st.peers) == 2, st
     assert sum(p.routes_exported for p in st.peers) == 2
     speaker.announce({V6})

@@ -6,12 +6,12 @@ import asyncio
 
 from fastapi import APIRouter
 
-from lb.fleet.announce import status_dict
+from lb.fleet.announce import Announcer, status_dict
 from xlb_api.deps import ReadAuth, RuntimeDep, WriteAuth
 from xlb_api.problems import NotReady, problem_responses
 from xlb_api.schemas.host import HostPublic
 
-router = APIRouter(prefix="/v1/host", tags=["host"], responses=problem_responses(401, 503))
+router = APIRouter(prefix="/v1/host", tags=["host"], responses=problem_responses(401, 422, 503))
 
 
 def _vip_packets(rt: RuntimeDep) -> int | None:
@@ -32,7 +32,7 @@ async def get_host(rt: RuntimeDep) -> HostPublic:
     return await asyncio.to_thread(_status, rt)
 
 
-def _announcer(rt: RuntimeDep) -> object:
+def _announcer(rt: RuntimeDep) -> Announcer:
     if rt.announcer is None:
         raise NotReady("BGP is off on this host (bgp.enabled = false): nothing to drain")
     return rt.announcer
@@ -41,16 +41,12 @@ def _announcer(rt: RuntimeDep) -> object:
 @router.post("/drain", dependencies=[WriteAuth])
 async def drain_host(rt: RuntimeDep) -> HostPublic:
     """Withdraw this host's VIP routes and keep them withdrawn (persisted) until undrain."""
-    _announcer(rt)
-    assert rt.announcer is not None
-    await asyncio.to_thread(rt.announcer.drain)
+    await asyncio.to_thread(_announcer(rt).drain)
     return await asyncio.to_thread(_status, rt)
 
 
 @router.post("/undrain", dependencies=[WriteAuth])
 async def undrain_host(rt: RuntimeDep) -> HostPublic:
     """Announce this host's VIPs again."""
-    _announcer(rt)
-    assert rt.announcer is not None
-    await asyncio.to_thread(rt.announcer.undrain)
+    await asyncio.to_thread(_announcer(rt).undrain)
     return await asyncio.to_thread(_status, rt)
