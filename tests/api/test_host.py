@@ -37,8 +37,8 @@ def test_ring_fingerprint_is_the_rings_and_ignores_backend_indices(api: Served) 
     assert f'xlb_vip_ring_info{{fingerprint="{want}",vip="{VID}"}} 1.0' in metrics
 
 
-def test_host_without_bgp_says_so_and_drain_is_503(api: Served) -> None:
+def test_host_without_bgp_says_so_and_drain_is_409(api: Served) -> None:
     h = api.client.get("/v1/host").json()
     assert h["bgp_enabled"] is False and h["peers"] == [] and not h["announcing"]
     r = api.client.post("/v1/host/drain", json={})
-    assert_problem(r, 503, "not-ready")
+    assert_problem(r, 409, "conflict", field="bgp.enabled")

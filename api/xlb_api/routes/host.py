@@ -6,9 +6,10 @@ import asyncio
 
 from fastapi import APIRouter
 
+from lb.errors import Conflict
 from lb.fleet.announce import Announcer, status_dict
 from xlb_api.deps import ReadAuth, RuntimeDep, WriteAuth
-from xlb_api.problems import NotReady, problem_responses
+from xlb_api.problems import problem_responses
 from xlb_api.schemas.host import HostPublic
 
 router = APIRouter(prefix="/v1/host", tags=["host"], responses=problem_responses(401, 422, 503))
@@ -34,18 +35,19 @@ async def get_host(rt: RuntimeDep) -> HostPublic:
 
 def _announcer(rt: RuntimeDep) -> Announcer:
     if rt.announcer is None:
-        raise NotReady("BGP is off on this host (bgp.enabled = false): nothing to drain")
+        raise Conflict("BGP is off on this host (bgp.enabled = false): nothing to drain",
+                       field="bgp.enabled")
     return rt.announcer
 
 
-@router.post("/drain", dependencies=[WriteAuth])
+@router.post("/drain", dependencies=[WriteAuth], responses=problem_responses(409))
 async def drain_host(rt: RuntimeDep) -> HostPublic:
     """Withdraw this host's VIP routes and keep them withdrawn (persisted) until undrain."""
     await asyncio.to_thread(_announcer(rt).drain)
     return await asyncio.to_thread(_status, rt)
 
 
-@router.post("/undrain", dependencies=[WriteAuth])
+@router.post("/undrain", dependencies=[WriteAuth], responses=problem_responses(409))
 async def undrain_host(rt: RuntimeDep) -> HostPublic:
     """Announce this host's VIPs again."""
     await asyncio.to_thread(_announcer(rt).undrain)
