@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-quick test-kernels demo demo-dataplane check bench bench-smoke clean
+.PHONY: setup test test-quick test-kernels demo demo-dataplane demo-fleet check bench bench-smoke clean
 
 setup:
 	@./scripts/setup.sh
@@ -26,6 +26,10 @@ test-kernels: setup
 ## The project's main job, end to end: lab, daemon, REST calls, real traffic, teardown.
 demo: setup
 	$(PY) -m lb.lab.demo
+
+## A fleet: 3 LB hosts announcing by BGP behind an ECMP router, one drained under traffic.
+demo-fleet: setup
+	$(PY) -m lb.lab.demo_fleet
 
 ## The data plane alone: packets through the balancer with BPF_PROG_TEST_RUN.
 demo-dataplane: setup

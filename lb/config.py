@@ -14,7 +14,15 @@ import socket
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from lb.consts import CONN_WAYS
 
@@ -331,3 +339,101 @@ def xdp_source_dir() -> Path:
     here = Path(__file__).resolve().parent
     packaged = here / "dataplane" / "xdp"
     return packaged if packaged.is_dir() else here.parent / "xdp"
+
+
+# BGP (lb/fleet/bgp.py drives a BIRD 2 speaker from these settings).
+
+_COMMUNITY_RE = re.compile(r"^\d{1,10}:\d{1,10}(:\d{1,10})?$")
+_BIRD_TEXT_RE = re.compile(r'^[^"\\\n\r]*$')
+ASN_MAX = 4_294_967_295
+
+
+class BgpPeer(BaseModel):
+    """One BGP neighbour (the ToR router); it carries the VIPs of its own address family."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: IPvAnyAddress = Field(
+        description="the router's address on a directly connected link"
+    )
+    asn: int = Field(ge=1, le=ASN_MAX, description="the router's AS number")
+    port: int = Field(179, ge=1, le=65535, description="the router's BGP port")
+    password: str | None = Field(
+        None, min_length=1, max_length=80, description="TCP MD5 password (RFC 2385)"
+    )
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: str | None) -> str | None:
+        if v is not None and not _BIRD_TEXT_RE.match(v):
+            raise ValueError("password must not contain quotes, backslashes or newlines")
+        return v
+
+
+class BgpConfig(BaseModel):
+    """How this LB host announces its VIP addresses (/32, /128) to its routers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="announce the VIPs by BGP")
+    asn: int | None = Field(None, ge=1, le=ASN_MAX, description="this host's AS number")
+    router_id: ipaddress.IPv4Address | None = Field(
+        None, description="BGP router id; None = BIRD picks the lowest IPv4 address"
+    )
+    peers: list[BgpPeer] = Field(default_factory=list, max_length=64)
+    # RFC 4271: 0 (no keepalives) or at least 3 s. A dead host is dropped after hold_time.
+    hold_time: int = Field(3, ge=3, le=65535, description="BGP hold time (s)")
+    keepalive_time: int | None = Field(
+        None, ge=1, le=21845, description="keepalive interval (s); None = hold_time / 3"
+    )
+    connect_retry_s: int = Field(1, ge=1, le=3600, description="reconnect interval (s)")
+    communities: list[str] = Field(
+        default_factory=list, max_length=32,
+        description="communities on every VIP route: 'ASN:VALUE' or large 'ASN:A:B'",
+    )
+    bird: str = Field("bird", description="the BIRD 2 daemon binary")
+    birdc: str = Field("birdc", description="BIRD's control client binary")
+    sync_interval_s: float = Field(
+        0.5, gt=0, le=60, description="how often the daemon compares routes with its state"
+    )
+
+    @field_validator("communities")
+    @classmethod
+    def _communities(cls, v: list[str]) -> list[str]:
+        for i, c in enumerate(v):
+            parts = c.split(":")
+            if not _COMMUNITY_RE.match(c):
+                raise ValueError(f"communities[{i}] must be 'ASN:VALUE' or 'ASN:A:B', got {c!r}")
+            nums = [int(p) for p in parts]
+            limit = 65535 if len(nums) == 2 else ASN_MAX
+            if any(n > limit for n in nums):
+                raise ValueError(
+                    f"communities[{i}]: each part of {c!r} must be <= {limit}"
+                    f" ({'standard' if len(nums) == 2 else 'large'} community), got {c!r}"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> BgpConfig:
+        if self.keepalive_time is not None and self.keepalive_time >= self.hold_time:
+            raise ValueError(
+                f"keepalive_time must be below hold_time ({self.hold_time}),"
+                f" got {self.keepalive_time}"
+            )
+        if not self.enabled:
+            return self
+        if self.asn is None:
+            raise ValueError("bgp.asn is required when bgp.enabled, got none")
+        if not self.peers:
+            raise ValueError("bgp.peers needs at least one peer when bgp.enabled, got none")
+        seen = set()
+        for i, p in enumerate(self.peers):
+            if p.address in seen:
+                raise ValueError(f"peers[{i}].address {p.address} is listed twice, got a duplicate")
+            seen.add(p.address)
+        return self
+
+    @property
+    def keepalive(self) -> int:
+        """The keepalive interval in force."""
+        return self.keepalive_time or max(1, self.hold_time // 3)

@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lb.config import MIN_MTU, DataplaneConfig, EtcdConfig, RuntimeConfig, min_max_frame
+from lb.config import MIN_MTU, BgpConfig, DataplaneConfig, EtcdConfig, RuntimeConfig, min_max_frame
 from lb.errors import InvalidInput
 
 XdpMode = Literal["native", "generic", "auto"]
@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     runtime: RuntimeConfig = Field(
         RuntimeConfig(), description="values of the lb_cfg map (gateway MAC, outer sources, ...)"
     )
+    bgp: BgpConfig = Field(BgpConfig(), description="VIP announcement by BGP (lb/fleet/bgp.py)")
 
     @field_validator("interface")
     @classmethod

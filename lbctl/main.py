@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lbctl import backends, explain, fleet, health, serve, state, stats, verify, vips
+from lbctl import backends, explain, fleet, health, host, serve, state, stats, verify, vips
 from lbctl.base import EXIT_API, EXIT_OK, CliError, Command, Parser
 from lbctl.client import DEFAULT_URL
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    for group in (vips, backends, health, stats, explain, state, verify, fleet):
+    for group in (vips, backends, health, stats, explain, state, verify, fleet, host):
         group.add_commands(sub, leaf)
     serve.add_commands(sub)
 

@@ -36,6 +36,8 @@ def vip_text(v: Any) -> str:
         f"{v['id']}  encap={v['encap']} outer_source={v['effective_outer_source']}"
         f" hash_src_only={v['hash_src_only']} lru_bypass={v['lru_bypass']}"
     )
+    if v.get("ring_fingerprint"):
+        head += f" ring={v['ring_fingerprint'][:16]}"
     return head + "\n" + backends_table({"data": v["backends"]})
 
 

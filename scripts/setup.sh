@@ -8,9 +8,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP_DIR="$VENV/.setup"
 KVER="$(uname -r)"
-# etcd-server: the fleet's shared state (tests and the lab start their own members).
+# etcd-server: the fleet's shared state; bird2: each LB host's BGP speaker and the lab's
+# router (tests and the lab start their own instances).
 APT_PKGS=(bpfcc-tools python3-bpfcc libbpfcc netsniff-ng iproute2 ethtool tcpdump libatomic1
-          etcd-server)
+          etcd-server bird2)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 skip() { printf '    %s (already done)\n' "$*"; }

@@ -21,6 +21,7 @@ from lb.control.facade import ControlPlane
 from lb.dataplane.host import Host
 from lb.dataplane.loader import Balancer
 from lb.errors import InvalidInput
+from lb.fleet.announce import Announcer
 from lb.health.manager import HealthManager
 from lb.ops.explain import Explainer
 from lb.ops.stats import RateSampler, StatsReader
@@ -55,6 +56,8 @@ class Runtime:
     health: HealthManager | None = None
     #: This host's part in a fleet (store = etcd), else None.
     fleet: FleetNode | None = None
+    #: The BGP announcer (lb.fleet.announce), when bgp.enabled.
+    announcer: Announcer | None = None
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -32,7 +32,18 @@ from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
 from xlb_api.guard import RequestGuard
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
-from xlb_api.routes import backends, checks, explain, fleet, health, state, stats, verify, vips
+from xlb_api.routes import (
+    backends,
+    checks,
+    explain,
+    fleet,
+    health,
+    host,
+    state,
+    stats,
+    verify,
+    vips,
+)
 from xlb_api.settings import ApiSettings, get_settings
 
 if TYPE_CHECKING:
@@ -198,7 +209,24 @@ def _host_runtime(
     rt.health = HealthManager(control, tunnel=tunnel_factory(lb_settings, stack),
                               state_file=health_file,
                               view=node.health if node is not None else None)
+    if s.bgp.enabled:
+        from lb.fleet.announce import Announcer
+
+        # Announced once attached and in sync; the speaker outlives the daemon (no close).
+        rt.announcer = Announcer(s.bgp, s.state_dir, control, lambda: attachment()[0])
+        rt.announcer.sync()
     return rt
+
+
+async def _announce_forever(announcer: Any) -> None:
+    # Polled: a VIP change, a detach behind the daemon's back or a drain reaches the router
+    # within one interval. sync() never raises an XlbError (it records it).
+    while True:
+        try:
+            await asyncio.to_thread(announcer.sync)
+        except Exception as e:
+            log.warning("BGP sync failed: %s", e)
+        await asyncio.sleep(announcer.cfg.sync_interval_s)
 
 
 def create_app(
@@ -250,7 +278,7 @@ def create_app(
                         _host_runtime, stack, api_settings, lb_settings
                     )
                 if api_settings.detach_on_exit:
-                    stack.callback(_detach, app.state.runtime.host)
+                    stack.callback(_detach, app.state.runtime.host, app.state.runtime.announcer)
             rt: Runtime = app.state.runtime
             task = asyncio.create_task(_sample_forever(rt.sampler)) if rt.sampler else None
             hm: HealthManager | None = rt.health
@@ -260,10 +288,12 @@ def create_app(
                 vtask = asyncio.create_task(_verify_forever(
                     rt.control, api_settings.verify_interval_s, api_settings.verify_repair),
                     name="xlb-verify")  # fmt: skip
+            btask = (asyncio.create_task(_announce_forever(rt.announcer), name="xlb-bgp")
+                     if rt.announcer else None)
             try:
                 yield
             finally:
-                for t in (task, htask, vtask):
+                for t in (task, htask, vtask, btask):
                     if t is not None:
                         t.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
@@ -294,7 +324,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health, checks, verify, fleet):
+    for module in (vips, backends, state, stats, explain, health, checks, verify, fleet, host):
         app.include_router(module.router)
     return app
 
@@ -307,7 +337,11 @@ def _reads_need_no_token(schema: dict[str, Any]) -> None:
             op["security"] = [{}, *op["security"]]
 
 
-def _detach(host: Any) -> None:
+def _detach(host: Any, announcer: Any = None) -> None:
+    if announcer is not None:
+        # Routes first: the router must stop sending before the program goes.
+        with contextlib.suppress(XlbError):
+            announcer.withdraw_all()
     detach = getattr(host, "detach", None)
     if detach is not None:
         detach()

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from xlb_api.deps import Runtime
+from xlb_api.fleet_metrics import FleetCollector
 from xlb_api.health_metrics import HealthCollector
 
 
@@ -151,4 +152,5 @@ def make_registry(runtime: Runtime) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(XlbCollector(runtime))
     reg.register(HealthCollector(runtime))
+    reg.register(FleetCollector(runtime))
     return reg

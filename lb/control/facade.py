@@ -259,6 +259,12 @@ class ControlPlane:
         with self._lock:
             return self._vip(vip_id)
 
+    def ring_fingerprint(self, vip_id: str) -> str:
+        """Fingerprint of the ring the maps carry for this VIP (health overlay included)."""
+        spec = self._vip(vip_id)
+        overlay = self._overlay
+        return self._plan_rings.fingerprint(overlay(spec) if overlay else spec)
+
     def list_backends(self, vip_id: str) -> list[BackendSpec]:
         """The backends of a VIP; NotFound."""
         return list(self.get_vip(vip_id).backends)

@@ -100,6 +100,10 @@ class _RingEntry:
 _PROVISIONAL = 0x8000_0000
 
 
+# Fingerprints remembered before the cache starts over.
+_FINGERPRINTS_KEPT = 4096
+
+
 class RingCache:
     """Each VIP's ring as data-plane values (backend indices), rebuilt only on change.
 
@@ -117,6 +121,7 @@ class RingCache:
         self._pending: dict[str, tuple[tuple[tuple[str, int], ...], maglev.Ring]] = {}
         # Ring keys by spec object (held, so its id is not reused) until the next forget().
         self._keys: dict[int, tuple[VipSpec, tuple[tuple[str, int], ...]]] = {}
+        self._fingerprints: dict[tuple[tuple[str, int], ...], str] = {}
 
     def key(self, vip: VipSpec) -> tuple[tuple[str, int], ...]:
         """The VIP's ring-relevant backends: sorted (identity, weight) of those in the ring."""
@@ -197,6 +202,19 @@ class RingCache:
         after = maglev.ring_to_values(ring, index_of)
         # Indices are one-to-one with identities, so differing values = moved slots.
         return len(maglev.changed_slots(before, after)) / self.ring_size
+
+    def fingerprint(self, vip: VipSpec) -> str:
+        """Ring.fingerprint of the VIP's ring: by backend identity, so it does not depend on
+        the indices a host assigned (cached by the ring-relevant backends)."""
+        # _ring_key, not key(): readers run beside the writer and must not touch _keys.
+        key = _ring_key(vip)
+        fp = self._fingerprints.get(key)
+        if fp is None:
+            fp = self._build(key).fingerprint()
+            if len(self._fingerprints) >= _FINGERPRINTS_KEPT:
+                self._fingerprints.clear()
+            self._fingerprints[key] = fp
+        return fp
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the rings of VIPs not in `keep`, and every leftover built ahead."""

@@ -40,7 +40,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ from lb.dataplane import netlink, netns
 from lb.dataplane.keys import socket_family
 from lb.dataplane.netlink import XdpMode
 from lb.errors import InvalidInput, KernelError
+from lb.lab.router import Neighbor, RouterBird
 
 DecapMode = Literal["tc", "xdp"]
 
@@ -57,6 +58,8 @@ RUN_ROOT = Path("/run/xlb")
 BPFFS = Path("/sys/fs/bpf")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,11}$")
 MAX_BACKENDS = 200
+# LB host k's link is 198.18.(1+k).0/24: 2..9 sit between the client (1) and backends (11+).
+MAX_LB_HOSTS = 8
 
 HTTP_PORT = 80
 STREAM_PORT = 9000
@@ -80,6 +83,8 @@ RT_CLIENT_IF = "rt-cl"
 RT_LB_IF = "rt-lb"
 
 # Small data-plane sizes: a lab needs few VIPs; Maglev wants ring > 100 * backends.
+# BGP hold time in a fleet lab: a host that dies silently is dropped within it.
+LAB_HOLD_TIME = 3
 LAB_DATAPLANE = {"ring_size": 16381, "max_vips": 16, "max_reals": 256, "conn_table_size": 65536}
 
 
@@ -95,6 +100,10 @@ class Lab:
     backends: int = 3
     xdp_mode: XdpMode = "native"
     decap: DecapMode = "tc"
+    #: LB hosts behind the router; more than one announce the VIPs by BGP (ECMP at the router).
+    lb_hosts: int = 1
+    #: Which LB host this view names (`host(k)`): its namespace, addresses, daemon, pins, store.
+    host_index: int = 1
 
     def __post_init__(self) -> None:
         if not PREFIX_RE.match(self.prefix):
@@ -106,6 +115,32 @@ class Lab:
             raise InvalidInput(
                 f"backends must be 1..{MAX_BACKENDS}, got {self.backends}", field="backends"
             )
+        if not 1 <= self.lb_hosts <= MAX_LB_HOSTS:
+            raise InvalidInput(
+                f"lb_hosts must be 1..{MAX_LB_HOSTS}, got {self.lb_hosts}", field="lb_hosts"
+            )
+        if not 1 <= self.host_index <= self.lb_hosts:
+            raise InvalidInput(
+                f"host_index must be 1..{self.lb_hosts}, got {self.host_index}", field="host_index"
+            )
+
+    @property
+    def bgp(self) -> bool:
+        """True when the LB hosts announce the VIPs by BGP (a fleet) instead of static routes."""
+        return self.lb_hosts > 1
+
+    def host(self, k: int) -> Lab:
+        """The view of LB host k (1-based): same lab, that host's names and paths."""
+        return replace(self, host_index=k)
+
+    def hosts(self) -> list[Lab]:
+        """A view per LB host."""
+        return [self.host(k) for k in self.lb_host_ids]
+
+    @property
+    def lb_host_ids(self) -> range:
+        """1..lb_hosts."""
+        return range(1, self.lb_hosts + 1)
 
     # Namespaces.
 
@@ -121,8 +156,12 @@ class Lab:
 
     @property
     def lb_ns(self) -> str:
-        """Namespace of the load balancer."""
-        return f"{self.prefix}-lb"
+        """Namespace of the load balancer (this view's LB host; host 1 keeps `-lb`)."""
+        return self.lb_ns_of(self.host_index)
+
+    def lb_ns_of(self, k: int) -> str:
+        """Namespace of LB host k."""
+        return f"{self.prefix}-lb" if k == 1 else f"{self.prefix}-lb{k}"
 
     def backend_ns(self, i: int) -> str:
         """Namespace of backend i (1-based)."""
@@ -131,7 +170,8 @@ class Lab:
     def namespaces(self) -> list[str]:
         """Every namespace of the lab, in creation order."""
         bs = [self.backend_ns(i) for i in self.backend_ids]
-        return [self.client_ns, self.router_ns, self.lb_ns, *bs]
+        lbs = [self.lb_ns_of(k) for k in self.lb_host_ids]
+        return [self.client_ns, self.router_ns, *lbs, *bs]
 
     @property
     def backend_ids(self) -> range:
@@ -149,10 +189,31 @@ class Lab:
     client6 = "2001:db8:1::2"
     router_client4 = "198.18.1.1"
     router_client6 = "2001:db8:1::1"
-    lb4 = "198.18.2.2"
-    lb6 = "2001:db8:2::2"
-    router_lb4 = "198.18.2.1"
-    router_lb6 = "2001:db8:2::1"
+
+    @property
+    def lb4(self) -> str:
+        """This LB host's IPv4 address."""
+        return f"198.18.{1 + self.host_index}.2"
+
+    @property
+    def lb6(self) -> str:
+        """This LB host's IPv6 address."""
+        return f"2001:db8:{1 + self.host_index}::2"
+
+    @property
+    def router_lb4(self) -> str:
+        """The router's IPv4 address on this LB host's link."""
+        return f"198.18.{1 + self.host_index}.1"
+
+    @property
+    def router_lb6(self) -> str:
+        """The router's IPv6 address on this LB host's link."""
+        return f"2001:db8:{1 + self.host_index}::1"
+
+    @property
+    def router_lb_if(self) -> str:
+        """The router's interface towards this LB host."""
+        return RT_LB_IF if self.host_index == 1 else f"{RT_LB_IF}{self.host_index}"
     vip4 = VIP4
     vip6 = VIP6
 
@@ -180,8 +241,16 @@ class Lab:
 
     client_mac = "02:58:4c:01:00:02"
     router_client_mac = "02:58:4c:01:00:01"
-    lb_mac = "02:58:4c:02:00:02"
-    router_lb_mac = "02:58:4c:02:00:01"
+
+    @property
+    def lb_mac(self) -> str:
+        """This LB host's MAC."""
+        return f"02:58:4c:02:{self.host_index - 1:02x}:02"
+
+    @property
+    def router_lb_mac(self) -> str:
+        """The router's MAC on this LB host's link."""
+        return f"02:58:4c:02:{self.host_index - 1:02x}:01"
 
     @property
     def gateway_mac(self) -> str:
@@ -213,6 +282,16 @@ class Lab:
         return RUN_ROOT / self.prefix
 
     @property
+    def host_dir(self) -> Path:
+        """This LB host's daemon files (config, socket, token, state): host 1 keeps run_dir."""
+        return self.run_dir if self.host_index == 1 else self.run_dir / f"lb{self.host_index}"
+
+    @property
+    def token_file(self) -> Path:
+        """The token this LB host's daemon wrote."""
+        return self.host_dir / "token"
+
+    @property
     def pin_dir(self) -> Path:
         """bpffs directory for every pin of the lab."""
         return BPFFS / self.prefix
@@ -220,7 +299,7 @@ class Lab:
     @property
     def lb_pin_dir(self) -> Path:
         """Where the balancer's maps are pinned."""
-        return self.pin_dir / "lb"
+        return self.pin_dir / ("lb" if self.host_index == 1 else f"lb{self.host_index}")
 
     @property
     def decap_pin_dir(self) -> Path:
@@ -230,22 +309,22 @@ class Lab:
     @property
     def api_socket(self) -> Path:
         """Unix socket of the daemon's REST API (reachable from the host namespace)."""
-        return self.run_dir / "xlb_api.sock"
+        return self.host_dir / "xlb_api.sock"
 
     @property
     def config_file(self) -> Path:
         """The daemon's TOML configuration."""
-        return self.run_dir / "xlb.toml"
+        return self.host_dir / "xlb.toml"
 
     @property
     def daemon_pid_file(self) -> Path:
         """Pid of the daemon in the LB namespace."""
-        return self.run_dir / "daemon.pid"
+        return self.host_dir / "daemon.pid"
 
     @property
     def daemon_log(self) -> Path:
         """The daemon's stdout and stderr."""
-        return self.run_dir / "daemon.log"
+        return self.host_dir / "daemon.log"
 
     def server_pid_file(self, i: int) -> Path:
         """Pid of backend i's server."""
@@ -262,7 +341,7 @@ class Lab:
         return (
             f'interface = "{LB_IF}"\n'
             f'xdp_mode = "{self.xdp_mode}"\n'
-            f'state_dir = "{self.run_dir / "state"}"\n'
+            f'state_dir = "{self.host_dir / "state"}"\n'
             f'pin_dir = "{self.lb_pin_dir}"\n'
             f"\n[dataplane]\n{dp}\n"
             f"\n[runtime]\n"
@@ -270,12 +349,26 @@ class Lab:
             f'src_v4 = "{self.lb4}"\n'
             f'src_v6 = "{self.lb6}"\n'
             f"max_frame = {self.max_frame}\n"
+            + (self.bgp_toml() if self.bgp else "")
+        )
+
+    def bgp_toml(self) -> str:
+        """This LB host's [bgp] settings: one session per family to the router."""
+        from lb.lab.router import LB_ASN, ROUTER_ASN
+
+        peers = ", ".join(
+            f'{{ address = "{a}", asn = {ROUTER_ASN} }}' for a in (self.router_lb4, self.router_lb6)
+        )
+        return (
+            f"\n[bgp]\nenabled = true\nasn = {LB_ASN}\nrouter_id = \"{self.lb4}\"\n"
+            f"hold_time = {LAB_HOLD_TIME}\npeers = [{peers}]\n"
         )
 
     def save(self) -> None:
         """Record the lab's parameters so `status`, `down` and doctor find them later."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "lab.json").write_text(json.dumps(asdict(self), indent=1) + "\n")
+        rec = {k: v for k, v in asdict(self).items() if k != "host_index"}
+        (self.run_dir / "lab.json").write_text(json.dumps(rec, indent=1) + "\n")
 
     @classmethod
     def load(cls, prefix: str = DEFAULT_PREFIX) -> Lab:
@@ -284,7 +377,8 @@ class Lab:
         if f.is_file():
             return cls(**json.loads(f.read_text()))
         found = [n for n in netns.names(f"{prefix}-b") if re.fullmatch(rf"{prefix}-b\d+", n)]
-        return cls(prefix=prefix, backends=max(len(found), 1))
+        hosts = [n for n in netns.names(f"{prefix}-lb") if re.fullmatch(rf"{prefix}-lb\d*", n)]
+        return cls(prefix=prefix, backends=max(len(found), 1), lb_hosts=max(len(hosts), 1))
 
 
 # Building and tearing down.
@@ -301,6 +395,9 @@ def _common_sysctls() -> dict[str, int]:
         "net.ipv6.conf.all.accept_dad": 0,
         "net.ipv6.conf.default.accept_dad": 0,
         "net.ipv6.conf.default.accept_ra": 0,
+        # Keep static IPv6 addresses over a link down/up (a host "dying" and coming back).
+        "net.ipv6.conf.all.keep_addr_on_down": 1,
+        "net.ipv6.conf.default.keep_addr_on_down": 1,
     }
 
 
@@ -315,8 +412,11 @@ def _build_topology(lab: Lab) -> None:
     links: list[tuple[netlink.End, netlink.End]] = [
         (netlink.End(lab.client_ns, CLIENT_IF, lab.client_mac, CLIENT_MTU),
          netlink.End(lab.router_ns, RT_CLIENT_IF, lab.router_client_mac, CLIENT_MTU)),
-        (netlink.End(lab.lb_ns, LB_IF, lab.lb_mac, CORE_MTU),
-         netlink.End(lab.router_ns, RT_LB_IF, lab.router_lb_mac, CORE_MTU)),
+    ]
+    links += [
+        (netlink.End(h.lb_ns, LB_IF, h.lb_mac, CORE_MTU),
+         netlink.End(h.router_ns, h.router_lb_if, h.router_lb_mac, CORE_MTU))
+        for h in lab.hosts()
     ]
     links += [
         (netlink.End(lab.backend_ns(i), BACKEND_IF, lab.backend_mac(i), CORE_MTU),
@@ -331,11 +431,14 @@ def _build_topology(lab: Lab) -> None:
         (lab.client_ns, CLIENT_IF, f"{lab.client6}/64"),
         (lab.router_ns, RT_CLIENT_IF, f"{lab.router_client4}/24"),
         (lab.router_ns, RT_CLIENT_IF, f"{lab.router_client6}/64"),
-        (lab.lb_ns, LB_IF, f"{lab.lb4}/24"),
-        (lab.lb_ns, LB_IF, f"{lab.lb6}/64"),
-        (lab.router_ns, RT_LB_IF, f"{lab.router_lb4}/24"),
-        (lab.router_ns, RT_LB_IF, f"{lab.router_lb6}/64"),
     ]
+    for h in lab.hosts():
+        addrs += [
+            (h.lb_ns, LB_IF, f"{h.lb4}/24"),
+            (h.lb_ns, LB_IF, f"{h.lb6}/64"),
+            (h.router_ns, h.router_lb_if, f"{h.router_lb4}/24"),
+            (h.router_ns, h.router_lb_if, f"{h.router_lb6}/64"),
+        ]
     for i in lab.backend_ids:
         bns, rif = lab.backend_ns(i), lab.router_backend_if(i)
         addrs += [
@@ -353,11 +456,12 @@ def _build_topology(lab: Lab) -> None:
     routes: list[tuple[str, str, str]] = [
         (lab.client_ns, "default", lab.router_client4),
         (lab.client_ns, "default", lab.router_client6),
-        (lab.lb_ns, "default", lab.router_lb4),
-        (lab.lb_ns, "default", lab.router_lb6),
-        (lab.router_ns, VIP_NET4, lab.lb4),
-        (lab.router_ns, VIP_NET6, lab.lb6),
     ]
+    for h in lab.hosts():
+        routes += [(h.lb_ns, "default", h.router_lb4), (h.lb_ns, "default", h.router_lb6)]
+    if not lab.bgp:
+        # One LB host: static routes. A fleet learns the VIPs from each host's BGP speaker.
+        routes += [(lab.router_ns, VIP_NET4, lab.lb4), (lab.router_ns, VIP_NET6, lab.lb6)]
     for i in lab.backend_ids:
         routes += [
             (lab.backend_ns(i), "default", lab.router_backend4(i)),
@@ -378,7 +482,14 @@ def _build_topology(lab: Lab) -> None:
     # and arrive at backends with bad L4 checksums.
     netns.set_offload(lab.client_ns, CLIENT_IF, "tx", on=False)
     # Native XDP_TX on lb0 delivers only if its peer runs an XDP program.
-    netlink.attach_xdp_pass(lab.router_ns, RT_LB_IF, "native")
+    for h in lab.hosts():
+        netlink.attach_xdp_pass(h.router_ns, h.router_lb_if, "native")
+    if lab.bgp:
+        # ECMP over the LB hosts, hashed on the 5-tuple (else on addresses only).
+        netns.set_sysctls(lab.router_ns, {
+            "net.ipv4.fib_multipath_hash_policy": 1,
+            "net.ipv6.fib_multipath_hash_policy": 1,
+        })
 
 
 def _attach_decap(lab: Lab) -> None:
@@ -452,6 +563,9 @@ def up(lab: Lab, *, servers: bool = True, progress: Callable[[str], None] | None
         _build_topology(lab)
         say(f"backend decap ({lab.decap}) and VIPs on lo")
         _attach_decap(lab)
+        if lab.bgp:
+            say(f"router BIRD with BGP sessions to {lab.lb_hosts} LB hosts (ECMP)")
+            router_bird(lab).start()
         if servers:
             say("backend servers (HTTP :80, stream :9000, UDP echo :9001)")
             start_servers(lab)
@@ -459,6 +573,16 @@ def up(lab: Lab, *, servers: bool = True, progress: Callable[[str], None] | None
         down(lab.prefix)
         raise
     return lab
+
+
+def router_bird(lab: Lab) -> RouterBird:
+    """The fleet lab's router BIRD (files in the run dir, one session per host and family)."""
+    neighbors: list[Neighbor] = []
+    for h in lab.hosts():
+        k = h.host_index
+        neighbors += [Neighbor(f"lb{k}_4", h.lb4), Neighbor(f"lb{k}_6", h.lb6)]
+    return RouterBird(ns=lab.router_ns, run_dir=lab.run_dir, router_id=lab.router_client4,
+                      neighbors=tuple(neighbors), hold_time=LAB_HOLD_TIME)
 
 
 def _bpffs_mounted() -> bool:
@@ -491,9 +615,22 @@ def _cmdline_mentions(pid: int, text: str) -> bool:
         return False
 
 
+def _recorded_pids(run: Path, pattern: str) -> list[int]:
+    """Live pids in the run dir's pid files (`pattern`, any depth) whose command names it."""
+    if not run.is_dir():
+        return []
+    out = set()
+    for f in run.rglob(pattern):
+        pid = _pid_from(f)
+        if pid is not None and pid != os.getpid() and netns.pid_alive(pid) \
+                and _cmdline_mentions(pid, str(run)):
+            out.add(pid)
+    return sorted(out)
+
+
 def lab_namespaces(prefix: str) -> list[str]:
     """Existing namespaces that belong to the lab with this exact prefix."""
-    pat = re.compile(rf"^{re.escape(prefix)}-(cl|rt|lb|b\d+)$")
+    pat = re.compile(rf"^{re.escape(prefix)}-(cl|rt|lb\d*|b\d+)$")
     return [n for n in netns.names(f"{prefix}-") if pat.match(n)]
 
 
@@ -504,14 +641,19 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
     run = RUN_ROOT / prefix
     # Processes first (the daemon, the servers), found by the namespace they live in, or,
     # when the namespace is already gone, by a pid file whose process names our run dir.
-    found = {p for ns in spaces for p in netns.pids_in(ns)}
-    if run.is_dir():
-        for f in run.glob("*.pid"):
-            pid = _pid_from(f)
-            if pid is not None and pid != os.getpid() and _cmdline_mentions(pid, str(run)):
-                found.add(pid)
-    pids = sorted(found)
-    if pids:
+    # The daemons go first and alone: a daemon still shutting down would start its BGP
+    # speaker again once it saw it gone, outside any namespace this function then finds.
+    daemons = _recorded_pids(run, "daemon.pid")
+    if daemons:
+        _stop_pids(daemons)
+        removed += [f"process {p}" for p in daemons]
+    for _ in range(2):  # once more for anything started while the first round stopped
+        found = {p for ns in spaces for p in netns.pids_in(ns)}
+        # Servers and the BIRDs (the router's, each host's speaker under its state dir).
+        found.update(_recorded_pids(run, "*.pid"))
+        pids = sorted(found - set(daemons))
+        if not pids:
+            break
         _stop_pids(pids)
         removed += [f"process {p}" for p in pids]
     for ns in spaces:
@@ -545,7 +687,7 @@ class LabApi(ApiClient):
 
     def __init__(self, lab: Lab, *, echo: Callable[[str], None] | None = None,
                  timeout: float = 30.0) -> None:
-        super().__init__(f"unix://{lab.api_socket}", token_file=lab.run_dir / "token",
+        super().__init__(f"unix://{lab.api_socket}", token_file=lab.token_file,
                          timeout=timeout, echo=echo)
 
 
@@ -569,12 +711,12 @@ def start_daemon(lab: Lab, *, timeout: float = 180.0, extra_toml: str = "") -> i
     if attached is not None and attached != lab.xdp_mode:
         # The kernel cannot switch XDP modes atomically; a lab may stop forwarding briefly.
         netlink.xdp_detach(lab.lb_ns, LB_IF)
-    lab.run_dir.mkdir(parents=True, exist_ok=True)
+    lab.host_dir.mkdir(parents=True, exist_ok=True)
     lab.config_file.write_text(lab.settings_toml() + extra_toml)
     env = _child_env()
     pid = netns.spawn(lab.lb_ns, [
         sys.executable, "-m", "lbctl", "serve", "--config", str(lab.config_file),
-        "--uds", str(lab.api_socket), "--token-file", str(lab.run_dir / "token"),
+        "--uds", str(lab.api_socket), "--token-file", str(lab.token_file),
         "--log-level", "warning",
     ], log=lab.daemon_log, env=env)
     lab.daemon_pid_file.write_text(f"{pid}\n")
@@ -646,6 +788,8 @@ def status(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     pid = daemon_pid(lab)
     out["daemon_pid"] = pid
     out["api_socket"] = str(lab.api_socket) if lab.api_socket.exists() else None
+    out["lb_hosts"] = {h.lb_ns: {"daemon_pid": daemon_pid(h), "api_socket": str(h.api_socket)}
+                       for h in lab.hosts()}
     out["pins"] = sorted(str(p.relative_to(BPFFS)) for p in lab.pin_dir.rglob("*")) \
         if lab.pin_dir.is_dir() else []
     return out
@@ -852,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     pu.add_argument("--backends", type=int, default=3)
     pu.add_argument("--xdp-mode", choices=["native", "generic"], default="native")
     pu.add_argument("--decap", choices=["tc", "xdp"], default="tc")
+    pu.add_argument("--lb-hosts", type=int, default=1,
+                    help="LB hosts behind the router; more than 1 announce by BGP, ECMP (1)")
     pu.add_argument("--no-daemon", action="store_true", help="do not start the LB daemon")
     pd = sub.add_parser("down", help="remove everything the lab created")
     pd.add_argument("--prefix", default=DEFAULT_PREFIX)
@@ -860,13 +1006,16 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.cmd == "up":
-        lab = Lab(prefix=a.prefix, backends=a.backends, xdp_mode=a.xdp_mode, decap=a.decap)
+        lab = Lab(prefix=a.prefix, backends=a.backends, xdp_mode=a.xdp_mode, decap=a.decap,
+                  lb_hosts=a.lb_hosts)
         up(lab, progress=lambda m: _say(f"lab {lab.prefix}: {m}"))
         if not a.no_daemon:
-            _say(f"lab {lab.prefix}: starting the daemon (lbctl serve) in {lab.lb_ns} ...")
-            start_daemon(lab)
+            for h in lab.hosts():
+                _say(f"lab {lab.prefix}: starting the daemon (lbctl serve) in {h.lb_ns} ...")
+                start_daemon(h)
         _say(format_status(status(lab.prefix)))
-        _say(f"\nlbctl --url unix://{lab.api_socket} --token-file {lab.run_dir / 'token'} ...")
+        for h in lab.hosts():
+            _say(f"\nlbctl --url unix://{h.api_socket} --token-file {h.token_file} ...")
     elif a.cmd == "down":
         removed = down(a.prefix)
         _say("\n".join(f"removed {r}" for r in removed) or f"lab {a.prefix}: nothing to remove")

@@ -36,7 +36,9 @@ def create_vip(body: VipCreate, control: ControlDep, response: Response) -> VipP
 @router.get("/{vip_id}", dependencies=[ReadAuth], responses=problem_responses(404))
 def get_vip(vip_id: VipIdPath, control: ControlDep) -> VipPublic:
     """Read one VIP, e.g. tcp:198.18.0.10:80 or udp:[2001:db8::10]:53."""
-    return VipPublic.of(control.get_vip(vip_id))
+    vip = VipPublic.of(control.get_vip(vip_id))
+    vip.ring_fingerprint = control.ring_fingerprint(vip_id)
+    return vip
 
 
 @router.patch(

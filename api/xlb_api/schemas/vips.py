@@ -89,6 +89,9 @@ class VipPublic(BaseModel):
     effective_outer_source: OuterSource
     backends: list[BackendPublic]
     health_check: HealthCheck | None = Field(None, description="the check (null: none)")
+    ring_fingerprint: str | None = Field(
+        None, description="hash of the ring's slots by backend (GET of one VIP; compare hosts)"
+    )
 
     @classmethod
     def of(cls, spec: VipSpec) -> VipPublic:
