@@ -80,7 +80,8 @@ def _run(veth: Veth, mode: str, config: Path, caps: tuple[str, ...] = CAPS) -> d
            "env", "HOME=/tmp", f"PYTHONPATH={ROOT}:{site}:{bcc_only}",
            str(SYSTEM_PYTHON), "-m", "tests.kernel.priv_child",
            mode, str(config), veth.a]  # fmt: skip
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    # The child compiles the balancer: minutes under qemu's TCG (make test-kernels).
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert p.stdout.strip(), f"no answer from the child (exit {p.returncode}): {p.stderr[-3000:]}"
     out: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
     out["exit"] = p.returncode
