@@ -292,7 +292,7 @@ class Store:
             if any("%" in r[2] for r in rows) or any("%" in r[0] for r in backends):
                 self._drop_zone_ids(rows, backends)
                 meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-                rows = db.execute("SELECT id, vip_num, spec FROM vips ORDER BY seq").fetchall()
+                rows = db.execute("SELECT id, vip_num, spec, seq FROM vips ORDER BY seq").fetchall()
                 backends = db.execute("SELECT address, idx FROM backends").fetchall()
                 self._generation = int(meta.get("generation", 0))
             free = db.execute("SELECT kind, idx, freed_at FROM free_indices").fetchall()
@@ -350,7 +350,7 @@ class Store:
         freed: list[tuple[str, int]] = []
         # VIPs without a zone id first, so they keep their ids against a zone-id twin.
         order = sorted(rows, key=lambda r: "%" in r[2])
-        for vid, num, spec in order:
+        for vid, num, spec, *_ in order:  # rows may carry `seq` (lb/fleet ordering)
             d = json.loads(spec)
             if "%" not in spec:
                 ids.add(vid)

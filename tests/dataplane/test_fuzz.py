@@ -122,6 +122,10 @@ def _templates(rng: random.Random) -> list[bytes]:
                                                 sport=rng.choice([80, 53, 443, 8080]))))
             out.append(_eth(rng) / IP(src=c4, dst=str(vip)) / UDP(sport=50000, dport=6080)
                        / Raw(bytes(rng.randrange(256) for _ in range(rng.randrange(60)))))
+        # Half of ring 9's slots name an IPv4 backend: enough flows that some reach
+        # STAT_ENCAP_FAIL (an IPv6 VIP, an IPv4 backend) whatever the seed.
+        out += [_eth(rng) / IPv6(src=c6, dst=str(V6[2])) / UDP(sport=41000 + k, dport=53)
+                for k in range(6)]
         for vip6 in [*V6, P.NONVIP6]:
             for dport in (80, 53, 443):
                 out.append(_eth(rng) / IPv6(src=c6, dst=str(vip6), tc=rng.randrange(256))

@@ -121,8 +121,9 @@ def test_one_hosts_failing_probes_leave_every_ring_identical(
             state = tmp_path / f"lb{i}"
             node = FleetNode(state, _cfg(etcd, i))
             stack.callback(node.close)
+            # Its backends are probed on 127.0.0.x: loopback backends allowed (test bed).
             cp = ControlPlane(StateDir(state), host_maps[i], config=FLEET_CONFIG,
-                              store=node.store_factory)
+                              store=node.store_factory, loopback_backends=True)
             stack.callback(cp.close)
             node.start(cp)
             nodes.append(node)
