@@ -234,8 +234,9 @@ class MapImage:
     reals: dict[int, RealVal] = field(default_factory=dict)
     #: Ring values per VIP number (only the rings of interest are present).
     rings: dict[int, array[int]] = field(default_factory=dict)
-    #: The VIP address filter: (armed, bits set); None when not computed or not read.
-    vip_filter: tuple[bool, frozenset[int]] | None = None
+    #: The VIP address filter: (armed, bits set); None when not computed or not read. Not
+    #: part of equality: the incremental image does not keep it (diff_images compares it).
+    vip_filter: tuple[bool, frozenset[int]] | None = field(default=None, compare=False)
 
 
 def desired_image(
