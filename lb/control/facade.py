@@ -18,6 +18,7 @@ The runtime configuration map `lb_cfg` is not written here (lb/settings.py owns 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -713,6 +714,9 @@ class ControlPlane:
                     log.debug("group stale (try %d): %s", attempt + 1, e)
                     for w in group:
                         w.result, w.error = None, None
+                    # A random pause that grows with the tries: two hosts whose writes keep
+                    # invalidating each other's would otherwise retry in lockstep forever.
+                    time.sleep(random.uniform(0, min(0.2, 0.005 * (attempt + 1))))
                     self._apply_remote(self._store.catch_up)
             err = StaleState(f"the shared state kept changing under this change "
                              f"({self.STALE_RETRIES} tries): try again")
