@@ -36,9 +36,17 @@ CAPS = ("bpf", "net_admin", "perfmon")
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 
+def _others_can_reach(path: Path) -> bool:
+    """Every directory down to `path` lets other users through (o+x)."""
+    return all(os.stat(d).st_mode & 0o001 for d in [*reversed(path.parents), path])
+
+
 def _system_python_matches() -> bool:
     if not SYSTEM_PYTHON.exists() or shutil.which("setpriv") is None:
         return False
+    site = Path(sysconfig.get_paths()["purelib"])
+    if not (_others_can_reach(ROOT) and _others_can_reach(site)):
+        return False  # a checkout under a private home: nobody cannot import it
     v = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
                        capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
     return v == str(sys.version_info[:2])
@@ -46,8 +54,9 @@ def _system_python_matches() -> bool:
 
 requires_setpriv = pytest.mark.skipif(
     not _system_python_matches(),
-    reason="needs setpriv and a system python3 of the venv's version (the venv's own"
-    " interpreter is not reachable by an unprivileged user)",
+    reason="needs setpriv, a system python3 of the venv's version (the venv's own"
+    " interpreter may not be reachable by an unprivileged user), and a checkout and venv"
+    " that other users can read",
 )
 
 
