@@ -450,6 +450,12 @@ class ControlPlane:
         new_idx = frozenset(i for a, i in store.real_idx.items() if idx.get(a) != i)
         self._reconcile(new_nums, new_idx)
 
+    def fleet_view(self) -> tuple[int, bool, dict[str, str]]:
+        """(generation, in_sync, ring_fingerprints()) read under one hold of the lock, so a
+        host never publishes a generation with the rings of another."""
+        with self._lock:
+            return self.generation, self.in_sync, self.ring_fingerprints()
+
     def ring_fingerprints(self) -> dict[str, str]:
         """Each VIP's ring as the maps carry it (health applied), as a SHA-256 of its slots.
 

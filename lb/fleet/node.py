@@ -70,13 +70,14 @@ class FleetNode:
         """This host's status entry."""
         assert self.control is not None and self.store is not None
         c, s = self.control, self.store
+        generation, in_sync, fingerprints = c.fleet_view()
         return {
             "host": self.cfg.host_name,
             "revision": s.revision,
             "state_revision": s.guard_revision,
-            "generation": c.generation,
-            "in_sync": c.in_sync,
-            "fingerprints": c.ring_fingerprints(),
+            "generation": generation,
+            "in_sync": in_sync,
+            "fingerprints": fingerprints,
             # XXX: BGP announcement state comes with issue 15 (part 1); None until then.
             "bgp": self.bgp(),
         }
