@@ -81,6 +81,9 @@ def test_install_into_a_root_lays_out_venv_units_config_and_token(
                        env={"PATH": "/usr/bin:/bin"})
     lb_file, base = p.stdout.split()
     assert Path(lb_file).is_relative_to(t.venv), "lb is not imported from the venv"
+    for name in layout.UNITS:
+        shipped = Path(lb_file).parent / "install" / "units" / name
+        assert shipped.read_text() == units.text(name), f"the wheel does not ship {name}"
     assert Path(base).resolve() == SYSTEM_PYTHON.resolve(), "the venv is not the system Python's"
     for name in layout.UNITS:
         f = t.at(layout.UNIT_DIR) / name
