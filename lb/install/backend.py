@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class BackendState:
 
     interface: str
     mode: Mode
+    #: Informational: commands act in their own --netns (the same namespace seen from there).
     netns: str | None = None
     pin_dir: str = ""
     #: VIPs this `up` put on lo (those already there are not ours to remove).
@@ -70,6 +72,8 @@ class BackendState:
     sysctls_before: dict[str, str] = field(default_factory=dict)
     attached: bool = False
     decap_addrs: list[str] = field(default_factory=list)
+    #: The XDP program's id once attached (its name needs CAP_SYS_ADMIN to read back).
+    xdp_prog_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,17 @@ def _del_address(ns: str | None, ifname: str, addr: str, plen: int) -> None:
         ipr.addr("del", index=netlink.index(ipr, ns, ifname), address=addr, prefixlen=plen)
 
 
+_TC_FILTER_RE = re.compile(r"\s(\S+) direct-action")
+
+
+def tc_filter_names(ns: str | None, ifname: str) -> list[str]:
+    """Names of the BPF filters on an interface's ingress, as the filters carry them
+    (TCA_BPF_NAME): readable with CAP_NET_ADMIN, unlike the programs' own names, which tc
+    looks up by id (CAP_SYS_ADMIN)."""
+    res = netns.run(ns, ["tc", "filter", "show", "dev", ifname, "ingress"], check=False)
+    return _TC_FILTER_RE.findall(res.stdout)
+
+
 def _read_sysctl(ns: str | None, key: str) -> str | None:
     try:
         return netns.get_sysctl(ns, key)
@@ -169,9 +184,9 @@ def up(h: BackendHost, vips: list[str], mode: Mode = "tc") -> BackendState:
         raise Conflict(f"{netlink.where(h.interface, h.netns)} already has an XDP program "
                        f"(id {info.xdp_prog_id}, {info.xdp_prog_name}): detach it first",
                        field="interface")
-    foreign = [f"{n} (id {i})" for i, n in netlink.tc_ingress_progs(h.netns, h.interface)]
+    foreign = tc_filter_names(h.netns, h.interface)
     if foreign:
-        raise Conflict(f"{netlink.where(h.interface, h.netns)} already has tc ingress programs "
+        raise Conflict(f"{netlink.where(h.interface, h.netns)} already has tc ingress filters "
                        f"{', '.join(foreign)}: remove them first", field="interface")
     own = [a.split("/")[0] for a in netlink.addresses(h.netns, h.interface)]
     own = [a for a in own if not ipaddress.ip_address(a).is_link_local]
@@ -217,6 +232,8 @@ def _attach(h: BackendHost, st: BackendState) -> None:
                 netlink.xdp_attach(h.netns, h.interface, decap.xdp_fd, "native")
             except KernelError:
                 netlink.xdp_attach(h.netns, h.interface, decap.xdp_fd, "generic")
+            st.xdp_prog_id = netlink.link_info(h.netns, h.interface).xdp_prog_id
+            h.save(st)
         else:
             netlink.tc_attach_ingress(h.netns, h.interface, decap.tc_fd, TC_NAME)
     finally:
@@ -232,18 +249,18 @@ def down(h: BackendHost) -> BackendState:
                        f"(no {h.state_file})", field="interface")
     if st.attached:
         with contextlib.suppress(InvalidInput):  # the interface is gone: so is the program
-            info = netlink.link_info(st.netns, st.interface)
-            if st.mode == "xdp" and info.xdp_prog_name == XDP_NAME:
-                netlink.xdp_detach(st.netns, st.interface)
-            elif st.mode == "tc" and any(n == TC_NAME for _, n in
-                                         netlink.tc_ingress_progs(st.netns, st.interface)):
-                netlink.tc_detach(st.netns, st.interface)
+            info = netlink.link_info(h.netns, st.interface)
+            if st.mode == "xdp" and info.xdp_prog_id is not None \
+                    and info.xdp_prog_id == st.xdp_prog_id:
+                netlink.xdp_detach(h.netns, st.interface)
+            elif st.mode == "tc" and TC_NAME in tc_filter_names(h.netns, st.interface):
+                netlink.tc_detach(h.netns, st.interface)
     if st.pin_dir:
         shutil.rmtree(st.pin_dir, ignore_errors=True)
     for v in st.vips_added:
-        _del_address(st.netns, "lo", v, _plen(ipaddress.ip_address(v)))
+        _del_address(h.netns, "lo", v, _plen(ipaddress.ip_address(v)))
     if st.sysctls_before:
-        netns.set_sysctls(st.netns, st.sysctls_before)
+        netns.set_sysctls(h.netns, st.sysctls_before)
     h.state_file.unlink(missing_ok=True)
     return st
 
@@ -258,20 +275,21 @@ def status(h: BackendHost) -> dict[str, Any]:
     if st is None:
         raise NotFound(f"backend-host is not up on {netlink.where(h.interface, h.netns)} "
                        f"(no {h.state_file})", field="interface")
-    info = netlink.link_info(st.netns, st.interface)
-    tc = [n for _, n in netlink.tc_ingress_progs(st.netns, st.interface)]
-    on_lo = set(_addresses_by_link(st.netns).get("lo", []))
+    info = netlink.link_info(h.netns, st.interface)
+    tc = tc_filter_names(h.netns, st.interface)
+    on_lo = set(_addresses_by_link(h.netns).get("lo", []))
     counters: dict[str, int] = {}
     stats = Path(st.pin_dir) / "decap_stats"
     if stats.exists():
         counters = pinned_counters(stats, DECAP_STATS)
     return {
-        "interface": st.interface, "netns": st.netns, "mode": st.mode,
-        "attached": (info.xdp_prog_name == XDP_NAME) if st.mode == "xdp" else TC_NAME in tc,
+        "interface": st.interface, "netns": h.netns, "mode": st.mode,
+        "attached": (info.xdp_prog_id is not None and info.xdp_prog_id == st.xdp_prog_id)
+        if st.mode == "xdp" else TC_NAME in tc,
         "xdp_mode": info.xdp_mode,
         "vips": {v: v in on_lo for v in st.vips},
         "decap_addrs": st.decap_addrs,
-        "sysctls": {k: _read_sysctl(st.netns, k) for k in sysctls_for(st.interface)},
+        "sysctls": {k: _read_sysctl(h.netns, k) for k in sysctls_for(st.interface)},
         "sysctls_before": st.sysctls_before,
         "counters": counters,
     }

@@ -1,7 +1,8 @@
 """`lbctl backend-host up|down|status` in a namespace with a veth: the commands of the
 xlb-backend@.service unit as written (ExecStart=/ExecStop= with %i and its environment file's
-variables), a tunnelled packet to a VIP decapsulated and delivered to a socket on the VIP,
-the counters, `down` restoring every sysctl and address, and the one-line errors."""
+variables) with the unit's capabilities only, a tunnelled packet to a VIP decapsulated and
+delivered to a socket on the VIP, the counters, `down` restoring every sysctl and address,
+and the one-line errors."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ class Backend:
     state_dir: Path
     pin_root: Path
 
-    def where(self) -> list[str]:
+    def where(self, *, netns: bool = True) -> list[str]:
         """The options that point the commands at this namespace and these paths."""
-        return ["--netns", self.ns, "--state-dir", str(self.state_dir),
+        return [*(["--netns", self.ns] if netns else []), "--state-dir", str(self.state_dir),
                 "--pin-root", str(self.pin_root)]
 
     def sysctls(self) -> dict[str, str]:
@@ -96,6 +97,20 @@ def _lbctl(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
 
 
+def as_the_unit(b: Backend, argv: list[str]) -> list[str]:
+    """`argv` in the backend's namespace with what xlb-backend@.service leaves the process:
+    root's uid, only its CapabilityBoundingSet=, no-new-privs. systemd is not PID 1 here, so
+    setpriv does it; the namespace is entered first (nsenter, as root: setns needs
+    CAP_SYS_ADMIN), so the command runs without --netns, as on a host."""
+    svc = units.section(units.text(layout.BACKEND_SERVICE))
+    assert "User" not in svc, "the backend unit is meant to keep root's uid"
+    caps = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}"
+                               for c in svc["CapabilityBoundingSet"][-1].split())])
+    assert svc["NoNewPrivileges"] == ["yes"]
+    return ["nsenter", f"--net=/run/netns/{b.ns}", "setpriv", f"--bounding-set={caps}",
+            "--inh-caps=-all", "--no-new-privs", *argv]
+
+
 def _tunnelled_udp(b: Backend, payload: bytes, bind: str = VIP4) -> bytes | None:
     """An IPIP packet to the backend's address carrying UDP to VIP4:9001; what a socket bound
     on `bind` (the VIP) inside the backend receives."""
@@ -125,7 +140,7 @@ def test_up_decapsulates_to_the_vip_and_down_restores_everything(
     b = backend
     before, lo_before = b.sysctls(), b.lo()
     env = {"XLB_BACKEND_MODE": mode, "XLB_BACKEND_VIPS": f"{VIP4} {VIP6}"}
-    up = _lbctl([*_unit_command("ExecStart", env), *b.where()])
+    up = _lbctl(as_the_unit(b, [*_unit_command("ExecStart", env), *b.where(netns=False)]))
     assert up.returncode == 0, up.stderr
     assert {VIP4, VIP6} <= b.lo()
     now = b.sysctls()
@@ -144,7 +159,7 @@ def test_up_decapsulates_to_the_vip_and_down_restores_everything(
     table = _lbctl([*LBCTL, "backend-host", "status", "--interface", BE, *b.where()])
     assert "ipip             1" in table.stdout, table.stdout
 
-    down = _lbctl([*_unit_command("ExecStop", env), *b.where()])
+    down = _lbctl(as_the_unit(b, [*_unit_command("ExecStop", env), *b.where(netns=False)]))
     assert down.returncode == 0, down.stderr
     assert b.sysctls() == before, "down did not restore the sysctls"
     assert b.lo() == lo_before, "down left addresses on lo"
