@@ -27,12 +27,9 @@ def _host(args: argparse.Namespace) -> Any:
                        pin_root=args.pin_root or BACKEND_PIN_DIR)
 
 
-def _fail(e: Exception) -> CliError:
-    from lb.errors import XlbError
-
-    if isinstance(e, XlbError):
-        return CliError(e.detail, EXIT_API)
-    raise e
+def _fail(e: Any) -> CliError:
+    """An lb error as the one line lbctl prints (exit 1)."""
+    return CliError(e.detail, EXIT_API)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
