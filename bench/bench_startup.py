@@ -11,7 +11,8 @@ data-plane sizes: the defaults an installed /etc/xlb/xlb.toml gives (ring 65537 
   maps, attach, open the store, serve.
 - ``warm_s``: a restart over the pins the previous run left (maps adopted, the program
   replaced atomically): what a `systemctl restart` or a crash costs.
-- ``compile_s``: the BCC compile and load alone, in a fresh process (no pins, no API; once).
+- ``compile_s``: the BCC compile and load alone, in a fresh process (no pins, no API; once;
+  not in smoke runs).
 - ``import_s``: `python -c "import xlb_api.main"`: the interpreter and the imports.
 
 Cold and warm runs alternate (A/B) and the median of several is given (3 each, 1 in smoke),
@@ -146,12 +147,13 @@ def main(smoke: bool = False) -> dict[str, Any]:
                 warm.append(d.time_to_ready())
                 _say(f"[startup] {name} run {i + 1}/{runs}: cold {cold[-1]:.2f} s, "
                      f"warm {warm[-1]:.2f} s")
-            comp = [_compile_s(size)]
+            # Skipped in smoke runs (another 4 s).
+            comp = [] if smoke else [_compile_s(size)]
             figures["sizes"][name] = {
                 "config": size or "defaults (lb/settings.py)",
                 "cold_s": round(statistics.median(cold), 2),
                 "warm_s": round(statistics.median(warm), 2),
-                "compile_s": round(statistics.median(comp), 2),
+                "compile_s": round(statistics.median(comp), 2) if comp else None,
                 "cold_runs_s": [round(x, 2) for x in cold],
                 "warm_runs_s": [round(x, 2) for x in warm],
             }
@@ -165,6 +167,7 @@ def main(smoke: bool = False) -> dict[str, Any]:
          "note": {"cold_s": "serve -> /readyz, fresh pins", "warm_s": "restart, pins adopted",
                   "compile_s": "BCC compile + load only"}[k]}
         for n, v in figures["sizes"].items() for k in ("cold_s", "warm_s", "compile_s")
+        if v[k] is not None
     ] + [{"name": "import xlb_api.main", "value": figures["import_s"], "unit": "s",
           "note": "interpreter + imports"}]
     merge_results(NAME, figures)
