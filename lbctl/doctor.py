@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--netns", help="named namespace to check instead of this one")
     p.add_argument("--decap-pins", type=Path, help="pin directory of the decap maps")
     p.add_argument("--no-probe", action="store_true", help="no probe traffic through the VIPs")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="host checks: read the drop counters this far apart (0: the totals)")
     p.add_argument("--json", action="store_true", help="findings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and failures")
     a = p.parse_args(argv)
@@ -42,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
         report: Report = check_lab(Lab.load(a.lab or DEFAULT_PREFIX), probe=not a.no_probe)
     elif a.backend:
-        report = check_backend_host(a.vip, a.interface, a.netns, a.decap_pins)
+        report = check_backend_host(a.vip, a.interface, a.netns, a.decap_pins, a.interval)
     else:
-        report = check_host(a.config, a.netns)
+        report = check_host(a.config, a.netns, a.interval)
     if a.json:
         print(json.dumps([asdict(f) for f in report.findings], indent=1))
     else:

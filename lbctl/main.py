@@ -21,7 +21,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lbctl import backends, explain, fleet, health, host, serve, state, stats, verify, vips
+from lbctl import (
+    backend_host,
+    backends,
+    explain,
+    fleet,
+    health,
+    host,
+    install,
+    serve,
+    state,
+    stats,
+    verify,
+    vips,
+)
 from lbctl.base import EXIT_API, EXIT_OK, CliError, Command, Parser
 from lbctl.client import DEFAULT_URL
 
@@ -61,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     for group in (vips, backends, health, stats, explain, state, verify, fleet, host):
         group.add_commands(sub, leaf)
     serve.add_commands(sub)
+    install.add_commands(sub)
+    backend_host.add_commands(sub)
 
     # Listed for --help; main() hands their arguments to lbctl.lab / lbctl.doctor untouched.
     sub.add_parser("lab", help="the network lab: up|down|status (lb.lab)", add_help=False)

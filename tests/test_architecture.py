@@ -30,7 +30,8 @@ LAYERS: list[tuple[str, ...]] = [
     # The checks' configuration and pure state machine: desired state embeds it.
     ("lb.health.policy",),
     ("lb.control",),
-    ("lb.health", "lb.ops", "lb.fleet"),
+    # lb.install: host setup (units, install, backend-host), beside the operations.
+    ("lb.health", "lb.ops", "lb.fleet", "lb.install"),
     ("lb.lab",),
     ("xlb_api",),
     ("lbctl",),

@@ -15,6 +15,14 @@ This module holds the findings, the checks of one hop, and the checks of a real 
     lbctl doctor --backend --vip ADDR  this host as a backend (decap or tunnel, VIP on lo, ARP,
                                        rp_filter on tunnel devices, checksum errors)
 
+On a real host nothing can be probed end to end, so the doctor watches the counters instead:
+it reads the data plane's own (glob_stats: every drop has a named slot), the interface's
+(`ethtool -S`: the driver's XDP errors such as xdp_tx_errors; the kernel's link statistics,
+/sys/class/net/IF/statistics, through netlink: rx/tx dropped and errors) and, on a backend,
+the decap program's (decap_stats), twice `interval` seconds apart, and fails the hop whose
+drop counters grow, with the reason its slot names. With interval 0 it reports the totals
+since the maps were created (warnings: they may be old).
+
 A lab (`lbctl doctor --lab`) is checked by lb.lab.doctor with the same building blocks; the
 command line is lbctl.doctor's. Pinned maps are read with raw bpf(2) (lb.dataplane.mapio): the
 doctor needs no compiler and no daemon.
@@ -23,14 +31,17 @@ doctor needs no compiler and no daemon.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lb.consts import GLOB_STATS
 from lb.dataplane import netlink, netns
 from lb.dataplane.loader import is_bpffs
-from lb.dataplane.mapio import pinned_decap_has, pinned_gateway_mac
+from lb.dataplane.mapio import pinned_counters, pinned_decap_has, pinned_gateway_mac
 from lb.errors import XlbError
 
 Status = Literal["ok", "warn", "fail"]
@@ -262,10 +273,108 @@ def check_backend(r: Report, hop: str, ns: str | None, ifname: str, *, own: list
                "checksum offload behind native XDP", "ethtool -K <client-side if> tx off")
 
 
+# Counters: what drops, read twice.
+
+#: Data-plane drop slots (glob_stats) -> what drops there and what to look at.
+DROP_REASONS: dict[str, tuple[str, str]] = {
+    "STAT_MALFORMED": ("malformed packets to a VIP (bad IP header or ICMP error)",
+                       "capture on the interface: tcpdump -ni IF dst <vip>"),
+    "STAT_FRAG": ("IP fragments to a VIP (no ports to hash them by)",
+                  "clients fragment: check the path MTU and the MSS they are offered"),
+    "STAT_IP_OPTIONS": ("IPv4 packets with options to a VIP", "nothing to fix in xlb: "
+                        "options are refused by design (as Katran)"),
+    "STAT_NO_BACKEND": ("packets to a VIP without a usable backend",
+                        "lbctl backend list <vip>; lbctl health status"),
+    "STAT_ENCAP_FAIL": ("packets that could not be encapsulated (no headroom, or an IPv6 "
+                        "client to an IPv4-only backend)", "lbctl vip get <vip>: backends' "
+                        "families"),
+    "STAT_TOO_BIG": ("frames over max_frame after encapsulation (answered with ICMP too big)",
+                     "raise the interface MTU or the runtime max_frame, or lower the MSS"),
+}
+DECAP_DROPS: dict[str, tuple[str, str]] = {
+    "DECAP_STAT_DROP_MALFORMED": ("malformed tunnel packets", "capture on the interface"),
+    "DECAP_STAT_DROP_ADJUST": ("the kernel refused to strip the outer header",
+                               "try the other decap mode (tc or xdp)"),
+    "DECAP_STAT_PASS_NOT_LOCAL": ("tunnel packets to an address decap does not know: they "
+                                  "reach the stack still encapsulated and are dropped",
+                                  "lbctl backend-host up again (it registers the interface's "
+                                  "addresses)"),
+}
+
+
+def _is_xdp_error(name: str) -> bool:
+    # veth: rx_queue_0_xdp_tx_errors, tx_queue_0_xdp_xmit_errors; mlx5: rx_xdp_tx_err, ...
+    n = name.lower()
+    return "xdp" in n and ("err" in n or "fail" in n)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Counters of one hop at one moment."""
+
+    at: float
+    dataplane: dict[str, int]
+    xdp_errors: dict[str, int]
+    link: dict[str, int]
+
+
+LINK_DROPS = ("rx_dropped", "tx_dropped", "rx_errors", "tx_errors")
+
+
+def sample(ns: str | None, ifname: str, stats_map: Path | None,
+           names: tuple[str, ...]) -> Sample:
+    """Read the pinned counters (if any), `ethtool -S` XDP errors and link statistics."""
+    dp: dict[str, int] = {}
+    if stats_map is not None and stats_map.exists():
+        try:
+            dp = pinned_counters(stats_map, names)
+        except XlbError:
+            dp = {}
+    try:
+        eth = {k: v for k, v in netns.ethtool_stats(ns, ifname).items() if _is_xdp_error(k)}
+    except (OSError, XlbError):
+        eth = {}
+    link = {k: v for k, v in netlink.link_stats(ns, ifname).items() if k in LINK_DROPS}
+    return Sample(time.monotonic(), dp, eth, link)
+
+
+def check_counters(r: Report, hop: str, ifname: str, before: Sample, after: Sample | None,
+                   reasons: dict[str, tuple[str, str]]) -> None:
+    """Fail the hop for each drop counter that grew between the samples (with no second
+    sample: warn about every non-zero total)."""
+    def delta(a: dict[str, int], b: dict[str, int] | None) -> dict[str, int]:
+        if b is None:
+            return {k: v for k, v in a.items() if v}
+        return {k: b.get(k, 0) - v for k, v in a.items() if b.get(k, 0) > v}
+
+    grew = after is not None
+    report: Callable[..., None] = r.fail if grew else r.warn
+    span = f" in {after.at - before.at:.1f} s" if after is not None else " since the maps were made"
+    dp = delta(before.dataplane, after.dataplane if after else None)
+    for slot, n in dp.items():
+        if slot in reasons:
+            what, fix = reasons[slot]
+            report(hop, f"drops {slot}", f"{n} {what}{span}", fix)
+    eth = delta(before.xdp_errors, after.xdp_errors if after else None)
+    if eth:
+        report(hop, "XDP errors (ethtool -S)",
+               ", ".join(f"{k} +{v}" for k, v in eth.items()) + f"{span}: the driver dropped "
+               "frames the program sent", "on a veth the peer needs an XDP program for native "
+               "XDP_TX; else frames over the MTU (ip link show " + ifname + ")")
+    link = delta(before.link, after.link if after else None)
+    if link:
+        r.warn(hop, "interface drops", ", ".join(f"{k} +{v}" for k, v in link.items()) + span,
+               f"ip -s link show {ifname}")
+    if not (dp.keys() & reasons.keys()) and not eth:
+        counted = "growing" if grew else "counted"
+        r.ok(hop, "drop counters", f"no drops {counted}{span}")
+
+
 # A real host: the LB side from the xlb settings.
 
 
-def check_host(config: str | None = None, netns_name: str | None = None) -> Report:
+def check_host(config: str | None = None, netns_name: str | None = None,
+               interval: float = 1.0) -> Report:
     """Checks of this host as an xlb LB, from its settings (interface, namespace, pins)."""
     from lb.settings import load_settings
 
@@ -303,11 +412,26 @@ def check_host(config: str | None = None, netns_name: str | None = None) -> Repo
     else:
         r.warn(hop, "pins", f"{lb_cfg} missing: the daemon never ran with pin_dir {s.pin_dir}")
     check_mtu(r, hop, name, s.interface, inner_mtu=1500, max_frame=s.runtime.max_frame)
+    _watch(r, hop, name, s.interface, s.pin_dir / "glob_stats", GLOB_STATS, DROP_REASONS,
+           interval)
     return r
 
 
+def _watch(r: Report, hop: str, ns: str | None, ifname: str, stats_map: Path,
+           names: tuple[str, ...], reasons: dict[str, tuple[str, str]], interval: float) -> None:
+    if not stats_map.exists():
+        r.warn(hop, "drop counters", f"{stats_map} missing: no data-plane counters to read")
+    before = sample(ns, ifname, stats_map, names)
+    after = None
+    if interval > 0:
+        time.sleep(interval)
+        after = sample(ns, ifname, stats_map, names)
+    check_counters(r, hop, ifname, before, after, reasons)
+
+
 def check_backend_host(vips: list[str], interface: str | None = None,
-                       ns: str | None = None, decap_pins: Path | None = None) -> Report:
+                       ns: str | None = None, decap_pins: Path | None = None,
+                       interval: float = 1.0) -> Report:
     """Checks of this host (or namespace) as a DSR backend of the given VIPs."""
     r = Report()
     if interface is None:
@@ -319,6 +443,17 @@ def check_backend_host(vips: list[str], interface: str | None = None,
             return r
     own = [a.split("/")[0] for a in netlink.addresses(ns, interface)
            if not ipaddress.ip_address(a.split("/")[0]).is_link_local]
+    if decap_pins is None:
+        from lb.install.layout import BACKEND_PIN_DIR
+
+        # Where `lbctl backend-host up` pins them.
+        if (BACKEND_PIN_DIR / interface / "decap_stats").exists():
+            decap_pins = BACKEND_PIN_DIR / interface
     check_backend(r, f"backend {interface}", ns, interface, own=own, vips=vips,
                   decap_pins=decap_pins)
+    if decap_pins is not None:
+        from lb.dataplane.decap import DECAP_STATS
+
+        _watch(r, f"backend {interface}", ns, interface, decap_pins / "decap_stats",
+               DECAP_STATS, DECAP_DROPS, interval)
     return r
