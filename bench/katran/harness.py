@@ -6,7 +6,7 @@ its user space (katran/lib/KatranLb.cpp) does, and hand out its program fd and c
 No Katran code is in this repository: `bench/katran/build.sh` compiles the checkout named by
 KATRAN_SRC (README.md beside this file names the commit measured and lists every adaptation).
 The object is loaded with bpftool (`prog load ... pinmaps`), since BCC cannot load an ELF;
-the maps are then written through bpf(2) (lb.dataplane.bpf), as KatranLb would write them:
+the maps are then written through bpf(2) (lb.dataplane.rawmap), as KatranLb would write them:
 
 - `ctl_array[CTL_MAC_POS]`: the default router's MAC (KatranLb's `defaultMac`);
 - `vip_map`: `vip_definition {addr, port (network order), proto}` -> `vip_meta {flags 0,
@@ -36,17 +36,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from lb.dataplane.bpf import (
-    BPF_MAP_LOOKUP_ELEM,
-    BPF_MAP_UPDATE_BATCH,
-    BatchAttr,
-    ElemAttr,
-    bpf,
-    obj_get,
-)
 from lb.dataplane.keys import IPAddress, addr16, mac_bytes
+from lb.dataplane.rawmap import RawMap, open_pinned_fd
 from lb.dataplane.testrun import TestRunner
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +50,6 @@ HOW_TO = ("no Katran column: set KATRAN_SRC to a checkout of facebookincubator/k
           "(bench/katran/README.md names the commit measured), e.g. "
           "KATRAN_SRC=/path/to/katran make bench")
 
-BPF_MAP_UPDATE_ELEM = 2
 # katran/lib/bpf/balancer_consts.h (the default build).
 RING_SIZE = 65537
 MAX_VIPS = 512
@@ -128,9 +119,8 @@ def _bpftool(*args: str) -> None:
     subprocess.run(["bpftool", *args], check=True, capture_output=True, text=True)
 
 
-def _update(fd: int, key: ctypes.Structure | ctypes.c_uint32, value: Any, what: str) -> None:
-    a = ElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
-    bpf(BPF_MAP_UPDATE_ELEM, a, what)
+def _u32(v: int) -> bytes:
+    return v.to_bytes(4, "little")
 
 
 class Katran:
@@ -142,36 +132,34 @@ class Katran:
         self.pin_dir = pin_dir
         self.flood_guard = flood_guard
         self.cpus = os.cpu_count() or 1
-        self._fds: dict[str, int] = {}
+        self._maps: dict[str, RawMap] = {}
         if pin_dir.exists():
             shutil.rmtree(pin_dir)
         pin_dir.mkdir(parents=True)
         try:
             _bpftool("prog", "load", str(obj), str(pin_dir / "prog"), "type", "xdp",
                      "pinmaps", str(pin_dir / "maps"))
-            self.prog_fd = obj_get(pin_dir / "prog")
+            self.prog_fd = open_pinned_fd(pin_dir / "prog")
             self._fill(gateway_mac, reals, vips, lru_size)
         except BaseException:
             self.close()
             raise
         self.runner = TestRunner(self.prog_fd)
 
-    def _map(self, name: str) -> int:
-        if name not in self._fds:
-            self._fds[name] = obj_get(self.pin_dir / "maps" / name)
-        return self._fds[name]
+    def _map(self, name: str) -> RawMap:
+        if name not in self._maps:
+            self._maps[name] = RawMap.pinned(self.pin_dir / "maps" / name)
+        return self._maps[name]
 
     def _fill(self, gateway_mac: str, reals: dict[int, IPAddress], vips: list[KatranVip],
               lru_size: int) -> None:
-        mac = ctypes.c_uint64(int.from_bytes(mac_bytes(gateway_mac).ljust(8, b"\0"),
-                                             "little"))
-        _update(self._map("ctl_array"), ctypes.c_uint32(CTL_MAC_POS), mac, "ctl_array")
+        self._map("ctl_array").update(_u32(CTL_MAC_POS), mac_bytes(gateway_mac).ljust(8, b"\0"))
         self.set_reals(reals)
         for v in vips:
             key = VipDefinition(port=int.from_bytes(v.port.to_bytes(2, "big"), "little"),
                                 proto=v.proto)
             ctypes.memmove(key.addr, addr16(v.addr), 16)
-            _update(self._map("vip_map"), key, VipMeta(flags=0, vip_num=v.vip_num), "vip_map")
+            self._map("vip_map").update(bytes(key), bytes(VipMeta(flags=0, vip_num=v.vip_num)))
             self.set_ring(v.vip_num, v.ring)
         # KatranLb::initLrus: one LRU per forwarding core, LruSize / cores entries each.
         per_cpu = max(1, lru_size // self.cpus)
@@ -189,26 +177,19 @@ class Katran:
         for idx, addr in reals.items():
             rd = RealDefinition(flags=F_IPV6 if addr.version == 6 else 0)
             ctypes.memmove(rd.addr, addr16(addr), 16)
-            _update(self._map("reals"), ctypes.c_uint32(idx), rd, "reals")
+            self._map("reals").update(_u32(idx), bytes(rd))
 
     def set_ring(self, vip_num: int, ring: Sequence[int]) -> None:
         """Write a VIP's whole ring (real indices) into ch_rings."""
         n = len(ring)
         keys = (ctypes.c_uint32 * n)(*range(vip_num * RING_SIZE, vip_num * RING_SIZE + n))
         vals = (ctypes.c_uint32 * n)(*ring)
-        a = BatchAttr(keys=ctypes.addressof(keys), values=ctypes.addressof(vals), count=n,
-                      map_fd=self._map("ch_rings"))
-        bpf(BPF_MAP_UPDATE_BATCH, a, "ch_rings")
+        self._map("ch_rings").update_batch(bytes(keys), bytes(vals), n)
 
     def lru_capacity(self, cpu: int) -> int:
         """Entries of the LRU of `cpu`."""
-        from lb.dataplane.bpf import map_info
-
-        fd = obj_get(self.pin_dir / f"{LRU_NAME}{cpu}")
-        try:
-            return int(map_info(fd).max_entries)
-        finally:
-            os.close(fd)
+        with RawMap.pinned(self.pin_dir / f"{LRU_NAME}{cpu}") as m:
+            return m.max_entries()
 
     def fill_lru(self, cpu: int, keys: bytes, real_idx: int) -> None:
         """Insert flows into the LRU of `cpu` from user space (a benchmark's prefill):
@@ -216,28 +197,15 @@ class Katran:
         n = len(keys) // FLOW_KEY_SIZE
         if n == 0:
             return
-        vals = ctypes.create_string_buffer(
-            (real_idx.to_bytes(4, "little") + bytes(REAL_POS_LRU_SIZE - 4)) * n)
-        kbuf = ctypes.create_string_buffer(keys, len(keys))
-        fd = obj_get(self.pin_dir / f"{LRU_NAME}{cpu}")
-        try:
-            step = 65536
-            for i in range(0, n, step):
-                count = min(step, n - i)
-                a = BatchAttr(keys=ctypes.addressof(kbuf) + i * FLOW_KEY_SIZE,
-                              values=ctypes.addressof(vals) + i * REAL_POS_LRU_SIZE,
-                              count=count, map_fd=fd)
-                bpf(BPF_MAP_UPDATE_BATCH, a, "katran lru (prefill)")
-        finally:
-            os.close(fd)
+        vals = (_u32(real_idx) + bytes(REAL_POS_LRU_SIZE - 4)) * n
+        with RawMap.pinned(self.pin_dir / f"{LRU_NAME}{cpu}") as m:
+            m.update_batch(keys, vals, n)
 
     def stat(self, index: int) -> tuple[int, int]:
         """`stats[MAX_VIPS + index]` (v1, v2), summed over CPUs."""
-        vals = (LbStats * self.cpus)()
-        key = ctypes.c_uint32(MAX_VIPS + index)
-        a = ElemAttr(map_fd=self._map("stats"), key=ctypes.addressof(key),
-                     value=ctypes.addressof(vals))
-        bpf(BPF_MAP_LOOKUP_ELEM, a, "stats")
+        raw = self._map("stats").lookup(_u32(MAX_VIPS + index),
+                                        ctypes.sizeof(LbStats) * self.cpus)
+        vals = (LbStats * self.cpus).from_buffer_copy(raw)
         return sum(v.v1 for v in vals), sum(v.v2 for v in vals)
 
     def counters(self) -> dict[str, int]:
@@ -249,9 +217,8 @@ class Katran:
                 "fallback_lru": fallback}
 
     def _reset_rate(self) -> None:
-        zero = (LbStats * self.cpus)()
-        _update(self._map("stats"), ctypes.c_uint32(MAX_VIPS + NEW_CONN_RATE_CNTR), zero,
-                "stats (new-connection rate)")
+        self._map("stats").update(_u32(MAX_VIPS + NEW_CONN_RATE_CNTR),
+                                  bytes(ctypes.sizeof(LbStats) * self.cpus))
 
     def time_frames(self, addresses: Sequence[int], size: int) -> tuple[int, Counter[int]]:
         """TestRunner.time_frames, with the flood guard's rate counter reset between chunks
@@ -269,10 +236,10 @@ class Katran:
 
     def close(self) -> None:
         """Close the fds and remove the pins (program and maps go with the last reference)."""
-        for fd in self._fds.values():
+        for m in self._maps.values():
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+                m.close()
+        self._maps.clear()
         if getattr(self, "prog_fd", None) is not None:
             with contextlib.suppress(OSError):
                 os.close(self.prog_fd)
