@@ -15,7 +15,9 @@ order: a table hit) and syn_v4 (new flows: ring, insert, encapsulation).
   entries, as KatranLb sizes them). xlb's sets of 8 cannot all be filled by hashing alone,
   so "100%" offers 1.5x the capacity and the achieved occupancy is reported.
 - backends: VIP 0's ring is rebuilt from 10, 100 and 1000 backends (lb.control.maglev) and
-  the known flows are SYNed in again, so their entries spread over that many backends.
+  the known flows are SYNed in again, so their entries spread over that many backends. This
+  curve runs after the fill curve, so both tables are full: a SYN then evicts (in Katran's
+  LRU hash that is what makes its SYNs cost more as the table fills).
 
 Results merge into bench/results/curves.json as {"fill": {"levels": [...], "xlb": {path:
 [ns above floor per level]}, "katran": {...}, "occupancy": {...}}, "backends": {...}}.
