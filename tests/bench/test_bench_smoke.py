@@ -123,3 +123,33 @@ def test_without_katran_src_the_run_says_how_to_get_the_column(
     monkeypatch.delenv("KATRAN_SRC", raising=False)
     assert harness.source() is None
     assert "KATRAN_SRC" in harness.HOW_TO and "bench/katran/README.md" in harness.HOW_TO
+
+
+@pytest.mark.bpf
+def test_katran_as_the_harness_programs_it_forwards_vip_flows_and_passes_others() -> None:
+    from bench import bench_dataplane as dp
+    from bench.katran import harness
+    from lb.config import DataplaneConfig
+    from lb.consts import XDP_PASS, XDP_TX
+
+    if harness.source() is None:
+        pytest.skip(harness.HOW_TO)
+    cfg = DataplaneConfig(conn_table_size=65536)
+    rings = {num: dp.ring_values(cfg.ring_size, reals) for num, _, reals in dp.VIPS}
+    k, info = dp._katran(rings, lambda _: None, lru_size=65536)
+    assert k is not None and info["commit"]
+    try:
+        fs = dp.Frameset(200)
+        for sc in dp.SCENARIOS:
+            pre = fs.prepare(sc)
+            if pre is not None:
+                k.run(pre)
+            before = k.snapshot()
+            _, verdicts = k.run(fs.of(sc, 0))
+            assert verdicts[sc.verdict] == 200, f"{sc.name}: {dict(verdicts)}"
+            k.check(sc, before, 200)
+        assert k.snapshot()["fallback_lru"] == 0, "a packet took Katran's fallback LRU"
+        assert {XDP_PASS, XDP_TX} >= {sc.verdict for sc in dp.SCENARIOS}
+    finally:
+        k.close()
+    assert not k.k.pin_dir.exists(), "the harness left its pins behind"
