@@ -9,7 +9,10 @@ in one (a BCC compile, a kernel error) is reported without losing the others, an
 overstays the budget is interrupted (SIGINT, so its cleanup runs). A module that does not
 exist yet is skipped with a message; a module that fails makes the exit status non-zero.
 
-Then it prints ONE summary table and draws bench/results/summary.png (bench/chart.py).
+Then it prints ONE summary table and draws bench/results/summary.png (bench/chart.py);
+`make bench` then rewrites the README's benchmark section from the results (bench/readme.py).
+With KATRAN_SRC=/path/to/katran, dataplane, curves and forwarding measure Katran beside xlb
+(bench/katran/README.md) and get KATRAN_EXTRA_S more time; curves is left out of --smoke.
 """
 
 from __future__ import annotations
