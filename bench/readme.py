@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The goal of issue 21: at most this fraction of Katran's cost on every path, in one run.
+GOAL = 0.8
 BEGIN = "<!-- bench-results:begin (make bench-readme writes this section) -->"
 END = "<!-- bench-results:end -->"
 
@@ -101,6 +103,10 @@ def dataplane_section(dp: dict[str, Any]) -> list[str]:
         ref = lru.get(name)
         cols.append(f"{ref['above_floor_ns']:.0f}" if ref else "-")
         lines.append("| " + " | ".join(cols) + " |")
+    if ratio:
+        over = [f"{PATH_LABELS.get(n, n)} ({r:.2f})" for n, r in ratio.items() if r > GOAL]
+        lines += ["", f"Paths above {GOAL}x Katran's cost in this run: "
+                  + ("; ".join(over) if over else "none") + "."]
     return lines
 
 
