@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-quick test-kernels demo demo-dataplane demo-fleet check bench bench-smoke clean
+.PHONY: setup test test-quick test-kernels demo demo-dataplane demo-fleet check bench bench-smoke bench-readme clean
 
 setup:
 	@./scripts/setup.sh
@@ -39,11 +39,18 @@ check: setup
 	$(VENV)/bin/ruff check lb api lbctl tests bench scripts
 	$(VENV)/bin/mypy
 
+## Every benchmark, then the README's marked section from the results. KATRAN_SRC=/path/to/katran
+## adds Katran beside xlb (bench/katran/README.md names the commit).
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.readme
 
 bench-smoke: setup
 	$(PY) -m bench.run --smoke
+
+## The README's benchmark section from bench/results/*.json (no measuring).
+bench-readme: setup
+	$(PY) -m bench.readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results/*.json bench/results/*.png

@@ -44,7 +44,9 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.common import XDP_DIR, environment, merge_results
 from lb.config import DataplaneConfig, RuntimeConfig
 from lb.consts import CONN_WAYS, STAT_INDEX, XDP_PASS, XDP_TX
+from lb.dataplane import loader
 from lb.dataplane.keys import addr16, set_addr
 from lb.dataplane.loader import Balancer, compile_program, write_runtime_config
 from lb.dataplane.mapio import MapIO
@@ -65,17 +68,8 @@ PACKETS, RUNS = 200_000, 5
 SMOKE_PACKETS, SMOKE_RUNS = 20_000, 1
 CONN_TABLE = 8_000_000
 BACKENDS_PER_VIP = 100
-# Katran on this machine, the same way (ns above the same kind of floor): the bar.
-KATRAN_ABOVE_FLOOR_NS = {
-    "syn_v4": 539, "ack_v4_shuffled": 407, "ack_v4_hot": 88, "nonvip_pass": 30,
-    "syn_v6": 560, "ack_v6_shuffled": 391,
-}
 # ACKs of known flows evicted by a full set (see the top), allowed per run and path.
 MAX_ACK_MISS_FRACTION = 0.001
-# Paths also measured with xdp_floor_lru (the old kernel-LRU table alone) for reference.
-LRU_REFERENCE = ("syn_v4", "ack_v4_shuffled", "syn_v6", "ack_v6_shuffled")
-PATHS = ("nonvip_pass", "syn_v4", "ack_v4_shuffled", "ack_v4_hot",
-         "syn_v6", "ack_v6_shuffled", "ack_v6_hot", "icmp_echo_v4")
 
 LB_MAC, PEER_MAC, GW_MAC = "02:00:00:00:00:01", "02:00:00:00:00:aa", "02:00:00:00:00:fe"
 VIP4 = ipaddress.IPv4Address("198.18.0.10")
@@ -165,58 +159,47 @@ def same_frames(kind: str, count: int) -> Frames:
     return Frames(bytearray(tpl), len(tpl), [0] * count)
 
 
-# --- the measuring loop ---------------------------------------------------------------------
+# --- the balancers under test --------------------------------------------------------------
 
 
-class Timer:
-    """BPF_PROG_TEST_RUN of one program, one call per frame, kernel-measured durations."""
-
-    def __init__(self, prog_fd: int) -> None:
-        self.runner = TestRunner(prog_fd)
-
-    def run(self, frames: Frames) -> tuple[float, int]:
-        """Mean ns per frame and how many frames got a verdict other than XDP_TX/PASS."""
-        addresses = frames.addresses()
-        total, verdicts = self.runner.time_frames(addresses, frames.size)
-        odd = sum(n for v, n in verdicts.items() if v not in (XDP_TX, XDP_PASS))
-        return total / len(addresses), odd
+REALS4 = [ipaddress.IPv4Address(f"198.18.1.{i}") for i in range(1, BACKENDS_PER_VIP + 1)]
+REALS6 = [ipaddress.IPv6Address(f"2001:db8:1::{i:x}") for i in range(1, BACKENDS_PER_VIP + 1)]
+# Real indices: IPv4 backends 1..100, IPv6 backends 101..200 (0 is "no backend" in both).
+REAL_INDEX = {addr: i for i, addr in enumerate([*REALS4, *REALS6], start=1)}
+# (vip_num, address, backends) of the two TCP VIPs on port 80.
+VIPS = ((0, VIP4, REALS4), (1, VIP6, REALS6))
 
 
-# --- the balancer under test ----------------------------------------------------------------
-
-
-def _ring(balancer: Balancer, vip_num: int, first_idx: int, addrs: list[Any]) -> None:
+def ring_values(ring_size: int, reals: list[Any]) -> list[int]:
+    """The Maglev ring lb.control.maglev builds for these backends, as real indices."""
     from lb.control.maglev import Endpoint, build_ring, ring_to_values
 
-    size = balancer.config.ring_size
-    ring = build_ring([Endpoint(str(a)) for a in addrs], size)
-    values = ring_to_values(ring, {str(a): first_idx + i for i, a in enumerate(addrs)})
-    t = balancer.ch_rings
-    keys = (t.Key * size)(*range(vip_num * size, (vip_num + 1) * size))
-    vals = (t.Leaf * size)(*values)
-    t.items_update_batch(keys, vals)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ring = build_ring([Endpoint(str(a)) for a in reals], ring_size)
+    return list(ring_to_values(ring, {str(a): REAL_INDEX[a] for a in reals}))
 
 
-def program(balancer: Balancer) -> None:
+def program(balancer: Balancer, rings: dict[int, list[int]]) -> None:
     """One IPv4 and one IPv6 TCP VIP with 100 backends each, rings from lb.control.maglev."""
     write_runtime_config(balancer, RuntimeConfig(
         gateway_mac=GW_MAC, src_v4=ipaddress.IPv4Address("198.18.0.1"),
         src_v6=ipaddress.IPv6Address("2001:db8::1")))
-    reals4 = [ipaddress.IPv4Address(f"198.18.1.{i}") for i in range(1, BACKENDS_PER_VIP + 1)]
-    reals6 = [ipaddress.IPv6Address(f"2001:db8:1::{i:x}") for i in range(1, BACKENDS_PER_VIP + 1)]
-    for i, addr in enumerate([*reals4, *reals6], start=1):
+    for addr, i in REAL_INDEX.items():
         leaf = balancer.reals.Leaf()
         set_addr(leaf.addr, addr)
         leaf.flags = 1 if addr.version == 6 else 0
         balancer.reals[balancer.reals.Key(i)] = leaf
-    for num, vip, reals, first in ((0, VIP4, reals4, 1), (1, VIP6, reals6, 1 + len(reals4))):
+    size = balancer.config.ring_size
+    for num, vip, _ in VIPS:
         meta = balancer.vip_map.Leaf()
         meta.vip_num = num
         balancer.vip_map[balancer.vip_key(vip, 80, "tcp")] = meta
         balancer.vip_addrs[balancer.vip_addr_key(vip)] = balancer.vip_addrs.Leaf(1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _ring(balancer, num, first, reals)
+        t = balancer.ch_rings
+        keys = (t.Key * size)(*range(num * size, (num + 1) * size))
+        vals = (t.Leaf * size)(*rings[num])
+        t.items_update_batch(keys, vals)
 
 
 def arm_filter(balancer: Balancer) -> None:
@@ -230,141 +213,347 @@ def counters(balancer: Balancer) -> dict[str, int]:
     return {name: sum(t[t.Key(i)]) for name, i in STAT_INDEX.items()}
 
 
-# --- the run --------------------------------------------------------------------------------
+@contextmanager
+def xdp_sources(directory: Path | None) -> Iterator[None]:
+    """Compile the balancer from another xdp/ tree meanwhile (A/B runs: --ab DIR)."""
+    if directory is None:
+        yield
+        return
+    old = loader.xdp_source_dir
+    loader.xdp_source_dir = lambda: directory  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        loader.xdp_source_dir = old  # type: ignore[assignment]
 
 
-@dataclass
-class BenchPath:
-    """A path: frames for run r, the counter every frame must move, and an untimed warm-up.
+# --- scenarios: what is measured, one row each ----------------------------------------------
 
-    `miss` is a counter a few frames may move instead (an ACK of an evicted flow), up to
-    MAX_ACK_MISS_FRACTION of them.
+
+@dataclass(frozen=True)
+class Scenario:
+    """A path: the frames sent, the verdict every frame must get, the xlb counter every frame
+    must move (`miss`: one a few may move instead, an ACK of an evicted flow, up to
+    MAX_ACK_MISS_FRACTION), and whether the kernel-LRU reference is measured beside it.
+
+    `flows`: "fresh" (a new flow id range per run: SYNs of flows never seen), "known" (the
+    ACK set, SYNed in before the first run, sent shuffled) or "same" (one frame, repeated).
     """
 
     name: str
-    frames: Callable[[int], Frames]
+    template: str
+    flows: str
+    verdict: int
     counter: str
-    prepare: Callable[[], None] | None = None
     miss: str | None = None
+    lru_reference: bool = False
 
 
-def measure(packets: int, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Measure every path and the floor; returns the figures."""
+# Add a row to measure a new path (another helper's feature); names are the JSON keys.
+SCENARIOS: list[Scenario] = [
+    Scenario("nonvip_pass", "nonvip", "same", XDP_PASS, "STAT_PASS_NON_VIP"),
+    Scenario("syn_v4", "syn4", "fresh", XDP_TX, "STAT_LRU_MISS_SYN", lru_reference=True),
+    Scenario("ack_v4_shuffled", "ack4", "known", XDP_TX, "STAT_LRU_HIT",
+             miss="STAT_LRU_MISS_OTHER", lru_reference=True),
+    Scenario("ack_v4_hot", "ack4", "same", XDP_TX, "STAT_LRU_HIT"),
+    Scenario("syn_v6", "syn6", "fresh", XDP_TX, "STAT_LRU_MISS_SYN", lru_reference=True),
+    Scenario("ack_v6_shuffled", "ack6", "known", XDP_TX, "STAT_LRU_HIT",
+             miss="STAT_LRU_MISS_OTHER", lru_reference=True),
+    Scenario("ack_v6_hot", "ack6", "same", XDP_TX, "STAT_LRU_HIT"),
+    Scenario("icmp_echo_v4", "echo4", "same", XDP_TX, "STAT_ICMP_ECHO"),
+]
+PATHS = tuple(sc.name for sc in SCENARIOS)
+LRU_REFERENCE = tuple(sc.name for sc in SCENARIOS if sc.lru_reference)
+
+
+class Frameset:
+    """The frames of each scenario and run: fresh ranges per run, one known set, one frame."""
+
+    def __init__(self, packets: int, seed: int = 0x5EED) -> None:
+        self.packets = packets
+        self.rng = random.Random(seed)
+        # Flow ids: SYN runs use fresh ranges, the ACK set is its own range.
+        self.known = range(10 * packets, 11 * packets)
+
+    def fresh(self, r: int) -> range:
+        """Flow ids of run r's new flows (r >= 0; references use their own r)."""
+        return range(r * self.packets, (r + 1) * self.packets)
+
+    def of(self, sc: Scenario, r: int) -> Frames:
+        """The frames scenario `sc` sends in run r."""
+        if sc.flows == "fresh":
+            return flow_frames(sc.template, self.fresh(r))
+        if sc.flows == "known":
+            return flow_frames(sc.template, self.known, self.rng)
+        return same_frames(sc.template, self.packets)
+
+    def prepare(self, sc: Scenario) -> Frames | None:
+        """The untimed frames that set a scenario up: the known flows' SYNs, the hot flow's
+        first packet."""
+        if sc.flows == "known":
+            return flow_frames(sc.template.replace("ack", "syn"), self.known)
+        if sc.flows == "same" and sc.template.startswith("ack"):
+            return same_frames(sc.template, 1)
+        return None
+
+
+# --- subjects: the programs measured side by side -------------------------------------------
+
+
+class Subject:
+    """One program measured on every scenario: xlb, an A/B variant of it, or Katran."""
+
+    name = "?"
+
+    def run(self, frames: Frames) -> tuple[float, Counter[int]]:
+        """Mean kernel-measured ns per frame and the verdicts."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters before a run, for `check`."""
+        return {}
+
+    def check(self, sc: Scenario, before: dict[str, int], sent: int) -> int:
+        """Raise if the run did not take the scenario's path; returns the misses allowed."""
+        return 0
+
+    def close(self) -> None:
+        """Unload."""
+
+
+class XlbSubject(Subject):
+    """The balancer of this checkout (or of `source_dir`, an A/B variant's xdp/ tree)."""
+
+    def __init__(self, name: str, cfg: DataplaneConfig, rings: dict[int, list[int]],
+                 source_dir: Path | None = None) -> None:
+        self.name = name
+        with xdp_sources(source_dir):
+            self.balancer = Balancer(cfg)
+        try:
+            program(self.balancer, rings)
+            arm_filter(self.balancer)
+        except BaseException:
+            self.balancer.close()
+            raise
+        self.runner = TestRunner(self.balancer.prog_fd)
+
+    def run(self, frames: Frames) -> tuple[float, Counter[int]]:
+        addresses = frames.addresses()
+        total, verdicts = self.runner.time_frames(addresses, frames.size)
+        return total / len(addresses), verdicts
+
+    def snapshot(self) -> dict[str, int]:
+        return counters(self.balancer)
+
+    def check(self, sc: Scenario, before: dict[str, int], sent: int) -> int:
+        after = counters(self.balancer)
+        moved = after[sc.counter] - before[sc.counter]
+        missed = after[sc.miss] - before[sc.miss] if sc.miss else 0
+        if moved + missed != sent or missed > MAX_ACK_MISS_FRACTION * sent:
+            raise RuntimeError(f"{self.name} {sc.name}: {moved} of {sent} packets took the"
+                               f" path ({sc.counter}), {missed} missed")
+        return missed
+
+    def evictions(self) -> int:
+        """STAT_CONN_EVICT so far."""
+        return counters(self.balancer)["STAT_CONN_EVICT"]
+
+    def close(self) -> None:
+        self.balancer.close()
+
+
+class KatranSubject(Subject):
+    """Katran's balancer (bench/katran/harness.py) with the same VIPs, backends and rings."""
+
+    name = "katran"
+
+    def __init__(self, obj: Path, rings: dict[int, list[int]], lru_size: int = CONN_TABLE
+                 ) -> None:
+        from bench.katran import harness
+
+        vips = [harness.KatranVip(num, vip, 80, 6, rings[num]) for num, vip, _ in VIPS]
+        self.k = harness.Katran(obj, Path(f"/sys/fs/bpf/xlb-bench-katran-{os.getpid()}"),
+                                gateway_mac=GW_MAC,
+                                reals={i: a for a, i in REAL_INDEX.items()}, vips=vips,
+                                lru_size=lru_size)
+
+    def run(self, frames: Frames) -> tuple[float, Counter[int]]:
+        addresses = frames.addresses()
+        total, verdicts = self.k.time_frames(addresses, frames.size)
+        return total / len(addresses), verdicts
+
+    def snapshot(self) -> dict[str, int]:
+        return self.k.counters()
+
+    def check(self, sc: Scenario, before: dict[str, int], sent: int) -> int:
+        after = self.k.counters()
+        if after["fallback_lru"] != before["fallback_lru"]:
+            raise RuntimeError("katran: packets took fallback_cache (no per-CPU LRU)")
+        missed = after["miss_other"] - before["miss_other"]
+        if sc.flows == "known" and missed > MAX_ACK_MISS_FRACTION * sent:
+            raise RuntimeError(f"katran {sc.name}: {missed} of {sent} known flows missed")
+        return missed
+
+    def close(self) -> None:
+        self.k.close()
+
+
+def _katran(rings: dict[int, list[int]], progress: Callable[[str], None],
+            lru_size: int = CONN_TABLE) -> tuple[KatranSubject | None, dict[str, Any]]:
+    """Katran's subject when KATRAN_SRC is set, and what the JSON says about it."""
+    from bench.katran import harness
+
+    src = harness.source()
+    if src is None:
+        progress(harness.HOW_TO)
+        return None, {"absent": harness.HOW_TO}
+    obj, commit = harness.build(src)
+    progress(f"katran: {obj} (commit {commit})")
+    return KatranSubject(obj, rings, lru_size), {"commit": commit, "source": str(src),
+                                                 "lru_size": lru_size, "flood_guard": False}
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def _spread(v: list[float]) -> list[float]:
+    return [round(min(v), 1), round(max(v), 1)]
+
+
+def measure(packets: int, runs: int, progress: Callable[[str], None], *,
+            ab: Path | None = None, katran: bool = True) -> dict[str, Any]:
+    """Measure every scenario on every subject and the floor, interleaved run by run (the
+    subjects' order rotates each run); returns the figures."""
     cfg = DataplaneConfig(conn_table_size=CONN_TABLE)
     progress(f"loading the balancer (conn table {cfg.conn_sets:,} sets x {CONN_WAYS} ="
              f" {cfg.conn_capacity:,} slots, ring {cfg.ring_size}) ...")
-    balancer = Balancer(cfg)
+    rings = {num: ring_values(cfg.ring_size, reals) for num, _, reals in VIPS}
+    subjects: list[Subject] = []
+    extra: dict[str, Any] = {}
     floor_bpf = compile_program(XDP_DIR / "floor.c", cfg.cflags())
     try:
-        floor_fn = floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP)
-        lru_fn = floor_bpf.load_func(b"xdp_floor_lru", floor_bpf.XDP)
-        program(balancer)
-        arm_filter(balancer)
-        lb, floor = Timer(balancer.prog_fd), Timer(int(floor_fn.fd))
-        lru = Timer(int(lru_fn.fd))
-        rng = random.Random(0x5EED)
-        # Flow ids: SYN runs use fresh ranges, the ACK set is its own range, SYNed in first.
-        known = range(10 * packets, 11 * packets)
-
-        def fresh(r: int) -> range:
-            return range(r * packets, (r + 1) * packets)
-
-        def syn_known(kind: str) -> Callable[[], None]:
-            def prepare() -> None:
-                lb.run(flow_frames(kind, known))
-                lru.run(flow_frames(kind, known))
-
-            return prepare
-
-        paths = [
-            BenchPath("nonvip_pass", lambda r: same_frames("nonvip", packets), "STAT_PASS_NON_VIP"),
-            BenchPath("syn_v4", lambda r: flow_frames("syn4", fresh(r)), "STAT_LRU_MISS_SYN"),
-            BenchPath("ack_v4_shuffled", lambda r: flow_frames("ack4", known, rng), "STAT_LRU_HIT",
-                      syn_known("syn4"), miss="STAT_LRU_MISS_OTHER"),
-            BenchPath("ack_v4_hot", lambda r: same_frames("ack4", packets), "STAT_LRU_HIT"),
-            BenchPath("syn_v6", lambda r: flow_frames("syn6", fresh(r)), "STAT_LRU_MISS_SYN"),
-            BenchPath("ack_v6_shuffled", lambda r: flow_frames("ack6", known, rng), "STAT_LRU_HIT",
-                      syn_known("syn6"), miss="STAT_LRU_MISS_OTHER"),
-            BenchPath("ack_v6_hot", lambda r: same_frames("ack6", packets), "STAT_LRU_HIT"),
-            BenchPath("icmp_echo_v4", lambda r: same_frames("echo4", packets), "STAT_ICMP_ECHO"),
-        ]
-        for p in paths:
-            if p.prepare is not None:
-                p.prepare()
-        # The hot flows are in the table before their first timed packet.
-        lb.run(same_frames("ack4", 1))
-        lb.run(same_frames("ack6", 1))
+        xlb = XlbSubject("xlb", cfg, rings)
+        subjects.append(xlb)
+        if ab is not None:
+            progress(f"A/B: also the balancer compiled from {ab}")
+            subjects.append(XlbSubject("ab", cfg, rings, ab))
+            extra["ab_source"] = str(ab)
+        if katran:
+            k, extra["katran"] = _katran(rings, progress)
+            if k is not None:
+                subjects.append(k)
+        floor = TestRunner(int(floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP).fd))
+        lru = TestRunner(int(floor_bpf.load_func(b"xdp_floor_lru", floor_bpf.XDP).fd))
+        fs = Frameset(packets)
+        for sc in SCENARIOS:
+            pre = fs.prepare(sc)
+            if pre is None:
+                continue
+            for subj in subjects:
+                subj.run(pre)
+            if sc.lru_reference:
+                lru.time_frames(pre.addresses(), pre.size)
         floor_frames = same_frames("nonvip", packets)
         floor_ns: list[float] = []
-        ns: dict[str, list[float]] = {p.name: [] for p in paths}
-        misses: dict[str, int] = {p.name: 0 for p in paths if p.miss}
+        ns: dict[str, dict[str, list[float]]] = {
+            s.name: {sc.name: [] for sc in SCENARIOS} for s in subjects}
+        misses: dict[str, dict[str, int]] = {s.name: {} for s in subjects}
         lru_ns: dict[str, list[float]] = {name: [] for name in LRU_REFERENCE}
-        by_name = {p.name: p for p in paths}
         for r in range(runs):
-            floor_ns.append(floor.run(floor_frames)[0])
-            for name in LRU_REFERENCE:
-                # Fresh flow ids for the reference's SYNs, apart from the balancer's.
-                frames = by_name[name].frames(r + runs if name.startswith("syn") else r)
-                lru_ns[name].append(lru.run(frames)[0])
-            for p in paths:
-                frames = p.frames(r)
-                before = counters(balancer)
-                mean, odd = lb.run(frames)
-                after = counters(balancer)
-                moved = after[p.counter] - before[p.counter]
-                missed = after[p.miss] - before[p.miss] if p.miss else 0
+            t, _ = floor.time_frames(floor_frames.addresses(), floor_frames.size)
+            floor_ns.append(t / packets)
+            for sc in SCENARIOS:
+                if sc.lru_reference:
+                    # Fresh flow ids for the reference's SYNs, apart from the balancers'.
+                    frames = fs.of(sc, r + runs if sc.flows == "fresh" else r)
+                    t, _ = lru.time_frames(frames.addresses(), frames.size)
+                    lru_ns[sc.name].append(t / len(frames.order))
+            order = subjects[r % len(subjects):] + subjects[:r % len(subjects)]
+            for sc in SCENARIOS:
+                frames = fs.of(sc, r)
                 sent = len(frames.order)
-                if odd or moved + missed != sent or missed > MAX_ACK_MISS_FRACTION * sent:
-                    raise RuntimeError(f"{p.name}: {moved} of {sent} packets took the path"
-                                       f" ({p.counter}), {missed} missed, {odd} unexpected"
-                                       " verdicts")
-                if p.miss:
-                    misses[p.name] += missed
-                ns[p.name].append(mean)
-            progress(f"run {r + 1}/{runs}: floor {floor_ns[-1]:.1f} ns, "
-                     + ", ".join(f"{k} {v[-1]:.0f}" for k, v in ns.items()))
-        evictions = counters(balancer)["STAT_CONN_EVICT"]
+                for subj in order:
+                    before = subj.snapshot()
+                    mean, verdicts = subj.run(frames)
+                    if verdicts[sc.verdict] != sent:
+                        raise RuntimeError(f"{subj.name} {sc.name}: verdicts {dict(verdicts)},"
+                                           f" expected {sent} x {sc.verdict}")
+                    missed = subj.check(sc, before, sent)
+                    if missed:
+                        misses[subj.name][sc.name] = misses[subj.name].get(sc.name, 0) + missed
+                    ns[subj.name][sc.name].append(mean)
+            progress(f"run {r + 1}/{runs}: floor {floor_ns[-1]:.1f} ns; " + "; ".join(
+                f"{s}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in paths.items())
+                for s, paths in ns.items()))
+        evictions = xlb.evictions()
     finally:
         floor_bpf.cleanup()
-        balancer.close()
+        for subj in subjects:
+            subj.close()
     floor_med = statistics.median(floor_ns)
 
-    def row(v: list[float]) -> dict[str, float]:
+    def row(v: list[float]) -> dict[str, Any]:
         return {"ns": round(statistics.median(v), 1),
-                "above_floor_ns": round(statistics.median(v) - floor_med, 1)}
+                "above_floor_ns": round(statistics.median(v) - floor_med, 1),
+                "runs_ns": [round(x, 1) for x in v], "spread_ns": _spread(v)}
 
-    return {
+    figures: dict[str, Any] = {
         "floor_ns": round(floor_med, 1),
-        "paths": {name: row(v) for name, v in ns.items()},
+        "floor_runs_ns": [round(x, 1) for x in floor_ns],
+        "paths": {name: row(v) for name, v in ns["xlb"].items()},
         "lru_reference": {name: row(v) for name, v in lru_ns.items()},
         "packets_per_run": packets,
         "runs": runs,
         "conn_table_size": CONN_TABLE,
         "conn_table_slots": cfg.conn_capacity,
         "conn_evictions": evictions,
-        "ack_misses": misses,
-        "katran_above_floor_ns": KATRAN_ABOVE_FLOOR_NS,
+        "ack_misses": misses["xlb"],
     }
+    # A run without KATRAN_SRC (or with --ab) replaces the other subjects' keys too.
+    figures["katran"] = extra.get("katran", {"absent": "--no-katran"})
+    if "katran" in ns:
+        figures["katran"]["paths"] = {name: row(v) for name, v in ns["katran"].items()}
+        figures["katran"]["lru_misses"] = misses["katran"]
+        figures["ratio_to_katran"] = {
+            name: round(row(v)["above_floor_ns"]
+                        / max(figures["katran"]["paths"][name]["above_floor_ns"], 0.1), 3)
+            for name, v in ns["xlb"].items()}
+    figures["ab"] = {"source": extra["ab_source"],
+                     "paths": {name: row(v) for name, v in ns["ab"].items()}} \
+        if "ab" in ns else None
+    return figures
 
 
 def table(figures: dict[str, Any]) -> str:
     """The figures as a human-readable table."""
+    kat = (figures.get("katran") or {}).get("paths") or {}
+    ab = (figures.get("ab") or {}).get("paths") or {}
     lines = [
         f"balancer via BPF_PROG_TEST_RUN, median of {figures['runs']} runs of "
         f"{figures['packets_per_run']:,} packets; floor (bench/xdp/floor.c)"
-        f" {figures['floor_ns']} ns",
-        f"{'path':<18}{'ns':>8}{'above floor':>13}{'Katran':>9}{'old LRU':>9}  verdict",
+        f" {figures['floor_ns']} ns; ns above the floor (min-max over runs)",
+        f"{'path':<18}{'ns':>8}{'xlb':>17}" + (f"{'katran':>17}{'x/k':>7}" if kat else "")
+        + (f"{'A/B other':>17}" if ab else "") + f"{'old LRU':>9}",
     ]
+
+    def cell(row: dict[str, Any]) -> str:
+        lo, hi = row["spread_ns"]
+        f = figures["floor_ns"]
+        return f"{row['above_floor_ns']:>7.1f} ({lo - f:.0f}-{hi - f:.0f})"
+
     for name, row in figures["paths"].items():
-        ref = KATRAN_ABOVE_FLOOR_NS.get(name)
-        verdict = "" if ref is None else ("at or below" if row["above_floor_ns"] <= ref
-                                          else "ABOVE Katran")
+        line = f"{name:<18}{row['ns']:>8.1f}{cell(row):>17}"
+        if kat:
+            k = kat[name]
+            line += f"{cell(k):>17}{figures['ratio_to_katran'][name]:>7.2f}"
+        if ab:
+            line += f"{cell(ab[name]):>17}"
         alone = figures["lru_reference"].get(name, {}).get("above_floor_ns", "-")
-        lines.append(f"{name:<18}{row['ns']:>8.1f}{row['above_floor_ns']:>13.1f}"
-                     f"{ref if ref is not None else '-':>9}{alone:>9}  {verdict}")
-    lines.append("(ns above floor; 'old LRU': xdp_floor_lru, one lookup/insert in a kernel LRU"
-                 " hash of as many slots and nothing else, the connection table before"
-                 " docs/conn-table.md, same runs)")
+        lines.append(line + f"{alone:>9}")
+    lines.append("('old LRU': xdp_floor_lru, one lookup/insert in a kernel LRU hash of as many"
+                 " slots and nothing else, the connection table before docs/conn-table.md)")
+    if not kat:
+        lines.append(str((figures.get("katran") or {}).get("absent", "")))
     slots, evicted = figures.get("conn_table_slots"), figures.get("conn_evictions")
     if slots is not None:
         missed = ", ".join(f"{k} {v}" for k, v in figures.get("ack_misses", {}).items())
@@ -383,26 +572,30 @@ def _pin_cpu() -> set[int] | None:
         return None
 
 
-def main(smoke: bool = False) -> dict[str, Any]:
+def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
+         runs: int | None = None) -> dict[str, Any]:
     """Measure, merge into bench/results/dataplane.json, print a table, return figures."""
-    packets, runs = (SMOKE_PACKETS, SMOKE_RUNS) if smoke else (PACKETS, RUNS)
+    packets, n = (SMOKE_PACKETS, SMOKE_RUNS) if smoke else (PACKETS, RUNS)
     old = _pin_cpu()
     started = time.monotonic()
     try:
-        figures = measure(packets, runs, lambda msg: print(msg, flush=True))
+        figures = measure(packets, runs or n, lambda msg: print(msg, flush=True), ab=ab,
+                          katran=katran)
     finally:
         if old is not None:
             os.sched_setaffinity(0, old)
+    figures["smoke"] = smoke
     figures["env"] = environment()
     figures["env"]["seconds"] = round(time.monotonic() - started, 1)
     path = merge_results(RESULTS_NAME, figures)
     print(table(figures))
     print(f"(merged into {path})")
+    kat = (figures.get("katran") or {}).get("paths") or {}
     summary = [{"name": "floor", "value": figures["floor_ns"], "unit": "ns"}]
     summary += [
         {"name": name, "value": row["above_floor_ns"], "unit": "ns above floor",
-         "note": f"Katran {KATRAN_ABOVE_FLOOR_NS[name]}" if name in KATRAN_ABOVE_FLOOR_NS
-         else ""}
+         "note": f"katran {kat[name]['above_floor_ns']} (x{figures['ratio_to_katran'][name]})"
+         if name in kat else ""}
         for name, row in figures["paths"].items()
     ]
     return {**figures, "summary": summary}
@@ -412,4 +605,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE_PACKETS:,} packets, {SMOKE_RUNS} run")
-    main(smoke=parser.parse_args().smoke)
+    parser.add_argument("--runs", type=int, help=f"runs (default {RUNS}, smoke {SMOKE_RUNS})")
+    parser.add_argument("--ab", type=Path, metavar="XDP_DIR",
+                        help="also measure the balancer compiled from this xdp/ tree, "
+                             "interleaved (e.g. one `git archive main xdp` unpacked)")
+    parser.add_argument("--no-katran", action="store_true", help="leave Katran out")
+    a = parser.parse_args()
+    main(smoke=a.smoke, ab=a.ab.resolve() if a.ab else None, katran=not a.no_katran,
+         runs=a.runs)

@@ -27,7 +27,14 @@ mean anything:
   lb_1m_flows  native, with 1,000,000 flows already in the connection table, traffic spread
                at random over exactly those flows (cache-missing lookups in a large table);
   syn_flood    native, TCP SYNs from random sources and ports: every packet a new flow;
-  kernel_fwd   no XDP: the LB namespace's kernel routes the packets back to the router.
+  kernel_fwd   no XDP: the LB namespace's kernel routes the packets back to the router;
+  katran_native, katran_one_flow  Katran's balancer (bench/katran/, KATRAN_SRC) with the same
+               VIP, backends and Maglev ring, as lb_native and lb_one_flow (absent without
+               KATRAN_SRC: the run says how to get them).
+
+Multi-core (full run): fwd_floor, lb_native and katran_native again with two trafgen sender
+CPUs, each on its own veth RX/TX queue pair (both ends have two), next to the one-CPU runs:
+`multicore` in the JSON gives Mpps at 1 and 2 CPUs and the scaling (2-CPU Mpps / 1-CPU Mpps).
 
 Two figures per scenario, both medians over 5 windows after a warm-up, pooled over `rounds`
 interleaved passes:
@@ -80,8 +87,12 @@ from lb.dataplane import netlink, netns
 NAME = "forwarding"
 SCENARIOS = (
     "drop_limit", "fwd_floor", "lb_native", "lb_one_flow", "lb_generic", "lb_1m_flows",
-    "syn_flood", "kernel_fwd",
+    "syn_flood", "kernel_fwd", "katran_native", "katran_one_flow",
 )
+# The scenarios only a run with KATRAN_SRC measures.
+KATRAN_SCENARIOS = ("katran_native", "katran_one_flow")
+# Multi-core: these programs at 1 and 2 sender CPUs (udp/64B, ~64k flows).
+MULTICORE = (("fwd_floor", "floor"), ("lb_native", "balancer"), ("katran_native", "katran"))
 
 PREFIX = f"xbench{os.getpid()}"
 _STALE = re.compile(r"^xbench(\d+)-")
@@ -531,6 +542,67 @@ class LoadedBalancer:
             self._state_dir.cleanup()
 
 
+class LoadedKatran:
+    """Katran's balancer (bench/katran/harness.py) with the lab's UDP and TCP VIP, the same
+    four backends and the same Maglev ring as LoadedBalancer's."""
+
+    def __init__(self, obj: Path) -> None:
+        from bench.katran import harness
+        from lb.control.maglev import Endpoint, build_ring, ring_to_values
+
+        index = {str(a): i for i, a in enumerate(BACKENDS, start=1)}
+        ring = list(ring_to_values(build_ring([Endpoint(str(a)) for a in BACKENDS],
+                                              RING_SIZE), index))
+        vips = [harness.KatranVip(num, VIP, VIP_PORT, proto, ring)
+                for num, proto in ((0, socket.IPPROTO_UDP), (1, socket.IPPROTO_TCP))]
+        self.k = harness.Katran(obj, Path(f"/sys/fs/bpf/{PREFIX}-katran"),
+                                gateway_mac=ROUTER_MAC,
+                                reals={i: a for i, a in enumerate(BACKENDS, start=1)},
+                                vips=vips, lru_size=CONN_TABLE_SIZE, flood_guard=True)
+
+    @property
+    def fd(self) -> int:
+        """Program fd."""
+        return self.k.prog_fd
+
+    def forwards(self) -> bool:
+        """Whether it sends a UDP packet to the VIP back out (XDP_TX)."""
+        from lb.consts import XDP_TX
+        from lb.dataplane.testrun import TestRunner
+
+        frame = _udp_frame(CLIENT, str(VIP), 40000, VIP_PORT, 60)
+        return TestRunner(self.fd).run(frame).verdict == XDP_TX
+
+    def lru_counts(self) -> tuple[int, int]:
+        """(hits, misses) of Katran's LRU (its own counters)."""
+        c = self.k.counters()
+        misses = c["miss_syn"] + c["miss_other"]
+        return c["vip_packets"] - misses, misses
+
+    def close(self) -> None:
+        """Unload (the pins go too)."""
+        self.k.close()
+
+
+def _katran() -> tuple[LoadedKatran | None, str | None]:
+    """Katran when KATRAN_SRC is set: (loaded, None), else (None, why not)."""
+    from bench.katran import harness
+
+    src = harness.source()
+    if src is None:
+        return None, harness.HOW_TO
+    try:
+        obj, commit = harness.build(src)
+        k = LoadedKatran(obj)
+    except Exception as e:
+        return None, f"Katran did not build or load: {e}"
+    _say(f"katran: {obj} (commit {commit})")
+    if not k.forwards():
+        k.close()
+        return None, "Katran does not forward (no XDP_TX on a VIP packet)"
+    return k, None
+
+
 def _udp_frame(src: str, dst: str, sport: int, dport: int, size: int) -> bytes:
     """A UDP frame from the router to the LB, padded to `size` bytes (no FCS)."""
     import struct
@@ -573,10 +645,11 @@ class Bench:
     """The lab, the loaded programs and the measuring loop."""
 
     def __init__(self, lab_: Lab, progs: BenchPrograms, lb: LoadedBalancer | None,
-                 timing: Timing) -> None:
+                 timing: Timing, katran: LoadedKatran | None = None) -> None:
         self.lab = lab_
         self.progs = progs
         self.lb = lb
+        self.katran = katran
         self.timing = timing
 
     def fd_of(self, prog: str) -> int | None:
@@ -589,6 +662,10 @@ class Bench:
             if self.lb is None:
                 raise BenchError("the balancer is not loaded")
             return self.lb.fd
+        if prog == "katran":
+            if self.katran is None:
+                raise BenchError("Katran is not loaded")
+            return self.katran.fd
         return None
 
     def forwarded(self, prog: str) -> int:
@@ -665,6 +742,8 @@ class Bench:
 
     def lru_counts(self, prog: str) -> tuple[int, int]:
         """(hits, misses) of the balancer's connection table; zeros for other programs."""
+        if prog == "katran" and self.katran is not None:
+            return self.katran.lru_counts()
         if prog != "balancer" or self.lb is None:
             return 0, 0
         lb = self.lb
@@ -688,6 +767,9 @@ def headline(
         Scenario("lb_generic", "balancer", base, "generic"),
         Scenario("kernel_fwd", "kernel", Traffic(base.proto, base.frame, base.flows, base.cpus,
                                                  dst=str(BACKENDS[0]))),
+        Scenario("katran_native", "katran", base),
+        Scenario("katran_one_flow", "katran",
+                 Traffic(base.proto, base.frame, "one", base.cpus)),
     ]
     floor = [Scenario("fwd_floor", "floor", base)] if floor_again else []
     # After the prefill: traffic spread over exactly the 1,000,000 flows in the table.
@@ -748,8 +830,13 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
     labels: dict[str, str] = {}
     matrix: list[dict[str, Any]] = []
     notes: list[str] = []
+    multicore: dict[str, Any] = {}
     progs = BenchPrograms()
     lbal: LoadedBalancer | None = None
+    katran, why = _katran()
+    if why is not None:
+        _say(why)
+        skipped.update(dict.fromkeys(KATRAN_SCENARIOS, why))
     try:
         try:
             lbal = LoadedBalancer()
@@ -760,7 +847,7 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
             skipped.update({n: "the balancer does not forward yet (no XDP_TX on a VIP packet)"
                             for n in SCENARIOS if n.startswith(("lb_", "syn_"))})
         with lab() as lab_:
-            bench = Bench(lab_, progs, lbal, timing)
+            bench = Bench(lab_, progs, lbal, timing, katran)
             netlink.xdp_attach(lab_.gen, GEN_IF, int(progs.sink.fd), "native")
 
             def run_phase(scenarios: list[Scenario]) -> None:
@@ -802,8 +889,11 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
                     row["lb_to_floor_cpu"] = _ratio(row.get("fwd_floor_ns") or 0.0,
                                                     row.get("lb_native_ns") or 0.0)
                     matrix.append(row)
+                multicore = measure_multicore(bench, base, results, skipped)
     finally:
         programmed_by = lbal.programmed_by if lbal is not None else None
+        if katran is not None:
+            katran.close()
         if lbal is not None:
             lbal.close()
         progs.close()
@@ -821,6 +911,7 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
         "skipped": skipped,
         "target": target,
         "matrix": matrix,
+        "multicore": multicore,
         "method": {
             "topology": "trafgen -> veth -> LB (program under test; XDP_TX back out, on a "
                         "stick) -> veth peer XDP sink (counts per CPU, drops)",
@@ -838,6 +929,27 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
         "notes": notes,
         "duration_s": round(time.monotonic() - t_start, 1),
     }
+
+
+def measure_multicore(bench: Bench, base: Traffic, results: dict[str, Measurement],
+                      skipped: dict[str, str]) -> dict[str, Any]:
+    """MULTICORE's programs with 2 sender CPUs, next to their 1-CPU headline figures:
+    {name: {"mpps_1cpu", "mpps_2cpu", "scaling", "ns_1cpu", "ns_2cpu"}}."""
+    out: dict[str, Any] = {}
+    two = Traffic(base.proto, base.frame, base.flows, 2)
+    for name, prog in MULTICORE:
+        if name in skipped or name not in results:
+            continue
+        m = bench.run(Scenario(name, prog, two))
+        _say(f"multicore {name:<12} {two.label:<14} {_progress(m)}")
+        one = results[name]
+        out[name] = {
+            "mpps_1cpu": round(one.mpps, 4), "mpps_2cpu": round(m.mpps, 4),
+            "scaling": _ratio(m.mpps, one.mpps),
+            "ns_1cpu": round(one.ns_per_packet, 1) if one.ns_per_packet else None,
+            "ns_2cpu": round(m.ns_per_packet, 1) if m.ns_per_packet else None,
+        }
+    return out
 
 
 def summarise(results: dict[str, Measurement], labels: dict[str, str]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Panels: forwarded Mpps per scenario (forwarding.json) with each bar's ratio to the
 forwarding floor; the protocol x frame size x sender-CPU matrix when the full run made it;
-nanoseconds per packet per program path (dataplane.json). A panel whose results file is
+scaling from 1 to 2 sender CPUs (forwarding.json "multicore"); nanoseconds per packet per
+program path, xlb beside Katran when it was measured (dataplane.json); the cost curves,
+ns per packet against table fill and backends per VIP (curves.json). A panel whose results file is
 missing says so instead of disappearing, so an empty chart is never mistaken for a slow one.
 """
 
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SCENARIO_ORDER = (
-    "drop_limit", "fwd_floor", "lb_native", "lb_one_flow", "lb_generic", "lb_1m_flows",
-    "syn_flood", "kernel_fwd",
+    "drop_limit", "fwd_floor", "lb_native", "lb_one_flow", "katran_native", "katran_one_flow",
+    "lb_generic", "lb_1m_flows", "syn_flood", "kernel_fwd",
 )
 _REFERENCE = {"drop_limit", "fwd_floor", "kernel_fwd"}
 _NS_KEY = re.compile(r"^(ns|ns_per_(packet|pkt)|median_ns|ns_median|ns_pkt)$")
@@ -126,25 +128,93 @@ def _matrix(ax: Any, fwd: dict[str, Any] | None) -> None:
 
 
 def _dataplane(ax: Any, dp: dict[str, Any] | None) -> None:
-    ax.set_title("Balancer program per path (BPF_PROG_TEST_RUN)", fontsize=11)
-    paths = ns_per_path(dp) if dp else {}
-    if not paths:
-        _missing(ax, "no ns-per-packet figures in dataplane.json yet")
-        return
+    ax.set_title("Balancer program per path (BPF_PROG_TEST_RUN), ns above the XDP_TX floor",
+                 fontsize=11)
+    paths = (dp or {}).get("paths") or {}
+    if not paths or not all("above_floor_ns" in r for r in paths.values()):
+        legacy = ns_per_path(dp) if dp else {}
+        if not legacy:
+            _missing(ax, "no ns-per-packet figures in dataplane.json yet")
+            return
+        paths = {n: {"above_floor_ns": v} for n, v in legacy.items()}
+    kat = ((dp or {}).get("katran") or {}).get("paths") or {}
     names = list(paths)
-    vals = [paths[n] for n in names]
-    ax.barh(range(len(names)), vals, color="tab:green")
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    width = 0.4 if kat else 0.8
+    xlb = [float(paths[n]["above_floor_ns"]) for n in names]
+    ys = list(range(len(names)))
+    ax.barh([y - (width / 2 if kat else 0) for y in ys], xlb, width, color="tab:green",
+            label="xlb")
+    top = max(xlb)
+    if kat:
+        kv = [float(kat[n]["above_floor_ns"]) if n in kat else 0.0 for n in names]
+        ax.barh([y + width / 2 for y in ys], kv, width, color="tab:orange",
+                label=f"Katran {str((dp or {}).get('katran', {}).get('commit', ''))[:10]}")
+        top = max(top, *kv)
+        for y, n in enumerate(names):
+            r = (dp or {}).get("ratio_to_katran", {}).get(n)
+            if r is not None:
+                ax.text(max(xlb[y], kv[y]) + top * 0.01, y, f"x{r:.2f}", va="center",
+                        fontsize=7)
+    else:
+        for y, v in enumerate(xlb):
+            ax.text(v + top * 0.01, y, f"{v:.0f}", va="center", fontsize=8)
+    ax.set_yticks(ys, names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ns per packet")
-    top = max(vals)
-    for i, v in enumerate(vals):
-        ax.text(v + top * 0.01, i, f"{v:.0f}", va="center", fontsize=8)
-    floor = (dp or {}).get("floor_ns")
-    if isinstance(floor, int | float) and floor > 0:
-        ax.axvline(float(floor), color="0.3", ls=":", lw=1)
-        ax.text(float(floor), -0.6, f" test-run floor {floor:.0f} ns", fontsize=7, color="0.3")
-    ax.set_xlim(0, top * 1.15)
+    ax.set_xlabel("ns per packet above the floor (median of runs)")
+    ax.set_xlim(0, top * 1.2 if top > 0 else 1.0)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _multicore(ax: Any, fwd: dict[str, Any] | None) -> None:
+    ax.set_title("Forwarding, 1 vs 2 sender CPUs (two veth queues): Mpps", fontsize=11)
+    mc = (fwd or {}).get("multicore") or {}
+    if not mc:
+        _missing(ax, "multi-core only in the full run (make bench)")
+        return
+    names = list(mc)
+    xs = range(len(names))
+    one = [float(mc[n].get("mpps_1cpu") or 0) for n in names]
+    two = [float(mc[n].get("mpps_2cpu") or 0) for n in names]
+    ax.bar([x - 0.2 for x in xs], one, 0.4, color="0.6", label="1 CPU")
+    ax.bar([x + 0.2 for x in xs], two, 0.4, color="tab:blue", label="2 CPUs")
+    for x, n in zip(xs, names, strict=True):
+        sc = mc[n].get("scaling")
+        if sc:
+            ax.text(x + 0.2, two[x], f"x{sc:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_ylabel("Mpps (wall clock)")
+    ax.legend(fontsize=8)
+
+
+def _curves(ax: Any, cv: dict[str, Any] | None) -> None:
+    ax.set_title("Cost curves: ns above floor vs table fill (solid) and backends (dashed)",
+                 fontsize=11)
+    if not cv or "fill" not in cv:
+        _missing(ax, "no curves.json yet: make bench")
+        return
+    colors = {"xlb": "tab:green", "katran": "tab:orange"}
+    fill, back = cv["fill"], cv.get("backends") or {}
+    for s, color in colors.items():
+        for p, marker in (("ack_v4_shuffled", "o"), ("syn_v4", "s")):
+            if s in fill and p in fill[s]:
+                ax.plot([x * 100 for x in fill["levels"]], fill[s][p], marker=marker,
+                        color=color, label=f"{s} {p} / fill %")
+    ax.set_xlabel("connection table fill, % of capacity")
+    ax.set_ylabel("ns above floor")
+    if back.get("counts"):
+        ax2 = ax.twiny()
+        for s, color in colors.items():
+            for p, marker in (("ack_v4_shuffled", "o"), ("syn_v4", "s")):
+                if s in back and p in back[s]:
+                    ax2.plot(back["counts"], back[s][p], marker=marker, ls="--", color=color,
+                             alpha=0.6, label=f"{s} {p} / backends")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("backends per VIP (log)", fontsize=8)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=2)
+    else:
+        ax.legend(fontsize=7)
 
 
 def draw(results: Path, out: Path) -> Path:
@@ -156,11 +226,14 @@ def draw(results: Path, out: Path) -> Path:
 
     fwd = _load(results / "forwarding.json")
     dp = _load(results / "dataplane.json")
-    fig, axes = plt.subplots(3, 1, figsize=(10, 13),
-                             gridspec_kw={"height_ratios": [1.3, 1.0, 1.0]})
+    cv = _load(results / "curves.json")
+    fig, axes = plt.subplots(5, 1, figsize=(10, 21),
+                             gridspec_kw={"height_ratios": [1.3, 1.0, 0.8, 1.0, 1.0]})
     _forwarding(axes[0], fwd)
     _matrix(axes[1], fwd)
-    _dataplane(axes[2], dp)
+    _multicore(axes[2], fwd)
+    _dataplane(axes[3], dp)
+    _curves(axes[4], cv)
     env = (fwd or dp or {}).get("env") or {}
     stamp = " | ".join(str(env[k]) for k in ("date", "kernel", "cpu") if k in env)
     fig.suptitle("xlb benchmarks" + (f"  ({stamp})" if stamp else ""), fontsize=12)

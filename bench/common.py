@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def commit() -> str:
+    """The checkout's commit (12 hex digits), "-dirty" when tracked files differ from it;
+    "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"],
+                               capture_output=True).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
-    """Where figures were measured: kernel, CPU, CPU count, Python, date (UTC, ISO 8601)."""
+    """Where figures were measured: kernel, CPU, CPU count, Python, date (UTC, ISO 8601),
+    the checkout's commit."""
     return {
         "kernel": platform.release(),
         "cpu": cpu_model(),
         "cpus": os.cpu_count() or 0,
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
     }
 
 

@@ -29,8 +29,7 @@ CONN_F_CLOSING = 1 << 37
 CONN_STAMP_SHIFT = 38
 CONN_STAMP_MASK = 0x3FFFFFF
 CONN_STAMP_NS_SHIFT = 24
-CONN_SEED_INDEX = 0x636F6E6E
-CONN_SEED_TAG = 0x7461676C
+CONN_SEED = 0x636F6E6E
 
 #: A closing TCP entry counts as live this long after the client's last FIN or RST (the last
 #: ACKs): drains and the live-flow count use it.

@@ -1,11 +1,11 @@
 """The data plane's flow hashes in Python, bit for bit (xdp/common/hash.h).
 
-`hash_flow` is the hash whose value modulo the ring size picks a Maglev slot; `conn_hash2`
-is the same hash with another initval, returning both of lookup3's results (c, b), from
-which the connection table takes a flow's set index and tag (docs/conn-table.md). Both read
-a 5-tuple the way the program reads `struct flow_key`: every word is the u32 of the packet's
-network-order bytes in host order (little-endian), and `ports` is the word holding the
-source port then the destination port.
+`hash_flow` is the hash whose value modulo the ring size picks a Maglev slot; `conn_hash3`
+is the same hash with another initval, returning all three words of lookup3's final state
+(c, b, a) from one pass, from which the connection table takes a flow's set index and tag
+(docs/conn-table.md). Both read a 5-tuple the way the program reads `struct flow_key`: every
+word is the u32 of the packet's network-order bytes in host order (little-endian), and
+`ports` is the word holding the source port then the destination port.
 
 Each hash has a vectorised twin over `Flows` (numpy arrays of many flows of one family), for
 filling or scanning millions of connection-table entries; tests check the two agree.
@@ -22,8 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lb.consts import (
-    CONN_SEED_INDEX,
-    CONN_SEED_TAG,
+    CONN_SEED,
     CONN_TAG_SET,
     FAMILY_V4,
     FAMILY_V6,
@@ -97,8 +96,8 @@ def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
     return a, b, c
 
 
-def _final2(a: int, b: int, c: int) -> tuple[int, int]:
-    """lookup3's final(): (c, b), the primary result and the second one."""
+def _final3(a: int, b: int, c: int) -> tuple[int, int, int]:
+    """lookup3's final(): (c, b, a), the primary result, the second one, the third word."""
     c = ((c ^ b) - _rol(b, 14)) & _M
     a = ((a ^ c) - _rol(c, 11)) & _M
     b = ((b ^ a) - _rol(a, 25)) & _M
@@ -106,36 +105,37 @@ def _final2(a: int, b: int, c: int) -> tuple[int, int]:
     a = ((a ^ c) - _rol(c, 4)) & _M
     b = ((b ^ a) - _rol(a, 14)) & _M
     c = ((c ^ b) - _rol(b, 24)) & _M
-    return c, b
+    return c, b, a
 
 
-def jhash_3words2(a: int, b: int, c: int, initval: int) -> tuple[int, int]:
-    """The kernel's jhash_3words(), and lookup3's second result: (c, b)."""
+def jhash_3words3(a: int, b: int, c: int, initval: int) -> tuple[int, int, int]:
+    """The kernel's jhash_3words(), and the final state's other words: (c, b, a)."""
     iv = (initval + HASH_JHASH_INITVAL + (3 << 2)) & _M
-    return _final2((a + iv) & _M, (b + iv) & _M, (c + iv) & _M)
+    return _final3((a + iv) & _M, (b + iv) & _M, (c + iv) & _M)
 
 
 def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
     """The kernel's jhash_3words()."""
-    return jhash_3words2(a, b, c, initval)[0]
+    return jhash_3words3(a, b, c, initval)[0]
 
 
-def jhash2_2(words: list[int], initval: int) -> tuple[int, int]:
-    """The kernel's jhash2() over any number of u32 words, and lookup3's second result."""
+def jhash2_3(words: list[int], initval: int) -> tuple[int, int, int]:
+    """The kernel's jhash2() over any number of u32 words, and the final state's other
+    words: (c, b, a)."""
     a = b = c = (HASH_JHASH_INITVAL + (len(words) << 2) + initval) & _M
     k = list(words)
     while len(k) > 3:
         a, b, c = _mix((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
         k = k[3:]
     if not k:
-        return c, b
+        return c, b, a
     k += [0] * (3 - len(k))
-    return _final2((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
+    return _final3((a + k[0]) & _M, (b + k[1]) & _M, (c + k[2]) & _M)
 
 
 def jhash2(words: list[int], initval: int) -> int:
     """The kernel's jhash2() over any number of u32 words."""
-    return jhash2_2(words, initval)[0]
+    return jhash2_3(words, initval)[0]
 
 
 def addr_words(addr: IPAddress) -> tuple[int, int, int, int]:
@@ -150,14 +150,14 @@ def ports_word(sport: int, dport: int) -> int:
     return word
 
 
-def _hash5_2(flow: Flow5, ports: int, initval: int) -> tuple[int, int]:
+def _hash5_3(flow: Flow5, ports: int, initval: int) -> tuple[int, int, int]:
     if flow.src.version == 4:
-        return jhash_3words2(addr_words(flow.src)[0], addr_words(flow.dst)[0], ports, initval)
-    return jhash2_2([*addr_words(flow.src), *addr_words(flow.dst), ports], initval)
+        return jhash_3words3(addr_words(flow.src)[0], addr_words(flow.dst)[0], ports, initval)
+    return jhash2_3([*addr_words(flow.src), *addr_words(flow.dst), ports], initval)
 
 
 def _hash5(flow: Flow5, ports: int, initval: int) -> int:
-    return _hash5_2(flow, ports, initval)[0]
+    return _hash5_3(flow, ports, initval)[0]
 
 
 def hash_flow(flow: Flow5, *, src_only: bool = False) -> int:
@@ -166,22 +166,21 @@ def hash_flow(flow: Flow5, *, src_only: bool = False) -> int:
     return _hash5(flow, ports, (HASH_SEED + flow.proto) & _M)
 
 
-def conn_hash2(flow: Flow5, seed: int) -> tuple[int, int]:
-    """hash.h `conn_hash2`: the full 5-tuple hashed with initval seed + proto + (family << 8);
-    (c, b), lookup3's primary and second results."""
+def conn_hash3(flow: Flow5, seed: int) -> tuple[int, int, int]:
+    """hash.h `conn_hash3`: the full 5-tuple hashed with initval seed + proto + (family << 8);
+    (c, b, a), the three words of lookup3's final state (one pass)."""
     initval = (seed + flow.proto + (flow.family << 8)) & _M
-    return _hash5_2(flow, ports_word(flow.sport, flow.dport), initval)
+    return _hash5_3(flow, ports_word(flow.sport, flow.dport), initval)
 
 
 def conn_index(flow: Flow5, sets: int) -> int:
     """The flow's set in a connection table of `sets` sets (a power of two)."""
-    return conn_hash2(flow, CONN_SEED_INDEX)[0] & (sets - 1)
+    return conn_hash3(flow, CONN_SEED)[0] & (sets - 1)
 
 
 def conn_tag(flow: Flow5) -> int:
     """The flow's 64-bit tag in the connection table (never CONN_TAG_EMPTY or _BUSY)."""
-    hi = conn_hash2(flow, CONN_SEED_INDEX)[1]
-    lo = conn_hash2(flow, CONN_SEED_TAG)[0]
+    _, hi, lo = conn_hash3(flow, CONN_SEED)
     return (hi << 32 | lo) | CONN_TAG_SET
 
 
@@ -261,14 +260,14 @@ def _mix_np(a: U32, b: U32, c: U32) -> tuple[U32, U32, U32]:
     return a, b, c
 
 
-def _final2_np(a: U32, b: U32, c: U32) -> tuple[U32, U32]:
+def _final3_np(a: U32, b: U32, c: U32) -> tuple[U32, U32, U32]:
     c = (c ^ b) - _rol_np(b, 14)
     a = (a ^ c) - _rol_np(c, 11)
     b = (b ^ a) - _rol_np(a, 25)
     c = (c ^ b) - _rol_np(b, 16)
     a = (a ^ c) - _rol_np(c, 4)
     b = (b ^ a) - _rol_np(a, 14)
-    return (c ^ b) - _rol_np(b, 24), b
+    return (c ^ b) - _rol_np(b, 24), b, a
 
 
 def _ports_np(flows: Flows) -> U32:
@@ -277,19 +276,19 @@ def _ports_np(flows: Flows) -> U32:
     return sport | (dport << np.uint32(16))
 
 
-def _hash5_2_np(flows: Flows, ports: U32, initval: U32) -> tuple[U32, U32]:
+def _hash5_3_np(flows: Flows, ports: U32, initval: U32) -> tuple[U32, U32, U32]:
     s, d = flows.src, flows.dst
     if flows.version == 4:
         iv = initval + np.uint32((HASH_JHASH_INITVAL + (3 << 2)) & _M)
-        return _final2_np(s[:, 0] + iv, d[:, 0] + iv, ports + iv)
+        return _final3_np(s[:, 0] + iv, d[:, 0] + iv, ports + iv)
     a = b = c = initval + np.uint32((HASH_JHASH_INITVAL + (9 << 2)) & _M)
     a, b, c = _mix_np(a + s[:, 0], b + s[:, 1], c + s[:, 2])
     a, b, c = _mix_np(a + s[:, 3], b + d[:, 0], c + d[:, 1])
-    return _final2_np(a + d[:, 2], b + d[:, 3], c + ports)
+    return _final3_np(a + d[:, 2], b + d[:, 3], c + ports)
 
 
 def _hash5_np(flows: Flows, ports: U32, initval: U32) -> U32:
-    return _hash5_2_np(flows, ports, initval)[0]
+    return _hash5_3_np(flows, ports, initval)[0]
 
 
 def _initval_np(flows: Flows, seed: int) -> U32:
@@ -303,20 +302,20 @@ def hash_flow_many(flows: Flows, *, src_only: bool = False) -> U32:
     return _hash5_np(flows, ports, flows.proto.astype(np.uint32) + np.uint32(HASH_SEED))
 
 
-def conn_hash2_many(flows: Flows, seed: int) -> tuple[U32, U32]:
-    """`conn_hash2` of every flow."""
-    return _hash5_2_np(flows, _ports_np(flows), _initval_np(flows, seed))
+def conn_hash3_many(flows: Flows, seed: int) -> tuple[U32, U32, U32]:
+    """`conn_hash3` of every flow."""
+    return _hash5_3_np(flows, _ports_np(flows), _initval_np(flows, seed))
 
 
 def conn_index_many(flows: Flows, sets: int) -> U32:
     """`conn_index` of every flow."""
-    return conn_hash2_many(flows, CONN_SEED_INDEX)[0] & np.uint32(sets - 1)
+    return conn_hash3_many(flows, CONN_SEED)[0] & np.uint32(sets - 1)
 
 
 def conn_tag_many(flows: Flows) -> U64:
     """`conn_tag` of every flow."""
-    hi = conn_hash2_many(flows, CONN_SEED_INDEX)[1].astype(np.uint64)
-    lo = conn_hash2_many(flows, CONN_SEED_TAG)[0].astype(np.uint64)
+    _, b, a = conn_hash3_many(flows, CONN_SEED)
+    hi, lo = b.astype(np.uint64), a.astype(np.uint64)
     return (hi << np.uint64(32)) | lo | np.uint64(CONN_TAG_SET)
 
 

@@ -35,7 +35,7 @@ from lb.dataplane.conntab import STAMP_S, ConnTable
 from lb.dataplane.flowhash import (
     Flow5,
     Flows,
-    conn_hash2,
+    conn_hash3,
     conn_index,
     conn_index_many,
     conn_tag,
@@ -175,18 +175,21 @@ def test_conn_hash_is_the_flow_hash_with_the_family_in_the_initval() -> None:
     ports = flowhash.ports_word(40000, 80)
     assert ports == int.from_bytes((40000).to_bytes(2, "big") + (80).to_bytes(2, "big"),
                                    "little")
-    assert conn_hash2(f4, 5)[0] == flowhash.jhash_3words(words(CLIENT4)[0], words(VIP4)[0],
+    assert conn_hash3(f4, 5)[0] == flowhash.jhash_3words(words(CLIENT4)[0], words(VIP4)[0],
                                                          ports, 5 + 6 + (4 << 8))
     assert hash_flow(f4) == flowhash.jhash_3words(words(CLIENT4)[0], words(VIP4)[0], ports,
                                                   flowhash.HASH_SEED + 6)
     f6 = Flow5.of(CLIENT6, VIP6, 40000, 80, "udp")
-    assert conn_hash2(f6, 5)[0] == flowhash.jhash2([*words(CLIENT6), *words(VIP6), ports],
+    assert conn_hash3(f6, 5)[0] == flowhash.jhash2([*words(CLIENT6), *words(VIP6), ports],
                                                    5 + 17 + (6 << 8))
-    # The tag: lookup3's second result of the index hash, then the primary one of another seed.
-    tag = conn_tag(f4)
-    assert tag & 2
-    assert tag >> 32 == conn_hash2(f4, flowhash.CONN_SEED_INDEX)[1]
-    assert tag & 0xFFFFFFFD == conn_hash2(f4, flowhash.CONN_SEED_TAG)[0] & 0xFFFFFFFD
+    # The tag: the other two words of the same pass's final state, b then a (one hash).
+    for f in (f4, f6):
+        tag = conn_tag(f)
+        c, b, a = conn_hash3(f, flowhash.CONN_SEED)
+        assert tag & 2
+        assert conn_index(f, 1 << 20) == c & ((1 << 20) - 1)
+        assert tag >> 32 == b, "the tag's high word is not lookup3's second result"
+        assert tag & 0xFFFFFFFD == a & 0xFFFFFFFD, "the tag's low word is not the third word"
 
 
 def test_vectorised_hashes_equal_the_scalar_ones() -> None:

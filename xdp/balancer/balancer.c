@@ -170,14 +170,14 @@ static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *flo
 static __always_inline int conn_locate(const struct flow_key *flow, const struct lb_cfg *cfg,
 				       struct conn_ref *ref)
 {
-	__u32 hi, unused;
-	__u32 idx = conn_hash2(flow, CONN_SEED_INDEX, &hi) & (CONN_SETS - 1);
+	__u32 hi, lo;
+	__u32 idx = conn_hash3(flow, CONN_SEED, &hi, &lo) & (CONN_SETS - 1);
 	__u64 timeout = cfg->udp_timeout_ns;
 
 	ref->set = conn_table.lookup(&idx);
 	if (!ref->set)
 		return 0;
-	ref->tag = ((__u64)hi << 32 | conn_hash2(flow, CONN_SEED_TAG, &unused)) | CONN_TAG_SET;
+	ref->tag = ((__u64)hi << 32 | lo) | CONN_TAG_SET;
 	ref->now = (bpf_ktime_get_coarse_ns() >> CONN_STAMP_NS_SHIFT) & CONN_STAMP_MASK;
 	if (!timeout)
 		timeout = UDP_TIMEOUT_DEFAULT_S * LB_NSEC_PER_SEC;

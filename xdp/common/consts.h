@@ -107,11 +107,8 @@
 #define CONN_STAMP_MASK 0x3ffffff
 #define CONN_STAMP_NS_SHIFT 24
 
-/* Seeds of the connection-table hashes: the set index (and the tag's high word), the tag's
- * low word.
- */
-#define CONN_SEED_INDEX 0x636f6e6e
-#define CONN_SEED_TAG 0x7461676c
+/* Seed of the connection-table hash (one pass gives the set index and the tag). */
+#define CONN_SEED 0x636f6e6e
 
 /* VIP flags (struct vip_meta.flags). */
 /* Hash on the client address only, not its port: all of a client's flows go to one backend. */

@@ -53,9 +53,11 @@ static __always_inline __u32 hash_rol32(__u32 word, unsigned int shift)
 		c ^= b; c -= hash_rol32(b, 24);  \
 	}
 
-/* The kernel's jhash_3words(); lookup3's second result in *second. */
-static __always_inline __u32 hash_jhash_3words2(__u32 a, __u32 b, __u32 c, __u32 initval,
-						__u32 *second)
+/* The kernel's jhash_3words(); the final state's other two words in *second (b) and
+ * *third (a).
+ */
+static __always_inline __u32 hash_jhash_3words3(__u32 a, __u32 b, __u32 c, __u32 initval,
+						__u32 *second, __u32 *third)
 {
 	initval += HASH_JHASH_INITVAL + (3 << 2);
 	a += initval;
@@ -63,23 +65,24 @@ static __always_inline __u32 hash_jhash_3words2(__u32 a, __u32 b, __u32 c, __u32
 	c += initval;
 	HASH_JHASH_FINAL(a, b, c);
 	*second = b;
+	*third = a;
 	return c;
 }
 
 /* The kernel's jhash_3words(). */
 static __always_inline __u32 hash_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
 {
-	__u32 unused;
+	__u32 b_out, a_out;
 
-	return hash_jhash_3words2(a, b, c, initval, &unused);
+	return hash_jhash_3words3(a, b, c, initval, &b_out, &a_out);
 }
 
-/* The kernel's jhash2() for exactly nine words (an IPv6 5-tuple), unrolled, and lookup3's
- * second result in *second; the ninth word is passed by value so the ports can be left out
- * without copying the key.
+/* The kernel's jhash2() for exactly nine words (an IPv6 5-tuple), unrolled, and the final
+ * state's other two words in *second (b) and *third (a); the ninth word is passed by value so
+ * the ports can be left out without copying the key.
  */
-static __always_inline __u32 hash_jhash2_9_2(const __u32 *k, __u32 k8, __u32 initval,
-					     __u32 *second)
+static __always_inline __u32 hash_jhash2_9_3(const __u32 *k, __u32 k8, __u32 initval,
+					     __u32 *second, __u32 *third)
 {
 	__u32 a, b, c;
 
@@ -97,15 +100,16 @@ static __always_inline __u32 hash_jhash2_9_2(const __u32 *k, __u32 k8, __u32 ini
 	c += k8;
 	HASH_JHASH_FINAL(a, b, c);
 	*second = b;
+	*third = a;
 	return c;
 }
 
 /* The kernel's jhash2() for exactly nine words. */
 static __always_inline __u32 hash_jhash2_9(const __u32 *k, __u32 k8, __u32 initval)
 {
-	__u32 unused;
+	__u32 b_out, a_out;
 
-	return hash_jhash2_9_2(k, k8, initval, &unused);
+	return hash_jhash2_9_3(k, k8, initval, &b_out, &a_out);
 }
 
 /* The flow hash of a client->VIP 5-tuple (see the top of this file). */
@@ -122,20 +126,21 @@ static __always_inline __u32 hash_flow(const struct flow_key *f, int src_only)
 	return hash_jhash2_9((const __u32 *)f, ports, initval);
 }
 
-/* The connection-table hashes of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
- * words with initval seed + proto + (family << 8). Returns lookup3's primary result c and
- * stores its second one, b, in *second (both from one pass, as lookup3's hashlittle2 does).
- * lb/dataplane/flowhash.py mirrors it.
+/* The connection-table hash of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
+ * words with initval seed + proto + (family << 8), ONE pass, all three words of
+ * lookup3's final state: returns c (the set index comes from it) and stores b in *second and
+ * a in *third (the tag). lb/dataplane/flowhash.py mirrors it.
  */
-static __always_inline __u32 conn_hash2(const struct flow_key *f, __u32 seed, __u32 *second)
+static __always_inline __u32 conn_hash3(const struct flow_key *f, __u32 seed, __u32 *second,
+				       __u32 *third)
 {
 	__u32 ports;
 	__u32 initval = seed + f->proto + ((__u32)f->family << 8);
 
 	__builtin_memcpy(&ports, &f->sport, sizeof(ports));
 	if (f->family == FAMILY_V4)
-		return hash_jhash_3words2(f->src[0], f->dst[0], ports, initval, second);
-	return hash_jhash2_9_2((const __u32 *)f, ports, initval, second);
+		return hash_jhash_3words3(f->src[0], f->dst[0], ports, initval, second, third);
+	return hash_jhash2_9_3((const __u32 *)f, ports, initval, second, third);
 }
 
 #endif /* XLB_HASH_H */
