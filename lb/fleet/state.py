@@ -251,6 +251,9 @@ class EtcdStore(Store):
             out.append(self._read_all())
 
         self._apply(update)
+        with self.applied:  # the maps carry it now, as after a watched change
+            self.maps_revision = self.revision
+            self.applied.notify_all()
         return out[0] if out else self.revision
 
     def _apply_loop(self) -> None:

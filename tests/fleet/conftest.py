@@ -132,9 +132,14 @@ class Fleet:
         return s
 
     def converged(self) -> bool:
-        """Every open host has applied the same generation and revision."""
+        """Every open host has the same generation and revision, in its maps too.
+
+        The store's revision moves before the applier has written the maps (CI once dumped
+        maps with the VIP's addresses and backends but not its ring); maps_revision moves after.
+        """
         stores = [self.store(i) for i in self.hosts]
-        return len({(s.generation, s.revision) for s in stores}) == 1
+        return len({(s.generation, s.revision, s.maps_revision) for s in stores}) == 1 \
+            and all(s.maps_revision == s.revision for s in stores)
 
     def close(self) -> None:
         """Close every host."""
