@@ -243,7 +243,11 @@ def test_dead_host_is_dropped_within_hold_time(announcing: Lab) -> None:
         except AssertionError as e:
             # Seen once under load in a full run (passes alone): say what BIRD saw.
             protocols = labmod.router_bird(lab).cli("show", "protocols")
-            raise AssertionError(f"{e}; the router's sessions:\n{protocols}") from None
+            routes = netns.run(victim.lb_ns, ["ip", "route", "show"], check=False).stdout
+            sockets = netns.run(victim.lb_ns, ["ss", "-tnio", "state", "established", "( sport "
+                                               "= :179 or dport = :179 )"], check=False).stdout
+            raise AssertionError(f"{e}; the router's sessions:\n{protocols}\nthe victim's "
+                                 f"routes:\n{routes}\nits BGP sockets:\n{sockets}") from None
         assert took <= labmod.LAB_HOLD_TIME + 1.0, f"dropped after {took:.2f} s"
         tally = labmod.http_requests(lab, VIP4, 100, workers=4)
         assert not tally.failures, f"new connections failed after the drop: {tally.failures}"
