@@ -112,7 +112,8 @@ class DataplaneConfig(BaseModel):
 
     ring_size: int = Field(65537, description="Maglev ring slots per VIP (a prime)")
     max_vips: int = Field(512, ge=1, le=65536)
-    max_reals: int = Field(4096, ge=2, le=1 << 20, description="backend slots; 0 is reserved")
+    # At most 2^16: a ch_rings word packs a backend index and its second hop in 16 bits each.
+    max_reals: int = Field(4096, ge=2, le=1 << 16, description="backend slots; 0 is reserved")
     conn_table_size: int = Field(
         4_194_304, ge=1024, le=1 << 28,
         description="connection-table slots (16 bytes each), rounded up to a power of two;"

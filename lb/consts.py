@@ -11,6 +11,10 @@ FAMILY_V6 = 6
 
 REAL_NONE = 0
 
+# A ch_rings word: backend index (bits 0-15), second hop (bits 16-31; docs/second-chance.md).
+RING_REAL_MASK = 0xFFFF
+RING_PREV_SHIFT = 16
+
 # The VIP address filter (struct vip_filter): 2^VIP_FILTER_LOG2 bits, the hash's multiplier.
 VIP_FILTER_LOG2 = 16
 VIP_FILTER_WORDS = 1 << (VIP_FILTER_LOG2 - 6)
@@ -70,6 +74,8 @@ GLOB_STATS: tuple[str, ...] = (
     "STAT_CONN_EVICT",
     "STAT_PASS_NOT_OURS",
     "STAT_ICMP_SRC_BAD",
+    "STAT_SECOND_HOP",
+    "STAT_SECOND_SKIP",
 )
 STAT_MAX = len(GLOB_STATS)
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(GLOB_STATS)}

@@ -26,7 +26,7 @@ def _defines() -> dict[str, int]:
 
 def test_python_flags_match_the_header() -> None:
     defines = _defines()
-    mirrored = r"^(F_|REAL_F_|FAMILY_|REAL_NONE|CONN_|VIP_FILTER_)"
+    mirrored = r"^(F_|REAL_F_|FAMILY_|REAL_NONE|RING_|CONN_|VIP_FILTER_)"
     names = [n for n in dir(consts) if re.match(mirrored, n)]
     assert names, "no flag constants found in lb.consts"
     for name in names:

@@ -26,6 +26,7 @@
 #include "balancer/encap.h"
 #include "balancer/icmp.h"
 #include "balancer/conn.h"
+#include "balancer/second.h"
 
 /* Nanoseconds per second, for the UDP idle timeout default. */
 #define LB_NSEC_PER_SEC 1000000000ULL
@@ -41,6 +42,8 @@ struct lb_choice {
 	__u8 new_conn;
 	/* The backend's entry in reals. */
 	struct real_def *real;
+	/* The second hop the packet carries (second.h), or NULL. */
+	struct real_def *second;
 };
 
 /* Map-touching helpers declared in stats.h and parse.h: BCC rewrites map accesses in this
@@ -99,6 +102,11 @@ static __always_inline void stats_pair(__u32 vip_num, __u32 real_idx, __u32 byte
 	ps->bytes += bytes;
 	if (new_conn)
 		ps->new_conns += 1;
+}
+
+static __always_inline struct real_def *second_real(__u32 idx)
+{
+	return reals.lookup(&idx);
 }
 
 static __always_inline int parse_is_vip_addr(const __be32 *addr, __u32 family)
@@ -200,7 +208,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	struct conn_ref ref = {};
 	struct real_def *real;
 	__u32 *ring_real;
-	__u32 key;
+	__u32 key, word;
 	__u64 meta = 0, upd;
 	int is_tcp = pkt->flow.proto == IPPROTO_TCP;
 	int is_udp = pkt->flow.proto == IPPROTO_UDP;
@@ -249,9 +257,12 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	ch->hash_valid = 1;
 	key = vip->vip_num * RING_SIZE + ch->hash % RING_SIZE;
 	ring_real = ch_rings.lookup(&key);
-	if (!ring_real || *ring_real == REAL_NONE)
+	if (!ring_real)
 		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
-	key = *ring_real;
+	word = *ring_real;
+	key = word & RING_REAL_MASK;
+	if (key == REAL_NONE)
+		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
 	real = reals.lookup(&key);
 	/* The control plane writes a backend before any ring slot names it; a slot naming an
 	 * empty backend is a misprogrammed ring, treated like an empty slot.
@@ -262,6 +273,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	ch->real = real;
 	if (pkt->icmp_fwd)
 		return FURTHER_PROCESSING;
+	ch->second = second_pick(word, vip->flags, syn, 0, real);
 	/* Under LRU bypass there is no table to miss: a SYN is the only new-flow signal. */
 	ch->new_conn = !bypass || syn;
 	if (bypass)
@@ -270,7 +282,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	/* A FIN or RST of a flow the table does not know closes nothing we track: inserting
 	 * it would leave an open entry for a connection that is ending.
 	 */
-	if (table && !rst && !fin)
+	if (table && !rst && !fin && !ch->second)
 		conn_insert(&ref, (key & CONN_REAL_MASK) |
 				  ((__u64)(vip->vip_num & CONN_VIP_MASK) << CONN_VIP_SHIFT) |
 				  (is_udp ? CONN_F_UDP : 0) | ref.now << CONN_STAMP_SHIFT);
@@ -302,6 +314,18 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 	if (gue && !FEAT_GUE)
 		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
 	over = encap_overhead(outer_v6, gue);
+	if (ch.second) {
+		/* Too big with the hop's header: better the first backend alone than a
+		 * too-big reply for a header the client never asked for.
+		 */
+		if (cfg->max_frame && ETH_HLEN + pkt->ip_len + over + second_overhead(outer_v6) >
+					      cfg->max_frame) {
+			stats_inc(STAT_SECOND_SKIP);
+			ch.second = NULL;
+		} else {
+			over += second_overhead(outer_v6);
+		}
+	}
 
 	/* max_frame counts the Ethernet header but not an 802.1Q tag, like MTU + 14. */
 	if (FEAT_TOO_BIG && cfg->max_frame && ETH_HLEN + pkt->ip_len + over > cfg->max_frame) {
@@ -318,13 +342,15 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 
 	if (gue && !ch.hash_valid)
 		ch.hash = hash_flow(&pkt->flow, vip->flags & F_HASH_SRC_ONLY);
-	outer_len = encap_push(ctx, pkt, ch.real, cfg, vip->flags, ch.hash);
+	outer_len = encap_push(ctx, pkt, ch.real, cfg, vip->flags, ch.hash, ch.second);
 	if (!outer_len)
 		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
 	stats_real(ch.real_idx, outer_len);
 	stats_pair(vip->vip_num, ch.real_idx, pkt->ip_len, ch.new_conn);
 	if (pkt->icmp_fwd)
 		stats_inc(STAT_ICMP_FWD);
+	if (ch.second)
+		stats_inc(STAT_SECOND_HOP);
 	return XDP_TX;
 }
 

@@ -85,6 +85,13 @@
 /* Backend index meaning "no backend" in ch_rings and conn_table. */
 #define REAL_NONE 0
 
+/* A ch_rings word (docs/second-chance.md): the slot's backend index in bits 0-15 and, while
+ * a second-chance window is open after the slot moved, its previous backend (the second
+ * hop) in bits 16-31; 0 there = none. MAX_REALS must fit the 16 bits (lb/config.py).
+ */
+#define RING_REAL_MASK 0xffff
+#define RING_PREV_SHIFT 16
+
 /* Connection-table way tags (struct conn_way.tag): free, being written; a flow's tag always
  * has CONN_TAG_SET, so it is never one of the other two.
  */
@@ -182,6 +189,14 @@ enum glob_stat {
 	 * (multicast, broadcast, unspecified, loopback: RFC 1122 3.2.2, RFC 4443 2.4(e)).
 	 */
 	STAT_ICMP_SRC_BAD,
+	/* Second chance (xdp/balancer/second.h): a packet of a flow the connection table does
+	 * not know, to a slot with a second hop, sent to its backend carrying the second hop.
+	 */
+	STAT_SECOND_HOP,
+	/* A slot's second hop that could not be carried (backend removed, other address family,
+	 * frame too big with the longer header): sent to the slot's backend alone.
+	 */
+	STAT_SECOND_SKIP,
 	STAT_MAX,
 };
 
