@@ -36,6 +36,8 @@ def _plan_text(p: Any) -> str:
                 what.append(f"state {bef['state']} -> {aft['state']}")
             lines.append(f"    ~ backend {c['address']}: {', '.join(what)}")
         lines.append(f"    ring slots moving: {100 * float(v['moved_fraction']):.2f}%")
+        if v.get("second_hop_slots"):
+            lines.append(f"    slots with a second hop (second chance): {v['second_hop_slots']}")
     if not lines:
         lines.append("no change")
     if p["dry_run"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from lb.client import vip_path
@@ -38,7 +39,25 @@ def vip_text(v: Any) -> str:
     )
     if v.get("ring_fingerprint"):
         head += f" ring={v['ring_fingerprint'][:16]}"
+    if "second_chance_on" in v:
+        head += "\n" + _second_text(v)
     return head + "\n" + backends_table({"data": v["backends"]})
+
+
+def _second_text(v: Any) -> str:
+    """The VIP's second chance: on or off, its window length, the open window."""
+    if not v["second_chance_on"]:
+        why = "switched off" if v.get("second_chance") is False else "IPIP VIP"
+        return f"second chance: off ({why})"
+    line = f"second chance: on, window {v['second_chance_window_s']:g} s"
+    w = v.get("second_window")
+    if w:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w["until"]))
+        prev = ",".join(f"{a}" + (f"*{wt}" if wt != 1 else "") for a, wt in w["backends"])
+        line += f"; open until {until} (longer while a backend drains), previous ring: {prev}"
+    else:
+        line += "; no window open"
+    return line
 
 
 def cmd_vip_list(args: argparse.Namespace) -> int:
@@ -57,7 +76,8 @@ def cmd_vip_add(args: argparse.Namespace) -> int:
     """lbctl vip add PROTO ADDR:PORT."""
     addr, port = split_hostport(args.address, "address")
     body: dict[str, Any] = {"protocol": args.protocol, "address": addr, "port": port}
-    for key in ("hash_src_only", "lru_bypass", "encap", "outer_source"):
+    for key in ("hash_src_only", "lru_bypass", "encap", "outer_source", "second_chance",
+                "second_chance_window_s"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     _, _, v = client_from(args).request("POST", "/v1/vips", body)
@@ -69,7 +89,8 @@ def cmd_vip_set(args: argparse.Namespace) -> int:
     """lbctl vip set VIP [--encap ...] [--hash-src-only|--no-hash-src-only] ..."""
     body = {
         k: getattr(args, k)
-        for k in ("hash_src_only", "lru_bypass", "encap", "outer_source")
+        for k in ("hash_src_only", "lru_bypass", "encap", "outer_source", "second_chance",
+                  "second_chance_window_s")
         if getattr(args, k) is not None
     }
     if not body:
@@ -91,6 +112,10 @@ def _vip_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--outer-source", choices=["rss", "lb"])
     sp.add_argument("--hash-src-only", action=argparse.BooleanOptionalAction, default=None)
     sp.add_argument("--lru-bypass", action=argparse.BooleanOptionalAction, default=None)
+    sp.add_argument("--second-chance", action=argparse.BooleanOptionalAction, default=None,
+                    help="second hop for flows after ring changes (GUE VIPs; default on)")
+    sp.add_argument("--second-chance-window", dest="second_chance_window_s", type=float,
+                    metavar="SECONDS", help="how long moved slots keep their second hop")
 
 
 def add_commands(sub: Any, leaf: Leaf) -> None:

@@ -142,6 +142,34 @@ class BackendSpec(BaseModel):
         return self.state != "disabled"
 
 
+#: Default second-chance window (docs/second-chance.md): how long after a ring change the
+#: slots that moved keep their previous backend as a second hop.
+SECOND_CHANCE_WINDOW_S = 300.0
+#: Longest window one may configure (a day).
+MAX_SECOND_CHANCE_WINDOW_S = 86400.0
+
+RingMembers = tuple[tuple[str, int], ...]
+
+
+class SecondChanceWindow(BaseModel):
+    """An open second-chance window (docs/second-chance.md): the ring's backends before the
+    VIP's last ring change; every slot that moved since carries its previous backend as a
+    second hop until `until`, and after it while a backend that left the ring is draining.
+    Set and closed by the control plane; part of the stored state, so every LB host of a
+    fleet builds the same second hops."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backends: list[tuple[str, int]] = Field(
+        description="(address, weight) of the backends in the ring before the change")
+    opened: float = Field(description="when the window opened (Unix time)")
+    until: float = Field(description="when it closes (Unix time), drains permitting")
+
+    def members(self) -> RingMembers:
+        """The previous ring's (identity, weight) pairs, sorted like a ring key."""
+        return tuple(sorted((a, w) for a, w in self.backends))
+
+
 class VipSpec(BaseModel):
     """One VIP (protocol, address, port) with its flags, encapsulation and backends."""
 
@@ -160,11 +188,41 @@ class VipSpec(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="how the backends are probed (lb/health/policy.py); null: not checked"
     )
+    second_chance: bool | None = Field(
+        None, description="second chance (docs/second-chance.md): after a ring change, flows "
+        "the connection table does not know get the slot's previous backend as a second hop; "
+        "null: on for GUE VIPs (IPIP cannot carry a hop)")
+    second_chance_window_s: float = Field(
+        SECOND_CHANCE_WINDOW_S, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S,
+        description="how long a second-chance window stays open after a ring change "
+        "(longer while a backend that left the ring drains); 0: no window")
+    second_window: SecondChanceWindow | None = Field(
+        None, description="the open second-chance window (set by the control plane)")
 
     @field_validator("address", mode="before")
     @classmethod
     def _address(cls, v: object) -> object:
         return _refuse_zone(v, "VIP address")
+
+    @property
+    def second_chance_on(self) -> bool:
+        """True when ring changes open a second-chance window (a GUE VIP, not switched off)."""
+        return self.encap == "gue" and self.second_chance is not False
+
+    def ring_members(self) -> RingMembers:
+        """The backends that take new flows, as (identity, weight), sorted: the ring's key."""
+        return tuple(sorted((b.identity, b.weight) for b in self.backends if b.in_ring))
+
+    def window_open(self, now: float) -> bool:
+        """True while the second-chance window is open: before `until`, or while a backend
+        of the previous ring that left this one is draining."""
+        w = self.second_window
+        if w is None or not self.second_chance_on:
+            return False
+        if now < w.until:
+            return True
+        before = {a for a, _ in w.backends}
+        return any(b.state == "draining" and b.identity in before for b in self.backends)
 
     @property
     def id(self) -> str:
@@ -211,6 +269,9 @@ class VipUpdate(BaseModel):
     outer_source: OuterSource | None = None
     #: Explicitly set to None to stop checking the VIP's backends.
     health_check: HealthCheck | None = None
+    #: Explicitly set to None to go back to the default (on for GUE).
+    second_chance: bool | None = None
+    second_chance_window_s: float | None = Field(None, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S)
 
 
 class BackendUpdate(BaseModel):
@@ -287,6 +348,8 @@ class VipPlan(BaseModel):
     changed_backends: list[BackendChange] = Field(default_factory=list)
     #: Fraction of ring slots that point to a different backend afterwards (0..1).
     moved_fraction: float = 0.0
+    #: Slots that would carry a second hop (their previous backend) afterwards.
+    second_hop_slots: int = 0
 
 
 class Plan(BaseModel):
@@ -477,6 +540,10 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                 field=f"{field}.address",
             )
         seen[b.identity] = i
+    if vip.second_chance and vip.encap != "gue":
+        raise InvalidInput(
+            "second_chance: only a GUE VIP can carry a second hop (encap: gue); IPIP has no "
+            "room for it", field="second_chance")
     if limits is not None and vip.effective_outer_source == "lb":
         _check_lb_source(vip, limits)
     if limits is not None and limits.max_frame:
@@ -490,6 +557,24 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                 f"{limits.ring_size} slots balances at most {most} (100 slots each)",
                 field="backends",
             )
+
+
+def with_second_window(old: VipSpec | None, new: VipSpec, now: float) -> VipSpec:
+    """`new` as it is stored after replacing `old`: a change of the ring's backends opens a
+    second-chance window on the ring `old` had (the last change wins: one previous ring);
+    switching second chance off, or a window of 0, closes any window."""
+    if not new.second_chance_on or new.second_chance_window_s == 0:
+        if new.second_window is None:
+            return new
+        return new.model_copy(update={"second_window": None})
+    if old is None:
+        return new
+    before = old.ring_members()
+    if before == new.ring_members() or not before:
+        return new
+    window = SecondChanceWindow(backends=list(before),
+                                opened=now, until=now + new.second_chance_window_s)
+    return new.model_copy(update={"second_window": window})
 
 
 def distinct_backends(vips: Iterable[VipSpec]) -> set[str]:

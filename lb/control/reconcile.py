@@ -42,7 +42,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
+import numpy as np
+
+from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6, RING_PREV_SHIFT, RING_REAL_MASK
 from lb.control import maglev
 from lb.control.model import (
     BackendChange,
@@ -85,7 +87,58 @@ def key_text(key: VipMapKey) -> str:
 
 
 def _ring_key(vip: VipSpec) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted((b.identity, b.weight) for b in vip.backends if b.in_ring))
+    return vip.ring_members()
+
+
+#: A VIP's second-chance window as the rings see it: the previous ring's members and, per
+#: member, the backend index a second hop may name (0: not a backend any more).
+WindowKey = tuple[tuple[tuple[str, int], ...], tuple[int, ...]]
+
+
+def window_key(vip: VipSpec, real_idx: Mapping[str, int]) -> WindowKey | None:
+    """The VIP's open window for the rings (None: no second hops). A previous backend is
+    a usable second hop while the VIP still has it in the data plane (active or draining)."""
+    w = vip.second_window
+    if w is None or not vip.second_chance_on:
+        return None
+    members = w.members()
+    usable = {b.identity for b in vip.backends if b.in_reals}
+    return members, tuple(real_idx.get(i, 0) if i in usable else 0 for i, _ in members)
+
+
+def real_indices(values: array[int]) -> array[int]:
+    """Ring values without their second hops: the backend index of every slot."""
+    v = np.frombuffer(values, np.uint32)
+    if not (v >> RING_PREV_SHIFT).any():
+        return values
+    return array("I", (v & RING_REAL_MASK).astype(np.uint32).tobytes())
+
+
+def with_second_hops(values: array[int], prev: maglev.Ring, prev_idx: Sequence[int]) -> array[int]:
+    """`values` where every slot whose backend is not the one `prev` gave it carries that
+    previous backend (its index from `prev_idx`, per endpoint; 0 = none) in its high half
+    (docs/second-chance.md)."""
+    if prev.empty:
+        return values
+    table = np.asarray(prev_idx, np.uint32)
+    before = table[np.frombuffer(prev.slots, np.uint32)]
+    cur = np.frombuffer(values, np.uint32)
+    hop = (before != 0) & (before != cur) & (cur != 0)
+    if not hop.any():
+        return values
+    out = np.where(hop, cur | (before << RING_PREV_SHIFT), cur).astype(np.uint32)
+    return array("I", out.tobytes())
+
+
+def second_hop_slots(values: Sequence[int]) -> int:
+    """Slots of ring values that carry a second hop."""
+    return int(np.count_nonzero(np.frombuffer(_u32(values), np.uint32) >> RING_PREV_SHIFT))
+
+
+def _u32(values: Sequence[int]) -> array[int]:
+    if isinstance(values, array) and values.typecode == "I":
+        return values
+    return array("I", values)
 
 
 @dataclass
@@ -94,6 +147,7 @@ class _RingEntry:
     key: tuple[tuple[str, int], ...]
     idx: tuple[int, ...]
     values: array[int]
+    window: WindowKey | None = None
 
 
 #: Provisional indices for backends a plan adds (never written: above any real index).
@@ -122,6 +176,8 @@ class RingCache:
         # Ring keys by spec object (held, so its id is not reused) until the next forget().
         self._keys: dict[int, tuple[VipSpec, tuple[tuple[str, int], ...]]] = {}
         self._fingerprints: dict[tuple[tuple[str, int], ...], str] = {}
+        # Previous rings of open second-chance windows, by their members.
+        self._previous: dict[tuple[tuple[str, int], ...], maglev.Ring] = {}
 
     def key(self, vip: VipSpec) -> tuple[tuple[str, int], ...]:
         """The VIP's ring-relevant backends: sorted (identity, weight) of those in the ring."""
@@ -182,17 +238,35 @@ class RingCache:
         key = self.key(vip)
         # The key is sorted by identity, like the ring's endpoints.
         idx = tuple(real_idx[i] for i, _ in key)
-        if e is not None and e.key == key and e.idx == idx:
+        window = window_key(vip, real_idx)
+        if e is not None and e.key == key and e.idx == idx and e.window == window:
             e.spec = vip
             return e.values
         ring = self._ring(vip.id, key)
         values = maglev.ring_to_values(ring, dict(zip(ring.endpoints, idx, strict=True)))
-        self._entries[vip.id] = _RingEntry(vip, key, idx, values)
+        if window is not None:
+            values = with_second_hops(values, self.previous(window[0]), window[1])
+        self._entries[vip.id] = _RingEntry(vip, key, idx, values, window)
         return values
+
+    def previous(self, members: tuple[tuple[str, int], ...]) -> maglev.Ring:
+        """The ring these members build (a window's previous ring), kept while in use."""
+        ring = self._previous.get(members)
+        if ring is None:
+            if len(self._previous) >= _FINGERPRINTS_KEPT:
+                self._previous.clear()
+            ring = self._previous[members] = self._build(members)
+        return ring
 
     def moved(self, old: VipSpec, new: VipSpec, real_idx: Mapping[str, int]) -> float:
         """Fraction of ring slots that name another backend once `old` becomes `new`."""
-        before = self.values(old, real_idx)
+        return self.preview(old, new, real_idx)[0]
+
+    def preview(self, old: VipSpec, new: VipSpec, real_idx: Mapping[str, int]
+                ) -> tuple[float, int]:
+        """`moved`, and the slots that would carry a second hop (their previous backend, if
+        `new` has second chance on and keeps that backend) once `old` becomes `new`."""
+        before = real_indices(self.values(old, real_idx))
         key = self.key(new)
         ring = self._ring(new.id, key)
         self._pending[new.id] = (key, ring)
@@ -201,7 +275,15 @@ class RingCache:
             index_of[i] = real_idx.get(i, _PROVISIONAL + len(index_of))
         after = maglev.ring_to_values(ring, index_of)
         # Indices are one-to-one with identities, so differing values = moved slots.
-        return len(maglev.changed_slots(before, after)) / self.ring_size
+        moved = len(maglev.changed_slots(before, after)) / self.ring_size
+        hops = 0
+        if new.second_chance_on and new.second_chance_window_s > 0:
+            keep = [real_idx[b.identity] for b in new.backends
+                    if b.in_reals and b.identity in real_idx]
+            b = np.frombuffer(before, np.uint32)
+            a = np.frombuffer(after, np.uint32)
+            hops = int(np.count_nonzero((b != a) & (a != 0) & np.isin(b, keep)))
+        return moved, hops
 
     def fingerprint(self, vip: VipSpec) -> str:
         """Ring.fingerprint of the VIP's ring: by backend identity, so it does not depend on
@@ -399,9 +481,9 @@ def plan_change(
             continue
         old_b = {b.identity: b for b in old.backends}
         new_b = {b.identity: b for b in new.backends}
-        moved = 0.0
+        moved, hops = 0.0, 0
         if rings.key(old) != rings.key(new):
-            moved = rings.moved(old, new, real_idx)
+            moved, hops = rings.preview(old, new, real_idx)
         changed.append(
             VipPlan(
                 vip_id=new.id,
@@ -414,6 +496,7 @@ def plan_change(
                     if a in old_b and old_b[a] != b
                 ],
                 moved_fraction=moved,
+                second_hop_slots=hops,
             )
         )
     return Plan(

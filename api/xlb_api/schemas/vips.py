@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lb.control.model import Encap, OuterSource, Protocol, VipSpec
+from lb.control.model import (
+    MAX_SECOND_CHANCE_WINDOW_S,
+    SECOND_CHANCE_WINDOW_S,
+    Encap,
+    OuterSource,
+    Protocol,
+    SecondChanceWindow,
+    VipSpec,
+)
 from lb.health.policy import HealthCheck
 from xlb_api.schemas.backends import BackendCreate, BackendPublic
 from xlb_api.schemas.common import Address
@@ -37,6 +45,14 @@ class VipCreate(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="probe the backends and take failing ones out of the ring"
     )
+    second_chance: bool | None = Field(
+        None, description="second chance after ring changes (docs/second-chance.md); "
+        "null: on for GUE VIPs; IPIP VIPs cannot have it"
+    )
+    second_chance_window_s: float = Field(
+        SECOND_CHANCE_WINDOW_S, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S,
+        description="how long slots that moved keep their previous backend as a second hop",
+    )
 
     def to_spec(self) -> VipSpec:
         """The model's VIP."""
@@ -50,6 +66,8 @@ class VipCreate(BaseModel):
             outer_source=self.outer_source,
             backends=[b.to_spec() for b in self.backends],
             health_check=self.health_check,
+            second_chance=self.second_chance,
+            second_chance_window_s=self.second_chance_window_s,
         )
 
 
@@ -73,6 +91,10 @@ class VipUpdate(BaseModel):
         None, description="null: back to the encapsulation's default"
     )
     health_check: HealthCheck | None = Field(None, description="null removes the check")
+    second_chance: bool | None = Field(None, description="null: back to the default (on for GUE)")
+    second_chance_window_s: float | None = Field(
+        None, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S, description="null: back to the default"
+    )
 
 
 class VipPublic(BaseModel):
@@ -92,6 +114,13 @@ class VipPublic(BaseModel):
     ring_fingerprint: str | None = Field(
         None, description="hash of the ring's slots by backend (GET of one VIP; compare hosts)"
     )
+    second_chance: bool | None = Field(None, description="as configured (null: the default)")
+    second_chance_on: bool = Field(False, description="in force: ring changes open a window")
+    second_chance_window_s: float = SECOND_CHANCE_WINDOW_S
+    second_window: SecondChanceWindow | None = Field(
+        None, description="the open second-chance window: the previous ring's backends and "
+        "when it closes"
+    )
 
     @classmethod
     def of(cls, spec: VipSpec) -> VipPublic:
@@ -108,6 +137,10 @@ class VipPublic(BaseModel):
             effective_outer_source=spec.effective_outer_source,
             backends=[BackendPublic.of(b) for b in spec.backends],
             health_check=spec.health_check,
+            second_chance=spec.second_chance,
+            second_chance_on=spec.second_chance_on,
+            second_chance_window_s=spec.second_chance_window_s,
+            second_window=spec.second_window,
         )
 
 
