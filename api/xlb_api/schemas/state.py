@@ -25,6 +25,8 @@ class StateVip(VipCreate):
             outer_source=spec.outer_source,
             backends=[_backend(b) for b in spec.backends],
             health_check=spec.health_check,
+            allow=list(spec.allow),
+            deny=list(spec.deny),
         )
 
 

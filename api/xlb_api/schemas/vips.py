@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lb.control.model import Encap, OuterSource, Protocol, VipSpec
 from lb.health.policy import HealthCheck
 from xlb_api.schemas.backends import BackendCreate, BackendPublic
-from xlb_api.schemas.common import Address
+from xlb_api.schemas.common import Address, Prefix
 
 
 class VipCreate(BaseModel):
@@ -37,6 +37,14 @@ class VipCreate(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="probe the backends and take failing ones out of the ring"
     )
+    allow: list[Prefix] = Field(
+        default_factory=list,
+        description="source prefixes let in; when any, every other source is dropped",
+    )
+    deny: list[Prefix] = Field(
+        default_factory=list,
+        description="source prefixes dropped; the longest matching prefix of both lists wins",
+    )
 
     def to_spec(self) -> VipSpec:
         """The model's VIP."""
@@ -50,6 +58,8 @@ class VipCreate(BaseModel):
             outer_source=self.outer_source,
             backends=[b.to_spec() for b in self.backends],
             health_check=self.health_check,
+            allow=self.allow,
+            deny=self.deny,
         )
 
 
@@ -57,7 +67,7 @@ class VipUpdate(BaseModel):
     """Changes to a VIP's flags and encapsulation; fields left out stay as they are.
 
     null goes back to the default: `hash_src_only`/`lru_bypass` false, `encap` ipip,
-    `outer_source` the encapsulation's default, `health_check` none.
+    `outer_source` the encapsulation's default, `health_check` none, `allow`/`deny` empty.
     """
 
     model_config = ConfigDict(
@@ -73,6 +83,8 @@ class VipUpdate(BaseModel):
         None, description="null: back to the encapsulation's default"
     )
     health_check: HealthCheck | None = Field(None, description="null removes the check")
+    allow: list[Prefix] | None = Field(None, description="the new allow list; null/[] empties")
+    deny: list[Prefix] | None = Field(None, description="the new deny list; null/[] empties")
 
 
 class VipPublic(BaseModel):
@@ -89,6 +101,8 @@ class VipPublic(BaseModel):
     effective_outer_source: OuterSource
     backends: list[BackendPublic]
     health_check: HealthCheck | None = Field(None, description="the check (null: none)")
+    allow: list[str] = Field(default_factory=list, description="source prefixes let in")
+    deny: list[str] = Field(default_factory=list, description="source prefixes dropped")
     ring_fingerprint: str | None = Field(
         None, description="hash of the ring's slots by backend (GET of one VIP; compare hosts)"
     )
@@ -108,6 +122,8 @@ class VipPublic(BaseModel):
             effective_outer_source=spec.effective_outer_source,
             backends=[BackendPublic.of(b) for b in spec.backends],
             health_check=spec.health_check,
+            allow=[str(n) for n in spec.allow],
+            deny=[str(n) for n in spec.deny],
         )
 
 
