@@ -22,6 +22,7 @@ def _plan_text(p: Any) -> str:
         lines.append(
             f"~ VIP {v['vip_id']}"
             + ("  (flags/encapsulation change)" if v["flags_changed"] else "")
+            + ("  (source ranges change)" if v.get("ranges_changed") else "")
         )
         for b in v["added_backends"]:
             lines.append(f"    + backend {b}")

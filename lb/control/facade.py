@@ -42,6 +42,7 @@ from lb.control.model import (
     VipSpec,
     VipUpdate,
     canonical_address,
+    check_src_total,
     invalid_from_validation,
     parse_vip_id,
     validate_backend,
@@ -300,6 +301,9 @@ class ControlPlane:
         def change() -> VipSpec:
             if spec.id in self._store.vips:
                 raise Conflict(f"VIP {spec.id} already exists", field="vip_id")
+            if spec.allow or spec.deny:
+                check_src_total([*self._store.vips.values(), spec], self.limits,
+                                field="deny" if spec.deny else "allow")
             self._commit(upserts=[spec])
             return spec
 
@@ -313,11 +317,18 @@ class ControlPlane:
         for f in ("hash_src_only", "lru_bypass", "encap", "second_chance_window_s"):
             if f in fields and fields[f] is None:
                 fields[f] = VipSpec.model_fields[f].default
+        for f in ("allow", "deny"):
+            if f in fields and fields[f] is None:
+                fields[f] = []
 
         def change() -> VipSpec:
             vip = self._vip(vip_id)
             new = self._copy(vip, fields)
             validate_vip(new, self.limits)
+            if (new.allow, new.deny) != (vip.allow, vip.deny):
+                others = [v for v in self._store.vips.values() if v.id != new.id]
+                check_src_total([*others, new], self.limits,
+                                field="deny" if "deny" in fields else "allow")
             if new != vip:
                 self._commit(upserts=[new])
             return new

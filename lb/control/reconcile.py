@@ -44,7 +44,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6, RING_PREV_SHIFT, RING_REAL_MASK
+from lb.consts import (
+    FAMILY_V4,
+    FAMILY_V6,
+    REAL_F_V6,
+    RING_PREV_SHIFT,
+    RING_REAL_MASK,
+    SRC_ALLOW,
+    SRC_DENY,
+)
 from lb.control import maglev
 from lb.control.model import (
     BackendChange,
@@ -58,6 +66,7 @@ from lb.control.store import crash_point
 from lb.dataplane.flowhash import vip_filter_bit
 from lb.dataplane.keys import PROTO_NUMBERS, addr16, addr_from16, family_of, proto_name
 from lb.dataplane.mapio import AddrKey, MapIO, RealVal, VipMapKey
+from lb.dataplane.protect import SrcKey
 from lb.errors import KernelError
 
 if TYPE_CHECKING:
@@ -75,6 +84,25 @@ def _real_identity(val: RealVal) -> str:
 def vip_map_key(vip: VipSpec) -> VipMapKey:
     """The vip_map key of a VIP, as a plain tuple."""
     return (family_of(vip.address), addr16(vip.address), vip.port, PROTO_NUMBERS[vip.protocol])
+
+
+def src_ranges_of(vip: VipSpec, num: int) -> dict[SrcKey, int]:
+    """The src_v4 / src_v6 entries of a VIP numbered `num`."""
+    family = family_of(vip.address)
+    out: dict[SrcKey, int] = {}
+    for verdict, nets in ((SRC_ALLOW, vip.allow), (SRC_DENY, vip.deny)):
+        for net in nets:
+            out[(family, num, addr16(net.network_address), net.prefixlen)] = verdict
+    return out
+
+
+def _src_text(key: SrcKey, names: Mapping[int, str]) -> str:
+    family, num, raw, plen = key
+    return f"{names.get(num, f'vip_num {num}')} {_addr_text(family, raw)}/{plen}"
+
+
+def _verdict_text(v: int | None) -> str | None:
+    return None if v is None else {SRC_ALLOW: "allow", SRC_DENY: "deny"}.get(v, str(v))
 
 
 def key_text(key: VipMapKey) -> str:
@@ -319,6 +347,8 @@ class MapImage:
     #: The VIP address filter: (armed, bits set); None when not computed or not read. Not
     #: part of equality: the incremental image does not keep it (diff_images compares it).
     vip_filter: tuple[bool, frozenset[int]] | None = field(default=None, compare=False)
+    #: Source ranges (src_v4 / src_v6) -> SRC_ALLOW / SRC_DENY.
+    src_ranges: dict[SrcKey, int] = field(default_factory=dict)
 
 
 def desired_image(
@@ -335,6 +365,7 @@ def desired_image(
         akey = (family_of(vip.address), addr16(vip.address))
         img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
         img.rings[num] = rings.values(vip, real_idx)
+        img.src_ranges.update(src_ranges_of(vip, num))
         for b in vip.backends:
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
@@ -353,6 +384,7 @@ class Touched:
     rings: set[int] = field(default_factory=set)
     #: (VIP number, backend index) pairs that left a VIP's set while the VIP kept its number.
     left_pairs: set[tuple[int, int]] = field(default_factory=set)
+    src_ranges: set[SrcKey] = field(default_factory=set)
 
 
 @dataclass
@@ -364,6 +396,7 @@ class _Share:
     key: VipMapKey
     akey: AddrKey
     reals: dict[int, RealVal]
+    src: dict[SrcKey, int] = field(default_factory=dict)
 
 
 class DesiredImage:
@@ -425,7 +458,10 @@ class DesiredImage:
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
                 reals[real_idx[b.identity]] = (addr16(b.address), flags)
-        self._shares[spec.id] = _Share(spec, num, key, akey, reals)
+        src = src_ranges_of(spec, num)
+        self._shares[spec.id] = _Share(spec, num, key, akey, reals, src)
+        img.src_ranges.update(src)
+        t.src_ranges.update(src)
         img.vip_map[key] = (num, spec.flags)
         img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
         img.rings[num] = self.rings.values(spec, real_idx)
@@ -440,6 +476,9 @@ class DesiredImage:
     def _remove(self, vid: str, t: Touched) -> None:
         img = self.image
         share = self._shares.pop(vid)
+        for skey in share.src:
+            img.src_ranges.pop(skey, None)
+        t.src_ranges.update(share.src)
         del img.vip_map[share.key]
         n = img.vip_addrs[share.akey] - 1
         if n:
@@ -488,6 +527,7 @@ def plan_change(
             VipPlan(
                 vip_id=new.id,
                 flags_changed=old.flags != new.flags,
+                ranges_changed=(old.allow, old.deny) != (new.allow, new.deny),
                 added_backends=[a for a in new_b if a not in old_b],
                 removed_backends=[a for a in old_b if a not in new_b],
                 changed_backends=[
@@ -542,6 +582,11 @@ def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> lis
                        f" ({missing} missing: their VIPs' packets go to the stack;"
                        f" {extra} extra)",
             ))
+    for skey in sorted(want.src_ranges.keys() | have.src_ranges.keys()):
+        ws, hs = want.src_ranges.get(skey), have.src_ranges.get(skey)
+        if ws != hs:
+            drifts.append(Drift(map="src_ranges", key=_src_text(skey, names),
+                                expected=_verdict_text(ws), actual=_verdict_text(hs)))
     for idx in sorted(want.reals.keys() | have.reals.keys()):
         wr, hr = want.reals.get(idx), have.reals.get(idx)
         if wr != hr:
@@ -599,11 +644,13 @@ class _Writer:
             self.addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
             self.real_keys = sorted(want.reals.keys() | have.reals.keys())
             self.ring_nums = sorted(want.rings.keys() | have.rings.keys())
+            self.src_keys = list(want.src_ranges.keys() | have.src_ranges.keys())
         else:
             self.vip_keys = list(touched.vip_map)
             self.addr_keys = list(touched.vip_addrs)
             self.real_keys = sorted(touched.reals)
             self.ring_nums = sorted(touched.rings)
+            self.src_keys = list(touched.src_ranges)
 
     def _step(self) -> None:
         self.res.entries += 1
@@ -687,6 +734,23 @@ class _Writer:
             if self.have.vip_addrs.get(akey, 0) < n:
                 self.io.set_vip_addr(akey, n)
                 self.have.vip_addrs[akey] = n
+                self._step()
+
+    def add_src_ranges(self) -> None:
+        """Source ranges new or changed, before the VIP entries whose flags turn them on."""
+        for skey in self.src_keys:
+            v = self.want.src_ranges.get(skey)
+            if v is not None and self.have.src_ranges.get(skey) != v:
+                self.io.set_src_range(skey, v)
+                self.have.src_ranges[skey] = v
+                self._step()
+
+    def remove_src_ranges(self) -> None:
+        """Source ranges no longer wanted, once no VIP entry's flags need them."""
+        for skey in self.src_keys:
+            if skey not in self.want.src_ranges and skey in self.have.src_ranges:
+                self.io.del_src_range(skey)
+                del self.have.src_ranges[skey]
                 self._step()
 
     def write_vips(self, new_nums: set[int]) -> None:
@@ -782,6 +846,7 @@ class Reconciler:
         io = self.io
         have = MapImage(io.read_vip_map(), io.read_vip_addrs(), io.read_reals())
         have.vip_filter = io.read_vip_filter()
+        have.src_ranges = io.read_src_ranges()
         nums = set(want.rings) | {num for num, _ in have.vip_map.values()}
         for num in sorted(nums):
             if 0 <= num < self.io.b.config.max_vips:
@@ -869,9 +934,11 @@ class Reconciler:
         w.program_backends(new_idx)
         w.write_rings()
         w.add_addresses()
+        w.add_src_ranges()
         w.write_vips(new_nums)
         # Deletion in reverse, then the conn_table slots naming what was freed.
         w.delete_vips()
+        w.remove_src_ranges()
         w.shrink_addresses()
         w.clear_rings()
         w.free_backends(real_idx)

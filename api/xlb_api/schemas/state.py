@@ -27,6 +27,8 @@ class StateVip(VipCreate):
             health_check=spec.health_check,
             second_chance=spec.second_chance,
             second_chance_window_s=spec.second_chance_window_s,
+            allow=list(spec.allow),
+            deny=list(spec.deny),
         )
 
 

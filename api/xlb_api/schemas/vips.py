@@ -15,7 +15,7 @@ from lb.control.model import (
 )
 from lb.health.policy import HealthCheck
 from xlb_api.schemas.backends import BackendCreate, BackendPublic
-from xlb_api.schemas.common import Address
+from xlb_api.schemas.common import Address, Prefix
 
 
 class VipCreate(BaseModel):
@@ -53,6 +53,14 @@ class VipCreate(BaseModel):
         SECOND_CHANCE_WINDOW_S, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S,
         description="how long slots that moved keep their previous backend as a second hop",
     )
+    allow: list[Prefix] = Field(
+        default_factory=list,
+        description="source prefixes let in; when any, every other source is dropped",
+    )
+    deny: list[Prefix] = Field(
+        default_factory=list,
+        description="source prefixes dropped; the longest matching prefix of both lists wins",
+    )
 
     def to_spec(self) -> VipSpec:
         """The model's VIP."""
@@ -68,6 +76,8 @@ class VipCreate(BaseModel):
             health_check=self.health_check,
             second_chance=self.second_chance,
             second_chance_window_s=self.second_chance_window_s,
+            allow=self.allow,
+            deny=self.deny,
         )
 
 
@@ -75,7 +85,7 @@ class VipUpdate(BaseModel):
     """Changes to a VIP's flags and encapsulation; fields left out stay as they are.
 
     null goes back to the default: `hash_src_only`/`lru_bypass` false, `encap` ipip,
-    `outer_source` the encapsulation's default, `health_check` none.
+    `outer_source` the encapsulation's default, `health_check` none, `allow`/`deny` empty.
     """
 
     model_config = ConfigDict(
@@ -95,6 +105,8 @@ class VipUpdate(BaseModel):
     second_chance_window_s: float | None = Field(
         None, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S, description="null: back to the default"
     )
+    allow: list[Prefix] | None = Field(None, description="the new allow list; null/[] empties")
+    deny: list[Prefix] | None = Field(None, description="the new deny list; null/[] empties")
 
 
 class VipPublic(BaseModel):
@@ -111,6 +123,8 @@ class VipPublic(BaseModel):
     effective_outer_source: OuterSource
     backends: list[BackendPublic]
     health_check: HealthCheck | None = Field(None, description="the check (null: none)")
+    allow: list[str] = Field(default_factory=list, description="source prefixes let in")
+    deny: list[str] = Field(default_factory=list, description="source prefixes dropped")
     ring_fingerprint: str | None = Field(
         None, description="hash of the ring's slots by backend (GET of one VIP; compare hosts)"
     )
@@ -141,6 +155,8 @@ class VipPublic(BaseModel):
             second_chance_on=spec.second_chance_on,
             second_chance_window_s=spec.second_chance_window_s,
             second_window=spec.second_window,
+            allow=[str(n) for n in spec.allow],
+            deny=[str(n) for n in spec.deny],
         )
 
 
