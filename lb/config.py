@@ -12,7 +12,7 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from lb.consts import CONN_WAYS
+from lb.consts import CONN_WAYS, GUARD_WINDOW_SHIFT
 
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
@@ -112,7 +112,8 @@ class DataplaneConfig(BaseModel):
 
     ring_size: int = Field(65537, description="Maglev ring slots per VIP (a prime)")
     max_vips: int = Field(512, ge=1, le=65536)
-    max_reals: int = Field(4096, ge=2, le=1 << 20, description="backend slots; 0 is reserved")
+    # At most 2^16: a ch_rings word packs a backend index and its second hop in 16 bits each.
+    max_reals: int = Field(4096, ge=2, le=1 << 16, description="backend slots; 0 is reserved")
     conn_table_size: int = Field(
         4_194_304, ge=1024, le=1 << 28,
         description="connection-table slots (16 bytes each), rounded up to a power of two;"
@@ -122,6 +123,10 @@ class DataplaneConfig(BaseModel):
         16384, ge=1, le=1 << 22,
         description="VIP-backend pairs with their own counters (pair_stats entries,"
         " 24 bytes per possible CPU each)",
+    )
+    max_src_ranges: int = Field(
+        16384, ge=1, le=1 << 24,
+        description="source-range entries per address family over all VIPs (src_v4, src_v6)",
     )
     features: Features = Features()
 
@@ -168,11 +173,46 @@ class DataplaneConfig(BaseModel):
             f"-DFEAT_GUE={int(f.gue)}",
             f"-DMAX_PAIRS={self.max_vip_backends}",
             f"-DFEAT_PAIR_STATS={int(f.pair_stats)}",
+            f"-DMAX_SRC_RANGES={self.max_src_ranges}",
         ]
 
 
+GuardMode = Literal["off", "auto", "always"]
+
+
+class ProtectConfig(BaseModel):
+    """The SYN-flood guard and the rate limits of the replies the LB sends (guard_cfg map,
+    docs/protection.md). Rates are per CPU, as the buckets are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    syn_guard: GuardMode = Field(
+        "auto",
+        description="off: every SYN inserts; auto: flood mode above syn_flood_rate; always:"
+        " SYNs never insert (flows are tracked from their second packet)",
+    )
+    syn_flood_rate: int = Field(
+        50_000, ge=1, le=100_000_000,
+        description="SYNs per second per CPU above which a CPU is in flood mode (auto)",
+    )
+    echo_rate: int = Field(
+        1000, ge=0, le=100_000_000, description="ICMP echo replies per second per CPU; 0 = no limit"
+    )
+    echo_burst: int = Field(50, ge=1, le=1_000_000, description="echo replies sent back to back")
+    too_big_rate: int = Field(
+        1000, ge=0, le=100_000_000, description="too-big replies per second per CPU; 0 = no limit"
+    )
+    too_big_burst: int = Field(50, ge=1, le=1_000_000, description="too-big replies back to back")
+
+    @property
+    def syn_per_window(self) -> int:
+        """syn_flood_rate in SYNs per guard window (2**GUARD_WINDOW_SHIFT ns)."""
+        return max(1, self.syn_flood_rate * (1 << GUARD_WINDOW_SHIFT) // 1_000_000_000)
+
+
 class RuntimeConfig(BaseModel):
-    """Values of the `lb_cfg` map, read by the program on every packet."""
+    """Values of the `lb_cfg` map, read by the program on every packet (and, in `protect`,
+    of guard_cfg)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -200,6 +240,9 @@ class RuntimeConfig(BaseModel):
     # as live (and its slot becomes reusable) after this long without a packet.
     tcp_timeout_s: float = Field(
         900.0, ge=0, le=86400, description="TCP flow idle timeout (0 = never)"
+    )
+    protect: ProtectConfig = Field(
+        ProtectConfig(), description="SYN-flood guard and reply rate limits (guard_cfg)"
     )
 
     @field_validator("gateway_mac")

@@ -11,6 +11,10 @@ FAMILY_V6 = 6
 
 REAL_NONE = 0
 
+# A ch_rings word: backend index (bits 0-15), second hop (bits 16-31; docs/second-chance.md).
+RING_REAL_MASK = 0xFFFF
+RING_PREV_SHIFT = 16
+
 # The VIP address filter (struct vip_filter): 2^VIP_FILTER_LOG2 bits, the hash's multiplier.
 VIP_FILTER_LOG2 = 16
 VIP_FILTER_WORDS = 1 << (VIP_FILTER_LOG2 - 6)
@@ -42,6 +46,23 @@ F_HASH_SRC_ONLY = 1 << 0
 F_LRU_BYPASS = 1 << 1
 F_ENCAP_GUE = 1 << 2
 F_SRC_LB = 1 << 3
+F_SRC_RANGES = 1 << 8
+F_SRC_ALLOW = 1 << 9
+
+# Source-range verdicts (values of src_v4 / src_v6).
+SRC_ALLOW = 1
+SRC_DENY = 2
+
+# SYN-flood guard (struct guard_cfg, docs/protection.md).
+GUARD_MODE_OFF = 0
+GUARD_MODE_AUTO = 1
+GUARD_MODE_ALWAYS = 2
+GUARD_WINDOW_SHIFT = 27
+
+# Reply token buckets (rl_buckets slots).
+RL_ECHO = 0
+RL_TOO_BIG = 1
+RL_SLOTS = 2
 
 # Backend flags (struct real_def.flags).
 REAL_F_V6 = 1 << 0
@@ -70,6 +91,14 @@ GLOB_STATS: tuple[str, ...] = (
     "STAT_CONN_EVICT",
     "STAT_PASS_NOT_OURS",
     "STAT_ICMP_SRC_BAD",
+    "STAT_SECOND_HOP",
+    "STAT_SECOND_SKIP",
+    "STAT_SRC_DENIED",
+    "STAT_ICMP_ECHO_LIMITED",
+    "STAT_TOO_BIG_LIMITED",
+    "STAT_GUARD_FLOOD",
+    "STAT_GUARD_SYN_STATELESS",
+    "STAT_GUARD_NO_EVICT",
 )
 STAT_MAX = len(GLOB_STATS)
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(GLOB_STATS)}

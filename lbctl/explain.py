@@ -27,6 +27,9 @@ def _explain_text(e: Any) -> str:
         lines.append(
             f"  backend   {e['backend']}  ({e['encap']}, outer source {e['outer_source']})"
         )
+    if e.get("second_hop"):
+        lines.append(f"  then      {e['second_hop']}  (second hop: the slot's previous backend,"
+                     " if the first does not have the flow)")
     lines.append(f"  because   {why}")
     if e["vip_id"]:
         lines.append(f"  VIP       {e['vip_id']}")

@@ -22,6 +22,7 @@ def _plan_text(p: Any) -> str:
         lines.append(
             f"~ VIP {v['vip_id']}"
             + ("  (flags/encapsulation change)" if v["flags_changed"] else "")
+            + ("  (source ranges change)" if v.get("ranges_changed") else "")
         )
         for b in v["added_backends"]:
             lines.append(f"    + backend {b}")
@@ -36,6 +37,8 @@ def _plan_text(p: Any) -> str:
                 what.append(f"state {bef['state']} -> {aft['state']}")
             lines.append(f"    ~ backend {c['address']}: {', '.join(what)}")
         lines.append(f"    ring slots moving: {100 * float(v['moved_fraction']):.2f}%")
+        if v.get("second_hop_slots"):
+            lines.append(f"    slots with a second hop (second chance): {v['second_hop_slots']}")
     if not lines:
         lines.append("no change")
     if p["dry_run"]:

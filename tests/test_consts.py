@@ -26,14 +26,16 @@ def _defines() -> dict[str, int]:
 
 def test_python_flags_match_the_header() -> None:
     defines = _defines()
-    mirrored = r"^(F_|REAL_F_|FAMILY_|REAL_NONE|CONN_|VIP_FILTER_)"
+    mirrored = (r"^(F_|REAL_F_|FAMILY_|REAL_NONE|RING_|CONN_|VIP_FILTER_|SRC_|GUARD_MODE_"
+                r"|GUARD_WINDOW|RL_)")
     names = [n for n in dir(consts) if re.match(mirrored, n)]
     assert names, "no flag constants found in lb.consts"
     for name in names:
         assert name in defines, f"{name} is in lb/consts.py but not #defined in xdp/common/consts.h"
         assert getattr(consts, name) == defines[name], f"{name} differs between C and Python"
     for name in defines:
-        if re.match(r"^(F_|REAL_F_|CONN_|VIP_FILTER_)", name) and name not in TUNABLES:
+        both = r"^(F_|REAL_F_|CONN_|VIP_FILTER_|SRC_|GUARD_MODE_|RL_SLOTS)"
+        if re.match(both, name) and name not in TUNABLES:
             assert hasattr(consts, name), f"{name} is in xdp/common/consts.h, not in lb/consts.py"
 
 

@@ -106,6 +106,24 @@ async def _verify_forever(control: ControlPlane, interval: float, repair: bool) 
                         ", rewritten" if report.repaired else "", what)  # fmt: skip
 
 
+#: How often the daemon looks for second-chance windows that ended (docs/second-chance.md).
+SECOND_WINDOW_CHECK_S = 1.0
+
+
+async def _close_windows_forever(control: ControlPlane) -> None:
+    # A window ends by time (or when its drain does): storing the VIP without it takes the
+    # second hops out of the rings, on every host of a fleet alike.
+    while True:
+        await asyncio.sleep(SECOND_WINDOW_CHECK_S)
+        try:
+            closed = await asyncio.to_thread(control.close_second_windows)
+        except Exception as e:  # a failed write must not stop the checks
+            log.warning("closing second-chance windows failed: %s", e)
+            continue
+        if closed:
+            log.info("second-chance windows closed: %s", ", ".join(closed))
+
+
 async def _sample_forever(sampler: RateSampler) -> None:
     while True:
         try:
@@ -290,10 +308,11 @@ def create_app(
                     name="xlb-verify")  # fmt: skip
             btask = (asyncio.create_task(_announce_forever(rt.announcer), name="xlb-bgp")
                      if rt.announcer else None)
+            wtask = asyncio.create_task(_close_windows_forever(rt.control), name="xlb-second")
             try:
                 yield
             finally:
-                for t in (task, htask, vtask, btask):
+                for t in (task, htask, vtask, btask, wtask):
                     if t is not None:
                         t.cancel()
                         with contextlib.suppress(asyncio.CancelledError):

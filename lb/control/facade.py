@@ -42,12 +42,14 @@ from lb.control.model import (
     VipSpec,
     VipUpdate,
     canonical_address,
+    check_src_total,
     invalid_from_validation,
     parse_vip_id,
     validate_backend,
     validate_state,
     validate_vip,
     vip_id,
+    with_second_window,
 )
 from lb.control.reconcile import MapImage, Reconciler, RingCache, diff_images, plan_change
 from lb.control.shared import StaleState, StateStore
@@ -299,6 +301,9 @@ class ControlPlane:
         def change() -> VipSpec:
             if spec.id in self._store.vips:
                 raise Conflict(f"VIP {spec.id} already exists", field="vip_id")
+            if spec.allow or spec.deny:
+                check_src_total([*self._store.vips.values(), spec], self.limits,
+                                field="deny" if spec.deny else "allow")
             self._commit(upserts=[spec])
             return spec
 
@@ -309,14 +314,21 @@ class ControlPlane:
         fields = {f: getattr(changes, f) for f in changes.model_fields_set}
         # null is the default, as for outer_source and health_check (JSON merge patch:
         # null removes the member).
-        for f in ("hash_src_only", "lru_bypass", "encap"):
+        for f in ("hash_src_only", "lru_bypass", "encap", "second_chance_window_s"):
             if f in fields and fields[f] is None:
                 fields[f] = VipSpec.model_fields[f].default
+        for f in ("allow", "deny"):
+            if f in fields and fields[f] is None:
+                fields[f] = []
 
         def change() -> VipSpec:
             vip = self._vip(vip_id)
             new = self._copy(vip, fields)
             validate_vip(new, self.limits)
+            if (new.allow, new.deny) != (vip.allow, vip.deny):
+                others = [v for v in self._store.vips.values() if v.id != new.id]
+                check_src_total([*others, new], self.limits,
+                                field="deny" if "deny" in fields else "allow")
             if new != vip:
                 self._commit(upserts=[new])
             return new
@@ -403,15 +415,29 @@ class ControlPlane:
         validate_state(state.vips, self.limits)
         with self._lock:
             return plan_change(
-                self._store.vips, state.vips, self.generation, self._plan_rings,
-                self._store.real_idx,
+                self._store.vips, self._keep_windows(state.vips), self.generation,
+                self._plan_rings, self._store.real_idx,
             )
+
+    def _keep_windows(self, target: Sequence[VipSpec]) -> list[VipSpec]:
+        """A declarative state carries no second-chance windows: a VIP whose ring stays the
+        same keeps its open window (else putting back what GET returned would close it)."""
+        current = self._store.vips
+        out = []
+        for v in target:
+            old = current.get(v.id)
+            if (v.second_window is None and old is not None and old.second_window is not None
+                    and old.ring_members() == v.ring_members()):
+                v = v.model_copy(update={"second_window": old.second_window})
+            out.append(v)
+        return out
 
     def apply_state(self, state: State, *, if_generation: int | None = None) -> Plan:
         """Make `state` the desired state in one change; PreconditionFailed, InvalidInput."""
         validate_state(state.vips, self.limits)
 
         def change() -> Plan:
+            target = self._keep_windows(state.vips)
             store = self._store
             generation = store.staged_generation  # as left by the changes before this one
             if if_generation is not None and if_generation != generation:
@@ -420,15 +446,36 @@ class ControlPlane:
                     field="if_generation",
                 )
             plan = plan_change(
-                store.vips, state.vips, generation, self._plan_rings, store.real_idx
+                store.vips, target, generation, self._plan_rings, store.real_idx
             )
             if plan.empty:
                 return plan  # nothing stored, nothing bumped: to_generation stays None
             current = store.vips
-            upserts = [_own(v) for v in state.vips if current.get(v.id) != v]
+            upserts = [_own(v) for v in target if current.get(v.id) != v]
             to = self._commit(upserts=upserts, deletes=plan.removed_vips)
             return plan.model_copy(update={"to_generation": to})
 
+        return self._write(change)
+
+    # -- second chance --------------------------------------------------------------
+
+    def close_second_windows(self, now: float | None = None) -> list[str]:
+        """Close the second-chance windows that ended (docs/second-chance.md): their VIPs
+        are stored without one, so the rings lose the second hops. Returns their ids."""
+        now = time.time() if now is None else now
+
+        def change() -> list[str]:
+            due = [v for v in self._store.vips.values()
+                   if v.second_window is not None and not v.window_open(now)]
+            if due:
+                self._commit(upserts=[v.model_copy(update={"second_window": None})
+                                      for v in due])
+            return [v.id for v in due]
+
+        with self._lock:
+            if not any(v.second_window is not None and not v.window_open(now)
+                       for v in self._store.vips.values()):
+                return []
         return self._write(change)
 
     # -- a shared store's changes ---------------------------------------------------
@@ -776,6 +823,11 @@ class ControlPlane:
         group = self._group
         if group is None:
             return self._write(lambda: self._commit(upserts, deletes))
+        # A change of a ring's backends opens its second-chance window (stored: every host
+        # of a fleet builds the same second hops).
+        now = time.time()
+        current = self._store.vips
+        upserts = [with_second_window(current.get(v.id), v, now) for v in upserts]
         done = self._store.stage(upserts, deletes)  # LimitReached: nothing staged
         group.upserted.update((v.id, None) for v in upserts)
         group.new_vip_nums |= done.new_vip_nums

@@ -18,7 +18,15 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+)
 
 from lb.config import (
     MIN_MTU,
@@ -27,7 +35,14 @@ from lb.config import (
     min_max_frame,
     unusable_reason,
 )
-from lb.consts import F_ENCAP_GUE, F_HASH_SRC_ONLY, F_LRU_BYPASS, F_SRC_LB
+from lb.consts import (
+    F_ENCAP_GUE,
+    F_HASH_SRC_ONLY,
+    F_LRU_BYPASS,
+    F_SRC_ALLOW,
+    F_SRC_LB,
+    F_SRC_RANGES,
+)
 from lb.errors import InvalidInput, LimitReached
 from lb.health.policy import HealthCheck
 
@@ -36,6 +51,7 @@ Encap = Literal["ipip", "gue"]
 OuterSource = Literal["rss", "lb"]
 BackendState = Literal["active", "draining", "disabled"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Highest backend weight (the same bound as lb.control.maglev.MAX_WEIGHT; test_model checks it).
 MAX_WEIGHT = 1000
@@ -79,6 +95,16 @@ def _refuse_zone(v: object, what: str) -> object:
         raise ValueError(zone_error(text, what))
     if isinstance(v, str) and not v.isascii():
         raise ValueError(f"{what} {v!r} has characters that are not ASCII")
+    return v
+
+
+def _prefix_list(v: object) -> object:
+    # Text prefixes with host bits set are refused by IPvAnyNetwork ("198.51.100.1/24"); a
+    # bare address is its own /32 or /128. Zone ids and non-ASCII are refused as for addresses.
+    if not isinstance(v, list):
+        return v
+    for item in v:
+        _refuse_zone(item, "source prefix")
     return v
 
 
@@ -142,6 +168,34 @@ class BackendSpec(BaseModel):
         return self.state != "disabled"
 
 
+#: Default second-chance window (docs/second-chance.md): how long after a ring change the
+#: slots that moved keep their previous backend as a second hop.
+SECOND_CHANCE_WINDOW_S = 300.0
+#: Longest window one may configure (a day).
+MAX_SECOND_CHANCE_WINDOW_S = 86400.0
+
+RingMembers = tuple[tuple[str, int], ...]
+
+
+class SecondChanceWindow(BaseModel):
+    """An open second-chance window (docs/second-chance.md): the ring's backends before the
+    VIP's last ring change; every slot that moved since carries its previous backend as a
+    second hop until `until`, and after it while a backend that left the ring is draining.
+    Set and closed by the control plane; part of the stored state, so every LB host of a
+    fleet builds the same second hops."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backends: list[tuple[str, int]] = Field(
+        description="(address, weight) of the backends in the ring before the change")
+    opened: float = Field(description="when the window opened (Unix time)")
+    until: float = Field(description="when it closes (Unix time), drains permitting")
+
+    def members(self) -> RingMembers:
+        """The previous ring's (identity, weight) pairs, sorted like a ring key."""
+        return tuple(sorted((a, w) for a, w in self.backends))
+
+
 class VipSpec(BaseModel):
     """One VIP (protocol, address, port) with its flags, encapsulation and backends."""
 
@@ -160,11 +214,54 @@ class VipSpec(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="how the backends are probed (lb/health/policy.py); null: not checked"
     )
+    second_chance: bool | None = Field(
+        None, description="second chance (docs/second-chance.md): after a ring change, flows "
+        "the connection table does not know get the slot's previous backend as a second hop; "
+        "null: on for GUE VIPs (IPIP cannot carry a hop)")
+    second_chance_window_s: float = Field(
+        SECOND_CHANCE_WINDOW_S, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S,
+        description="how long a second-chance window stays open after a ring change "
+        "(longer while a backend that left the ring drains); 0: no window")
+    second_window: SecondChanceWindow | None = Field(
+        None, description="the open second-chance window (set by the control plane)")
+    allow: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="source prefixes let in; when any, every other source is dropped",
+    )
+    deny: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="source prefixes dropped (the longest matching prefix of both lists wins)",
+    )
 
     @field_validator("address", mode="before")
     @classmethod
     def _address(cls, v: object) -> object:
         return _refuse_zone(v, "VIP address")
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _prefixes(cls, v: object) -> object:
+        return _prefix_list(v)
+
+    @property
+    def second_chance_on(self) -> bool:
+        """True when ring changes open a second-chance window (a GUE VIP, not switched off)."""
+        return self.encap == "gue" and self.second_chance is not False
+
+    def ring_members(self) -> RingMembers:
+        """The backends that take new flows, as (identity, weight), sorted: the ring's key."""
+        return tuple(sorted((b.identity, b.weight) for b in self.backends if b.in_ring))
+
+    def window_open(self, now: float) -> bool:
+        """True while the second-chance window is open: before `until`, or while a backend
+        of the previous ring that left this one is draining."""
+        w = self.second_window
+        if w is None or not self.second_chance_on:
+            return False
+        if now < w.until:
+            return True
+        before = {a for a, _ in w.backends}
+        return any(b.state == "draining" and b.identity in before for b in self.backends)
 
     @property
     def id(self) -> str:
@@ -188,6 +285,10 @@ class VipSpec(BaseModel):
             f |= F_ENCAP_GUE
         if self.effective_outer_source == "lb":
             f |= F_SRC_LB
+        if self.allow or self.deny:
+            f |= F_SRC_RANGES
+        if self.allow:
+            f |= F_SRC_ALLOW
         return f
 
     def backend(self, address: str) -> BackendSpec | None:
@@ -211,6 +312,17 @@ class VipUpdate(BaseModel):
     outer_source: OuterSource | None = None
     #: Explicitly set to None to stop checking the VIP's backends.
     health_check: HealthCheck | None = None
+    #: Explicitly set to None to go back to the default (on for GUE).
+    second_chance: bool | None = None
+    second_chance_window_s: float | None = Field(None, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S)
+    #: Replace the allow / deny list ([] or None empties it).
+    allow: list[IPvAnyNetwork] | None = None
+    deny: list[IPvAnyNetwork] | None = None
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _prefixes(cls, v: object) -> object:
+        return None if v is None else _prefix_list(v)
 
 
 class BackendUpdate(BaseModel):
@@ -258,11 +370,14 @@ class Limits(NamedTuple):
     lb_source_v6: str | None = None
     #: runtime.max_frame in force (0: no size check); None: not known here (not checked).
     max_frame: int | None = None
+    #: Source-range entries each family's trie holds over all VIPs (None: not checked).
+    max_src_ranges: int | None = None
 
     @classmethod
     def from_config(cls, config: DataplaneConfig) -> Limits:
         """Limits of a compiled data plane."""
-        return cls(config.max_vips, config.max_reals - 1, config.ring_size)
+        return cls(config.max_vips, config.max_reals - 1, config.ring_size,
+                   max_src_ranges=config.max_src_ranges)
 
 
 class BackendChange(BaseModel):
@@ -282,11 +397,15 @@ class VipPlan(BaseModel):
 
     vip_id: str
     flags_changed: bool = False
+    #: The allow or deny list differs.
+    ranges_changed: bool = False
     added_backends: list[str] = Field(default_factory=list)
     removed_backends: list[str] = Field(default_factory=list)
     changed_backends: list[BackendChange] = Field(default_factory=list)
     #: Fraction of ring slots that point to a different backend afterwards (0..1).
     moved_fraction: float = 0.0
+    #: Slots that would carry a second hop (their previous backend) afterwards.
+    second_hop_slots: int = 0
 
 
 class Plan(BaseModel):
@@ -307,7 +426,7 @@ class Plan(BaseModel):
         return not (self.added_vips or self.removed_vips or self.changed_vips)
 
 
-DriftKind = Literal["vip_map", "vip_addrs", "vip_filter", "reals", "ch_rings"]
+DriftKind = Literal["vip_map", "vip_addrs", "vip_filter", "reals", "ch_rings", "src_ranges"]
 
 
 class Drift(BaseModel):
@@ -453,9 +572,59 @@ def _check_max_frame(vip: VipSpec, max_frame: int) -> None:
             )
 
 
+def _check_src_ranges(vip: VipSpec, limits: Limits | None) -> None:
+    # A VIP's ranges are of its own family (the trie it is looked up in), each listed once
+    # over both lists, and fit the compiled trie.
+    seen: dict[IPNetwork, str] = {}
+    for name in ("allow", "deny"):
+        for i, net in enumerate(getattr(vip, name)):
+            field = f"{name}[{i}]"
+            if net.version != vip.address.version:
+                raise InvalidInput(
+                    f"{field}: {net} is an IPv{net.version} prefix, but VIP {vip.id} is "
+                    f"IPv{vip.address.version}: its clients' sources are IPv{vip.address.version}",
+                    field=field,
+                )
+            if net in seen:
+                raise InvalidInput(f"{field}: {net} is listed twice (also {seen[net]})",
+                                   field=field)
+            seen[net] = field
+    most = limits.max_src_ranges if limits is not None else None
+    if most is not None and len(seen) > most:
+        field = "deny" if vip.deny else "allow"
+        raise InvalidInput(
+            f"{field}: {len(seen)} source prefixes exceed the compiled limit of {most} "
+            "(dataplane.max_src_ranges)",
+            field=field,
+        )
+
+
+def src_range_count(vips: Iterable[VipSpec]) -> dict[int, int]:
+    """Source-range entries these VIPs need in each family's trie (4, 6)."""
+    out = {4: 0, 6: 0}
+    for v in vips:
+        out[v.address.version] += len(v.allow) + len(v.deny)
+    return out
+
+
+def check_src_total(vips: Iterable[VipSpec], limits: Limits | None, field: str = "allow") -> None:
+    """The ranges of all these VIPs fit each family's trie; InvalidInput naming `field`."""
+    most = limits.max_src_ranges if limits is not None else None
+    if most is None:
+        return
+    for family, n in src_range_count(vips).items():
+        if n > most:
+            raise InvalidInput(
+                f"{field}: the VIPs would hold {n} IPv{family} source prefixes, over the "
+                f"compiled limit of {most} (dataplane.max_src_ranges)",
+                field=field,
+            )
+
+
 def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
     """Rules a VIP must follow on its own; InvalidInput / LimitReached naming the field."""
     _check_address(vip.address, "address", "VIP address")
+    _check_src_ranges(vip, limits)
     if vip.protocol not in _PROTOCOLS:
         raise InvalidInput(f"protocol: must be tcp or udp, got {vip.protocol!r}",
                            field="protocol")
@@ -477,6 +646,10 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                 field=f"{field}.address",
             )
         seen[b.identity] = i
+    if vip.second_chance and vip.encap != "gue":
+        raise InvalidInput(
+            "second_chance: only a GUE VIP can carry a second hop (encap: gue); IPIP has no "
+            "room for it", field="second_chance")
     if limits is not None and vip.effective_outer_source == "lb":
         _check_lb_source(vip, limits)
     if limits is not None and limits.max_frame:
@@ -490,6 +663,24 @@ def validate_vip(vip: VipSpec, limits: Limits | None = None) -> None:
                 f"{limits.ring_size} slots balances at most {most} (100 slots each)",
                 field="backends",
             )
+
+
+def with_second_window(old: VipSpec | None, new: VipSpec, now: float) -> VipSpec:
+    """`new` as it is stored after replacing `old`: a change of the ring's backends opens a
+    second-chance window on the ring `old` had (the last change wins: one previous ring);
+    switching second chance off, or a window of 0, closes any window."""
+    if not new.second_chance_on or new.second_chance_window_s == 0:
+        if new.second_window is None:
+            return new
+        return new.model_copy(update={"second_window": None})
+    if old is None:
+        return new
+    before = old.ring_members()
+    if before == new.ring_members() or not before:
+        return new
+    window = SecondChanceWindow(backends=list(before),
+                                opened=now, until=now + new.second_chance_window_s)
+    return new.model_copy(update={"second_window": window})
 
 
 def distinct_backends(vips: Iterable[VipSpec]) -> set[str]:
@@ -514,6 +705,7 @@ def validate_state(vips: list[VipSpec], limits: Limits | None = None) -> None:
         ids[v.id] = i
     if limits is None:
         return
+    check_src_total(vips, limits, field="vips")
     if len(vips) > limits.max_vips:
         raise LimitReached(
             f"vips: {len(vips)} VIPs exceed the limit of {limits.max_vips} (max_vips)",

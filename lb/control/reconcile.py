@@ -42,7 +42,17 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lb.consts import FAMILY_V4, FAMILY_V6, REAL_F_V6
+import numpy as np
+
+from lb.consts import (
+    FAMILY_V4,
+    FAMILY_V6,
+    REAL_F_V6,
+    RING_PREV_SHIFT,
+    RING_REAL_MASK,
+    SRC_ALLOW,
+    SRC_DENY,
+)
 from lb.control import maglev
 from lb.control.model import (
     BackendChange,
@@ -56,6 +66,7 @@ from lb.control.store import crash_point
 from lb.dataplane.flowhash import vip_filter_bit
 from lb.dataplane.keys import PROTO_NUMBERS, addr16, addr_from16, family_of, proto_name
 from lb.dataplane.mapio import AddrKey, MapIO, RealVal, VipMapKey
+from lb.dataplane.protect import SrcKey
 from lb.errors import KernelError
 
 if TYPE_CHECKING:
@@ -75,6 +86,25 @@ def vip_map_key(vip: VipSpec) -> VipMapKey:
     return (family_of(vip.address), addr16(vip.address), vip.port, PROTO_NUMBERS[vip.protocol])
 
 
+def src_ranges_of(vip: VipSpec, num: int) -> dict[SrcKey, int]:
+    """The src_v4 / src_v6 entries of a VIP numbered `num`."""
+    family = family_of(vip.address)
+    out: dict[SrcKey, int] = {}
+    for verdict, nets in ((SRC_ALLOW, vip.allow), (SRC_DENY, vip.deny)):
+        for net in nets:
+            out[(family, num, addr16(net.network_address), net.prefixlen)] = verdict
+    return out
+
+
+def _src_text(key: SrcKey, names: Mapping[int, str]) -> str:
+    family, num, raw, plen = key
+    return f"{names.get(num, f'vip_num {num}')} {_addr_text(family, raw)}/{plen}"
+
+
+def _verdict_text(v: int | None) -> str | None:
+    return None if v is None else {SRC_ALLOW: "allow", SRC_DENY: "deny"}.get(v, str(v))
+
+
 def key_text(key: VipMapKey) -> str:
     """A vip_map key as a VIP id (the protocol number when it is not tcp/udp)."""
     family, raw, port, proto = key
@@ -85,7 +115,58 @@ def key_text(key: VipMapKey) -> str:
 
 
 def _ring_key(vip: VipSpec) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted((b.identity, b.weight) for b in vip.backends if b.in_ring))
+    return vip.ring_members()
+
+
+#: A VIP's second-chance window as the rings see it: the previous ring's members and, per
+#: member, the backend index a second hop may name (0: not a backend any more).
+WindowKey = tuple[tuple[tuple[str, int], ...], tuple[int, ...]]
+
+
+def window_key(vip: VipSpec, real_idx: Mapping[str, int]) -> WindowKey | None:
+    """The VIP's open window for the rings (None: no second hops). A previous backend is
+    a usable second hop while the VIP still has it in the data plane (active or draining)."""
+    w = vip.second_window
+    if w is None or not vip.second_chance_on:
+        return None
+    members = w.members()
+    usable = {b.identity for b in vip.backends if b.in_reals}
+    return members, tuple(real_idx.get(i, 0) if i in usable else 0 for i, _ in members)
+
+
+def real_indices(values: array[int]) -> array[int]:
+    """Ring values without their second hops: the backend index of every slot."""
+    v = np.frombuffer(values, np.uint32)
+    if not (v >> RING_PREV_SHIFT).any():
+        return values
+    return array("I", (v & RING_REAL_MASK).astype(np.uint32).tobytes())
+
+
+def with_second_hops(values: array[int], prev: maglev.Ring, prev_idx: Sequence[int]) -> array[int]:
+    """`values` where every slot whose backend is not the one `prev` gave it carries that
+    previous backend (its index from `prev_idx`, per endpoint; 0 = none) in its high half
+    (docs/second-chance.md)."""
+    if prev.empty:
+        return values
+    table = np.asarray(prev_idx, np.uint32)
+    before = table[np.frombuffer(prev.slots, np.uint32)]
+    cur = np.frombuffer(values, np.uint32)
+    hop = (before != 0) & (before != cur) & (cur != 0)
+    if not hop.any():
+        return values
+    out = np.where(hop, cur | (before << RING_PREV_SHIFT), cur).astype(np.uint32)
+    return array("I", out.tobytes())
+
+
+def second_hop_slots(values: Sequence[int]) -> int:
+    """Slots of ring values that carry a second hop."""
+    return int(np.count_nonzero(np.frombuffer(_u32(values), np.uint32) >> RING_PREV_SHIFT))
+
+
+def _u32(values: Sequence[int]) -> array[int]:
+    if isinstance(values, array) and values.typecode == "I":
+        return values
+    return array("I", values)
 
 
 @dataclass
@@ -94,6 +175,7 @@ class _RingEntry:
     key: tuple[tuple[str, int], ...]
     idx: tuple[int, ...]
     values: array[int]
+    window: WindowKey | None = None
 
 
 #: Provisional indices for backends a plan adds (never written: above any real index).
@@ -122,6 +204,8 @@ class RingCache:
         # Ring keys by spec object (held, so its id is not reused) until the next forget().
         self._keys: dict[int, tuple[VipSpec, tuple[tuple[str, int], ...]]] = {}
         self._fingerprints: dict[tuple[tuple[str, int], ...], str] = {}
+        # Previous rings of open second-chance windows, by their members.
+        self._previous: dict[tuple[tuple[str, int], ...], maglev.Ring] = {}
 
     def key(self, vip: VipSpec) -> tuple[tuple[str, int], ...]:
         """The VIP's ring-relevant backends: sorted (identity, weight) of those in the ring."""
@@ -182,17 +266,35 @@ class RingCache:
         key = self.key(vip)
         # The key is sorted by identity, like the ring's endpoints.
         idx = tuple(real_idx[i] for i, _ in key)
-        if e is not None and e.key == key and e.idx == idx:
+        window = window_key(vip, real_idx)
+        if e is not None and e.key == key and e.idx == idx and e.window == window:
             e.spec = vip
             return e.values
         ring = self._ring(vip.id, key)
         values = maglev.ring_to_values(ring, dict(zip(ring.endpoints, idx, strict=True)))
-        self._entries[vip.id] = _RingEntry(vip, key, idx, values)
+        if window is not None:
+            values = with_second_hops(values, self.previous(window[0]), window[1])
+        self._entries[vip.id] = _RingEntry(vip, key, idx, values, window)
         return values
+
+    def previous(self, members: tuple[tuple[str, int], ...]) -> maglev.Ring:
+        """The ring these members build (a window's previous ring), kept while in use."""
+        ring = self._previous.get(members)
+        if ring is None:
+            if len(self._previous) >= _FINGERPRINTS_KEPT:
+                self._previous.clear()
+            ring = self._previous[members] = self._build(members)
+        return ring
 
     def moved(self, old: VipSpec, new: VipSpec, real_idx: Mapping[str, int]) -> float:
         """Fraction of ring slots that name another backend once `old` becomes `new`."""
-        before = self.values(old, real_idx)
+        return self.preview(old, new, real_idx)[0]
+
+    def preview(self, old: VipSpec, new: VipSpec, real_idx: Mapping[str, int]
+                ) -> tuple[float, int]:
+        """`moved`, and the slots that would carry a second hop (their previous backend, if
+        `new` has second chance on and keeps that backend) once `old` becomes `new`."""
+        before = real_indices(self.values(old, real_idx))
         key = self.key(new)
         ring = self._ring(new.id, key)
         self._pending[new.id] = (key, ring)
@@ -201,7 +303,15 @@ class RingCache:
             index_of[i] = real_idx.get(i, _PROVISIONAL + len(index_of))
         after = maglev.ring_to_values(ring, index_of)
         # Indices are one-to-one with identities, so differing values = moved slots.
-        return len(maglev.changed_slots(before, after)) / self.ring_size
+        moved = len(maglev.changed_slots(before, after)) / self.ring_size
+        hops = 0
+        if new.second_chance_on and new.second_chance_window_s > 0:
+            keep = [real_idx[b.identity] for b in new.backends
+                    if b.in_reals and b.identity in real_idx]
+            b = np.frombuffer(before, np.uint32)
+            a = np.frombuffer(after, np.uint32)
+            hops = int(np.count_nonzero((b != a) & (a != 0) & np.isin(b, keep)))
+        return moved, hops
 
     def fingerprint(self, vip: VipSpec) -> str:
         """Ring.fingerprint of the VIP's ring: by backend identity, so it does not depend on
@@ -237,6 +347,8 @@ class MapImage:
     #: The VIP address filter: (armed, bits set); None when not computed or not read. Not
     #: part of equality: the incremental image does not keep it (diff_images compares it).
     vip_filter: tuple[bool, frozenset[int]] | None = field(default=None, compare=False)
+    #: Source ranges (src_v4 / src_v6) -> SRC_ALLOW / SRC_DENY.
+    src_ranges: dict[SrcKey, int] = field(default_factory=dict)
 
 
 def desired_image(
@@ -253,6 +365,7 @@ def desired_image(
         akey = (family_of(vip.address), addr16(vip.address))
         img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
         img.rings[num] = rings.values(vip, real_idx)
+        img.src_ranges.update(src_ranges_of(vip, num))
         for b in vip.backends:
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
@@ -271,6 +384,7 @@ class Touched:
     rings: set[int] = field(default_factory=set)
     #: (VIP number, backend index) pairs that left a VIP's set while the VIP kept its number.
     left_pairs: set[tuple[int, int]] = field(default_factory=set)
+    src_ranges: set[SrcKey] = field(default_factory=set)
 
 
 @dataclass
@@ -282,6 +396,7 @@ class _Share:
     key: VipMapKey
     akey: AddrKey
     reals: dict[int, RealVal]
+    src: dict[SrcKey, int] = field(default_factory=dict)
 
 
 class DesiredImage:
@@ -343,7 +458,10 @@ class DesiredImage:
             if b.in_reals:
                 flags = REAL_F_V6 if b.address.version == 6 else 0
                 reals[real_idx[b.identity]] = (addr16(b.address), flags)
-        self._shares[spec.id] = _Share(spec, num, key, akey, reals)
+        src = src_ranges_of(spec, num)
+        self._shares[spec.id] = _Share(spec, num, key, akey, reals, src)
+        img.src_ranges.update(src)
+        t.src_ranges.update(src)
         img.vip_map[key] = (num, spec.flags)
         img.vip_addrs[akey] = img.vip_addrs.get(akey, 0) + 1
         img.rings[num] = self.rings.values(spec, real_idx)
@@ -358,6 +476,9 @@ class DesiredImage:
     def _remove(self, vid: str, t: Touched) -> None:
         img = self.image
         share = self._shares.pop(vid)
+        for skey in share.src:
+            img.src_ranges.pop(skey, None)
+        t.src_ranges.update(share.src)
         del img.vip_map[share.key]
         n = img.vip_addrs[share.akey] - 1
         if n:
@@ -399,13 +520,14 @@ def plan_change(
             continue
         old_b = {b.identity: b for b in old.backends}
         new_b = {b.identity: b for b in new.backends}
-        moved = 0.0
+        moved, hops = 0.0, 0
         if rings.key(old) != rings.key(new):
-            moved = rings.moved(old, new, real_idx)
+            moved, hops = rings.preview(old, new, real_idx)
         changed.append(
             VipPlan(
                 vip_id=new.id,
                 flags_changed=old.flags != new.flags,
+                ranges_changed=(old.allow, old.deny) != (new.allow, new.deny),
                 added_backends=[a for a in new_b if a not in old_b],
                 removed_backends=[a for a in old_b if a not in new_b],
                 changed_backends=[
@@ -414,6 +536,7 @@ def plan_change(
                     if a in old_b and old_b[a] != b
                 ],
                 moved_fraction=moved,
+                second_hop_slots=hops,
             )
         )
     return Plan(
@@ -459,6 +582,11 @@ def diff_images(want: MapImage, have: MapImage, names: Mapping[int, str]) -> lis
                        f" ({missing} missing: their VIPs' packets go to the stack;"
                        f" {extra} extra)",
             ))
+    for skey in sorted(want.src_ranges.keys() | have.src_ranges.keys()):
+        ws, hs = want.src_ranges.get(skey), have.src_ranges.get(skey)
+        if ws != hs:
+            drifts.append(Drift(map="src_ranges", key=_src_text(skey, names),
+                                expected=_verdict_text(ws), actual=_verdict_text(hs)))
     for idx in sorted(want.reals.keys() | have.reals.keys()):
         wr, hr = want.reals.get(idx), have.reals.get(idx)
         if wr != hr:
@@ -516,11 +644,13 @@ class _Writer:
             self.addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
             self.real_keys = sorted(want.reals.keys() | have.reals.keys())
             self.ring_nums = sorted(want.rings.keys() | have.rings.keys())
+            self.src_keys = list(want.src_ranges.keys() | have.src_ranges.keys())
         else:
             self.vip_keys = list(touched.vip_map)
             self.addr_keys = list(touched.vip_addrs)
             self.real_keys = sorted(touched.reals)
             self.ring_nums = sorted(touched.rings)
+            self.src_keys = list(touched.src_ranges)
 
     def _step(self) -> None:
         self.res.entries += 1
@@ -604,6 +734,23 @@ class _Writer:
             if self.have.vip_addrs.get(akey, 0) < n:
                 self.io.set_vip_addr(akey, n)
                 self.have.vip_addrs[akey] = n
+                self._step()
+
+    def add_src_ranges(self) -> None:
+        """Source ranges new or changed, before the VIP entries whose flags turn them on."""
+        for skey in self.src_keys:
+            v = self.want.src_ranges.get(skey)
+            if v is not None and self.have.src_ranges.get(skey) != v:
+                self.io.set_src_range(skey, v)
+                self.have.src_ranges[skey] = v
+                self._step()
+
+    def remove_src_ranges(self) -> None:
+        """Source ranges no longer wanted, once no VIP entry's flags need them."""
+        for skey in self.src_keys:
+            if skey not in self.want.src_ranges and skey in self.have.src_ranges:
+                self.io.del_src_range(skey)
+                del self.have.src_ranges[skey]
                 self._step()
 
     def write_vips(self, new_nums: set[int]) -> None:
@@ -699,6 +846,7 @@ class Reconciler:
         io = self.io
         have = MapImage(io.read_vip_map(), io.read_vip_addrs(), io.read_reals())
         have.vip_filter = io.read_vip_filter()
+        have.src_ranges = io.read_src_ranges()
         nums = set(want.rings) | {num for num, _ in have.vip_map.values()}
         for num in sorted(nums):
             if 0 <= num < self.io.b.config.max_vips:
@@ -786,9 +934,11 @@ class Reconciler:
         w.program_backends(new_idx)
         w.write_rings()
         w.add_addresses()
+        w.add_src_ranges()
         w.write_vips(new_nums)
         # Deletion in reverse, then the conn_table slots naming what was freed.
         w.delete_vips()
+        w.remove_src_ranges()
         w.shrink_addresses()
         w.clear_rings()
         w.free_backends(real_idx)

@@ -46,6 +46,7 @@ from lb.dataplane.keys import (
     put_field,
     set_addr,
 )
+from lb.dataplane.protect import write_guard_config
 from lb.errors import BccUnavailable, IncompatiblePins, KernelError, UnsupportedKernel
 
 SOURCE = "balancer/balancer.c"
@@ -61,6 +62,12 @@ MAP_NAMES = (
     "real_stats",
     "pair_stats",
     "glob_stats",
+    "src_v4",
+    "src_v6",
+    "src_denied",
+    "guard_cfg",
+    "guard_state",
+    "rl_buckets",
 )
 
 # Maps that hold no flow state: lb_cfg is rewritten from the configuration at every start,
@@ -68,7 +75,8 @@ MAP_NAMES = (
 # upgrade added a field or a counter, or dataplane.max_vip_backends changed) is replaced
 # instead of refusing the start; rings, backends and the connection table are never
 # replaced behind the operator's back.
-STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_stats"})
+STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_stats", "src_denied", "guard_cfg",
+                            "guard_state", "rl_buckets"})
 
 
 def _bcc() -> Any:
@@ -228,6 +236,9 @@ SIZE_SOURCE = {
     "vip_stats": "dataplane.max_vips",
     "real_stats": "dataplane.max_reals",
     "pair_stats": "dataplane.max_vip_backends",
+    "src_v4": "dataplane.max_src_ranges",
+    "src_v6": "dataplane.max_src_ranges",
+    "src_denied": "dataplane.max_vips",
 }
 
 
@@ -378,6 +389,7 @@ def write_runtime_config(
     leaf.udp_timeout_ns = round(runtime.udp_timeout_s * 1e9)
     leaf.tcp_timeout_ns = round(runtime.tcp_timeout_s * 1e9)
     balancer.lb_cfg[balancer.lb_cfg.Key(0)] = leaf
+    write_guard_config(balancer, runtime.protect)
 
 
 def read_runtime_config(balancer: Balancer) -> RuntimeConfig | None:

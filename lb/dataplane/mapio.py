@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lb.dataplane import bpf, cstructs
+from lb.dataplane import bpf, cstructs, protect
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.flowhash import vip_filter_bit
 from lb.dataplane.keys import IPAddress, family_of, mac_text, raw_addr, set_addr, set_raw_addr
@@ -272,6 +272,18 @@ class MapIO:
             leaf.flags = val[1]
         t[t.Key(idx)] = leaf
 
+    def set_src_range(self, key: protect.SrcKey, verdict: int) -> None:
+        """Create or change one source range of a VIP (src_v4 / src_v6)."""
+        protect.set_src_range(self.b, key, verdict)
+
+    def del_src_range(self, key: protect.SrcKey) -> None:
+        """Delete one source range (absent is fine)."""
+        protect.del_src_range(self.b, key)
+
+    def read_src_ranges(self) -> dict[protect.SrcKey, int]:
+        """Every source range of every VIP."""
+        return protect.read_src_ranges(self.b)
+
     # -- the connection table (mapped into this process) --
 
     def conn_table(self) -> ConnTable:
@@ -317,6 +329,7 @@ class MapIO:
         """Zero the per-CPU counters of freshly allocated indices."""
         vip_nums, real_idx = list(vip_nums), list(real_idx)
         self.drop_pairs(vip_nums, real_idx)
+        protect.reset_src_denied(self.b, vip_nums)
         for name, keys in (("vip_stats", vip_nums), ("real_stats", real_idx)):
             t = self.b.maps[name]
             for i in keys:

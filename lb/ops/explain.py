@@ -26,6 +26,10 @@ Side effects, and how they are undone:
   arriving during the microseconds of the run would lose its fresh entry and be re-hashed
   to the same backend.
 - A hit refreshes the entry's stamp, as the flow's next packet would.
+
+Second chance (docs/second-chance.md): a packet that misses the table and hashes to a slot
+whose backend changed within the VIP's window leaves with the slot's previous backend as
+its second hop, read back from the GUE header of the frame sent (`second_hop`).
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class Explanation:
     outer_source: str | None
     #: Global counters this packet moved (counted apart from the traffic's).
     counters: dict[str, int] = field(default_factory=dict)
+    #: The second hop the frame carries (second chance), None when it carries none.
+    second_hop: str | None = None
 
 
 def _csum(data: bytes) -> int:
@@ -149,6 +155,26 @@ def _outer(frame: bytes) -> tuple[IPAddress, IPAddress, Literal["ipip", "gue"]] 
         src6, dst6 = ipaddress.IPv6Address(frame[22:38]), ipaddress.IPv6Address(frame[38:54])
         return src6, dst6, "gue" if proto == socket.IPPROTO_UDP else "ipip"
     return None
+
+
+# GUE second-hop header (xdp/common/gue.h) after an outer IPv4 / IPv6 + UDP header.
+_GUE_PRIV_SECOND = 0x786C
+_GUE_AT = {ETH_P_IP: 14 + 20 + 8, ETH_P_IPV6: 14 + 40 + 8}
+
+
+def second_hop_of(frame: bytes) -> IPAddress | None:
+    """The second hop named by a GUE frame the balancer sent, or None."""
+    if len(frame) < 14:
+        return None
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    at = _GUE_AT.get(ethertype)
+    if at is None or len(frame) < at + 8 or frame[at] >> 6 != 0:
+        return None
+    size = 4 if ethertype == ETH_P_IP else 16
+    ptype, _hops, _family = struct.unpack("!HBB", frame[at + 4 : at + 8])
+    if ptype != _GUE_PRIV_SECOND or len(frame) < at + 8 + size:
+        return None
+    return ipaddress.ip_address(frame[at + 8 : at + 8 + size])
 
 
 class Explainer:
@@ -241,10 +267,13 @@ class Explainer:
         backend: str | None = None
         encap: Literal["ipip", "gue"] | None = None
         outer_source: str | None = None
+        second: IPAddress | None = None
         if result.verdict == XDP_TX:
             outer = _outer(result.packet)
             if outer is not None:
                 backend, outer_source, encap = str(outer[1]), str(outer[0]), outer[2]
+                if encap == "gue":
+                    second = second_hop_of(result.packet)
         reason: Reason
         if vip is None:
             reason = "not_a_vip"
@@ -276,4 +305,5 @@ class Explainer:
             encap=encap,
             outer_source=outer_source,
             counters=moved,
+            second_hop=None if second is None else str(second),
         )

@@ -37,7 +37,7 @@ def test_weight_bound_is_maglevs() -> None:
 
 
 def test_limits_leave_index_zero_unused() -> None:
-    assert Limits(max_vips=2, max_backends=3, ring_size=4099) == LIMITS
+    assert Limits(max_vips=2, max_backends=3, ring_size=4099, max_src_ranges=16384) == LIMITS
 
 
 @pytest.mark.parametrize(
@@ -200,3 +200,37 @@ def test_model_copy_with_another_address_has_that_identity() -> None:
     assert moved.identity == "198.18.1.2"
     assert b.model_copy(update={"weight": 3}).identity == "198.18.1.1"
     assert moved == BackendSpec.model_validate({"address": "198.18.1.2"})  # cache not compared
+
+
+def _ranged(allow: list[str], deny: list[str], address: str = "198.18.0.10") -> VipSpec:
+    return VipSpec.model_validate({"protocol": "tcp", "address": address, "port": 80,
+                                   "allow": allow, "deny": deny})
+
+
+def test_source_ranges_over_the_compiled_limit_are_422_naming_the_list() -> None:
+    limits = LIMITS._replace(max_src_ranges=2)
+    validate_vip(_ranged(["198.18.0.0/16", "198.18.1.0/24"], []), limits)
+    with pytest.raises(InvalidInput) as e:
+        validate_vip(_ranged(["198.18.0.0/16"], ["198.18.1.0/24", "198.18.2.0/24"]), limits)
+    assert e.value.field == "deny" and e.value.status == 422
+
+
+def test_source_ranges_of_all_vips_must_fit_each_familys_trie() -> None:
+    limits = LIMITS._replace(max_src_ranges=2)
+    a = _ranged(["198.18.0.0/16"], [])
+    b = _ranged([], ["198.18.1.0/24", "198.18.2.0/24"], address="198.18.0.11")
+    v6 = _ranged(["2001:db8::/32", "2001:db8:1::/48"], [], address="2001:db8::10")
+    validate_state([a, v6], limits)  # two IPv4 entries, two IPv6 entries
+    with pytest.raises(InvalidInput) as e:
+        validate_state([a, b], limits)
+    assert e.value.field == "vips" and "3 IPv4 source prefixes" in e.value.detail
+
+
+def test_source_ranges_set_the_flags_and_round_trip_as_json() -> None:
+    from lb.consts import F_SRC_ALLOW, F_SRC_RANGES
+
+    v = _ranged(["198.18.0.0/16"], ["198.18.1.1"])
+    assert v.flags & (F_SRC_RANGES | F_SRC_ALLOW) == F_SRC_RANGES | F_SRC_ALLOW
+    assert _ranged([], ["198.18.1.0/24"]).flags & F_SRC_ALLOW == 0
+    again = VipSpec.model_validate_json(v.model_dump_json())
+    assert again == v and [str(n) for n in again.deny] == ["198.18.1.1/32"]

@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from lb.config import RuntimeConfig
+from lb.config import ProtectConfig, RuntimeConfig
 from lb.consts import GLOB_STATS, REAL_F_V6
 from lb.dataplane.conntab import ConnEntry, ConnTable
 from lb.dataplane.flowhash import Flow5, Flows, addr_words, conn_index, conn_index_many, hash_flow
 from lb.dataplane.keys import PROTO_NUMBERS, set_addr
 from lb.dataplane.loader import write_runtime_config
+from lb.dataplane.protect import clear_guard_config
 from lb.dataplane.testrun import RunResult, TestRunner
 from tests.dataplane import packets as P
 
@@ -92,6 +93,8 @@ def default_runtime(**changes: Any) -> RuntimeConfig:
         "rss_v6": P.RSS6,
         "max_frame": 1514,
         "udp_timeout_s": 30.0,
+        # No guard and no reply limits unless a test asks (tests/dataplane/test_protect.py).
+        "protect": ProtectConfig(syn_guard="off", echo_rate=0, too_big_rate=0),
     }
     base.update(changes)
     return RuntimeConfig(**base)
@@ -252,7 +255,10 @@ class Lab:
         # Disarmed: this lab seeds VIPs without the control plane, which arms the filter.
         self.b.vip_filter[self.b.vip_filter.Key(0)] = self.b.vip_filter.Leaf()
         self.b.lb_cfg[self.b.lb_cfg.Key(0)] = self.b.lb_cfg.Leaf()
-        for name in ("glob_stats", "vip_stats", "real_stats"):
+        self.b.src_v4.clear()
+        self.b.src_v6.clear()
+        clear_guard_config(self.b)
+        for name in ("glob_stats", "vip_stats", "real_stats", "src_denied"):
             table = self.b.maps[name]
             for i in range(len(table)):
                 table.clearitem(table.Key(i))

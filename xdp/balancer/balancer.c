@@ -26,6 +26,10 @@
 #include "balancer/encap.h"
 #include "balancer/icmp.h"
 #include "balancer/conn.h"
+#include "balancer/second.h"
+#include "balancer/srcrange.h"
+#include "balancer/ratelimit.h"
+#include "balancer/guard.h"
 
 /* Nanoseconds per second, for the UDP idle timeout default. */
 #define LB_NSEC_PER_SEC 1000000000ULL
@@ -41,6 +45,8 @@ struct lb_choice {
 	__u8 new_conn;
 	/* The backend's entry in reals. */
 	struct real_def *real;
+	/* The second hop the packet carries (second.h), or NULL. */
+	struct real_def *second;
 };
 
 /* Map-touching helpers declared in stats.h and parse.h: BCC rewrites map accesses in this
@@ -99,6 +105,11 @@ static __always_inline void stats_pair(__u32 vip_num, __u32 real_idx, __u32 byte
 	ps->bytes += bytes;
 	if (new_conn)
 		ps->new_conns += 1;
+}
+
+static __always_inline struct real_def *second_real(__u32 idx)
+{
+	return reals.lookup(&idx);
 }
 
 static __always_inline int parse_is_vip_addr(const __be32 *addr, __u32 family)
@@ -164,6 +175,78 @@ static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *flo
 	return vip_map.lookup(&key);
 }
 
+/* Map-touching helpers of srcrange.h, ratelimit.h and guard.h. */
+static __always_inline __u32 srcrange_lookup(const struct flow_key *flow, __u32 vip_num)
+{
+	struct src_key_v4 k4 = {};
+	struct src_key_v6 k6 = {};
+	__u32 *v;
+
+	if (flow->family == FAMILY_V4) {
+		k4.prefixlen = 64;
+		k4.vip_num = vip_num;
+		k4.addr = flow->src[0];
+		v = src_v4.lookup(&k4);
+	} else {
+		k6.prefixlen = 160;
+		k6.vip_num = vip_num;
+		__builtin_memcpy(k6.addr, flow->src, sizeof(k6.addr));
+		v = src_v6.lookup(&k6);
+	}
+	return v ? *v : 0;
+}
+
+static __always_inline void srcrange_count(__u32 vip_num)
+{
+	__u64 *cnt = src_denied.lookup(&vip_num);
+
+	if (cnt)
+		*cnt += 1;
+}
+
+static __always_inline int rl_take(__u32 slot)
+{
+	__u32 zero = 0;
+	struct guard_cfg *gc = guard_cfg.lookup(&zero);
+	struct rl_bucket *b = rl_buckets.lookup(&slot);
+	__u64 rate, burst;
+
+	if (!gc || !b)
+		return 1;
+	rate = slot == RL_ECHO ? gc->echo_rate : gc->too_big_rate;
+	burst = slot == RL_ECHO ? gc->echo_burst : gc->too_big_burst;
+	if (!rate)
+		return 1;
+	return rl_bucket_take(b, bpf_ktime_get_ns(), rate, burst ? burst : 1);
+}
+
+static __always_inline int guard_admit(int syn)
+{
+	__u32 zero = 0;
+	struct guard_cfg *gc = guard_cfg.lookup(&zero);
+	struct guard_state *st;
+	int flood;
+
+	if (!gc || gc->mode == GUARD_MODE_OFF)
+		return GUARD_INS_ALL;
+	if (gc->mode == GUARD_MODE_ALWAYS) {
+		flood = 1;
+	} else {
+		st = guard_state.lookup(&zero);
+		if (!st)
+			return GUARD_INS_ALL;
+		flood = guard_step(st, bpf_ktime_get_coarse_ns() >> GUARD_WINDOW_SHIFT, syn,
+				   gc->syn_per_window);
+	}
+	if (!flood)
+		return syn ? GUARD_INS_NO_EVICT : GUARD_INS_ALL;
+	if (syn) {
+		stats_inc(STAT_GUARD_SYN_STATELESS);
+		return GUARD_INS_NONE;
+	}
+	return GUARD_INS_NO_EVICT;
+}
+
 /* Locate the flow's set and compute its tag; 0 when the set cannot be read (never, for an
  * index below CONN_SETS, but the verifier wants the check).
  */
@@ -200,7 +283,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	struct conn_ref ref = {};
 	struct real_def *real;
 	__u32 *ring_real;
-	__u32 key;
+	__u32 key, word;
 	__u64 meta = 0, upd;
 	int is_tcp = pkt->flow.proto == IPPROTO_TCP;
 	int is_udp = pkt->flow.proto == IPPROTO_UDP;
@@ -208,7 +291,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	int syn = is_tcp && (pkt->tcp_flags & PARSE_TCP_SYN);
 	int rst = is_tcp && (pkt->tcp_flags & PARSE_TCP_RST);
 	int fin = is_tcp && (pkt->tcp_flags & PARSE_TCP_FIN);
-	int way, table = !bypass && conn_locate(&pkt->flow, cfg, &ref);
+	int way, admit, table = !bypass && conn_locate(&pkt->flow, cfg, &ref);
 
 	if (table && !syn) {
 		way = conn_find(&ref, &meta);
@@ -249,9 +332,12 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	ch->hash_valid = 1;
 	key = vip->vip_num * RING_SIZE + ch->hash % RING_SIZE;
 	ring_real = ch_rings.lookup(&key);
-	if (!ring_real || *ring_real == REAL_NONE)
+	if (!ring_real)
 		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
-	key = *ring_real;
+	word = *ring_real;
+	key = word & RING_REAL_MASK;
+	if (key == REAL_NONE)
+		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
 	real = reals.lookup(&key);
 	/* The control plane writes a backend before any ring slot names it; a slot naming an
 	 * empty backend is a misprogrammed ring, treated like an empty slot.
@@ -262,6 +348,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	ch->real = real;
 	if (pkt->icmp_fwd)
 		return FURTHER_PROCESSING;
+	ch->second = second_pick(word, vip->flags, syn, 0, real);
 	/* Under LRU bypass there is no table to miss: a SYN is the only new-flow signal. */
 	ch->new_conn = !bypass || syn;
 	if (bypass)
@@ -270,10 +357,14 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	/* A FIN or RST of a flow the table does not know closes nothing we track: inserting
 	 * it would leave an open entry for a connection that is ending.
 	 */
-	if (table && !rst && !fin)
-		conn_insert(&ref, (key & CONN_REAL_MASK) |
-				  ((__u64)(vip->vip_num & CONN_VIP_MASK) << CONN_VIP_SHIFT) |
-				  (is_udp ? CONN_F_UDP : 0) | ref.now << CONN_STAMP_SHIFT);
+	if (table && !rst && !fin && !ch->second) {
+		admit = guard_admit(syn);
+		if (admit != GUARD_INS_NONE)
+			conn_insert(&ref, (key & CONN_REAL_MASK) |
+					  ((__u64)(vip->vip_num & CONN_VIP_MASK) << CONN_VIP_SHIFT) |
+					  (is_udp ? CONN_F_UDP : 0) | ref.now << CONN_STAMP_SHIFT,
+				    admit == GUARD_INS_NO_EVICT);
+	}
 	return FURTHER_PROCESSING;
 }
 
@@ -302,6 +393,18 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 	if (gue && !FEAT_GUE)
 		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
 	over = encap_overhead(outer_v6, gue);
+	if (ch.second) {
+		/* Too big with the hop's header: better the first backend alone than a
+		 * too-big reply for a header the client never asked for.
+		 */
+		if (cfg->max_frame && ETH_HLEN + pkt->ip_len + over + second_overhead(outer_v6) >
+					      cfg->max_frame) {
+			stats_inc(STAT_SECOND_SKIP);
+			ch.second = NULL;
+		} else {
+			over += second_overhead(outer_v6);
+		}
+	}
 
 	/* max_frame counts the Ethernet header but not an 802.1Q tag, like MTU + 14. */
 	if (FEAT_TOO_BIG && cfg->max_frame && ETH_HLEN + pkt->ip_len + over > cfg->max_frame) {
@@ -310,6 +413,8 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 			return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
 		if (!icmp_source_ok(&pkt->flow))
 			return stats_verdict(STAT_ICMP_SRC_BAD, XDP_DROP);
+		if (!rl_take(RL_TOO_BIG))
+			return stats_verdict(STAT_TOO_BIG_LIMITED, XDP_DROP);
 		mtu = cfg->max_frame > ETH_HLEN + over ? cfg->max_frame - ETH_HLEN - over : 0;
 		if (pkt->flow.family == FAMILY_V4)
 			return icmp_too_big_v4(ctx, pkt, mtu);
@@ -318,13 +423,15 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 
 	if (gue && !ch.hash_valid)
 		ch.hash = hash_flow(&pkt->flow, vip->flags & F_HASH_SRC_ONLY);
-	outer_len = encap_push(ctx, pkt, ch.real, cfg, vip->flags, ch.hash);
+	outer_len = encap_push(ctx, pkt, ch.real, cfg, vip->flags, ch.hash, ch.second);
 	if (!outer_len)
 		return stats_verdict(STAT_ENCAP_FAIL, XDP_DROP);
 	stats_real(ch.real_idx, outer_len);
 	stats_pair(vip->vip_num, ch.real_idx, pkt->ip_len, ch.new_conn);
 	if (pkt->icmp_fwd)
 		stats_inc(STAT_ICMP_FWD);
+	if (ch.second)
+		stats_inc(STAT_SECOND_HOP);
 	return XDP_TX;
 }
 
@@ -349,6 +456,8 @@ static __always_inline int lb_icmp_v4(struct xdp_md *ctx, struct parse_pkt *pkt,
 			return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
 		if (!parse_is_vip_addr(pkt->flow.dst, FAMILY_V4))
 			return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+		if (!rl_take(RL_ECHO))
+			return stats_verdict(STAT_ICMP_ECHO_LIMITED, XDP_DROP);
 		return icmp_echo_v4(data, data_end, pkt);
 	}
 	if (!FEAT_ICMP_FWD || icmph->type != ICMP_DEST_UNREACH || icmph->code != ICMP_FRAG_NEEDED)
@@ -382,6 +491,8 @@ static __always_inline int lb_icmp_v6(struct xdp_md *ctx, struct parse_pkt *pkt,
 			return stats_verdict(STAT_PASS_ICMP, XDP_PASS);
 		if (!parse_is_vip_addr(pkt->flow.dst, FAMILY_V6))
 			return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+		if (!rl_take(RL_ECHO))
+			return stats_verdict(STAT_ICMP_ECHO_LIMITED, XDP_DROP);
 		return icmp_echo_v6(data, data_end, pkt);
 	}
 	if (!FEAT_ICMP_FWD || icmp6h->icmp6_type != ICMPV6_PKT_TOOBIG)
@@ -442,6 +553,9 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	vip = lb_vip_lookup(&pkt.flow);
 	if (!vip)
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
+	action = srcrange_check(&pkt.flow, vip);
+	if (action >= 0)
+		return action;
 	return lb_forward(ctx, &pkt, vip, cfg);
 }
 

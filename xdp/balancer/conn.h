@@ -76,10 +76,11 @@ static __always_inline int conn_find(const struct conn_ref *ref, __u64 *meta)
 }
 
 /* Write the flow's slot: its own if it has one, else a free slot, else an expired entry,
- * else the least recently seen one of the set (an eviction, counted). A slot another CPU
- * writes at the same moment is left to it: the flow misses again on its next packet.
+ * else the least recently seen one of the set (an eviction, counted), unless `no_evict`
+ * (the SYN-flood guard, guard.h). A slot another CPU writes at the same moment is left to
+ * it: the flow misses again on its next packet.
  */
-static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta)
+static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta, int no_evict)
 {
 	struct conn_set *s = ref->set;
 	__u64 seen = 0, oldest = 0, t, m, age;
@@ -123,6 +124,10 @@ static __always_inline void conn_insert(const struct conn_ref *ref, __u64 meta)
 	}
 	if (pick < 0)
 		return;
+	if (rank == 1 && no_evict) {
+		stats_inc(STAT_GUARD_NO_EVICT);
+		return;
+	}
 	pick &= CONN_WAYS - 1;
 	if (__sync_val_compare_and_swap(&s->way[pick].tag, seen, CONN_TAG_BUSY) != seen)
 		return;

@@ -1,6 +1,8 @@
 /* encap.h - encapsulation towards a backend: IPv4-in-IPv4, IPv6-in-IPv6, IPv4-in-IPv6, each
  * optionally as GUE (the IP packet directly in UDP, "GUE variant 1": no GUE header, RFC 8086
- * style; the receiver tells IPv4 from IPv6 by the first nibble).
+ * style; the receiver tells IPv4 from IPv6 by the first nibble). A packet that carries a
+ * second hop (second chance, xdp/balancer/second.h) is GUE variant 0 instead: a GUE header
+ * with the hop in its private data sits between UDP and the IP packet (xdp/common/gue.h).
  *
  * The outer header copies the inner TOS / traffic class byte (DSCP and ECN) and TTL / hop
  * limit; an outer IPv4 header copies the inner DF bit (RFC 2003 3.1) and has ID 0; an outer
@@ -25,6 +27,7 @@
 #define XLB_ENCAP_H
 
 #include "balancer/parse.h"
+#include "balancer/second.h"
 
 /* The largest header stack encap_push adds: IPv6 + UDP (GUE over IPv6). */
 #define ENCAP_MAX_OVERHEAD (sizeof(struct ipv6hdr) + sizeof(struct udphdr))
@@ -60,13 +63,15 @@ static __always_inline void encap_rss_src_v6(const struct lb_cfg *cfg,
 	out[3] = flow->src[1] ^ flow->src[3] ^ bpf_htonl(bpf_ntohs(flow->sport));
 }
 
-/* Prepend the outer headers and rewrite Ethernet for the trip to `real` via the gateway.
- * Returns the outer IP packet length (for the backend's byte counter), 0 on failure.
- * Callers have ruled out an IPv6 packet to an IPv4 backend.
+/* Prepend the outer headers and rewrite Ethernet for the trip to `real` via the gateway;
+ * with `second` (a GUE VIP only), the GUE header naming it follows the UDP header
+ * (xdp/balancer/second.h). Returns the outer IP packet length (for the backend's byte
+ * counter), 0 on failure. Callers have ruled out an IPv6 packet to an IPv4 backend.
  */
 static __always_inline __u32 encap_push(struct xdp_md *ctx, const struct parse_pkt *pkt,
 					const struct real_def *real, const struct lb_cfg *cfg,
-					__u32 vip_flags, __u32 hash)
+					__u32 vip_flags, __u32 hash,
+					const struct real_def *second)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -80,7 +85,7 @@ static __always_inline __u32 encap_push(struct xdp_md *ctx, const struct parse_p
 	int outer_v6 = real->flags & REAL_F_V6;
 	int gue = vip_flags & F_ENCAP_GUE;
 	__u32 hdr_len = outer_v6 ? sizeof(*ip6h) : sizeof(*iph);
-	__u32 over = encap_overhead(outer_v6, gue);
+	__u32 over = encap_overhead(outer_v6, gue) + (second ? second_overhead(outer_v6) : 0);
 	__u32 outer_len = pkt->ip_len + over;
 	__u32 frame_len = data_end - data, want = pkt->l3_off + pkt->ip_len;
 	__be16 eth_proto;
@@ -164,6 +169,8 @@ static __always_inline __u32 encap_push(struct xdp_md *ctx, const struct parse_p
 		uh->dest = cfg->gue_port;
 		uh->len = bpf_htons(outer_len - hdr_len);
 		uh->check = 0;
+		if (second && !second_write(uh + 1, data_end, second, outer_v6, pkt->flow.family))
+			return 0;
 	}
 	return outer_len;
 }

@@ -41,4 +41,17 @@ LB_MAP("percpu_hash", struct pair_key, struct pair_stats, pair_stats, MAX_PAIRS,
 /* Global counters, indexed by enum glob_stat. */
 LB_MAP("percpu_array", __u32, __u64, glob_stats, STAT_MAX, 0);
 
+/* (VIP number, IPv4 source range) -> SRC_ALLOW / SRC_DENY (xdp/balancer/srcrange.h). */
+LB_MAP("lpm_trie", struct src_key_v4, __u32, src_v4, MAX_SRC_RANGES, BPF_F_NO_PREALLOC);
+/* (VIP number, IPv6 source range) -> SRC_ALLOW / SRC_DENY. */
+LB_MAP("lpm_trie", struct src_key_v6, __u32, src_v6, MAX_SRC_RANGES, BPF_F_NO_PREALLOC);
+/* Per-VIP count of packets dropped by the VIP's source ranges. */
+LB_MAP("percpu_array", __u32, __u64, src_denied, MAX_VIPS, 0);
+/* SYN-flood guard and reply rate limits: configuration, one entry (xdp/balancer/guard.h). */
+LB_MAP("array", __u32, struct guard_cfg, guard_cfg, 1, 0);
+/* The guard's window per CPU, one entry. */
+LB_MAP("percpu_array", __u32, struct guard_state, guard_state, 1, 0);
+/* Token buckets of the replies the LB sends (RL_*), per CPU (xdp/balancer/ratelimit.h). */
+LB_MAP("percpu_array", __u32, struct rl_bucket, rl_buckets, RL_SLOTS, 0);
+
 #endif /* XLB_MAPS_H */

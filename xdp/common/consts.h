@@ -85,6 +85,13 @@
 /* Backend index meaning "no backend" in ch_rings and conn_table. */
 #define REAL_NONE 0
 
+/* A ch_rings word (docs/second-chance.md): the slot's backend index in bits 0-15 and, while
+ * a second-chance window is open after the slot moved, its previous backend (the second
+ * hop) in bits 16-31; 0 there = none. MAX_REALS must fit the 16 bits (lb/config.py).
+ */
+#define RING_REAL_MASK 0xffff
+#define RING_PREV_SHIFT 16
+
 /* Connection-table way tags (struct conn_way.tag): free, being written; a flow's tag always
  * has CONN_TAG_SET, so it is never one of the other two.
  */
@@ -120,9 +127,46 @@
 /* Outer source is the LB's own address (lb_cfg.src_v4/src_v6) instead of the RSS-friendly one. */
 #define F_SRC_LB (1 << 3)
 
+/* Consult the VIP's source ranges (src_v4 / src_v6, xdp/balancer/srcrange.h); a VIP without
+ * this bit pays one flag test. A high bit, so other flags can take the next low ones.
+ */
+#define F_SRC_RANGES (1 << 8)
+/* The VIP has an allow list: a source no range matches is denied. */
+#define F_SRC_ALLOW (1 << 9)
+
 /* Backend flags (struct real_def.flags). */
 /* The backend address is IPv6. */
 #define REAL_F_V6 (1 << 0)
+
+/* Source-range entries per family (src_v4, src_v6), over all VIPs. */
+#ifndef MAX_SRC_RANGES
+#define MAX_SRC_RANGES 16384
+#endif
+/* Values of src_v4 / src_v6: what the longest matching range says of a source. */
+#define SRC_ALLOW 1
+#define SRC_DENY 2
+
+/* SYN-flood guard modes (guard_cfg.mode, xdp/balancer/guard.h; docs/protection.md). */
+/* No guard: every table miss inserts, evicting the set's oldest entry when it is full. */
+#define GUARD_MODE_OFF 0
+/* SYNs never evict; flood mode while a CPU's SYNs in a window exceed syn_per_window. */
+#define GUARD_MODE_AUTO 1
+/* Always in flood mode: SYNs never insert, flows are tracked from their second packet. */
+#define GUARD_MODE_ALWAYS 2
+/* Guard windows last 2^GUARD_WINDOW_SHIFT ns of bpf_ktime_get_coarse_ns() (~134 ms). */
+#define GUARD_WINDOW_SHIFT 27
+
+/* What a connection-table miss may write under the guard. */
+#define GUARD_INS_ALL 0
+#define GUARD_INS_NO_EVICT 1
+#define GUARD_INS_NONE 2
+
+/* Token buckets of the replies the LB sends itself (rl_buckets index, per CPU). */
+#define RL_ECHO 0
+#define RL_TOO_BIG 1
+#define RL_SLOTS 2
+/* A bucket idle this long (ns) is full again (also bounds elapsed * rate below 2^64). */
+#define RL_REFILL_NS 10000000000ULL
 
 /* Global counter slots (glob_stats index). Every drop or pass for a reason has one. */
 enum glob_stat {
@@ -182,6 +226,28 @@ enum glob_stat {
 	 * (multicast, broadcast, unspecified, loopback: RFC 1122 3.2.2, RFC 4443 2.4(e)).
 	 */
 	STAT_ICMP_SRC_BAD,
+	/* Second chance (xdp/balancer/second.h): a packet of a flow the connection table does
+	 * not know, to a slot with a second hop, sent to its backend carrying the second hop.
+	 */
+	STAT_SECOND_HOP,
+	/* A slot's second hop that could not be carried (backend removed, other address family,
+	 * frame too big with the longer header): sent to the slot's backend alone.
+	 */
+	STAT_SECOND_SKIP,
+	/* Dropped: the source is outside the VIP's allow list or inside its deny list. */
+	STAT_SRC_DENIED,
+	/* Dropped: an echo reply was due but the CPU's echo token bucket was empty. */
+	STAT_ICMP_ECHO_LIMITED,
+	/* Dropped: a too-big reply was due but the CPU's too-big token bucket was empty. */
+	STAT_TOO_BIG_LIMITED,
+	/* Guard windows (per CPU) that ran in flood mode. */
+	STAT_GUARD_FLOOD,
+	/* SYNs sent along the ring without a table entry (flood mode). */
+	STAT_GUARD_SYN_STATELESS,
+	/* Table misses that found their set full of live entries and evicted none (a SYN with
+	 * the guard on, any packet in flood mode).
+	 */
+	STAT_GUARD_NO_EVICT,
 	STAT_MAX,
 };
 

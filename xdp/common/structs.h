@@ -122,4 +122,53 @@ struct real_stats {
 	__u64 bytes;
 };
 
+/* Key of src_v4: a VIP's IPv4 source range. prefixlen counts the 32 bits of vip_num, which
+ * always match whole, then the range's bits of addr.
+ */
+struct src_key_v4 {
+	__u32 prefixlen;
+	__u32 vip_num;
+	__be32 addr;
+};
+
+/* Key of src_v6: the same for IPv6. */
+struct src_key_v6 {
+	__u32 prefixlen;
+	__u32 vip_num;
+	__be32 addr[4];
+};
+
+/* Value of guard_cfg[0]: the SYN-flood guard and the reply rate limits, written by the
+ * control plane (lb.dataplane.protect). All zero: no guard and no limits.
+ */
+struct guard_cfg {
+	/* GUARD_MODE_*. */
+	__u32 mode;
+	/* SYNs per CPU per guard window above which the CPU is in flood mode. */
+	__u32 syn_per_window;
+	/* Echo replies per second per CPU (0 = no limit), and the bucket's depth. */
+	__u32 echo_rate;
+	__u32 echo_burst;
+	/* Too-big replies per second per CPU (0 = no limit), and the bucket's depth. */
+	__u32 too_big_rate;
+	__u32 too_big_burst;
+};
+
+/* Value of guard_state[0] (per CPU): the guard's current window. */
+struct guard_state {
+	/* The window (coarse ns >> GUARD_WINDOW_SHIFT) the counts are for. */
+	__u64 window;
+	/* SYNs to a VIP seen in it. */
+	__u64 syns;
+	/* 1 while this window runs in flood mode. */
+	__u64 flood;
+};
+
+/* Value of rl_buckets (per CPU, indexed by RL_*): one token bucket. */
+struct rl_bucket {
+	__u64 tokens;
+	/* bpf_ktime_get_ns() up to which tokens were credited. */
+	__u64 last_ns;
+};
+
 #endif /* XLB_STRUCTS_H */

@@ -5,6 +5,8 @@
  *   tc_decap  - tc ingress, direct action: bpf_skb_change_proto + bpf_skb_adjust_room.
  * Both hand the inner packet to the stack with the Ethernet type of the inner family, and
  * pass everything else untouched. Attaching is the caller's job (see lb/dataplane/decap.py).
+ * A GUE packet naming a second hop (second chance, second.h) that is not this backend's is
+ * passed on to that hop instead of being decapsulated.
  *
  * XXX: ECN is not propagated from the outer to the inner header (RFC 6040); the balancer
  * copies the inner TOS / traffic class outwards, so only a CE mark set on the way is lost.
@@ -96,6 +98,12 @@ int xdp_decap(struct xdp_md *ctx)
 	action = decap_parse(data, data_end, &info, XDP_PASS, XDP_DROP);
 	if (action >= 0)
 		return action;
+	/* Second chance (second.h): not ours, so back out towards the second hop. */
+	if (info.second && second_decide(ctx, data, data_end, &info) == SECOND_FORWARD) {
+		if (!second_rewrite(data, data_end, &info))
+			return decap_count(DECAP_STAT_SC_FORWARD, XDP_TX);
+		decap_count(DECAP_STAT_SC_KEEP_LAST, 0);
+	}
 	return decap_xdp_strip(ctx, &info);
 }
 
@@ -166,5 +174,11 @@ int tc_decap(struct __sk_buff *skb)
 	action = decap_parse(data, data_end, &info, TC_ACT_OK, TC_ACT_SHOT);
 	if (action >= 0)
 		return action;
+	/* Second chance (second.h): not ours, so out of the same device to the second hop. */
+	if (info.second && second_decide(skb, data, data_end, &info) == SECOND_FORWARD) {
+		if (!second_rewrite(data, data_end, &info))
+			return decap_count(DECAP_STAT_SC_FORWARD, bpf_redirect(skb->ifindex, 0));
+		decap_count(DECAP_STAT_SC_KEEP_LAST, 0);
+	}
 	return decap_tc_strip(skb, &info);
 }

@@ -43,10 +43,11 @@
 /* Difference between an IPv6 and an IPv4 base header: what bpf_skb_change_proto adds/removes. */
 #define DECAP_V6_V4_DIFF 20
 
-/* Bytes tc_decap wants linear before parsing: Ethernet + 802.1Q (18), IPv4 with options (60),
- * UDP (8), the inner IPv6 base header (40); rounded up.
+/* Bytes tc_decap wants linear before parsing: Ethernet + 802.1Q (18), IPv6 (40), UDP (8), a
+ * second-hop GUE header (24), the inner IPv6 (40) and TCP (20) headers a second-chance lookup
+ * reads (150); or IPv4 with options (60), UDP and inner IPv6 (126); rounded up.
  */
-#define DECAP_PULL_LEN 128
+#define DECAP_PULL_LEN 192
 
 /* Counter slots (decap_stats index). Every decap, pass and drop has one. */
 enum decap_stat {
@@ -70,6 +71,18 @@ enum decap_stat {
 	DECAP_STAT_DROP_MALFORMED,
 	/* Dropped: a packet-resizing helper failed half way (headroom, skb state). */
 	DECAP_STAT_DROP_ADJUST,
+	/* Second chance (second.h), packets that name a second hop: kept as a TCP SYN; */
+	DECAP_STAT_SC_KEEP_SYN,
+	/* kept: a local socket (TCP, or connected UDP) has the flow; */
+	DECAP_STAT_SC_KEEP_SOCKET,
+	/* kept: an ACK completing a valid SYN cookie of a local listener; */
+	DECAP_STAT_SC_KEEP_COOKIE,
+	/* kept: no hop left (passed on to us by the first backend), the hop is us, or TTL; */
+	DECAP_STAT_SC_KEEP_LAST,
+	/* kept: nothing to look up (not TCP/UDP, inner IPv4 options or fragment, short); */
+	DECAP_STAT_SC_KEEP_OTHER,
+	/* passed on to the second hop (not ours). */
+	DECAP_STAT_SC_FORWARD,
 	DECAP_STAT_MAX,
 };
 

@@ -8,6 +8,8 @@
  *   - IPv4 fragment to a local address: pass, frag (nothing to decapsulate in a fragment);
  *   - anything else to a local address must be a complete, well-formed tunnel packet whose
  *     inner header is complete and fits in the outer payload, or it is dropped (malformed).
+ * GUE comes as variant 1 (IP right after UDP) or variant 0 (a GUE header first: the
+ * balancer's second hop, xdp/decap/second.h and xdp/common/gue.h; control messages drop).
  *
  * BCC rewrites map accesses (`map.lookup()`) only in the main source file, so the includer
  * defines the three map-touching helpers this file calls before including it:
@@ -41,7 +43,12 @@ struct decap_info {
 	__u16 inner_proto;
 	/* Counter slot to bump once the outer headers are gone. */
 	__u32 stat;
+	/* A GUE header naming a second hop (second.h), and the hops it has left. */
+	__u8 second;
+	__u8 hops;
 };
+
+#include "decap/second.h"
 
 /* Validate the inner IP header at `inner` (`avail` bytes of outer payload left for it).
  * `want` is the version the outer header announced, 0 for GUE (either). Returns the inner
@@ -88,7 +95,7 @@ static __always_inline int decap_parse_payload(void *payload, void *data_end, __
 {
 	struct udphdr *udp = payload;
 	__u8 want = DECAP_IP_VERSION_4;
-	__u32 udp_len;
+	__u32 udp_len, glen;
 
 	if (proto == IPPROTO_IPV6)
 		want = DECAP_IP_VERSION_6;
@@ -108,6 +115,15 @@ static __always_inline int decap_parse_payload(void *payload, void *data_end, __
 		avail = udp_len - sizeof(*udp);
 		info->outer_len += sizeof(*udp);
 		want = 0;
+		/* GUE variant 0: a GUE header (a second hop, second.h) before the inner IP. */
+		if (payload + 1 <= data_end && !(*(__u8 *)payload >> GUE_VERSION_SHIFT)) {
+			glen = second_parse_gue(payload, data_end, avail, info, &want);
+			if (!glen)
+				return decap_count(DECAP_STAT_DROP_MALFORMED, drop);
+			payload += glen;
+			avail -= glen;
+			info->outer_len += glen;
+		}
 	}
 	info->inner_proto = decap_parse_inner(payload, data_end, avail, want);
 	if (!info->inner_proto)

@@ -59,4 +59,5 @@ def explain_flow(
         encap=e.encap,
         outer_source=e.outer_source,
         counters=e.counters,
+        second_hop=e.second_hop,
     )

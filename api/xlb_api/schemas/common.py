@@ -6,7 +6,7 @@ import ipaddress
 from typing import Annotated
 
 from fastapi import Path
-from pydantic import BeforeValidator, IPvAnyAddress, WithJsonSchema
+from pydantic import BeforeValidator, IPvAnyAddress, IPvAnyNetwork, WithJsonSchema
 
 from lb.control.model import zone_error
 
@@ -36,6 +36,30 @@ Address = Annotated[
             ],
             "description": "an IPv4 or IPv6 address",
         }
+    ),
+]
+
+def _text_prefix(v: object) -> object:
+    # As for addresses: text only (pydantic would take an integer as a /32).
+    if isinstance(v, str):
+        if "%" in v:
+            raise ValueError(zone_error(v, "source prefix"))
+        if not v.isascii():
+            raise ValueError(f"{v!r} has characters that are not ASCII")
+        return v
+    if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return v
+    raise ValueError("must be an IPv4 or IPv6 prefix as a string (198.51.100.0/24)")
+
+
+#: An IPv4 or IPv6 prefix without host bits (198.51.100.0/24, 2001:db8::/32); an address
+#: alone is its /32 or /128.
+Prefix = Annotated[
+    IPvAnyNetwork,
+    BeforeValidator(_text_prefix),
+    WithJsonSchema(
+        {"type": "string", "description": "an IPv4 or IPv6 prefix (198.51.100.0/24)",
+         "examples": ["198.51.100.0/24", "2001:db8:100::/48"]}
     ),
 ]
 

@@ -34,3 +34,6 @@ class ExplanationPublic(BaseModel):
     encap: Literal["ipip", "gue"] | None
     outer_source: str | None
     counters: dict[str, int] = Field(description="global counters the run moved")
+    second_hop: str | None = Field(
+        None, description="second chance: the slot's previous backend the frame carries as "
+        "its second hop (the first backend passes the packet on to it unless it is its own)")

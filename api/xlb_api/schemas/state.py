@@ -25,6 +25,10 @@ class StateVip(VipCreate):
             outer_source=spec.outer_source,
             backends=[_backend(b) for b in spec.backends],
             health_check=spec.health_check,
+            second_chance=spec.second_chance,
+            second_chance_window_s=spec.second_chance_window_s,
+            allow=list(spec.allow),
+            deny=list(spec.deny),
         )
 
 

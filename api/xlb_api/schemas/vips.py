@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lb.control.model import Encap, OuterSource, Protocol, VipSpec
+from lb.control.model import (
+    MAX_SECOND_CHANCE_WINDOW_S,
+    SECOND_CHANCE_WINDOW_S,
+    Encap,
+    OuterSource,
+    Protocol,
+    SecondChanceWindow,
+    VipSpec,
+)
 from lb.health.policy import HealthCheck
 from xlb_api.schemas.backends import BackendCreate, BackendPublic
-from xlb_api.schemas.common import Address
+from xlb_api.schemas.common import Address, Prefix
 
 
 class VipCreate(BaseModel):
@@ -37,6 +45,22 @@ class VipCreate(BaseModel):
     health_check: HealthCheck | None = Field(
         None, description="probe the backends and take failing ones out of the ring"
     )
+    second_chance: bool | None = Field(
+        None, description="second chance after ring changes (docs/second-chance.md); "
+        "null: on for GUE VIPs; IPIP VIPs cannot have it"
+    )
+    second_chance_window_s: float = Field(
+        SECOND_CHANCE_WINDOW_S, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S,
+        description="how long slots that moved keep their previous backend as a second hop",
+    )
+    allow: list[Prefix] = Field(
+        default_factory=list,
+        description="source prefixes let in; when any, every other source is dropped",
+    )
+    deny: list[Prefix] = Field(
+        default_factory=list,
+        description="source prefixes dropped; the longest matching prefix of both lists wins",
+    )
 
     def to_spec(self) -> VipSpec:
         """The model's VIP."""
@@ -50,6 +74,10 @@ class VipCreate(BaseModel):
             outer_source=self.outer_source,
             backends=[b.to_spec() for b in self.backends],
             health_check=self.health_check,
+            second_chance=self.second_chance,
+            second_chance_window_s=self.second_chance_window_s,
+            allow=self.allow,
+            deny=self.deny,
         )
 
 
@@ -57,7 +85,7 @@ class VipUpdate(BaseModel):
     """Changes to a VIP's flags and encapsulation; fields left out stay as they are.
 
     null goes back to the default: `hash_src_only`/`lru_bypass` false, `encap` ipip,
-    `outer_source` the encapsulation's default, `health_check` none.
+    `outer_source` the encapsulation's default, `health_check` none, `allow`/`deny` empty.
     """
 
     model_config = ConfigDict(
@@ -73,6 +101,12 @@ class VipUpdate(BaseModel):
         None, description="null: back to the encapsulation's default"
     )
     health_check: HealthCheck | None = Field(None, description="null removes the check")
+    second_chance: bool | None = Field(None, description="null: back to the default (on for GUE)")
+    second_chance_window_s: float | None = Field(
+        None, ge=0, le=MAX_SECOND_CHANCE_WINDOW_S, description="null: back to the default"
+    )
+    allow: list[Prefix] | None = Field(None, description="the new allow list; null/[] empties")
+    deny: list[Prefix] | None = Field(None, description="the new deny list; null/[] empties")
 
 
 class VipPublic(BaseModel):
@@ -89,8 +123,17 @@ class VipPublic(BaseModel):
     effective_outer_source: OuterSource
     backends: list[BackendPublic]
     health_check: HealthCheck | None = Field(None, description="the check (null: none)")
+    allow: list[str] = Field(default_factory=list, description="source prefixes let in")
+    deny: list[str] = Field(default_factory=list, description="source prefixes dropped")
     ring_fingerprint: str | None = Field(
         None, description="hash of the ring's slots by backend (GET of one VIP; compare hosts)"
+    )
+    second_chance: bool | None = Field(None, description="as configured (null: the default)")
+    second_chance_on: bool = Field(False, description="in force: ring changes open a window")
+    second_chance_window_s: float = SECOND_CHANCE_WINDOW_S
+    second_window: SecondChanceWindow | None = Field(
+        None, description="the open second-chance window: the previous ring's backends and "
+        "when it closes"
     )
 
     @classmethod
@@ -108,6 +151,12 @@ class VipPublic(BaseModel):
             effective_outer_source=spec.effective_outer_source,
             backends=[BackendPublic.of(b) for b in spec.backends],
             health_check=spec.health_check,
+            second_chance=spec.second_chance,
+            second_chance_on=spec.second_chance_on,
+            second_chance_window_s=spec.second_chance_window_s,
+            second_window=spec.second_window,
+            allow=[str(n) for n in spec.allow],
+            deny=[str(n) for n in spec.deny],
         )
 
 

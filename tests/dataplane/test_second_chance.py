@@ -1,0 +1,359 @@
+"""Second chance (docs/second-chance.md) through BPF_PROG_TEST_RUN: the balancer carries a
+slot's previous backend as a second hop, the backends' decap (XDP and tc) keeps what is its
+own and passes the rest on.
+
+Balancer rows seed a ring whose words hold (backend, second hop) and check the frame sent
+and the counters. Decap rows run inside a namespace of their own, where real sockets make
+the lookups answer: a listener, an established connection, a connected and an unconnected
+UDP socket on the VIP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from lb.consts import F_ENCAP_GUE, RING_PREV_SHIFT, XDP_PASS, XDP_TX
+from lb.dataplane import netns as labnet
+from lb.dataplane.decap import TC_ACT_OK, Decap
+from lb.dataplane.testrun import TestRunner
+from tests.dataplane import packets as P
+from tests.dataplane.lab import Flow, Lab
+
+pytestmark = [pytest.mark.bpf]
+
+GUE_PRIV_SECOND = P.c_define("common/gue.h", "GUE_PRIV_SECOND")
+GUE_HOPS_INITIAL = P.c_define("common/gue.h", "GUE_HOPS_INITIAL")
+TC_ACT_REDIRECT = 7
+
+CLIENT4, VIP4, VIP6, CLIENT6 = P.CLIENT4, P.VIP4, P.VIP6, P.CLIENT6
+REAL4, REAL6 = P.REAL4, P.REAL6
+F4 = Flow(CLIENT4, VIP4, 40000, 80)
+F6 = Flow(CLIENT6, VIP6, 40000, 80)
+
+
+def tcp4(flags: str, payload: bytes = b"") -> bytes:
+    """Client -> VIP4 TCP with DF set, so the outer IPv4 ID is 0 (without DF it is random)."""
+    return bytes(P.ether() / IP(src=str(CLIENT4), dst=str(VIP4), flags="DF")
+                 / TCP(sport=40000, dport=80, flags=flags, seq=1000) / Raw(payload))
+
+
+SYN4 = tcp4("S")
+ACK4 = tcp4("A", b"hello")
+ACK6 = P.tcp6(flags="A", payload=b"hello")
+UDP4 = bytes(P.ether() / IP(src=str(CLIENT4), dst=str(VIP4), flags="DF")
+             / UDP(sport=40000, dport=80) / Raw(b"q"))
+
+
+
+def gue_second(second: ipaddress.IPv4Address | ipaddress.IPv6Address, inner_v4: bool,
+               hops: int = GUE_HOPS_INITIAL) -> bytes:
+    """The GUE header naming a second hop (xdp/common/gue.h), written from the format."""
+    hlen = 2 if second.version == 4 else 5
+    return (bytes([hlen, 4 if inner_v4 else 41, 0, 0])
+            + struct.pack("!HBB", GUE_PRIV_SECOND, hops, second.version) + second.packed)
+
+
+def with_second(plain: bytes, second: Any, inner_v4: bool) -> bytes:
+    """A GUE variant 1 frame with the second-hop GUE header put between UDP and inner IP."""
+    pkt = Ether(plain)
+    outer = pkt[IP] if IP in pkt and pkt[IP].proto == 17 else pkt[IPv6]
+    udp = pkt[UDP]
+    inner = bytes(udp.payload)
+    udp.remove_payload()
+    udp.add_payload(Raw(gue_second(second, inner_v4) + inner))
+    udp.len = None
+    if isinstance(outer, IP):
+        outer.len = None
+        outer.chksum = None
+    else:
+        outer.plen = None
+    return bytes(pkt)
+
+
+def ring_with(lab: Lab, num: int, real: int, prev: int) -> None:
+    """VIP `num`'s ring: every slot backend `real`, second hop `prev` (0 = none)."""
+    lab._write_ring(num, [real | prev << RING_PREV_SHIFT] * lab.ring_size)
+    lab._rings.add(num)
+
+
+def seed(lab: Lab, vip: Any = VIP4, reals: tuple[Any, ...] = (REAL4[0], REAL4[1]),
+         flags: int = F_ENCAP_GUE, prev: int = 2) -> None:
+    lab.config()
+    lab.vip(vip, 80, "tcp", num=0, flags=flags)
+    lab.vip(vip, 80, "udp", num=0, flags=flags)
+    for i, r in enumerate(reals, 1):
+        lab.real(i, r)
+    ring_with(lab, 0, 1, prev)
+
+
+# --- the balancer ----------------------------------------------------------------------------
+
+
+def test_table_miss_carries_the_second_hop_and_is_not_remembered(lab: Lab) -> None:
+    seed(lab)
+    out = lab.run(ACK4)
+    plain = P.encapsulated(ACK4, REAL4[0], P.rss_src4(CLIENT4, 40000), gue_port=P.GUE_PORT,
+                           gue_src_port=P.gue_sport(F4.hash()))
+    assert out.verdict == XDP_TX
+    assert out.packet == with_second(plain, REAL4[1], inner_v4=True)
+    c = lab.counters()
+    assert c["STAT_SECOND_HOP"] == 1 and c["STAT_SECOND_SKIP"] == 0
+    # Remembering the first backend would cut the flow off its second hop.
+    assert lab.lookup_conn(F4) is None
+
+
+def test_udp_miss_carries_the_second_hop(lab: Lab) -> None:
+    seed(lab)
+    out = lab.run(UDP4)
+    plain = P.encapsulated(UDP4, REAL4[0], P.rss_src4(CLIENT4, 40000), gue_port=P.GUE_PORT,
+                           gue_src_port=P.gue_sport(Flow(CLIENT4, VIP4, 40000, 80, "udp").hash()))
+    assert out.packet == with_second(plain, REAL4[1], inner_v4=True)
+
+
+def test_ipv6_second_hop_is_16_bytes(lab: Lab) -> None:
+    seed(lab, vip=VIP6, reals=(REAL6[0], REAL6[1]))
+    out = lab.run(ACK6)
+    plain = P.encapsulated(ACK6, REAL6[0], P.rss_src6(CLIENT6, 40000), gue_port=P.GUE_PORT,
+                           gue_src_port=P.gue_sport(F6.hash()))
+    assert out.verdict == XDP_TX
+    assert out.packet == with_second(plain, REAL6[1], inner_v4=False)
+
+
+@pytest.mark.parametrize("why", ["syn", "table hit", "ipip vip", "no second hop"])
+def test_plain_encapsulation_without_a_second_hop(lab: Lab, why: str) -> None:
+    flags = 0 if why == "ipip vip" else F_ENCAP_GUE
+    seed(lab, flags=flags, prev=0 if why == "no second hop" else 2)
+    frame = SYN4 if why == "syn" else ACK4
+    if why == "table hit":
+        lab.conn(F4, 1)
+    out = lab.run(frame)
+    gue = flags & F_ENCAP_GUE
+    expect = P.encapsulated(frame, REAL4[0], P.rss_src4(CLIENT4, 40000),
+                            gue_port=P.GUE_PORT if gue else None,
+                            gue_src_port=P.gue_sport(F4.hash()))
+    assert out.verdict == XDP_TX and out.packet == expect
+    assert lab.counters()["STAT_SECOND_HOP"] == 0
+    if why == "syn":
+        assert lab.lookup_conn(F4) is not None
+
+
+@pytest.mark.parametrize("why", ["removed", "other family", "too big"])
+def test_unusable_second_hop_is_skipped(lab: Lab, why: str) -> None:
+    reals = (REAL4[0], REAL6[1] if why == "other family" else REAL4[1])
+    seed(lab, reals=reals)
+    if why == "removed":
+        lab.remove_real(2)
+    frame = ACK4
+    if why == "too big":
+        # Fits with IP + UDP (28 bytes) in 1514, not with the 12 more of the hop's header.
+        frame = tcp4("A", b"x" * (1514 - 14 - 28 - 40 - 4))
+    out = lab.run(frame)
+    expect = P.encapsulated(frame, REAL4[0], P.rss_src4(CLIENT4, 40000), gue_port=P.GUE_PORT,
+                            gue_src_port=P.gue_sport(F4.hash()))
+    assert out.verdict == XDP_TX and out.packet == expect
+    c = lab.counters()
+    assert c["STAT_SECOND_SKIP"] == 1 and c["STAT_SECOND_HOP"] == 0
+
+
+# --- the backend's decap ---------------------------------------------------------------------
+
+LB_MAC, BACKEND_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+LB_SRC4 = "198.19.0.7"
+LB_SRC6 = "2001:db8:ffff:ffff::7"
+SELF4, NEXT4 = "198.18.1.1", "198.18.1.2"
+SELF6, NEXT6 = "2001:db8:1::1", "2001:db8:1::2"
+SC_VIP4, SC_VIP6 = "198.18.0.10", "2001:db8::10"
+SC_CLIENT4, SC_CLIENT6 = "198.18.2.1", "2001:db8:2::1"
+PORT, UDP_PORT = 80, 53
+
+
+def hop_frame(inner: bytes, *, v6: bool = False, hops: int = GUE_HOPS_INITIAL) -> bytes:
+    """What the balancer sends a backend: the inner packet with a second hop (NEXT)."""
+    nxt = ipaddress.ip_address(NEXT6 if v6 else NEXT4)
+    gh = gue_second(nxt, inner_v4=inner[0] >> 4 == 4, hops=hops)
+    outer: Any = (IPv6(src=LB_SRC6, dst=SELF6, hlim=64) if v6
+                  else IP(src=LB_SRC4, dst=SELF4, ttl=64, flags="DF"))
+    return bytes(Ether(src=LB_MAC, dst=BACKEND_MAC) / outer
+                 / UDP(sport=50000, dport=P.GUE_PORT, chksum=0) / Raw(gh + inner))
+
+
+def tcp_in(sport: int, flags: str, v6: bool = False) -> bytes:
+    ip: Any = (IPv6(src=SC_CLIENT6, dst=SC_VIP6) if v6 else IP(src=SC_CLIENT4, dst=SC_VIP4))
+    return bytes(ip / TCP(sport=sport, dport=PORT, flags=flags, seq=7, ack=9) / Raw(b"data"))
+
+
+def udp_in(sport: int) -> bytes:
+    return bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / UDP(sport=sport, dport=UDP_PORT) / Raw(b"q"))
+
+
+class Backend:
+    """A namespace with the VIPs and a client address on lo and sockets that make lookups
+    answer; everything runs in it (netns.call_in), since lookups use the caller's netns."""
+
+    def __init__(self, name: str, decap: Decap) -> None:
+        self.name = name
+        self.decap = decap
+        self.runners = {"xdp": TestRunner(decap.xdp_fd), "tc": TestRunner(decap.tc_fd)}
+        self.socks: list[socket.socket] = []
+        labnet.run(name, ["ip", "link", "set", "lo", "up"])
+        for a in (f"{SC_VIP4}/32", f"{SC_CLIENT4}/32"):
+            labnet.run(name, ["ip", "addr", "add", a, "dev", "lo"])
+        for a in (f"{SC_VIP6}/128", f"{SC_CLIENT6}/128"):
+            labnet.run(name, ["ip", "addr", "add", a, "dev", "lo", "nodad"])
+        self.est_port = labnet.call_in(name, self._sockets)
+
+    def _sockets(self) -> tuple[int, int, int]:
+        ports = []
+        for fam, vip, client in ((socket.AF_INET, SC_VIP4, SC_CLIENT4),
+                                 (socket.AF_INET6, SC_VIP6, SC_CLIENT6)):
+            lsn = socket.socket(fam, socket.SOCK_STREAM)
+            lsn.bind((vip, PORT))
+            lsn.listen(8)
+            cli = socket.socket(fam, socket.SOCK_STREAM)
+            cli.bind((client, 0))
+            cli.connect((vip, PORT))
+            srv, _ = lsn.accept()
+            self.socks += [lsn, cli, srv]
+            ports.append(cli.getsockname()[1])
+        bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        bound.bind((SC_VIP4, UDP_PORT))
+        conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        conn.bind((SC_VIP4, UDP_PORT + 1))
+        conn.connect((SC_CLIENT4, 41000))
+        self.socks += [bound, conn]
+        return ports[0], ports[1], 0
+
+    def run(self, variant: str, frame: bytes) -> tuple[int, bytes, dict[str, int]]:
+        before = self.decap.counters()
+        out = labnet.call_in(self.name, self.runners[variant].run, frame)
+        after = self.decap.counters()
+        moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        return out.verdict, out.packet, moved
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    from tests.conftest import PREFIX
+
+    name = f"{PREFIX}-sc"
+    labnet.create(name)
+    d = Decap()
+    b = None
+    try:
+        d.add_local(SELF4)
+        d.add_local(SELF6)
+        b = Backend(name, d)
+        yield b
+    finally:
+        if b is not None:
+            b.close()
+        d.close()
+        labnet.delete(name)
+
+
+VARIANTS = ["xdp", "tc"]
+KEEP = {"xdp": XDP_PASS, "tc": TC_ACT_OK}
+FORWARD = {"xdp": XDP_TX, "tc": TC_ACT_REDIRECT}
+
+
+def kept_as(frame_out: bytes, inner: bytes) -> None:
+    """The packet left decapsulated: Ethernet with the inner ethertype, then `inner`."""
+    assert frame_out[14:] == inner
+    assert frame_out[12:14] == (b"\x08\x00" if inner[0] >> 4 == 4 else b"\x86\xdd")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_keeps_a_syn(backend: Backend, variant: str) -> None:
+    inner = tcp_in(41234, "S")
+    verdict, out, moved = backend.run(variant, hop_frame(inner))
+    assert verdict == KEEP[variant]
+    kept_as(out, inner)
+    assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_SYN": 1}
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_keeps_a_packet_of_a_local_socket(backend: Backend, variant: str, v6: bool) -> None:
+    port = backend.est_port[1 if v6 else 0]
+    inner = tcp_in(port, "A", v6=v6)
+    verdict, out, moved = backend.run(variant, hop_frame(inner, v6=v6))
+    assert verdict == KEEP[variant]
+    kept_as(out, inner)
+    assert moved == {"DECAP_STAT_GUE_V6" if v6 else "DECAP_STAT_GUE_V4": 1,
+                     "DECAP_STAT_SC_KEEP_SOCKET": 1}
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_forwards_a_stranger_to_the_second_hop(backend: Backend, variant: str,
+                                                     v6: bool) -> None:
+    # Port 80 has a listener, but this ACK completes no cookie: not ours.
+    inner = tcp_in(45678, "A", v6=v6)
+    frame = hop_frame(inner, v6=v6)
+    verdict, out, moved = backend.run(variant, frame)
+    assert verdict == FORWARD[variant]
+    assert moved == {"DECAP_STAT_SC_FORWARD": 1}
+    got = Ether(out)
+    assert (got.src, got.dst) == (BACKEND_MAC, LB_MAC)
+    outer = got[IPv6] if v6 else got[IP]
+    assert (outer.src, outer.dst) == ((SELF6, NEXT6) if v6 else (SELF4, NEXT4))
+    if v6:
+        assert outer.hlim == 63
+    else:
+        assert outer.ttl == 63
+        fixed = IP(bytes(outer))
+        fixed.chksum = None
+        assert IP(bytes(fixed)).chksum == outer.chksum
+    assert got[UDP].chksum == 0
+    nxt = ipaddress.ip_address(NEXT6 if v6 else NEXT4)
+    assert bytes(got[UDP].payload) == gue_second(nxt, inner[0] >> 4 == 4, 0) + inner
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_second_hop_keeps_what_has_no_hop_left(backend: Backend, variant: str) -> None:
+    inner = tcp_in(45678, "A")
+    verdict, out, moved = backend.run(variant, hop_frame(inner, hops=0))
+    assert verdict == KEEP[variant]
+    kept_as(out, inner)
+    assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_LAST": 1}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_udp_connected_socket_kept_unconnected_forwarded(backend: Backend,
+                                                               variant: str) -> None:
+    connected = bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / UDP(sport=41000, dport=UDP_PORT + 1)
+                      / Raw(b"q"))
+    verdict, out, moved = backend.run(variant, hop_frame(connected))
+    assert verdict == KEEP[variant]
+    kept_as(out, connected)
+    assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_SOCKET": 1}
+    verdict, _, moved = backend.run(variant, hop_frame(udp_in(42000)))
+    assert verdict == FORWARD[variant]
+    assert moved == {"DECAP_STAT_SC_FORWARD": 1}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_strips_other_gue_variant0_headers(backend: Backend, variant: str) -> None:
+    # A GUE header with private data that is not a second hop: stripped, nothing looked up.
+    inner = tcp_in(45678, "A")
+    gh = bytes([1, 4, 0, 0]) + b"\x12\x34\x00\x00"
+    frame = bytes(Ether(src=LB_MAC, dst=BACKEND_MAC) / IP(src=LB_SRC4, dst=SELF4)
+                  / UDP(sport=50000, dport=P.GUE_PORT, chksum=0) / Raw(gh + inner))
+    verdict, out, moved = backend.run(variant, frame)
+    assert verdict == KEEP[variant]
+    kept_as(out, inner)
+    assert moved == {"DECAP_STAT_GUE_V4": 1}

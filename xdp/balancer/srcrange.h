@@ -1,0 +1,40 @@
+/* srcrange.h - per-VIP source ranges: allow and deny prefixes of client addresses, kept in
+ * one LPM trie per family keyed by (VIP number, prefix), so the longest matching range
+ * decides (an allow inside a deny, or a deny inside an allow, both work). A source no range
+ * matches is denied when the VIP has an allow list (F_SRC_ALLOW), allowed otherwise.
+ * A VIP without ranges (no F_SRC_RANGES) pays one flag test.
+ *
+ * The trie lookup and the per-VIP counter touch maps, so they are declared here and defined
+ * in balancer.c (BCC rewrites map accesses only in the main file).
+ */
+#ifndef XLB_SRCRANGE_H
+#define XLB_SRCRANGE_H
+
+#include "common/consts.h"
+#include "common/structs.h"
+#include "balancer/stats.h"
+#include "balancer/parse.h"
+
+/* SRC_ALLOW / SRC_DENY of the longest range of VIP `vip_num` holding the flow's source; 0
+ * when none does (balancer.c).
+ */
+static __always_inline __u32 srcrange_lookup(const struct flow_key *flow, __u32 vip_num);
+
+/* Count a denied packet for VIP `vip_num` (src_denied; balancer.c). */
+static __always_inline void srcrange_count(__u32 vip_num);
+
+/* Drop (counted) a packet whose source the VIP's ranges refuse; else FURTHER_PROCESSING. */
+static __always_inline int srcrange_check(const struct flow_key *flow, const struct vip_meta *vip)
+{
+	__u32 v;
+
+	if (!(vip->flags & F_SRC_RANGES))
+		return FURTHER_PROCESSING;
+	v = srcrange_lookup(flow, vip->vip_num);
+	if (v == SRC_ALLOW || (!v && !(vip->flags & F_SRC_ALLOW)))
+		return FURTHER_PROCESSING;
+	srcrange_count(vip->vip_num);
+	return stats_verdict(STAT_SRC_DENIED, XDP_DROP);
+}
+
+#endif /* XLB_SRCRANGE_H */
