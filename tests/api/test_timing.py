@@ -71,6 +71,7 @@ def test_requests_are_timed_by_route_template_method_and_status_class(api: Serve
     assert api.client.get(f"/v1/vips/{vid}/backends").status_code == 200
     assert api.anon.post("/v1/vips", json=VIP).status_code == 401  # refused by the guard
     assert api.client.get("/no/such/path/198.18.0.10").status_code == 404
+    assert api.client.delete("/v1/vips").status_code == 405  # the path's route, another method
     fam = _scrape(api)["xlb_api_request_seconds"]
     counts = _counts(fam)
 
@@ -83,6 +84,7 @@ def test_requests_are_timed_by_route_template_method_and_status_class(api: Serve
     assert count("GET", "/v1/vips/{vip_id}", "4xx") == 1
     assert count("GET", "/v1/vips/{vip_id}/backends", "2xx") == 1
     assert count("GET", "unmatched", "4xx") == 1
+    assert count("DELETE", "/v1/vips", "4xx") == 1
     templates = {*api.client.get("/openapi.json").json()["paths"], "/openapi.json", "unmatched"}
     routes = {dict(k)["route"] for k in counts}
     assert routes <= templates, f"route labels that are no template: {routes - templates}"
