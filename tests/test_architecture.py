@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OURS = ("lb", "lbctl", "xlb_api")
 
 #: Top-level lb modules every layer may use (errors, constants, configuration, the client).
-CROSS_CUTTING = ("lb.errors", "lb.consts", "lb.config", "lb.settings", "lb.client")
+CROSS_CUTTING = ("lb.errors", "lb.consts", "lb.config", "lb.settings", "lb.client", "lb.timing")
 #: Layers, lowest first: a module may import its own layer and the ones before it.
 LAYERS: list[tuple[str, ...]] = [
     CROSS_CUTTING,

@@ -45,6 +45,7 @@ from xlb_api.routes import (
     vips,
 )
 from xlb_api.settings import ApiSettings, get_settings
+from xlb_api.timing_metrics import RequestTimer, request_histogram
 
 if TYPE_CHECKING:
     from lb.fleet.node import FleetNode
@@ -334,6 +335,9 @@ def create_app(
     app.state.settings = api_settings
     install_problem_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=api_settings.max_body_bytes)
+    # Outermost (added last): the guard's refusals are timed and counted too.
+    app.state.request_seconds = request_histogram()
+    app.add_middleware(RequestTimer, histogram=app.state.request_seconds)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -8,9 +8,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from lb.timing import Histogram
 from xlb_api.deps import Runtime
 from xlb_api.fleet_metrics import FleetCollector
 from xlb_api.health_metrics import HealthCollector
+from xlb_api.timing_metrics import TimingCollector
 
 
 class XlbCollector(Collector):
@@ -147,10 +149,14 @@ def _metric_name(field: str) -> str:
     return {"new_conns": "new_connections"}.get(field, field)
 
 
-def make_registry(runtime: Runtime) -> CollectorRegistry:
-    """A registry of this daemon's metrics (one per app, never the global one)."""
+def make_registry(runtime: Runtime, requests: Histogram | None = None) -> CollectorRegistry:
+    """A registry of this daemon's metrics (one per app, never the global one).
+
+    `requests`: the app's REST request histogram (xlb_api.timing_metrics.RequestTimer).
+    """
     reg = CollectorRegistry(auto_describe=False)
     reg.register(XlbCollector(runtime))
     reg.register(HealthCollector(runtime))
     reg.register(FleetCollector(runtime))
+    reg.register(TimingCollector(runtime, requests))
     return reg

@@ -63,6 +63,7 @@ from lb.errors import (
     PreconditionFailed,
     XlbError,
 )
+from lb.timing import APPLY_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
@@ -209,6 +210,10 @@ class ControlPlane:
         #: The last verify (see "drift" below) and the running totals /metrics exports.
         self._drift_report: DriftReport | None = None
         self._applies = 0
+        #: Each write group's time, validated to maps written, whole and by phase
+        #: ("validate", "store", "maps": every map write, a group's or not), for /metrics.
+        self.apply_seconds = Histogram(APPLY_BUCKETS)
+        self.apply_phase_seconds = Histogram(APPLY_BUCKETS, ("phase",))
         self.drift_checks = 0
         self.drift_repairs = 0
         self.drift_repaired_entries = 0
@@ -229,6 +234,11 @@ class ControlPlane:
     def generation(self) -> int:
         """Generation of the stored state (bumped by every applied change)."""
         return self._store.generation
+
+    @property
+    def ring_build_seconds(self) -> Histogram:
+        """The time of each Maglev ring built (for the maps or for a plan)."""
+        return self._plan_rings.build_seconds
 
     @property
     def store_status(self) -> StoreStatus:
@@ -789,6 +799,7 @@ class ControlPlane:
         store = self._store
         checked: list[_Write[Any]] = []  # saw the staged state: acknowledged with it
         self._group = _Group()
+        start = time.perf_counter()
         try:
             for w in group:
                 before = store.staged_generation
@@ -800,8 +811,10 @@ class ControlPlane:
                     w.error = e  # its own error (nothing staged); the others go on
                 else:
                     checked.append(w)
+            self.apply_phase_seconds.observe(time.perf_counter() - start, "validate")
             if store.staged_generation != store.generation:
                 self._store_and_apply(self._group)
+                self.apply_seconds.observe(time.perf_counter() - start)
         except StaleState:
             store.abort()
             raise
@@ -838,7 +851,7 @@ class ControlPlane:
         # The durable write runs on the store's thread (SQLite lets go of the GIL while it
         # syncs); meanwhile the changed VIPs' Maglev rings are built, which is pure and needs
         # no index. The maps are touched only once every change is on disk.
-        pending = self._store_thread.submit(self._store.write)
+        pending = self._store_thread.submit(self._timed_store_write)
         if self._reconciler is not None:
             vips = self._store.vips
             changed = [v for vid in group.upserted if (v := vips.get(vid)) is not None]
@@ -849,6 +862,10 @@ class ControlPlane:
         pending.result()  # StoreError: the store went back to the last write
         crash_point("after-store")
         self._reconcile(frozenset(group.new_vip_nums), frozenset(group.new_real_idx))
+
+    def _timed_store_write(self) -> None:
+        with self.apply_phase_seconds.time("store"):
+            self._store.write()
 
     def _reconcile(
         self,
@@ -864,8 +881,9 @@ class ControlPlane:
             return
         store = self._store
         try:
-            rec.apply(self._effective(), store.vip_nums, store.real_idx,
-                      new_vip_nums=new_vip_nums, new_real_idx=new_real_idx)
+            with self.apply_phase_seconds.time("maps"):
+                rec.apply(self._effective(), store.vip_nums, store.real_idx,
+                          new_vip_nums=new_vip_nums, new_real_idx=new_real_idx)
         except Exception as e:
             # The change is stored and acknowledged whatever happens here: count the
             # failure, start the next reconciliation from scratch, and never raise.

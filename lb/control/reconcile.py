@@ -68,6 +68,7 @@ from lb.dataplane.keys import PROTO_NUMBERS, addr16, addr_from16, family_of, pro
 from lb.dataplane.mapio import AddrKey, MapIO, RealVal, VipMapKey
 from lb.dataplane.protect import SrcKey
 from lb.errors import KernelError
+from lb.timing import RING_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from lb.dataplane.loader import Balancer
@@ -206,6 +207,8 @@ class RingCache:
         self._fingerprints: dict[tuple[tuple[str, int], ...], str] = {}
         # Previous rings of open second-chance windows, by their members.
         self._previous: dict[tuple[tuple[str, int], ...], maglev.Ring] = {}
+        #: Time of each ring this cache built (any thread), for /metrics.
+        self.build_seconds = Histogram(RING_BUCKETS)
 
     def key(self, vip: VipSpec) -> tuple[tuple[str, int], ...]:
         """The VIP's ring-relevant backends: sorted (identity, weight) of those in the ring."""
@@ -217,9 +220,10 @@ class RingCache:
         return k
 
     def _build(self, key: tuple[tuple[str, int], ...]) -> maglev.Ring:
-        return maglev.build_ring(
-            (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
-        )
+        with self.build_seconds.time():
+            return maglev.build_ring(
+                (maglev.Endpoint(i, w) for i, w in key), self.ring_size, seed=self.seed
+            )
 
     def _ring(self, vip_id: str, key: tuple[tuple[str, int], ...]) -> maglev.Ring:
         p = self._pending.pop(vip_id, None)

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from lb.control.model import VipSpec
 from lb.health.policy import HealthCheck, Member, Target, VipDecision, decide
 from lb.health.probe import ProbeResult, probe
+from lb.timing import PROBE_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from lb.control.facade import ControlPlane
@@ -250,6 +251,8 @@ class HealthManager:
         self.totals: Counter[str] = Counter()
         self.reapplies = 0
         self.started = False
+        #: Round trip of each probe run, by check type and result ("ok", "failed"), /metrics.
+        self.probe_seconds = Histogram(PROBE_BUCKETS, ("type", "result"))
 
     # -- the overlay (called by the control plane, under its lock, in any thread) ---------
 
@@ -591,6 +594,9 @@ class HealthManager:
                 result = ProbeResult(False, pair.unusable)
             else:
                 result = await probe(check, pair.address, pair.port, mark=pair.mark)
+                self.probe_seconds.observe(
+                    result.latency_s, check.type, "ok" if result.ok else "failed"
+                )
             self._record(pair, result)
             delay = check.interval_s * (1 + random.uniform(-check.jitter, check.jitter))
             await asyncio.sleep(max(0.0, start + delay - self.clock()))

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from lb.control.facade import ControlPlane
@@ -98,6 +99,33 @@ def test_check_set_on_create_shows_health_events_and_metrics(client: httpx.Clien
     finally:
         for s in servers:
             s.stop()
+
+
+def _probe_counts(c: httpx.Client) -> dict[tuple[str, str], float]:
+    text = c.get("/metrics").text
+    fam = {m.name: m for m in text_string_to_metric_families(text)}["xlb_health_probe_seconds"]
+    return {(s.labels["type"], s.labels["result"]): s.value
+            for s in fam.samples if s.name.endswith("_count")}
+
+
+def test_probe_round_trips_fill_the_probe_histogram_by_type_and_result(
+    client: httpx.Client,
+) -> None:
+    port = free_port()
+    server = Server("tcp", host="127.0.0.2", port=port)  # 127.0.0.3 refuses: failed probes
+    try:
+        r = client.post("/v1/vips", headers=AUTH, json={
+            "protocol": "tcp", "address": "198.18.0.10", "port": port,
+            "backends": [{"address": "127.0.0.2"}, {"address": "127.0.0.3"}],
+            "health_check": {**CHECK, "type": "tcp"},
+        })
+        assert r.status_code == 201, r.text
+        _until(lambda: _probe_counts(client).get(("tcp", "ok"), 0) >= 2
+               and _probe_counts(client).get(("tcp", "failed"), 0) >= 2, 5, "probes timed")
+        assert set(_probe_counts(client)) == {("tcp", "ok"), ("tcp", "failed")}, (
+            "probe labels are not (check type, result)")
+    finally:
+        server.stop()
 
 
 def test_put_and_delete_health_check(client: httpx.Client) -> None:

@@ -119,5 +119,7 @@ def metrics(rt: RuntimeDep, request: Request) -> Response:
     """Every counter in Prometheus text format."""
     registry = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
-        registry = request.app.state.metrics_registry = make_registry(rt)
+        registry = request.app.state.metrics_registry = make_registry(
+            rt, getattr(request.app.state, "request_seconds", None)
+        )
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
