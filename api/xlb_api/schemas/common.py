@@ -11,14 +11,19 @@ from pydantic import BeforeValidator, IPvAnyAddress, IPvAnyNetwork, WithJsonSche
 from lb.control.model import zone_error
 
 
+def _checked_text(v: str, what: str) -> str:
+    """`v` if it is plain ASCII without a zone index (ValueError naming `what` otherwise)."""
+    if "%" in v:
+        raise ValueError(zone_error(v, what))
+    if not v.isascii():
+        raise ValueError(f"{v!r} has characters that are not ASCII")
+    return v
+
+
 def _text_or_address(v: object) -> object:
     # pydantic's IPvAnyAddress also takes integers (and so booleans): JSON must send text.
     if isinstance(v, str):
-        if "%" in v:
-            raise ValueError(zone_error(v, "address"))
-        if not v.isascii():
-            raise ValueError(f"{v!r} has characters that are not ASCII")
-        return v
+        return _checked_text(v, "address")
     if isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return v
     raise ValueError("must be an IPv4 or IPv6 address as a string")
@@ -39,14 +44,11 @@ Address = Annotated[
     ),
 ]
 
+
 def _text_prefix(v: object) -> object:
     # As for addresses: text only (pydantic would take an integer as a /32).
     if isinstance(v, str):
-        if "%" in v:
-            raise ValueError(zone_error(v, "source prefix"))
-        if not v.isascii():
-            raise ValueError(f"{v!r} has characters that are not ASCII")
-        return v
+        return _checked_text(v, "source prefix")
     if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return v
     raise ValueError("must be an IPv4 or IPv6 prefix as a string (198.51.100.0/24)")
