@@ -36,10 +36,12 @@ import ctypes
 import ctypes.util
 import itertools
 import mmap
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,7 +62,7 @@ from lb.consts import (
     CONN_WAYS,
     UDP_TIMEOUT_DEFAULT_S,
 )
-from lb.dataplane.bpf import map_info
+from lb.dataplane.bpf import map_info, obj_get
 from lb.dataplane.flowhash import Flow5, Flows, conn_index, conn_index_many, conn_tag, conn_tag_many
 from lb.errors import KernelError
 
@@ -652,3 +654,24 @@ class ConnTable:
         flat[slot, 1] = meta[ok]
         flat[slot, 0] = tag[ok]
         return int(ok.sum())
+
+
+def clear_pinned(path: Path) -> int:
+    """Empty a pinned conn_table (what an LB host that never saw the flows holds); returns
+    how many slots held a flow. Plain stores, as ConnTable.clear: a flow the data plane
+    writes meanwhile may stay. For tests and the lab; the daemon never calls it."""
+    fd = obj_get(path)
+    try:
+        info = map_info(fd)
+        if info.value_size != CONN_WAYS * _SLOT_BYTES or info.max_entries & (info.max_entries - 1):
+            raise KernelError(f"{path}: not a conn_table ({info.max_entries} x"
+                              f" {info.value_size}-byte values)")
+        size = info.max_entries * info.value_size
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            w = np.frombuffer(mm, dtype=_U64).reshape(info.max_entries, CONN_WAYS, _SLOT_WORDS)
+            held = int(np.count_nonzero(w[:, :, 0] != CONN_TAG_EMPTY))
+            w[:, :, 0] = CONN_TAG_EMPTY
+            del w
+        return held
+    finally:
+        os.close(fd)
