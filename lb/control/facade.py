@@ -339,9 +339,11 @@ class ControlPlane:
                 others = [v for v in self._store.vips.values() if v.id != new.id]
                 check_src_total([*others, new], self.limits,
                                 field="deny" if "deny" in fields else "allow")
-            if new != vip:
-                self._commit(upserts=[new])
-            return new
+            if new == vip:
+                return vip
+            self._commit(upserts=[new])
+            # As stored: the commit opens or closes the second-chance window.
+            return self._vip(new.id)
 
         return self._write(change)
 
