@@ -25,7 +25,11 @@ misses are reported per path and allowed up to MAX_ACK_MISS_FRACTION of its pack
 Paths: nonvip_pass (TCP to an address that is no VIP), syn_v4 / syn_v6 (SYNs of flows never
 seen: ring + table insert + encapsulation), ack_v4_shuffled / ack_v6_shuffled (ACKs of
 200,000 known flows in shuffled order: table hit + encapsulation), ack_v4_hot / ack_v6_hot
-(one flow over and over), icmp_echo_v4 (echo request to the VIP, answered in XDP).
+(one flow over and over), icmp_echo_v4 (echo request to the VIP, answered in XDP); second
+chance (docs/second-chance.md), xlb only: gue_syn_v4 / gue_ack_v4_miss (SYNs / ACKs of flows
+never seen to a GUE VIP, no window), gue_syn_v4_window (SYNs to a GUE VIP whose every slot has
+a second hop: a SYN pays the check, never the hop), gue_ack_v4_second_hop (ACKs the table
+does not know to that VIP: the hop's longer GUE header, no table insert).
 The loop in Python only moves a pointer and adds durations; the kernel measures the program
 alone, so Python's speed does not enter the figures. Results merge into
 bench/results/dataplane.json as {"floor_ns", "paths": {name: {"ns", "above_floor_ns"}},
@@ -55,8 +59,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import XDP_DIR, environment, merge_results
-from lb.config import DataplaneConfig, RuntimeConfig
-from lb.consts import CONN_WAYS, STAT_INDEX, XDP_PASS, XDP_TX
+from lb.config import DataplaneConfig, ProtectConfig, RuntimeConfig
+from lb.consts import CONN_WAYS, F_ENCAP_GUE, RING_PREV_SHIFT, STAT_INDEX, XDP_PASS, XDP_TX
 from lb.dataplane import loader
 from lb.dataplane.keys import addr16, set_addr
 from lb.dataplane.loader import Balancer, compile_program, write_runtime_config
@@ -117,6 +121,9 @@ def _template(kind: str) -> bytes:
         p = eth / IPv6(src="2001:db8:c::1", dst=str(VIP6)) / TCP(sport=1024, dport=80, flags="S")
     elif kind == "ack6":
         p = eth / IPv6(src="2001:db8:c::1", dst=str(VIP6)) / TCP(sport=1024, dport=80, flags="A")
+    elif kind in GUE_TEMPLATES:
+        flags, port = GUE_TEMPLATES[kind]
+        p = eth / IP(src="198.19.0.1", dst=str(VIP4)) / TCP(sport=1024, dport=port, flags=flags)
     elif kind == "nonvip":
         p = eth / IP(src="198.19.0.1", dst=str(NONVIP4)) / TCP(sport=1024, dport=80, flags="A")
     elif kind == "echo4":
@@ -168,6 +175,13 @@ REALS6 = [ipaddress.IPv6Address(f"2001:db8:1::{i:x}") for i in range(1, BACKENDS
 REAL_INDEX = {addr: i for i, addr in enumerate([*REALS4, *REALS6], start=1)}
 # (vip_num, address, backends) of the two TCP VIPs on port 80.
 VIPS = ((0, VIP4, REALS4), (1, VIP6, REALS6))
+# Second chance (docs/second-chance.md): GUE VIPs on VIP4, one per row so that no row's fresh
+# flows are another's known ones: (vip_num, port, every slot has a second hop). Their rings are
+# VIP 0's; a hop ring's word also names the next backend as the slot's previous one.
+GUE_VIPS = ((2, 81, False), (3, 82, True), (4, 83, False), (5, 84, True))
+# Template name -> (TCP flags, port) of the GUE rows.
+GUE_TEMPLATES = {"syn4g": ("S", 81), "syn4gw": ("S", 82), "ack4g": ("A", 83),
+                 "ack4gh": ("A", 84)}
 
 
 def ring_values(ring_size: int, reals: list[Any]) -> list[int]:
@@ -182,15 +196,28 @@ def ring_values(ring_size: int, reals: list[Any]) -> list[int]:
 
 def program(balancer: Balancer, rings: dict[int, list[int]]) -> None:
     """One IPv4 and one IPv6 TCP VIP with 100 backends each, rings from lb.control.maglev."""
+    # The paths, not the protection (docs/protection.md): millions of SYNs a second would put
+    # the CPU in flood mode (SYNs not remembered), echo replies would run out of tokens.
     write_runtime_config(balancer, RuntimeConfig(
         gateway_mac=GW_MAC, src_v4=ipaddress.IPv4Address("198.18.0.1"),
-        src_v6=ipaddress.IPv6Address("2001:db8::1")))
+        src_v6=ipaddress.IPv6Address("2001:db8::1"),
+        protect=ProtectConfig(syn_guard="off", echo_rate=0, too_big_rate=0)))
     for addr, i in REAL_INDEX.items():
         leaf = balancer.reals.Leaf()
         set_addr(leaf.addr, addr)
         leaf.flags = 1 if addr.version == 6 else 0
         balancer.reals[balancer.reals.Key(i)] = leaf
     size = balancer.config.ring_size
+    for num, port, hop in GUE_VIPS:
+        meta = balancer.vip_map.Leaf()
+        meta.vip_num = num
+        meta.flags = F_ENCAP_GUE
+        balancer.vip_map[balancer.vip_key(VIP4, port, "tcp")] = meta
+        t = balancer.ch_rings
+        words = [w | (w % BACKENDS_PER_VIP + 1) << RING_PREV_SHIFT if hop else w
+                 for w in rings[0]]
+        keys = (t.Key * size)(*range(num * size, (num + 1) * size))
+        t.items_update_batch(keys, (t.Leaf * size)(*words))
     for num, vip, _ in VIPS:
         meta = balancer.vip_map.Leaf()
         meta.vip_num = num
@@ -238,6 +265,8 @@ class Scenario:
 
     `flows`: "fresh" (a new flow id range per run: SYNs of flows never seen), "known" (the
     ACK set, SYNed in before the first run, sent shuffled) or "same" (one frame, repeated).
+    `subjects`: the subjects that have the path (None: all; Katran has no GUE VIP, an A/B
+    tree from before second chance no second hops).
     """
 
     name: str
@@ -247,6 +276,11 @@ class Scenario:
     counter: str
     miss: str | None = None
     lru_reference: bool = False
+    subjects: frozenset[str] | None = None
+
+    def measured_on(self, subject: str) -> bool:
+        """Whether this subject takes the path."""
+        return self.subjects is None or subject in self.subjects
 
 
 # Add a row to measure a new path (another helper's feature); names are the JSON keys.
@@ -261,6 +295,17 @@ SCENARIOS: list[Scenario] = [
              miss="STAT_LRU_MISS_OTHER", lru_reference=True),
     Scenario("ack_v6_hot", "ack6", "same", XDP_TX, "STAT_LRU_HIT"),
     Scenario("icmp_echo_v4", "echo4", "same", XDP_TX, "STAT_ICMP_ECHO"),
+    # Second chance: new flows to GUE VIPs, without and with an open window (every slot has a
+    # second hop). A SYN never carries the hop (it pays the check); an ACK the table does not
+    # know carries it and is not written to the table (gue_ack_v4_miss is written).
+    Scenario("gue_syn_v4", "syn4g", "fresh", XDP_TX, "STAT_LRU_MISS_SYN",
+             subjects=frozenset({"xlb", "ab"})),
+    Scenario("gue_syn_v4_window", "syn4gw", "fresh", XDP_TX, "STAT_LRU_MISS_SYN",
+             subjects=frozenset({"xlb"})),
+    Scenario("gue_ack_v4_miss", "ack4g", "fresh", XDP_TX, "STAT_LRU_MISS_OTHER",
+             subjects=frozenset({"xlb", "ab"})),
+    Scenario("gue_ack_v4_second_hop", "ack4gh", "fresh", XDP_TX, "STAT_SECOND_HOP",
+             subjects=frozenset({"xlb"})),
 ]
 PATHS = tuple(sc.name for sc in SCENARIOS)
 LRU_REFERENCE = tuple(sc.name for sc in SCENARIOS if sc.lru_reference)
@@ -450,13 +495,15 @@ def measure(packets: int, runs: int, progress: Callable[[str], None], *,
             if pre is None:
                 continue
             for subj in subjects:
-                subj.run(pre)
+                if sc.measured_on(subj.name):
+                    subj.run(pre)
             if sc.lru_reference:
                 lru.time_frames(pre.addresses(), pre.size)
         floor_frames = same_frames("nonvip", packets)
         floor_ns: list[float] = []
         ns: dict[str, dict[str, list[float]]] = {
-            s.name: {sc.name: [] for sc in SCENARIOS} for s in subjects}
+            s.name: {sc.name: [] for sc in SCENARIOS if sc.measured_on(s.name)}
+            for s in subjects}
         misses: dict[str, dict[str, int]] = {s.name: {} for s in subjects}
         lru_ns: dict[str, list[float]] = {name: [] for name in LRU_REFERENCE}
         for r in range(runs):
@@ -472,7 +519,7 @@ def measure(packets: int, runs: int, progress: Callable[[str], None], *,
             for sc in SCENARIOS:
                 frames = fs.of(sc, r)
                 sent = len(frames.order)
-                for subj in order:
+                for subj in [s for s in order if sc.measured_on(s.name)]:
                     before = subj.snapshot()
                     mean, verdicts = subj.run(frames)
                     if verdicts[sc.verdict] != sent:
@@ -517,7 +564,7 @@ def measure(packets: int, runs: int, progress: Callable[[str], None], *,
         figures["ratio_to_katran"] = {
             name: round(row(v)["above_floor_ns"]
                         / max(figures["katran"]["paths"][name]["above_floor_ns"], 0.1), 3)
-            for name, v in ns["xlb"].items()}
+            for name, v in ns["xlb"].items() if name in figures["katran"]["paths"]}
     figures["ab"] = {"source": extra["ab_source"],
                      "paths": {name: row(v) for name, v in ns["ab"].items()}} \
         if "ab" in ns else None
@@ -528,11 +575,12 @@ def table(figures: dict[str, Any]) -> str:
     """The figures as a human-readable table."""
     kat = (figures.get("katran") or {}).get("paths") or {}
     ab = (figures.get("ab") or {}).get("paths") or {}
+    w = max(18, *(len(n) + 2 for n in figures["paths"]))
     lines = [
         f"balancer via BPF_PROG_TEST_RUN, median of {figures['runs']} runs of "
         f"{figures['packets_per_run']:,} packets; floor (bench/xdp/floor.c)"
         f" {figures['floor_ns']} ns; ns above the floor (min-max over runs)",
-        f"{'path':<18}{'ns':>8}{'xlb':>17}" + (f"{'katran':>17}{'x/k':>7}" if kat else "")
+        f"{'path':<{w}}{'ns':>8}{'xlb':>17}" + (f"{'katran':>17}{'x/k':>7}" if kat else "")
         + (f"{'A/B other':>17}" if ab else "") + f"{'old LRU':>9}",
     ]
 
@@ -542,12 +590,12 @@ def table(figures: dict[str, Any]) -> str:
         return f"{row['above_floor_ns']:>7.1f} ({lo - f:.0f}-{hi - f:.0f})"
 
     for name, row in figures["paths"].items():
-        line = f"{name:<18}{row['ns']:>8.1f}{cell(row):>17}"
+        line = f"{name:<{w}}{row['ns']:>8.1f}{cell(row):>17}"
         if kat:
-            k = kat[name]
-            line += f"{cell(k):>17}{figures['ratio_to_katran'][name]:>7.2f}"
+            line += (f"{cell(kat[name]):>17}{figures['ratio_to_katran'][name]:>7.2f}"
+                     if name in kat else f"{'-':>17}{'-':>7}")
         if ab:
-            line += f"{cell(ab[name]):>17}"
+            line += f"{cell(ab[name]):>17}" if name in ab else f"{'-':>17}"
         alone = figures["lru_reference"].get(name, {}).get("above_floor_ns", "-")
         lines.append(line + f"{alone:>9}")
     lines.append("('old LRU': xdp_floor_lru, one lookup/insert in a kernel LRU hash of as many"
