@@ -458,6 +458,119 @@ def _katran(rings: dict[int, list[int]], progress: Callable[[str], None],
                                                  "lru_size": lru_size, "flood_guard": False}
 
 
+# --- the backends' decap with second chance -------------------------------------------------
+
+# The decap program's paths (xdp/decap/second.h), XDP variant, in a namespace of its own with a
+# listener and an established connection on lo (socket lookups use the caller's namespace).
+# decap_gue_v4: GUE variant 1, no hop (what every GUE packet paid before); decap_hop_keep_socket:
+# a hop, an ACK of the established socket (bpf_skc_lookup_tcp finds it); decap_hop_forward: a
+# hop, an ACK no socket has (lookup finds the listener, the cookie check fails: passed on);
+# decap_hop_last: no hop left (kept without a lookup).
+DECAP_SELF4, DECAP_NEXT4, DECAP_VIP4, DECAP_CLIENT4 = (
+    "198.18.1.1", "198.18.1.2", "198.18.0.10", "198.18.2.1")
+DECAP_PORT = 80
+# name -> (with a hop header, hops left, inner source port: None = the established one)
+DECAP_PATHS: dict[str, tuple[bool, int, int | None]] = {
+    "decap_gue_v4": (False, 0, 45678),
+    "decap_hop_keep_socket": (True, 1, None),
+    "decap_hop_forward": (True, 1, 45678),
+    "decap_hop_last": (True, 0, 45678),
+}
+
+
+def _decap_frame(hop: bool, hops: int, sport: int) -> bytes:
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    from lb.dataplane.decap import DECAP_DEFAULT_GUE_PORT
+
+    inner = bytes(IP(src=DECAP_CLIENT4, dst=DECAP_VIP4)
+                  / TCP(sport=sport, dport=DECAP_PORT, flags="A", seq=7, ack=9))
+    head = b""
+    if hop:  # GUE variant 0 naming the second hop (xdp/common/gue.h)
+        head = (bytes([2, 4, 0, 0]) + struct.pack("!HBB", 0x786C, hops, 4)
+                + ipaddress.IPv4Address(DECAP_NEXT4).packed)
+    frame = bytes(Ether(src=PEER_MAC, dst=LB_MAC)
+                  / IP(src="198.18.0.1", dst=DECAP_SELF4, ttl=64, flags="DF")
+                  / UDP(sport=50000, dport=DECAP_DEFAULT_GUE_PORT, chksum=0)
+                  / Raw(head + inner))
+    return frame + bytes(max(0, 60 - len(frame)))
+
+
+def measure_decap(packets: int, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """ns per packet of the decap program's second-chance paths and of the floor, measured
+    in the same rounds; returns {"floor_ns", "paths": {name: {"ns", "above_floor_ns", ...}}}."""
+    import socket
+
+    from lb.dataplane import netns
+    from lb.dataplane.decap import Decap
+
+    ns_name = f"xlbb{os.getpid()}d"
+    netns.create(ns_name)
+    socks: list[socket.socket] = []
+    decap = Decap()
+    floor_bpf = compile_program(XDP_DIR / "floor.c", DataplaneConfig().cflags())
+    try:
+        decap.add_local(DECAP_SELF4)
+        netns.run(ns_name, ["ip", "link", "set", "lo", "up"])
+        for a in (DECAP_VIP4, DECAP_CLIENT4):
+            netns.run(ns_name, ["ip", "addr", "add", f"{a}/32", "dev", "lo"])
+
+        def sockets() -> int:
+            lsn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            lsn.bind((DECAP_VIP4, DECAP_PORT))
+            lsn.listen(8)
+            cli = socket.create_connection((DECAP_VIP4, DECAP_PORT),
+                                           source_address=(DECAP_CLIENT4, 0))
+            srv, _ = lsn.accept()
+            socks.extend((lsn, cli, srv))
+            return int(cli.getsockname()[1])
+
+        est = netns.call_in(ns_name, sockets)
+        frames = {name: Frames(bytearray(f := _decap_frame(hop, hops, est if sp is None else sp)),
+                               len(f), [0] * packets)
+                  for name, (hop, hops, sp) in DECAP_PATHS.items()}
+        want = {"decap_gue_v4": (XDP_PASS, None),
+                "decap_hop_keep_socket": (XDP_PASS, "DECAP_STAT_SC_KEEP_SOCKET"),
+                "decap_hop_forward": (XDP_TX, "DECAP_STAT_SC_FORWARD"),
+                "decap_hop_last": (XDP_PASS, "DECAP_STAT_SC_KEEP_LAST")}
+        runner = TestRunner(decap.xdp_fd)
+        floor = TestRunner(int(floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP).fd))
+        floor_frames = same_frames("nonvip", packets)
+        floor_ns: list[float] = []
+        ns: dict[str, list[float]] = {name: [] for name in DECAP_PATHS}
+
+        def one_run() -> None:
+            t, _ = floor.time_frames(floor_frames.addresses(), floor_frames.size)
+            floor_ns.append(t / packets)
+            for name, fr in frames.items():
+                verdict, counter = want[name]
+                before = decap.counters()
+                t, verdicts = runner.time_frames(fr.addresses(), fr.size)
+                moved = decap.counters()[counter] - before[counter] if counter else packets
+                if verdicts[verdict] != packets or moved != packets:
+                    raise RuntimeError(f"decap {name}: verdicts {dict(verdicts)}, {counter}"
+                                       f" +{moved}, expected {packets} x {verdict}")
+                ns[name].append(t / packets)
+
+        for r in range(runs):
+            netns.call_in(ns_name, one_run)
+            progress(f"decap run {r + 1}/{runs}: floor {floor_ns[-1]:.1f} ns; " + ", ".join(
+                f"{k} {v[-1]:.0f}" for k, v in ns.items()))
+    finally:
+        for sk in socks:
+            sk.close()
+        floor_bpf.cleanup()
+        decap.close()
+        netns.delete(ns_name)
+    floor_med = statistics.median(floor_ns)
+    return {"floor_ns": round(floor_med, 1), "paths": {
+        name: {"ns": round(statistics.median(v), 1),
+               "above_floor_ns": round(statistics.median(v) - floor_med, 1),
+               "spread_ns": _spread(v)} for name, v in ns.items()}}
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -610,6 +723,17 @@ def table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def decap_table(decap: dict[str, Any]) -> str:
+    """The decap figures as a human-readable table."""
+    f = decap["floor_ns"]
+    lines = [f"backend decap (xdp_decap, second chance), floor {f} ns; ns above the floor"]
+    for name, row in decap["paths"].items():
+        lo, hi = row["spread_ns"]
+        lines.append(f"{name:<24}{row['ns']:>8.1f}{row['above_floor_ns']:>9.1f}"
+                     f" ({lo - f:.0f}-{hi - f:.0f})")
+    return "\n".join(lines)
+
+
 def _pin_cpu() -> set[int] | None:
     # One CPU for the whole run: the caches (and the LRU reference's per-CPU list) stay put.
     try:
@@ -629,6 +753,8 @@ def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
     try:
         figures = measure(packets, runs or n, lambda msg: print(msg, flush=True), ab=ab,
                           katran=katran)
+        figures["decap"] = measure_decap(packets, runs or n,
+                                         lambda msg: print(msg, flush=True))
     finally:
         if old is not None:
             os.sched_setaffinity(0, old)
@@ -637,6 +763,7 @@ def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
     figures["env"]["seconds"] = round(time.monotonic() - started, 1)
     path = merge_results(RESULTS_NAME, figures)
     print(table(figures))
+    print(decap_table(figures["decap"]))
     print(f"(merged into {path})")
     kat = (figures.get("katran") or {}).get("paths") or {}
     summary = [{"name": "floor", "value": figures["floor_ns"], "unit": "ns"}]
