@@ -484,6 +484,10 @@ def _build_topology(lab: Lab) -> None:
     # Native XDP_TX on lb0 delivers only if its peer runs an XDP program.
     for h in lab.hosts():
         netlink.attach_xdp_pass(h.router_ns, h.router_lb_if, "native")
+    if lab.decap == "xdp":
+        # So does the XDP decap's, passing a second-chance packet on (xdp/decap/second.h).
+        for i in lab.backend_ids:
+            netlink.attach_xdp_pass(lab.router_ns, lab.router_backend_if(i), "native")
     if lab.bgp:
         # ECMP over the LB hosts, hashed on the 5-tuple (else on addresses only).
         netns.set_sysctls(lab.router_ns, {

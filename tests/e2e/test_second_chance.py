@@ -19,7 +19,7 @@ from lb.client import vip_path
 from lb.dataplane import conntab, decap, mapio
 from lb.lab import network as labmod
 from lb.lab.network import Lab, LabApi, Stream
-from tests.e2e.conftest import Vips, ensure_daemon
+from tests.e2e.conftest import Vips, daemon_running, ensure_daemon
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -117,3 +117,21 @@ def test_without_second_chance_the_same_change_resets_streams(
     assert emptied >= len(streams)
     assert broken, "no stream broke without second chance: the test proves nothing"
     assert len(broken) < len(streams), f"every stream broke: {broken}"
+
+
+@pytest.mark.slow
+def test_second_chance_with_the_xdp_decap_variant(test_prefix: str) -> None:
+    """The same change in a lab whose backends decapsulate in XDP: 0 streams broken."""
+    spec = Lab(prefix=f"{test_prefix}s", backends=3, decap="xdp")
+    with labmod.running(spec), daemon_running(spec) as client:
+        v = Vips(client)
+        made: list[Stream] = []
+        try:
+            broken, emptied = _broken_after_change(spec, client, v, made, second_chance=True)
+        finally:
+            for s in made:
+                s.close()
+            v.cleanup()
+    print(f"\nsecond chance on, XDP decap: {len(broken)} broken of {len(made)}"
+          f" (conn-table slots emptied: {emptied})")
+    assert not broken, f"{len(broken)} broken of {len(made)}: {broken}"
