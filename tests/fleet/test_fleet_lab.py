@@ -369,3 +369,50 @@ def test_lbctl_host_drain_wait_status_undrain(announcing: Lab) -> None:
     finally:
         for s in streams:
             s.close()
+
+
+def _on_every_host(lab: Lab, method: str, path: str, body: dict[str, object]) -> None:
+    for h in lab.hosts():
+        LabApi(h).request(method, path, body)
+
+
+@pytest.mark.parametrize("second_chance", [True, False], ids=["on", "off"])
+def test_second_chance_drain_of_a_backend_and_a_host_at_once_breaks_none(
+    announcing: Lab, second_chance: bool,
+) -> None:
+    """Issue 17 (fleet): with the stream VIP on GUE, backend b3 drains on every host and LB
+    host 2 drains at the same moment. Host 2's flows reach hosts without their table entries
+    and a ring that moved b3's slots: with second chance the new backends pass them on to b3
+    (still draining, still holding the sockets) and 0 streams break; without (the control),
+    some do."""
+    lab = announcing
+    b3 = f"{vip_path(STREAM4)}/backends/{lab.backend4(3)}"
+    _on_every_host(lab, "PATCH", vip_path(STREAM4), {"encap": "gue",
+                                                     "second_chance": second_chance})
+    streams = labmod.open_streams(lab, VIP4, 60, interval=0.05, stall=3.0)
+    try:
+        victim = lab.host(2)
+        _on_every_host(lab, "PATCH", b3, {"state": "draining"})
+        LabApi(victim).post("/v1/host/drain", {})
+        wait_for(lambda: victim.lb4 not in kernel_nexthops(lab.router_ns, VIP4),
+                 what="drained host withdrawn")
+        echoes = [s.echoes for s in streams]
+        time.sleep(3.0)
+        broken = [f"{s.backend}: {s.error}" for s in streams if not s.alive]
+        stalled = [s.backend for s, e in zip(streams, echoes, strict=True)
+                   if s.alive and s.echoes <= e]
+        by = {b: sum(1 for s in streams if s.backend == b) for b in ("b1", "b2", "b3")}
+        print(f"\nbackend and host drained at once, second chance {second_chance}:"
+              f" {len(broken) + len(stalled)} broken of {len(streams)} (streams per backend"
+              f" {by}): {broken[:2]}")
+        if not second_chance:
+            assert broken or stalled, "nothing broke without second chance: proves nothing"
+            return
+        assert not broken, f"{len(broken)} of {len(streams)} broke: {broken[:5]}"
+        assert not stalled, f"{len(stalled)} of {len(streams)} stalled: {stalled[:5]}"
+    finally:
+        for s in streams:
+            s.close()
+        _on_every_host(lab, "PATCH", b3, {"state": "active"})
+        _on_every_host(lab, "PATCH", vip_path(STREAM4), {"encap": "ipip",
+                                                         "second_chance": None})
