@@ -16,6 +16,29 @@ def _rate(c: dict[str, Any]) -> str:
     return "-" if c.get("per_s") is None else human(float(c["per_s"])) + "/s"
 
 
+def _protection_text(p: dict[str, Any]) -> str:
+    """Two lines: the SYN guard's mode and state, then what the protections counted."""
+    c = p["counters"]
+
+    def n(name: str) -> str:
+        return str(c[name]["value"]) if name in c else "-"
+
+    if p["syn_guard"] == "off":
+        state = "off (every SYN inserts)"
+    elif p["flood"]:
+        cpus = ",".join(str(x) for x in p["flood_cpus"]) or "all"
+        state = f"{p['syn_guard']}: FLOOD MODE on CPU {cpus} (SYNs follow the ring statelessly)"
+    else:
+        state = f"{p['syn_guard']}: normal"
+    return (
+        f"SYN guard {state}   threshold {p['syn_per_window']} SYNs/CPU per "
+        f"{p['window_ms']:.0f} ms window\n"
+        f"  flood windows {n('flood_windows')}   stateless SYNs {n('syn_stateless')}   "
+        f"no-evict {n('no_evict')}   src denied {n('src_denied')}   "
+        f"rate-limited replies: echo {n('echo_limited')}, too-big {n('too_big_limited')}"
+    )
+
+
 def _stats_text(s: Any) -> str:
     out = []
     ct = s["conn_table"]
@@ -29,6 +52,9 @@ def _stats_text(s: Any) -> str:
         f"{ct.get('slots_used', '?')}/{ct['capacity']} slots used (estimate)   "
         f"hits {ct['hits']}   misses {ct['misses']}"
     )
+    prot = s.get("protection")
+    if prot:
+        out.append(_protection_text(prot))
     rows = [
         [name, c["value"], _rate(c)] for name, c in glob.items() if c["value"] or c.get("per_s")
     ]
@@ -45,9 +71,12 @@ def _stats_text(s: Any) -> str:
                 _rate(c["bytes"]).replace("/s", "B/s"),
                 c.get("new_conns", {}).get("value", "-"),
                 _rate(c["new_conns"]) if "new_conns" in c else "-",
+                c.get("src_denied", {}).get("value", "-"),
             ]
         )
-    out.append(table(["VIP", "PACKETS", "PPS", "BYTES", "BPS", "NEW-CONNS", "CPS"], vrows))
+    out.append(
+        table(["VIP", "PACKETS", "PPS", "BYTES", "BPS", "NEW-CONNS", "CPS", "SRC-DENIED"], vrows)
+    )
     brows = []
     for b in s["backends"]:
         c = b["counters"]

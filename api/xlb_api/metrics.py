@@ -12,6 +12,7 @@ from lb.timing import Histogram
 from xlb_api.deps import Runtime
 from xlb_api.fleet_metrics import FleetCollector
 from xlb_api.health_metrics import HealthCollector
+from xlb_api.protect_metrics import ProtectCollector
 from xlb_api.timing_metrics import TimingCollector
 
 
@@ -159,4 +160,5 @@ def make_registry(runtime: Runtime, requests: Histogram | None = None) -> Collec
     reg.register(HealthCollector(runtime))
     reg.register(FleetCollector(runtime))
     reg.register(TimingCollector(runtime, requests))
+    reg.register(ProtectCollector(runtime))
     return reg

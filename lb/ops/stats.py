@@ -26,6 +26,7 @@ from typing import Any
 
 from lb.consts import FAMILY_V4, FAMILY_V6, GLOB_STATS, REAL_F_V6, REAL_NONE
 from lb.control.model import vip_id
+from lb.dataplane import protect
 from lb.dataplane.conntab import ConnTable
 from lb.dataplane.keys import get_addr, proto_name, raw_addr
 from lb.dataplane.loader import Balancer
@@ -101,10 +102,24 @@ class StatsReader:
         return out
 
     def vip(self, vip_num: int) -> dict[str, PerCpu]:
-        """One VIP's counters (struct vip_stats: packets, bytes, new_conns), per CPU."""
+        """One VIP's counters (struct vip_stats: packets, bytes, new_conns; and src_denied,
+        the packets its source ranges dropped), per CPU."""
         table = self._b.vip_stats
         cpus = table.getvalue(table.Key(vip_num))
-        return {f: tuple(int(getattr(c, f)) for c in cpus) for f in _fields(table)}
+        out = {f: tuple(int(getattr(c, f)) for c in cpus) for f in _fields(table)}
+        denied = self._b.maps.get("src_denied")
+        if denied is not None:
+            out["src_denied"] = tuple(int(v) for v in denied.getvalue(denied.Key(vip_num)))
+        return out
+
+    def balancer_maps(self) -> frozenset[str]:
+        """Names of the maps of the balancer read."""
+        return frozenset(self._b.maps)
+
+    def guard(self) -> dict[str, Any]:
+        """The SYN-flood guard now: mode, flood (any CPU in flood mode), flood_cpus,
+        syn_per_window (lb.dataplane.protect.guard_status)."""
+        return protect.guard_status(self._b)
 
     def real(self, index: int) -> dict[str, PerCpu]:
         """One backend's counters (struct real_stats: packets, bytes, ...), per CPU."""

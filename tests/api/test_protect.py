@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from lb.consts import F_SRC_ALLOW, F_SRC_RANGES, SRC_ALLOW, SRC_DENY
+from lb.config import ProtectConfig
+from lb.consts import F_SRC_ALLOW, F_SRC_RANGES, GUARD_WINDOW_SHIFT, SRC_ALLOW, SRC_DENY
 from lb.dataplane import protect
-from tests.api.conftest import Served, assert_problem
+from lb.dataplane.flowhash import Flow5
+from lb.dataplane.testrun import TestRunner
+from lb.ops.explain import build_packet
+from tests.api.conftest import RUNTIME, Served, assert_problem
 from tests.api.test_cli import lbctl, ok
 
 pytestmark = pytest.mark.bpf
@@ -122,3 +130,100 @@ def test_lbctl_vip_set_allow_and_deny(api: Served) -> None:
     assert got["allow"] == [] and got["deny"] == ["198.18.2.0/24"]
     p = lbctl(api, "vip", "set", VID, "--deny", "2001:db8::/32")
     assert p.returncode == 1 and "deny[0]" in p.stderr
+
+
+# --- Operator visibility: the guard's mode and state and the protections' counters in
+# /v1/stats, /metrics and `lbctl stats`.
+
+BACKENDS = ["198.18.1.2", "198.18.1.3"]
+
+
+@pytest.fixture
+def guarded(api: Served) -> Iterator[tuple[Served, int]]:
+    """A TCP VIP denying 198.18.3.0/24, the test pinned to one CPU (the guard's windows are
+    per CPU); the guard's configuration and state restored after."""
+    body = {**VIP, "deny": ["198.18.3.0/24"], "backends": [{"address": a} for a in BACKENDS]}
+    api.client.post("/v1/vips", json=body).raise_for_status()
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield api, cpu
+    finally:
+        os.sched_setaffinity(0, before)
+        protect.clear_guard_config(api.balancer)
+        protect.write_guard_config(api.balancer, RUNTIME.protect)
+
+
+def _syn(api: Served, src: str, sport: int) -> None:
+    pkt = bytearray(build_packet(Flow5.of(src, "198.18.0.10", sport, 80, "tcp")))
+    pkt[14 + 20 + 13] = 0x02  # flags: SYN
+    TestRunner(api.balancer.prog_fd).run(bytes(pkt))
+
+
+def _prot(api: Served) -> dict[str, Any]:
+    s = api.client.get("/v1/stats").json()
+    return {"p": s["protection"], "vip": next(v for v in s["vips"] if v["vip_id"] == VID)}
+
+
+def test_flood_mode_and_counters_show_in_stats_metrics_and_lbctl(
+    guarded: tuple[Served, int],
+) -> None:
+    api, _ = guarded
+    old = {k: c["value"] for k, c in _prot(api)["p"]["counters"].items()}
+    protect.write_guard_config(api.balancer, ProtectConfig(syn_guard="always"))
+    for i in range(3):
+        _syn(api, "198.18.2.1", 42000 + i)
+    for i in range(2):
+        _syn(api, "198.18.3.1", 42000 + i)  # denied by the VIP's source ranges
+    got = _prot(api)
+    p = got["p"]
+    assert (p["syn_guard"], p["flood"]) == ("always", True)
+    assert p["window_ms"] == pytest.approx((1 << GUARD_WINDOW_SHIFT) / 1e6, abs=0.001)
+    delta = {k: c["value"] - old[k] for k, c in p["counters"].items()}
+    assert delta == {"flood_windows": 0, "syn_stateless": 3, "no_evict": 0,
+                     "echo_limited": 0, "too_big_limited": 0, "src_denied": 2}, delta
+    assert got["vip"]["counters"]["src_denied"]["value"] == 2
+    text = api.anon.get("/metrics").text
+    for line in (
+        'xlb_syn_guard_mode{mode="always"} 1.0',
+        'xlb_syn_guard_mode{mode="auto"} 0.0',
+        "xlb_syn_guard_flood 1.0",
+        f"xlb_syn_guard_stateless_syns_total {float(old['syn_stateless'] + 3)}",
+        f"xlb_src_denied_total {float(old['src_denied'] + 2)}",
+        f'xlb_vip_src_denied_total{{vip="{VID}"}} 2.0',
+        'xlb_reply_rate_limited_total{reply="echo"}',
+        'xlb_reply_rate_limited_total{reply="too_big"}',
+        "xlb_syn_guard_no_evict_total",
+        "xlb_syn_guard_flood_windows_total",
+    ):
+        assert line in text, line
+    out = ok(lbctl(api, "stats"))
+    assert "SYN guard always: FLOOD MODE" in out, out
+    assert f"stateless SYNs {old['syn_stateless'] + 3}" in out, out
+    assert "SRC-DENIED" in out
+
+
+def test_auto_mode_shows_normal_then_the_cpu_in_flood_mode(guarded: tuple[Served, int]) -> None:
+    api, cpu = guarded
+    p = _prot(api)["p"]
+    assert (p["syn_guard"], p["flood"], p["flood_cpus"]) == ("auto", False, [])
+    assert p["syn_per_window"] == RUNTIME.protect.syn_per_window
+    assert "SYN guard auto: normal" in ok(lbctl(api, "stats"))
+    assert "xlb_syn_guard_flood 0.0" in api.anon.get("/metrics").text
+    rate = 2 * 1_000_000_000 // (1 << GUARD_WINDOW_SHIFT) + 1  # 2 SYNs per window
+    protect.write_guard_config(api.balancer, ProtectConfig(syn_guard="auto",
+                                                           syn_flood_rate=rate))
+    old = p["counters"]
+    w = protect.guard_window_now()  # start right after a window boundary
+    while protect.guard_window_now() == w:
+        time.sleep(0.002)
+    for i in range(4):
+        _syn(api, "198.18.2.1", 43000 + i)
+    p = _prot(api)["p"]
+    assert (p["syn_guard"], p["flood"], p["flood_cpus"], p["syn_per_window"]) == (
+        "auto", True, [cpu], 2)
+    c = p["counters"]
+    assert c["flood_windows"]["value"] - old["flood_windows"]["value"] == 1
+    assert c["syn_stateless"]["value"] - old["syn_stateless"]["value"] == 2
+    assert f"SYN guard auto: FLOOD MODE on CPU {cpu}" in ok(lbctl(api, "stats"))

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from lb.consts import GUARD_WINDOW_SHIFT
 from lb.errors import NotFound
 from lb.ops.stats import PerCpu, Snapshot
 from xlb_api.deps import ControlDep, ReadAuth, RuntimeDep, StatsDep
@@ -15,6 +16,7 @@ from xlb_api.schemas.stats import (
     BackendStatsPublic,
     ConnTablePublic,
     CounterPublic,
+    ProtectionPublic,
     StatsPublic,
     VipStatsPublic,
 )
@@ -52,6 +54,34 @@ def _vip(
     )
 
 
+#: Field of `protection.counters` -> the global counter it reports.
+PROTECTION_COUNTERS = {
+    "flood_windows": "STAT_GUARD_FLOOD",
+    "syn_stateless": "STAT_GUARD_SYN_STATELESS",
+    "no_evict": "STAT_GUARD_NO_EVICT",
+    "echo_limited": "STAT_ICMP_ECHO_LIMITED",
+    "too_big_limited": "STAT_TOO_BIG_LIMITED",
+    "src_denied": "STAT_SRC_DENIED",
+}
+
+
+def _protection(
+    stats: StatsDep, snap: Snapshot, rates: dict[str, float], per_cpu: bool
+) -> ProtectionPublic | None:
+    if "guard_cfg" not in stats.balancer_maps():
+        return None
+    g = stats.guard()
+    glob = _counters("glob", snap.glob, rates, per_cpu)
+    return ProtectionPublic(
+        syn_guard=str(g["mode"]),
+        flood=bool(g["flood"]),
+        flood_cpus=list(g["flood_cpus"]),
+        syn_per_window=int(g["syn_per_window"]),
+        window_ms=round((1 << GUARD_WINDOW_SHIFT) / 1e6, 3),
+        counters={k: glob[c] for k, c in PROTECTION_COUNTERS.items() if c in glob},
+    )
+
+
 def _rates(rt: RuntimeDep, snap: Snapshot) -> tuple[dict[str, float], float]:
     if rt.sampler is None:
         return {}, 0.0
@@ -82,6 +112,7 @@ def get_stats(rt: RuntimeDep, stats: StatsDep, per_cpu: PerCpuQuery = False) -> 
             hits=sum(glob.get("STAT_LRU_HIT", ())),
             misses=misses,
         ),
+        protection=_protection(stats, snap, rates, per_cpu),
     )
 
 

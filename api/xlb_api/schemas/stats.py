@@ -27,7 +27,9 @@ class VipStatsPublic(BaseModel):
     """Counters of one VIP, and what it sent to each of its backends."""
 
     vip_id: str
-    counters: dict[str, CounterPublic] = Field(description="packets, bytes, new_conns")
+    counters: dict[str, CounterPublic] = Field(
+        description="packets, bytes, new_conns, src_denied (dropped by its source ranges)"
+    )
     backends: list[BackendStatsPublic] = Field(
         default_factory=list,
         description="per backend: packets, bytes (client IP bytes) and new_conns this VIP"
@@ -50,6 +52,28 @@ class ConnTablePublic(BaseModel):
     misses: int = Field(description="STAT_LRU_MISS_SYN + STAT_LRU_MISS_OTHER")
 
 
+class ProtectionPublic(BaseModel):
+    """The SYN-flood guard's mode and state, and what the protections dropped or held back
+    (docs/protection.md)."""
+
+    syn_guard: str = Field(description="off, auto or always (runtime protect.syn_guard)")
+    flood: bool = Field(
+        description="SYNs follow the ring without a table entry now: mode always, or auto"
+        " with a CPU above the threshold in this guard window or the last one"
+    )
+    flood_cpus: list[int] = Field(description="CPUs in flood mode now (auto)")
+    syn_per_window: int = Field(
+        description="SYNs per CPU per guard window above which auto enters flood mode"
+    )
+    window_ms: float = Field(description="length of a guard window")
+    counters: dict[str, CounterPublic] = Field(
+        description="flood_windows (STAT_GUARD_FLOOD), syn_stateless"
+        " (STAT_GUARD_SYN_STATELESS), no_evict (STAT_GUARD_NO_EVICT), echo_limited"
+        " (STAT_ICMP_ECHO_LIMITED), too_big_limited (STAT_TOO_BIG_LIMITED), src_denied"
+        " (STAT_SRC_DENIED, every VIP)"
+    )
+
+
 class StatsPublic(BaseModel):
     """Every counter of the data plane."""
 
@@ -64,5 +88,8 @@ class StatsPublic(BaseModel):
     vips: list[VipStatsPublic]
     backends: list[BackendStatsPublic]
     conn_table: ConnTablePublic
+    protection: ProtectionPublic | None = Field(
+        None, description="the SYN guard and the protections' counters (null: maps without)"
+    )
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
