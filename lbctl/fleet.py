@@ -10,6 +10,13 @@ from lbctl.client import client_from
 from lbctl.output import emit, table
 
 
+def _bgp_cell(b: dict[str, Any] | None) -> str:
+    # "-" when BGP is off on that host; else its state and established sessions.
+    if b is None:
+        return "-"
+    return f"{b.get('state', '?')} {b.get('peers_up', 0)}/{b.get('peers', 0)}"
+
+
 def _status_text(f: Any) -> str:
     out = [f"store {f['store']}   state revision {f['state_revision']}   "
            f"generation {f['generation']}   asked {f['this_host']}"]
@@ -21,7 +28,7 @@ def _status_text(f: Any) -> str:
             h["host"], h["revision"], h["generation"],
             f"{lag['generations']} gen / {lag['revisions']} rev",
             "yes" if h["in_sync"] else "NO",
-            "-" if h.get("bgp") is None else h["bgp"].get("state", "?"),
+            _bgp_cell(h.get("bgp")),
             " ".join(f"{h['fingerprints'].get(v, 'missing')[:8]}" for v in vids) or "-",
         ])
     out.append(table(["HOST", "REVISION", "GENERATION", "LAG", "IN-SYNC", "BGP",

@@ -234,6 +234,8 @@ def _host_runtime(
         # Announced once attached and in sync; the speaker outlives the daemon (no close).
         rt.announcer = Announcer(s.bgp, s.state_dir, control, lambda: attachment()[0])
         rt.announcer.sync()
+        if node is not None:
+            node.bgp = rt.announcer.summary  # the BGP column of GET /v1/fleet
     return rt
 
 

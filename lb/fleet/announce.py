@@ -68,6 +68,7 @@ class Announcer:
         self._reason = "not synced yet"
         self.last_error: str | None = None
         self.last_sync: float | None = None
+        self._summary: tuple[float, dict[str, Any]] | None = None
 
     # Drain flag.
 
@@ -158,6 +159,40 @@ class Announcer:
             desired=sorted(map(str, want)), speaker=sp, last_error=self.last_error,
             last_sync=self.last_sync,
         )
+
+
+    def summary(self) -> dict[str, Any]:
+        """This host's BGP line in the fleet status: state, peers up, routes announced.
+
+        state: "announcing", "drained", "withdrawn" (nothing to announce, `reason` says why)
+        or "error" (the speaker is down or failed, `reason` says how). Asked every time the
+        fleet node publishes (10 times a second), so the speaker (a birdc call) is asked at
+        most once per `sync_interval_s` and the answer reused in between.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._summary is not None and now - self._summary[0] < self.cfg.sync_interval_s:
+                return self._summary[1]
+        st = self.status()
+        sp = st.speaker
+        problem = st.last_error or (sp.error if sp is not None else None)
+        if st.drained:
+            state, reason = "drained", st.reason
+        elif problem:
+            state, reason = "error", problem
+        elif st.announcing:
+            state, reason = "announcing", st.reason
+        else:
+            state, reason = "withdrawn", st.reason
+        peers = [] if sp is None else sp.peers
+        out: dict[str, Any] = {
+            "state": state, "reason": reason,
+            "routes": len(sp.routes) if sp is not None else 0,
+            "peers_up": sum(p.up for p in peers), "peers": len(peers),
+        }
+        with self._lock:
+            self._summary = (now, out)
+        return out
 
 
 def _fsync_dir(d: Path) -> None:

@@ -48,7 +48,7 @@ class FleetNode:
                               cfg.lease_ttl_s, "xlb-fleet-status")
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        #: BGP state of this host (issue 15, part 1): a callable returning its summary.
+        #: This host's BGP summary (lb.fleet.announce.Announcer.summary) when bgp.enabled.
         self.bgp: Callable[[], dict[str, Any] | None] = lambda: None
 
     def store_factory(self, limits: Limits) -> EtcdStore:
@@ -78,7 +78,6 @@ class FleetNode:
             "generation": generation,
             "in_sync": in_sync,
             "fingerprints": fingerprints,
-            # XXX: BGP announcement state comes with issue 15 (part 1); None until then.
             "bgp": self.bgp(),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -12,12 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from lb.config import BgpConfig
+from lb.config import BgpConfig, EtcdConfig
 from lb.dataplane import netns
 from lb.errors import InvalidInput
+from lb.fleet.announce import Announcer
 from lb.fleet.bgp import Speaker, parse_protocols, render_config
+from lb.fleet.members import EtcdCluster
+from lb.fleet.node import FleetNode
 from lb.lab.router import ROUTER_ASN, kernel_nexthops
 from lb.settings import load_settings
+from tests.api.conftest import running_api
+from tests.api.test_cli import lbctl, ok
 from tests.fleet.conftest import H4, H6, R4, Pair
 
 V4 = ipaddress.ip_address("198.18.0.10")
@@ -158,3 +164,38 @@ def test_bad_bgp_settings_name_the_field(monkeypatch: pytest.MonkeyPatch, env: d
         load_settings()
     assert e.value.field == field, e.value.detail
     assert "env XLB_BGP" in e.value.detail
+
+
+@pytest.mark.netns
+def test_fleet_status_shows_each_hosts_bgp_state(bgp_pair: Pair, bgp_dir: Path,
+                                                 etcd: EtcdCluster, tmp_path: Path) -> None:
+    # The daemon's wiring (api/xlb_api/main.py): the fleet node publishes the announcer's
+    # summary, so GET /v1/fleet and `lbctl fleet status` show every host's BGP line.
+    node = FleetNode(tmp_path / "lb", EtcdConfig(endpoints=etcd.endpoints, host_name="lb1",
+                                                 timeout_s=1.0, lease_ttl_s=3))
+    with contextlib.ExitStack() as stack:
+        stack.callback(node.close)
+        api = stack.enter_context(running_api(None, tmp_path / "lb", fleet_node=node))
+        assert api.client.post("/v1/vips", json={
+            "protocol": "tcp", "address": str(V4), "port": 80,
+            "backends": [{"address": "198.18.1.1"}]}).status_code == 201
+        announcer = Announcer(BgpConfig(**bgp_pair.bgp_settings()), bgp_dir, api.control,
+                              lambda: True)
+        stack.callback(announcer.stop_speaker)
+        node.bgp = announcer.summary
+
+        def bgp() -> dict[str, object] | None:
+            hosts = api.client.get("/v1/fleet").json()["hosts"]
+            return hosts[0]["bgp"] if hosts else None
+
+        wait_for(lambda: api.client.get("/v1/fleet").json()["hosts"] != [], what="host entry")
+        netns.call_in(bgp_pair.host_ns, announcer.sync)  # the speaker runs in the host's ns
+        wait_for(lambda: (bgp() or {}).get("peers_up") == 2, what="both sessions up")
+        b = bgp()
+        assert b is not None and b["state"] == "announcing" and b["routes"] == 1, b
+        assert b["peers"] == 2
+        out = ok(lbctl(api, "fleet", "status"))
+        assert "announcing 2/2" in out, out
+        announcer.drain()
+        wait_for(lambda: (bgp() or {}).get("state") == "drained", what="drained in status")
+        assert ok(lbctl(api, "fleet", "status", "-o", "json")).count('"drained"') == 1

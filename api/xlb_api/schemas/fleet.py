@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -12,6 +12,16 @@ class LagPublic(BaseModel):
 
     generations: int = Field(description="generations behind the newest host")
     revisions: int = Field(description="etcd revisions behind the latest state change")
+
+
+class FleetBgpPublic(BaseModel):
+    """A host's BGP announcement as it last published it (lb.fleet.announce.Announcer.summary)."""
+
+    state: Literal["announcing", "drained", "withdrawn", "error"]
+    reason: str = Field(description="why it announces what it does, or what failed")
+    routes: int = Field(description="VIP addresses the speaker announces")
+    peers_up: int = Field(description="BGP sessions established")
+    peers: int = Field(description="BGP sessions configured")
 
 
 class FleetHostPublic(BaseModel):
@@ -26,9 +36,7 @@ class FleetHostPublic(BaseModel):
         description="VIP id -> SHA-256 of the ring slots its maps carry (health applied)"
     )
     lag: LagPublic
-    bgp: dict[str, Any] | None = Field(
-        None, description="BGP announcement state (fleet part 1, issue 15; null until then)"
-    )
+    bgp: FleetBgpPublic | None = Field(None, description="null when BGP is off on that host")
 
 
 class DivergencePublic(BaseModel):
