@@ -185,6 +185,7 @@ def test_explain_packets_are_not_counted_as_traffic(lb: Served) -> None:
     idx = [lb.control.backend_index(a) for a in BACKENDS]
     base_real = sum(sum(reader.real(i)["packets"]) for i in idx)
     base_glob = {k: sum(v) for k, v in reader.glob().items()}
+    base_pairs = _pair_packets(reader)
     with _Traffic(lb, flows=16) as traffic:
         for sport in range(31000, 31020):
             e = _explain(lb, sport=sport)
@@ -199,6 +200,15 @@ def test_explain_packets_are_not_counted_as_traffic(lb: Served) -> None:
     reals = sum(sum(reader.real(i)["packets"]) for i in idx) - base_real
     assert reals == traffic.sent, "explain counted as backend traffic"
     assert glob["STAT_XDP_TX"] - base_glob["STAT_XDP_TX"] == traffic.sent
+    pairs = _pair_packets(reader)
+    assert sum(pairs.values()) - sum(base_pairs.values()) == traffic.sent, \
+        "explain counted as (VIP, backend) pair traffic"
+
+
+def _pair_packets(reader: StatsReader) -> dict[str, int]:
+    """Packets per backend of VIP_ID from the per-pair counters."""
+    snap = reader.snapshot(vips=[VIP_ID])
+    return {a: sum(c["packets"]) for a, c in snap.pairs.get(VIP_ID, {}).items()}
 
 
 def test_explain_on_an_interface_with_its_own_mac(lb: Served) -> None:
