@@ -31,7 +31,8 @@ import logging
 import os
 import signal
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +84,20 @@ def _private(path: Path) -> None:
         os.fchmod(fd, STORE_MODE)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (BEGIN IMMEDIATE ... COMMIT); rolled back on any exception, a
+    KeyboardInterrupt included, which goes on up."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 class StoreError(KernelError):
@@ -392,8 +407,7 @@ class Store:
         db = self._db
         seqs = dict(db.execute("SELECT id, seq FROM vips").fetchall())
         clock = int(dict(db.execute("SELECT key, value FROM meta").fetchall()).get("clock", 0))
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             by_num = {int(r[1]): r[0] for r in rows}
             db.execute("DELETE FROM vips")
             db.executemany(
@@ -411,11 +425,6 @@ class Store:
                       .get("generation", 0))
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', ?)",
                        (gen + 1,))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         for f in fixes:
             log.warning("%s: IPv6 zone ids are refused now: %s", self.path, f)
         self.zone_fixes = fixes
@@ -612,8 +621,7 @@ class Store:
     def _transaction(self, b: _Batch) -> None:
         d = self.delta()
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             if d.gone:
                 db.executemany("DELETE FROM vips WHERE id = ?", [(v,) for v in d.gone])
             if d.moved:
@@ -642,11 +650,6 @@ class Store:
                 [*d.meta.items(), *self.extra_meta.items()],
             )
             crash_point("store-before-commit")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         for vid in d.gone:
             self._seq.pop(vid, None)
         for vid, seq, _num, _v, created in d.vip_rows:
@@ -676,8 +679,7 @@ class Store:
         assert self._batch is None, "replace() with a batch staged"
         db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 db.execute("DELETE FROM vips")
                 db.execute("DELETE FROM backends")
                 db.execute("DELETE FROM free_indices")
@@ -691,11 +693,6 @@ class Store:
                 )
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                [*image.meta.items(), *self.extra_meta.items()])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as e:
             raise StoreError(f"cannot store the fleet's state in {self.path}: {e}") from e
         old = self._vips

@@ -34,7 +34,15 @@ from pathlib import Path
 from lb.config import EtcdConfig
 from lb.control.model import Limits, VipSpec
 from lb.control.shared import StaleState
-from lb.control.store import SCHEMA_VERSION, Delta, Image, Store, StoreError, StoreStatus
+from lb.control.store import (
+    SCHEMA_VERSION,
+    Delta,
+    Image,
+    Store,
+    StoreError,
+    StoreStatus,
+    immediate,
+)
 from lb.errors import XlbError
 from lb.fleet.etcd import Change, Etcd, EtcdUnavailable, Op
 
@@ -356,8 +364,7 @@ class EtcdStore(Store):
         self.extra_meta["etcd_guard"] = guard_rev
         db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 # Deletions first: their numbers and indices may be reused in the same change.
                 db.executemany("DELETE FROM vips WHERE id = ?",
                                [(v,) for v in vip_dels] + [(v[0],) for v in vip_puts
@@ -373,11 +380,6 @@ class EtcdStore(Store):
                                "VALUES (?, ?, ?)", free_puts)
                 db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                [*meta.items(), *self.extra_meta.items()])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as e:
             raise StoreError(f"cannot store revision {rev} in {self.path}: {e}") from e
         self._take_rows(vip_puts, vip_dels, be_puts, be_dels, free_puts, free_dels, meta)
