@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lb.config import BgpConfig, BgpPeer
+from lb.dataplane.netns import pid_alive
 from lb.errors import XlbError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -175,20 +176,6 @@ def parse_protocols(text: str, peers: list[BgpPeer]) -> list[PeerState]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers signal 0 but runs nothing.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return False
-
-
 class Speaker:
     """A BIRD 2 process announcing this host's VIP addresses; files under `work_dir`."""
 
@@ -208,7 +195,7 @@ class Speaker:
             pid = int(self.pid_file.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return None
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -258,9 +245,9 @@ class Speaker:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from lb.dataplane.netns import pid_alive
+
 ETCD = "etcd"
 HOST = "127.0.0.1"
 #: One file per running member: "<owner pid> <member pid> <data dir>", so a member left
@@ -38,7 +40,7 @@ def sweep_stale() -> list[int]:
         except ValueError:
             f.unlink(missing_ok=True)
             continue
-        if _alive(int(owner)):
+        if pid_alive(int(owner)):
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -50,16 +52,6 @@ def sweep_stale() -> list[int]:
             stopped.append(int(pid))
         f.unlink(missing_ok=True)
     return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def etcd_binary() -> str | None:
