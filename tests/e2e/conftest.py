@@ -19,7 +19,7 @@ import pytest
 from lb.client import ApiError, vip_path
 from lb.dataplane import netlink, netns
 from lb.lab import network as labmod
-from lb.lab.network import Lab, LabApi
+from lb.lab.network import Lab, LabApi, Stream
 
 _STALE_RUN = re.compile(r"^xlbt(\d+)")
 
@@ -109,12 +109,41 @@ class Vips:
         """Create a VIP with (address, weight) backends and flags (encap=...); returns its id."""
         body = {"protocol": protocol, "address": address, "port": port, **flags,
                 "backends": [{"address": a, "weight": w} for a, w in backends]}
-        vid = str(self.api.post("/v1/vips", body)["id"])
-        self.made.append(vid)
-        return vid
+        # Recorded before the POST: a create whose answer is lost (a timeout under load) is
+        # still deleted afterwards, not left to collide with the next test's VIP.
+        self.made.append(vip_id(protocol, address, port))
+        return str(self.api.post("/v1/vips", body)["id"])
 
     def cleanup(self) -> None:
         """Delete what this test made (tolerating what the test deleted itself)."""
         for vid in self.made:
             with contextlib.suppress(ApiError):
                 self.api.delete(vip_path(vid))
+
+
+# The fixtures most e2e modules share; a module that needs another daemon (generic mode, other
+# settings) defines its own `api`, and `vips` then uses that one.
+
+
+@pytest.fixture(scope="module")
+def api(lab: Lab, lab_daemon: LabApi) -> LabApi:
+    """The daemon, native mode."""
+    ensure_daemon(lab)
+    return lab_daemon
+
+
+@pytest.fixture
+def vips(api: LabApi) -> Iterator[Vips]:
+    """VIPs made by one test, deleted after it."""
+    v = Vips(api)
+    yield v
+    v.cleanup()
+
+
+@pytest.fixture
+def streams() -> Iterator[list[Stream]]:
+    """Streams a test opens, closed afterwards."""
+    made: list[Stream] = []
+    yield made
+    for s in made:
+        s.close()

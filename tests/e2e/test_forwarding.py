@@ -44,14 +44,6 @@ def api(request: pytest.FixtureRequest, lab: Lab, lab_daemon: LabApi) -> Iterato
         ensure_daemon(lab)
 
 
-@pytest.fixture
-def vips(api: LabApi) -> Iterator[Vips]:
-    """VIPs made by one test, deleted after it."""
-    v = Vips(api)
-    yield v
-    v.cleanup()
-
-
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 @pytest.mark.parametrize(
     ("vip_family", "backend_family", "encap"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,7 +15,7 @@ from lb.client import vip_path
 from lb.dataplane import netlink
 from lb.lab import network as labmod
 from lb.lab.network import Lab, LabApi, Stream, Tally
-from tests.e2e.conftest import Vips, ensure_daemon
+from tests.e2e.conftest import Vips
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -24,30 +23,6 @@ PER_BACKEND = 4
 MAX_STREAMS = 80
 # Echoes each surviving stream must add while the change settles (one every 50 ms).
 PROGRESS = 5
-
-
-@pytest.fixture(scope="module")
-def api(lab: Lab, lab_daemon: LabApi) -> LabApi:
-    """The daemon, native mode."""
-    ensure_daemon(lab)
-    return lab_daemon
-
-
-@pytest.fixture
-def vips(api: LabApi) -> Iterator[Vips]:
-    """VIPs made by one test, deleted after it."""
-    v = Vips(api)
-    yield v
-    v.cleanup()
-
-
-@pytest.fixture
-def streams() -> Iterator[list[Stream]]:
-    """Streams a test opens, closed afterwards."""
-    made: list[Stream] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def _open_spread(lab: Lab, vip: str, made: list[Stream]) -> dict[str, list[Stream]]:

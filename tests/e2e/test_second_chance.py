@@ -11,7 +11,6 @@ backend that never saw them and are reset. Both cases print "N broken of M".
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,37 +18,13 @@ from lb.client import vip_path
 from lb.dataplane import conntab, decap, mapio
 from lb.lab import network as labmod
 from lb.lab.network import Lab, LabApi, Stream
-from tests.e2e.conftest import Vips, daemon_running, ensure_daemon
+from tests.e2e.conftest import Vips, daemon_running
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
 STREAMS = 24
 # Echoes each surviving stream must add after the change (one every 50 ms).
 PROGRESS = 10
-
-
-@pytest.fixture(scope="module")
-def api(lab: Lab, lab_daemon: LabApi) -> LabApi:
-    """The daemon, native mode."""
-    ensure_daemon(lab)
-    return lab_daemon
-
-
-@pytest.fixture
-def vips(api: LabApi) -> Iterator[Vips]:
-    """VIPs made by one test, deleted after it."""
-    v = Vips(api)
-    yield v
-    v.cleanup()
-
-
-@pytest.fixture
-def streams() -> Iterator[list[Stream]]:
-    """Streams a test opens, closed afterwards."""
-    made: list[Stream] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def _decap_counters(lab: Lab) -> dict[str, int]:

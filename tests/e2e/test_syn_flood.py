@@ -52,14 +52,6 @@ def api(lab: Lab, lab_daemon: LabApi) -> Iterator[LabApi]:
         ensure_daemon(lab)
 
 
-@pytest.fixture
-def vips(api: LabApi) -> Iterator[Vips]:
-    """VIPs made by the test, deleted after it."""
-    v = Vips(api)
-    yield v
-    v.cleanup()
-
-
 def _flood_config(lab: Lab) -> str:
     return (
         "{\n"
