@@ -76,6 +76,27 @@ def _elem(fd: int, key: ctypes.c_uint32, value: ctypes.c_uint32) -> bpf.ElemAttr
     return bpf.ElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
 
 
+# enum bpf_map_type
+BPF_MAP_TYPE_PROG_ARRAY = 3
+
+
+def ensure_chain_map(pin_dir: Path) -> None:
+    """Create and pin xdp_chain unless pinned: an empty program array costs nothing, and with
+    it always there an operator can load a filter that uses it (bpftool `map name xdp_chain
+    pinned ...`) before the chain is on. The root, compiled later, adopts this pin."""
+    path = pin_dir / CHAIN_MAP
+    if path.exists():
+        return
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    attr = bpf.MapCreateAttr(map_type=BPF_MAP_TYPE_PROG_ARRAY, key_size=4, value_size=4,
+                             max_entries=CHAIN_SLOTS, map_name=CHAIN_MAP.encode())  # fmt: skip
+    fd = bpf.bpf(bpf.BPF_MAP_CREATE, attr, f"creating {path}")
+    try:
+        bpf.obj_pin(fd, path)
+    finally:
+        os.close(fd)
+
+
 def chain_exists(pin_dir: Path) -> bool:
     """Whether the chain's program array is pinned in `pin_dir`."""
     return (pin_dir / CHAIN_MAP).exists()

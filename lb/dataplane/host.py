@@ -249,6 +249,7 @@ def open_host(settings: Settings, *, attach: bool = True, repin: bool = False) -
     host = Host(settings, balancer, runtime)
     try:
         write_runtime_config(balancer, runtime)
+        chain.ensure_chain_map(settings.pin_dir)
         if attach:
             host.attach()
         yield host

@@ -136,16 +136,12 @@ def test_host_chain_on_add_kept_by_upgrade_and_restart_off_after_the_last_filter
         flows.seed(host.balancer)
         alone = host.attach_info
         assert alone is not None and xdp.query(veth.a, netns=veth.ns).prog_name == "xdp_balancer"
-        # The chain map exists only once the root is loaded: the filter's load needs it.
-        with pytest.raises(NotFound):
-            chain.slots(pin_dir)
+        # The chain's map is there with the chain off, so a filter can be loaded against it.
+        assert [s.prog_id for s in host.chain_slots()] == [None] * chain.CHAIN_SLOTS
         flt = None
         try:
-            host.settings = settings.model_copy(update={"xdp_chain": True})
-            host.attach()  # chain on: the root replaces the balancer atomically
             flt = chain_filter.load(obj, pin_dir.with_name(pin_dir.name + "_f"), pin_dir)
-            host.settings = settings
-            added = host.chain_add(0, flt.prog)
+            added = host.chain_add(0, flt.prog)  # chain on: the root replaces the balancer
             now = xdp.query(veth.a, netns=veth.ns, pin_dir=pin_dir)
             assert (now.prog_name, now.mode, now.ours) == ("xdp_root", "native", True)
             root_id = now.prog_id
