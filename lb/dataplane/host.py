@@ -129,6 +129,8 @@ class Host:
             netns=s.netns, expected_prog_id=old.prog_id if old else None, pin_dir=s.pin_dir,
         )  # fmt: skip
         (s.pin_dir / xdp.ROOT_PIN).unlink(missing_ok=True)
+        # The balancer's slot would keep this program loaded past its next upgrade.
+        chain.clear_slot(s.pin_dir, chain.CHAIN_BALANCER_SLOT)
         self.root.close()
         self.root = None
 

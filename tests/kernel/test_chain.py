@@ -167,3 +167,6 @@ def test_host_chain_on_add_kept_by_upgrade_and_restart_off_after_the_last_filter
             "the balancer is not on its own after the last filter went"
         )
         assert not (pin_dir / xdp.ROOT_PIN).exists()
+        assert [s.prog_id for s in host.chain_slots()] == [None] * chain.CHAIN_SLOTS, (
+            "the chain still holds a program after it was turned off"
+        )
