@@ -734,6 +734,161 @@ def decap_table(decap: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- source ranges and the XDP chain on the established path (issue 18) --------------------
+# Self-contained: the IPv4 VIP's known flows (ack_v4_shuffled) and its hot flow (ack_v4_hot)
+# through one balancer in four variants, measured in the same rounds as the floor: the VIP
+# without a source list ("plain"), with an allow list and with a deny list of each size of
+# SRC_LIST_SIZES IPv4 prefixes (lengths 12-30; the allow list covers the clients, the deny
+# list does not: every packet passes), and the plain VIP behind the chain's root
+# (xdp/root/root.c) with every filter slot empty ("chain_root": the root's failed tail calls
+# and its one call into the balancer). "delta_ns": each variant's ns above the floor minus
+# plain's.
+
+SRC_LIST_SIZES = (16, 1000)
+SRC_CHAIN_PATHS = ("ack_v4_shuffled", "ack_v4_hot")
+SRC_CHAIN_VARIANTS = ("plain", *(f"{kind}_{n}" for n in SRC_LIST_SIZES
+                                 for kind in ("allow", "deny")), "chain_root")
+CLIENTS4 = ipaddress.IPv4Network("198.19.0.0/16")
+
+
+def src_lists(rng: random.Random, size: int) -> tuple[list[ipaddress.IPv4Network],
+                                                       list[ipaddress.IPv4Network]]:
+    """(allow, deny) lists of `size` prefixes: the allow list covers the clients (CLIENTS4),
+    the deny list keeps clear of them."""
+    nets: set[ipaddress.IPv4Network] = set()
+    while len(nets) < size:
+        net = ipaddress.IPv4Network((rng.getrandbits(32), rng.randint(12, 30)), strict=False)
+        if not net.overlaps(CLIENTS4):
+            nets.add(net)
+    deny = sorted(nets)
+    return [*deny[:size - 1], CLIENTS4], deny
+
+
+def _set_src_variant(b: Balancer, nets: list[ipaddress.IPv4Network], flags: int,
+                     verdict: int) -> None:
+    from lb.consts import FAMILY_V4
+
+    io = MapIO(b)
+    for key in io.read_src_ranges():
+        io.del_src_range(key)
+    for net in nets:
+        io.set_src_range((FAMILY_V4, 0, addr16(net.network_address), net.prefixlen), verdict)
+    meta = b.vip_map.Leaf()
+    meta.vip_num, meta.flags = 0, flags
+    b.vip_map[b.vip_key(VIP4, 80, "tcp")] = meta
+
+
+def measure_src_chain(packets: int, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """ns per packet of the established path with and without source lists and behind the
+    chain's root, above the floor measured in the same rounds (see the block's comment)."""
+    import shutil
+
+    from lb.consts import F_SRC_ALLOW, F_SRC_RANGES, SRC_ALLOW, SRC_DENY
+    from lb.dataplane import chain
+
+    cfg = DataplaneConfig(conn_table_size=CONN_TABLE)
+    rings = {num: ring_values(cfg.ring_size, reals) for num, _, reals in VIPS}
+    variants: dict[str, tuple[list[ipaddress.IPv4Network], int, int]] = {
+        "plain": ([], 0, SRC_ALLOW), "chain_root": ([], 0, SRC_ALLOW)}
+    for n in SRC_LIST_SIZES:
+        allow, deny = src_lists(random.Random(0x5C + n), n)
+        variants[f"allow_{n}"] = (allow, F_SRC_RANGES | F_SRC_ALLOW, SRC_ALLOW)
+        variants[f"deny_{n}"] = (deny, F_SRC_RANGES, SRC_DENY)
+    scenarios = {sc.name: sc for sc in SCENARIOS if sc.name in SRC_CHAIN_PATHS}
+    pins = Path(f"/sys/fs/bpf/xlbb{os.getpid()}c")
+    floor_bpf = compile_program(XDP_DIR / "floor.c", cfg.cflags())
+    xlb = XlbSubject("xlb", cfg, rings)
+    root: Any = None
+    try:
+        root = chain.Root(pins)
+        chain.set_slot(pins, chain.CHAIN_BALANCER_SLOT, xlb.balancer.prog_fd, "the balancer")
+        runners = {v: xlb.runner for v in SRC_CHAIN_VARIANTS}
+        runners["chain_root"] = TestRunner(root.prog_fd)
+        floor = TestRunner(int(floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP).fd))
+        fs = Frameset(packets)
+        for sc in scenarios.values():
+            pre = fs.prepare(sc)
+            if pre is not None:
+                xlb.run(pre)
+        floor_frames = same_frames("nonvip", packets)
+        floor_ns: list[float] = []
+        ns: dict[str, dict[str, list[float]]] = {
+            p: {v: [] for v in SRC_CHAIN_VARIANTS} for p in scenarios}
+        for r in range(runs):
+            t, _ = floor.time_frames(floor_frames.addresses(), floor_frames.size)
+            floor_ns.append(t / packets)
+            k = r % len(SRC_CHAIN_VARIANTS)
+            for v in SRC_CHAIN_VARIANTS[k:] + SRC_CHAIN_VARIANTS[:k]:
+                _set_src_variant(xlb.balancer, *variants[v])
+                for name, sc in scenarios.items():
+                    frames = fs.of(sc, r)
+                    sent = len(frames.order)
+                    before = xlb.snapshot()
+                    total, verdicts = runners[v].time_frames(frames.addresses(), frames.size)
+                    if verdicts[sc.verdict] != sent:
+                        raise RuntimeError(f"{v} {name}: verdicts {dict(verdicts)},"
+                                           f" expected {sent} x {sc.verdict}")
+                    xlb.check(sc, before, sent)
+                    ns[name][v].append(total / sent)
+            progress(f"source ranges / chain run {r + 1}/{runs}: floor {floor_ns[-1]:.1f} ns; "
+                     + "; ".join(f"{p}: " + ", ".join(f"{v} {x[-1]:.0f}" for v, x in vs.items())
+                                 for p, vs in ns.items()))
+    finally:
+        _set_src_variant(xlb.balancer, [], 0, 0)
+        if root is not None:
+            root.close()
+        shutil.rmtree(pins, ignore_errors=True)
+        floor_bpf.cleanup()
+        xlb.close()
+    floor_med = statistics.median(floor_ns)
+
+    def above(v: list[float]) -> float:
+        return round(statistics.median(v) - floor_med, 1)
+
+    return {
+        "floor_ns": round(floor_med, 1), "list_sizes": list(SRC_LIST_SIZES), "runs": runs,
+        "packets_per_run": packets,
+        "paths": {p: {v: {"ns": round(statistics.median(x), 1), "above_floor_ns": above(x),
+                          "spread_ns": _spread(x)} for v, x in vs.items()}
+                  for p, vs in ns.items()},
+        "delta_ns": {p: {v: round(above(x) - above(vs["plain"]), 1)
+                         for v, x in vs.items() if v != "plain"} for p, vs in ns.items()},
+    }  # fmt: skip
+
+
+def src_chain_table(fig: dict[str, Any]) -> str:
+    """The source-range / chain figures as a table: ns above the floor, delta to plain."""
+    f = fig["floor_ns"]
+    lines = [f"established path, IPv4 VIP: allow/deny source lists of N prefixes (allow_N,"
+             f" deny_N) and the chain's root with empty filter slots; floor {f} ns; ns above"
+             " the floor (min-max), delta to plain",
+             f"{'path':<16}" + "".join(f"{v:>24}" for v in SRC_CHAIN_VARIANTS)]
+    for p, vs in fig["paths"].items():
+        cells = []
+        for v in SRC_CHAIN_VARIANTS:
+            row, lo_hi = vs[v], vs[v]["spread_ns"]
+            d = "" if v == "plain" else f" {fig['delta_ns'][p][v]:+.1f}"
+            cells.append(f"{row['above_floor_ns']:.1f} ({lo_hi[0] - f:.0f}-{lo_hi[1] - f:.0f}){d}")
+        lines.append(f"{p:<16}" + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+def main_src_chain(packets: int, runs: int, *, merge: bool = True) -> dict[str, Any]:
+    """The source-range / chain rows alone (pinned to one CPU); merged as src_ranges_chain
+    into bench/results/dataplane.json unless `merge` is False; printed; returned."""
+    old = _pin_cpu()
+    try:
+        fig = measure_src_chain(packets, runs, lambda msg: print(msg, flush=True))
+    finally:
+        if old is not None:
+            os.sched_setaffinity(0, old)
+    if merge:
+        fig["env"] = environment()
+        print(src_chain_table(fig))
+        print(f"(merged into {merge_results(RESULTS_NAME, {'src_ranges_chain': fig})})")
+    return fig
+
+
 def _pin_cpu() -> set[int] | None:
     # One CPU for the whole run: the caches (and the LRU reference's per-CPU list) stay put.
     try:
@@ -745,9 +900,11 @@ def _pin_cpu() -> set[int] | None:
 
 
 def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
-         runs: int | None = None) -> dict[str, Any]:
+         runs: int | None = None, only_src_chain: bool = False) -> dict[str, Any]:
     """Measure, merge into bench/results/dataplane.json, print a table, return figures."""
     packets, n = (SMOKE_PACKETS, SMOKE_RUNS) if smoke else (PACKETS, RUNS)
+    if only_src_chain:
+        return main_src_chain(packets, runs or n)
     old = _pin_cpu()
     started = time.monotonic()
     try:
@@ -758,12 +915,14 @@ def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
     finally:
         if old is not None:
             os.sched_setaffinity(0, old)
+    figures["src_ranges_chain"] = main_src_chain(packets, runs or n, merge=False)
     figures["smoke"] = smoke
     figures["env"] = environment()
     figures["env"]["seconds"] = round(time.monotonic() - started, 1)
     path = merge_results(RESULTS_NAME, figures)
     print(table(figures))
     print(decap_table(figures["decap"]))
+    print(src_chain_table(figures["src_ranges_chain"]))
     print(f"(merged into {path})")
     kat = (figures.get("katran") or {}).get("paths") or {}
     summary = [{"name": "floor", "value": figures["floor_ns"], "unit": "ns"}]
@@ -785,6 +944,8 @@ if __name__ == "__main__":
                         help="also measure the balancer compiled from this xdp/ tree, "
                              "interleaved (e.g. one `git archive main xdp` unpacked)")
     parser.add_argument("--no-katran", action="store_true", help="leave Katran out")
+    parser.add_argument("--only-src-chain", action="store_true",
+                        help="only the source-range / chain rows (merged as src_ranges_chain)")
     a = parser.parse_args()
     main(smoke=a.smoke, ab=a.ab.resolve() if a.ab else None, katran=not a.no_katran,
-         runs=a.runs)
+         runs=a.runs, only_src_chain=a.only_src_chain)

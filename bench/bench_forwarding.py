@@ -27,6 +27,9 @@ mean anything:
   lb_1m_flows  native, with 1,000,000 flows already in the connection table, traffic spread
                at random over exactly those flows (cache-missing lookups in a large table);
   syn_flood    native, TCP SYNs from random sources and ports: every packet a new flow;
+               100,000 established TCP flows are written into the table before it, and
+               `established` says how many are still there, on their backend, after it, and
+               how many of a sample of their ACKs the program still sends to that backend;
   kernel_fwd   no XDP: the LB namespace's kernel routes the packets back to the router;
   katran_native, katran_one_flow  Katran's balancer (bench/katran/, KATRAN_SRC) with the same
                VIP, backends and Maglev ring, as lb_native and lb_one_flow (absent without
@@ -112,6 +115,12 @@ SPORT_MIN, SPORT_MAX = 1024, 65000
 # lb_1m_flows: 16 clients x 62,500 ports = 1,000,000 flows, prefilled before the traffic.
 TABLE_NET = "198.18.16.0"
 TABLE_CLIENTS, TABLE_PORTS = 16, 62_500
+# syn_flood's survivors: 16 clients x 6,250 ports = 100,000 established TCP flows to the TCP
+# VIP, written into the table before the flood; after it, each is looked up in the table and
+# a sample of their ACKs is run through the program (BPF_PROG_TEST_RUN).
+EST_NET = "198.18.48.0"
+EST_CLIENTS, EST_PORTS = 16, 6_250
+EST_SAMPLE = 2_000
 # 4,194,304 slots (the default): 1M prefilled flows fill about 0.02% of the sets of 8.
 CONN_TABLE_SIZE = 4_194_304
 RING_SIZE = 65537
@@ -465,6 +474,7 @@ class LoadedBalancer:
         self._state_dir: tempfile.TemporaryDirectory[str] | None = None
         self.real_idx = 0
         self.vip_num = 0
+        self.tcp_vip_num = 0
         self.programmed_by = self._program()
 
     @property
@@ -490,6 +500,7 @@ class LoadedBalancer:
         # Prefilled flows point at a backend the control plane really placed in `reals`.
         self.real_idx = cp.backend_index(str(BACKENDS[0]))
         self.vip_num = cp.vip_number(f"udp:{VIP}:{VIP_PORT}")
+        self.tcp_vip_num = cp.vip_number(f"tcp:{VIP}:{VIP_PORT}")
         cp.close()
         return "lb.control (Maglev ring, one UDP and one TCP VIP, 4 backends)"
 
@@ -534,6 +545,63 @@ class LoadedBalancer:
             print(f"[forwarding] prefill: {n - written} of {n} flows found their set full",
                   file=sys.stderr)
         return secs
+
+    def _est_flows(self) -> Any:
+        import numpy as np
+
+        from lb.dataplane.flowhash import Flows
+
+        n = EST_CLIENTS * EST_PORTS
+        flow = np.arange(n)
+        return Flows.v4(int(ipaddress.IPv4Address(EST_NET)) + flow // EST_PORTS, int(VIP),
+                        SPORT_MIN + flow % EST_PORTS, VIP_PORT, socket.IPPROTO_TCP)
+
+    def _est_flow(self, k: int) -> Any:
+        from lb.dataplane.flowhash import Flow5
+
+        return Flow5(ipaddress.IPv4Address(int(ipaddress.IPv4Address(EST_NET)) + k // EST_PORTS),
+                     VIP, SPORT_MIN + k % EST_PORTS, VIP_PORT, socket.IPPROTO_TCP)
+
+    def _on_backend(self) -> list[int]:
+        from lb.dataplane.conntab import ConnTable
+
+        with ConnTable(self.b) as table:
+            return [k for k in range(EST_CLIENTS * EST_PORTS)
+                    if (e := table.lookup(self._est_flow(k))) is not None
+                    and e.real_idx == self.real_idx]  # fmt: skip
+
+    def establish(self) -> list[int]:
+        """Write syn_flood's established TCP flows (all on BACKENDS[0]); returns the ids of
+        those the table holds (a set of 8 that more hash to keeps 8)."""
+        from lb.dataplane.conntab import ConnTable
+
+        with ConnTable(self.b) as table:
+            table.insert_many(self._est_flows(), self.real_idx, self.tcp_vip_num)
+        return self._on_backend()
+
+    def survival(self, before: list[int]) -> dict[str, Any]:
+        """How many of the established flows `before` are still in the table on their
+        backend, and whether a sample of their ACKs still goes to it (outer destination
+        BACKENDS[0], a table hit)."""
+        from lb.consts import XDP_TX
+        from lb.dataplane.testrun import TestRunner
+
+        kept = len(set(self._on_backend()) & set(before))
+        runner = TestRunner(self.fd)
+        sample = before[::max(1, len(before) // EST_SAMPLE)]
+        hits0 = self.stat("STAT_LRU_HIT")
+        on_backend = 0
+        for k in sample:
+            f = self._est_flow(k)
+            res = runner.run(_tcp_ack_frame(str(f.src), str(VIP), f.sport, VIP_PORT))
+            outer = res.packet[ETH_IP - 20 + 16:ETH_IP] if res.verdict == XDP_TX else b""
+            on_backend += outer == BACKENDS[0].packed
+        return {
+            "flows": EST_CLIENTS * EST_PORTS, "in_table_before": len(before),
+            "in_table_after": kept, "survival": round(kept / len(before), 6) if before else None,
+            "sample": len(sample), "sample_forwarded_to_backend": on_backend,
+            "sample_table_hits": self.stat("STAT_LRU_HIT") - hits0,
+        }
 
     def close(self) -> None:
         """Unload, and drop the control plane's scratch store."""
@@ -615,6 +683,19 @@ def _udp_frame(src: str, dst: str, sport: int, dport: int, size: int) -> bytes:
     ip = ip[:10] + csum.to_bytes(2, "big") + ip[12:]
     eth = bytes.fromhex(LB_MAC.replace(":", "") + ROUTER_MAC.replace(":", "")) + b"\x08\x00"
     return eth + ip + udp
+
+
+def _tcp_ack_frame(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A TCP ACK frame from the router to the LB (checksums not needed by the program)."""
+    import struct
+
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, 0x10, 65535, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + _csum(ip).to_bytes(2, "big") + ip[12:]
+    eth = bytes.fromhex(LB_MAC.replace(":", "") + ROUTER_MAC.replace(":", "")) + b"\x08\x00"
+    frame = eth + ip + tcp
+    return frame + bytes(max(0, 60 - len(frame)))
 
 
 def _csum(data: bytes) -> int:
@@ -831,6 +912,7 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
     matrix: list[dict[str, Any]] = []
     notes: list[str] = []
     multicore: dict[str, Any] = {}
+    survival: dict[str, Any] = {}
     progs = BenchPrograms()
     lbal: LoadedBalancer | None = None
     katran, why = _katran()
@@ -870,7 +952,13 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
                 notes.append(f"prefilled {TABLE_CLIENTS * TABLE_PORTS} flows in {secs:.1f} s")
                 _say(notes[-1])
             run_phase(phase_b)
+            est = lbal.establish() if lbal is not None and "syn_flood" not in skipped else []
             run_phase(phase_c)
+            if est and lbal is not None:
+                survival = lbal.survival(est)
+                _say(f"syn_flood: {survival['in_table_after']} of {len(est)} established"
+                     f" flows still in the table; {survival['sample_forwarded_to_backend']} of"
+                     f" {survival['sample']} sampled ACKs to their backend")
             if timing.matrix:
                 matrix.append(_matrix_row(base, results))
                 for tr in matrix_traffic(base):
@@ -898,6 +986,8 @@ def measure_all(timing: Timing, base: Traffic) -> dict[str, Any]:
             lbal.close()
         progs.close()
     scenarios = summarise(results, labels)
+    if "syn_flood" in scenarios and survival:
+        scenarios["syn_flood"]["established"] = survival
     target = {"goal": 0.95}
     if "lb_native" in scenarios:
         native = scenarios["lb_native"]

@@ -2,7 +2,7 @@
 
     python -m bench.bench_verifier [--results-dir DIR]
 
-For xdp_balancer, xdp_decap, tc_decap and tc_hc_encap as the product loads them: the
+For xdp_balancer, xdp_decap, tc_decap, tc_hc_encap and xdp_root as the product loads them: the
 instructions the verifier processed (every path it walked; the kernel refuses a program past
 1,000,000), the program's size after the verifier's rewrites (xlated) and once JITed, and the
 load time (compile + verify). A change that creeps towards the limit shows here long before a
@@ -13,7 +13,9 @@ the figures into bench/results/verifier.json, one top-level key per kernel relea
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 from bench.common import environment, merge_results
 from lb.config import DataplaneConfig, RuntimeConfig
+from lb.dataplane.chain import Root
 from lb.dataplane.decap import Decap
 from lb.dataplane.hcencap import HcEncap
 from lb.dataplane.loader import Balancer, prog_info
@@ -70,7 +73,25 @@ def measure() -> dict[str, dict[str, Any]]:
     else:
         out["tc_hc_encap"] = _figures(int(hc.fn.fd), time.monotonic() - t0)
         hc.close()
+    out["xdp_root"] = _root_figures()
     return out
+
+
+def _root_figures() -> dict[str, Any]:
+    # The XDP chain's root (docs/chain.md) needs its program array on a pin: a private
+    # directory on bpffs, removed afterwards.
+    pins = Path(f"/sys/fs/bpf/xlb-verifier-{os.getpid()}")
+    t0 = time.monotonic()
+    try:
+        root = Root(pins)
+    except Exception as e:
+        return {"error": str(e)}
+    finally:
+        shutil.rmtree(pins, ignore_errors=True)
+    try:
+        return _figures(root.prog_fd, time.monotonic() - t0)
+    finally:
+        root.close()
 
 
 def main(smoke: bool = False, results_dir: Path | None = None) -> dict[str, Any]:

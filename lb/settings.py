@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     replace_foreign: bool = Field(
         False, description="replace an XDP program on the interface that is not xlb's"
     )
+    xdp_chain: bool = Field(
+        False,
+        description="attach the root program that runs operator filters before the balancer"
+        " (docs/chain.md); also on while a filter is in the chain",
+    )
     state_dir: Path = Field(Path("/var/lib/xlb"), description="durable control-plane state")
     pin_dir: Path = Field(
         Path("/sys/fs/bpf/xlb"), description="bpffs directory where the maps are pinned"

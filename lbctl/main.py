@@ -24,6 +24,7 @@ from typing import Any
 from lbctl import (
     backend_host,
     backends,
+    chain,
     explain,
     fleet,
     health,
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    for group in (vips, backends, health, stats, explain, state, verify, fleet, host):
+    for group in (vips, backends, health, stats, explain, state, verify, fleet, host, chain):
         group.add_commands(sub, leaf)
     serve.add_commands(sub)
     install.add_commands(sub)

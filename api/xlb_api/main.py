@@ -34,6 +34,7 @@ from xlb_api.guard import RequestGuard
 from xlb_api.problems import install_problem_handlers, problem_only_openapi
 from xlb_api.routes import (
     backends,
+    chain,
     checks,
     explain,
     fleet,
@@ -349,7 +350,8 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for module in (vips, backends, state, stats, explain, health, checks, verify, fleet, host):
+    for module in (vips, backends, state, stats, explain, health, checks, verify, fleet, host,
+                   chain):
         app.include_router(module.router)
     return app
 

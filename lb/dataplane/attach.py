@@ -47,6 +47,10 @@ RequestedMode = Literal["native", "generic", "auto"]
 PROGRAM_NAME = Balancer.PROGRAM
 # The attached balancer program's pin in the pin directory (beside the maps).
 PROG_PIN = "prog_" + PROGRAM_NAME
+# The root program of the XDP chain (lb.dataplane.chain) is ours too, pinned as ROOT_PIN.
+ROOT_NAME = "xdp_root"
+ROOT_PIN = "prog_" + ROOT_NAME
+OUR_NAMES = frozenset({PROGRAM_NAME, ROOT_NAME})
 
 
 def open_prog(prog_id: int, pin_dir: Path | None = None) -> int | None:
@@ -58,19 +62,21 @@ def open_prog(prog_id: int, pin_dir: Path | None = None) -> int | None:
         return prog_fd_by_id(prog_id)
     except KernelError:
         pass
-    path = pin_dir / PROG_PIN if pin_dir is not None else None
-    if path is None or not path.exists():
-        return None
-    fd = obj_get(path)
-    if prog_info(fd).id == prog_id:
-        return fd
-    os.close(fd)
+    for name in (PROG_PIN, ROOT_PIN) if pin_dir is not None else ():
+        assert pin_dir is not None
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        fd = obj_get(path)
+        if prog_info(fd).id == prog_id:
+            return fd
+        os.close(fd)
     return None
 
 
-def pin_program(prog_fd: int, pin_dir: Path) -> None:
-    """Make `prog_fd` the program pin of `pin_dir` (replacing the previous one)."""
-    path = pin_dir / PROG_PIN
+def pin_program(prog_fd: int, pin_dir: Path, name: str = PROG_PIN) -> None:
+    """Make `prog_fd` the program pin `name` of `pin_dir` (replacing the previous one)."""
+    path = pin_dir / name
     path.unlink(missing_ok=True)
     obj_pin(prog_fd, path)
 
@@ -88,8 +94,8 @@ class XdpState:
 
     @property
     def ours(self) -> bool:
-        """True when the attached program is an xlb balancer."""
-        return self.prog_name == PROGRAM_NAME
+        """True when the attached program is xlb's: the balancer, or the chain's root."""
+        return self.prog_name in OUR_NAMES
 
 
 @dataclass(frozen=True)
@@ -147,11 +153,12 @@ def attach(
     replace_foreign: bool = False,
     expected_prog_id: int | None = None,
     pin_dir: Path | None = None,
+    pin_name: str = PROG_PIN,
 ) -> AttachInfo:
     """Attach (or atomically replace) the XDP program on `interface`; returns what is in effect.
 
     With `expected_prog_id` (an upgrade), the program attached now must be that one. With
-    `pin_dir`, the program attached is pinned there as PROG_PIN.
+    `pin_dir`, the program attached is pinned there as `pin_name` (PROG_PIN, or ROOT_PIN).
     """
     where = netlink.where(interface, netns)
     with iproute(netns) as ipr:
@@ -185,7 +192,7 @@ def attach(
     if now.prog_id is None or now.mode != used:
         raise KernelError(f"XDP on {where} is {now.mode} id {now.prog_id} after attaching {used}")
     if pin_dir is not None:
-        pin_program(prog_fd, pin_dir)
+        pin_program(prog_fd, pin_dir, pin_name)
     return AttachInfo(interface, netns, idx, used, now.prog_id, reason, replaced)
 
 
@@ -234,7 +241,7 @@ def detach(
     pin_dir: Path | None = None,
 ) -> XdpState | None:  # fmt: skip
     """Remove the XDP program from `interface`; returns what was removed (None if nothing).
-    With `pin_dir`, its program pin goes too (it would keep the program loaded)."""
+    With `pin_dir`, its program pins go too (they would keep the programs loaded)."""
     where = netlink.where(interface, netns)
     with iproute(netns) as ipr:
         idx = index(ipr, netns, interface)
@@ -257,7 +264,8 @@ def detach(
             if expected is not None:
                 os.close(expected)
         if pin_dir is not None:
-            (pin_dir / PROG_PIN).unlink(missing_ok=True)
+            for name in (PROG_PIN, ROOT_PIN):
+                (pin_dir / name).unlink(missing_ok=True)
         return cur
 
 

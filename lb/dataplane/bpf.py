@@ -24,7 +24,10 @@ from lb.errors import KernelError
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
 # enum bpf_cmd
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
@@ -92,6 +95,20 @@ def bpf_errno(cmd: int, attr: ctypes.Structure) -> int:
 
 
 # -- attr structs --
+
+
+class MapCreateAttr(ctypes.Structure):
+    # Head of the BPF_MAP_CREATE member of union bpf_attr, up to map_name.
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
 
 
 class ElemAttr(ctypes.Structure):

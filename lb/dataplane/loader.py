@@ -162,14 +162,18 @@ def verifier_message(log: str) -> str:
     return "; ".join(reversed(reason))
 
 
-def load_func(bpf: Any, name: str, prog_type: int) -> Any:
+# enum bpf_attach_type: what libbpf gives a SEC("xdp") program as expected_attach_type.
+BPF_XDP = 37
+
+
+def load_func(bpf: Any, name: str, prog_type: int, attach_type: int = -1) -> Any:
     """bpf.load_func, after checking the kernel has the features `name` uses; a refusal
     raises UnsupportedKernel with the verifier's reason in one line, and the whole log is
-    kept in a file the message names."""
+    kept in a file the message names. `attach_type` is the expected_attach_type (-1: none)."""
     kernelcheck.require(name)
     with _fd2_captured() as captured:
         try:
-            return bpf.load_func(name.encode(), prog_type)
+            return bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
         except Exception as e:
             error = e
     log = captured[0] if captured else ""
@@ -452,7 +456,10 @@ class Balancer:
         self.maps: dict[str, Any] = {name: self.bpf[name.encode()] for name in MAP_NAMES}
 
     def _load(self) -> Any:
-        return load_func(self.bpf, self.PROGRAM, self.bpf.XDP)
+        # BPF_XDP as libbpf gives SEC("xdp"): since Linux 6.17 (and its stable backports) a
+        # tail call needs the same expected_attach_type on both sides, so the balancer, the
+        # chain's root and an operator's libbpf-built filter share one (docs/chain.md).
+        return load_func(self.bpf, self.PROGRAM, self.bpf.XDP, BPF_XDP)
 
     @property
     def prog_fd(self) -> int:

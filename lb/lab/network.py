@@ -701,13 +701,16 @@ def _tail(f: Path, lines: int = 15) -> str:
     return ""
 
 
-def start_daemon(lab: Lab, *, timeout: float = 180.0, extra_toml: str = "") -> int:
+def start_daemon(
+    lab: Lab, *, timeout: float = 180.0, extra_toml: str = "", top_toml: str = ""
+) -> int:
     """Start `lbctl serve` in the LB namespace and wait until it is ready; returns its pid.
 
     It runs through nsenter (only the network namespace changes, so the bpffs pins stay
     visible), listens on the lab's unix socket, and keeps its state under the run dir: a
     restart finds the pinned maps and the stored state again. `extra_toml` is appended to
-    the configuration (e.g. other compile-time features, to stand for a new build).
+    the configuration (e.g. other compile-time features, to stand for a new build), `top_toml`
+    put before it (top-level keys, e.g. `xdp_chain = true`).
     """
     if daemon_pid(lab) is not None:
         raise InvalidInput(f"the daemon of lab {lab.prefix} already runs", field="daemon")
@@ -716,7 +719,7 @@ def start_daemon(lab: Lab, *, timeout: float = 180.0, extra_toml: str = "") -> i
         # The kernel cannot switch XDP modes atomically; a lab may stop forwarding briefly.
         netlink.xdp_detach(lab.lb_ns, LB_IF)
     lab.host_dir.mkdir(parents=True, exist_ok=True)
-    lab.config_file.write_text(lab.settings_toml() + extra_toml)
+    lab.config_file.write_text(top_toml + lab.settings_toml() + extra_toml)
     env = _child_env()
     pid = netns.spawn(lab.lb_ns, [
         sys.executable, "-m", "lbctl", "serve", "--config", str(lab.config_file),

@@ -47,6 +47,8 @@ from lb.errors import XlbError
 Status = Literal["ok", "warn", "fail"]
 
 BALANCER_PROG = "xdp_balancer"
+# The XDP chain's root (docs/chain.md): the balancer runs behind it.
+ROOT_PROG = "xdp_root"
 DECAP_PROGS = ("tc_decap", "xdp_decap")
 # Largest outer header the balancer adds (IPv6); GUE adds a few more but uses its own check.
 ENCAP_OVERHEAD = 40
@@ -155,11 +157,13 @@ def check_balancer_attach(r: Report, hop: str, ns: str | None, ifname: str,
                "start the daemon (lbctl serve) or check its log")
         return None
     name = li.xdp_prog_name
-    if name != BALANCER_PROG:
+    if name not in (BALANCER_PROG, ROOT_PROG):
         r.fail(hop, "XDP program", f"{ifname} runs {name!r} (id {li.xdp_prog_id}), "
                f"not {BALANCER_PROG}", "detach it, or set replace_foreign")
         return li.xdp_mode
-    detail = f"{BALANCER_PROG} id {li.xdp_prog_id} in {li.xdp_mode} mode"
+    detail = f"{name} id {li.xdp_prog_id} in {li.xdp_mode} mode"
+    if name == ROOT_PROG:
+        detail += " (the XDP chain: filters, then the balancer)"
     if want_mode in ("native", "generic") and li.xdp_mode != want_mode:
         r.warn(hop, "XDP program", f"{detail}, configured {want_mode}",
                "restart the daemon after detaching (modes cannot be switched atomically)")

@@ -75,6 +75,9 @@ def test_forwarding_smoke_moves_traffic_in_every_scenario(tmp_path: Path) -> Non
             assert isinstance(sc[key], float) and math.isfinite(sc[key]), f"{name}.{key}"
         if name.startswith(("lb_", "syn_", "katran_")):
             assert sc["encap_fraction"] == 1.0, f"{name}: the sink saw unencapsulated frames"
+    est = figures["scenarios"]["syn_flood"]["established"]
+    assert est["in_table_before"] > 0.99 * est["flows"], "the established flows were not written"
+    assert {"in_table_after", "survival", "sample_forwarded_to_backend"} <= set(est)
     assert not netns.names(fwd.PREFIX), "the lab's namespaces were left behind"
 
 
