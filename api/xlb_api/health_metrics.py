@@ -57,3 +57,16 @@ class HealthCollector(Collector):
         for kind, n in sorted(snap["totals"].items()):
             events.add_metric([kind], n)
         yield from (up, ring, trans, probes, held, alldown, events)
+        tunnel = snap.get("tunnel")
+        if tunnel is not None and tunnel["state"] != "unused":
+            ready = GaugeMetricFamily(
+                "xlb_health_tunnel_ready",
+                "1 when tunnel-mode probes can be encapsulated (0: loading or failed)",
+            )
+            ready.add_metric([], 1 if tunnel["state"] == "ready" else 0)
+            failed = GaugeMetricFamily(
+                "xlb_health_tunnel_failed_attempts",
+                "failed loads of the tunnel program since the last success",
+            )
+            failed.add_metric([], tunnel["failed_attempts"])
+            yield from (ready, failed)

@@ -98,7 +98,11 @@ class HcEncap:
         return {n: int(t.sum(t.Key(i)).value) for i, n in enumerate(HC_STATS)}
 
     def attach(self, ifname: str, ns: str | None = None) -> None:
-        """Run the program on `ifname`'s tc egress (adds clsact when missing)."""
+        """Run the program on `ifname`'s tc egress (adds clsact when missing).
+
+        Replaces our filter if one is there: a daemon killed without detaching leaves its
+        program running on egress, and the next one must take the place, not fail (EEXIST).
+        """
         with netlink.iproute(ns) as ipr:
             links = ipr.link_lookup(ifname=ifname)
             if not links:
@@ -106,7 +110,7 @@ class HcEncap:
             idx = links[0]
             if not any(q.get("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx)):
                 ipr.tc("add", "clsact", idx)
-            ipr.tc("add-filter", "bpf", idx, ":1", fd=self.fn.fd, name=PROGRAM,
+            ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.fn.fd, name=PROGRAM,
                    parent="ffff:fff3", classid=1, direct_action=True, prio=TC_PRIO)
         self._where = (ns, ifname)
 

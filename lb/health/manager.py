@@ -21,6 +21,13 @@ healthy pool out.
 
 Shutting down stops the probes but leaves the maps as they are.
 
+Tunnel mode: the tc program that encapsulates probes is loaded on first use, in a task of
+its own so that the compile never holds up the sync of other pairs (or the replacement of a
+VIP's old pairs). While it loads, tunnelled pairs are "pending": not probed, their health
+unchanged. A failed load is retried with a growing delay (`TUNNEL_RETRY_MAX_S` at most);
+until one succeeds the pairs cannot be probed and say why, and `snapshot()["tunnel"]` shows
+the state, the error and the attempts (never a silent fall back to direct probes).
+
 With a fleet `view` (lb/fleet/health.py), each pair's result is published to the fleet and
 the overlay follows the view the hosts agree on instead of this host's own probes, so
 every host's ring is the same; slow start is then not applied.
@@ -60,6 +67,11 @@ HEALTH_FILE_VERSION = 1
 #: How a backend of a checked VIP meets traffic: in the ring; out of the ring with its
 #: tracked flows going on (drained by the desired state, weight 0, or taken out by health).
 RingRole = Literal["serving", "draining"]
+#: Longest wait between two attempts to load the tunnel program (the first waits
+#: `tunnel_retry_s`, each next one twice as long).
+TUNNEL_RETRY_MAX_S = 60.0
+#: What a tunnelled pair says while the tunnel program loads.
+TUNNEL_LOADING = "tunnel mode: the tunnel program is loading; not probed yet"
 
 
 class Tunnel(Protocol):
@@ -101,6 +113,8 @@ class _Pair:
     target: Target
     #: Why the pair cannot be probed (e.g. tunnel mode without a tunnel), or None.
     unusable: str | None = None
+    #: Why the pair is not probed yet (its tunnel loads): no probe, no result, or None.
+    pending: str | None = None
     task: asyncio.Task[None] | None = None
     ramp_seen: float | None = None
     #: In the ring by the desired state (active, weight > 0), as last synced.
@@ -111,8 +125,9 @@ class _Pair:
         return (self.vip_id, self.backend)
 
     def same_setup(self, other: _Pair) -> bool:
-        return (self.check, self.address, self.port, self.mark, self.unusable) == (
-            other.check, other.address, other.port, other.mark, other.unusable)
+        return (self.check, self.address, self.port, self.mark, self.unusable,
+                self.pending) == (other.check, other.address, other.port, other.mark,
+                                  other.unusable, other.pending)
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,7 @@ class HealthManager:
         clock: Callable[[], float] = time.monotonic,
         state_file: Path | None = None,
         view: HealthView | None = None,
+        tunnel_retry_s: float = 2.0,
     ) -> None:
         self.control = control
         #: Where health survives a restart (None: in memory only).
@@ -240,6 +256,11 @@ class HealthManager:
         self._tunnel_source = tunnel
         self._tunnel: Tunnel | None = None
         self._tunnel_error: str | None = None
+        self._tunnel_loader: asyncio.Task[None] | None = None
+        #: Failed loads of the tunnel program since the last success, and when to retry.
+        self._tunnel_attempts = 0
+        self._tunnel_retry_at = 0.0
+        self.tunnel_retry_s = tunnel_retry_s
         self.sync_interval = sync_interval
         self.clock = clock
         self._lock = threading.Lock()
@@ -355,7 +376,7 @@ class HealthManager:
                     "failures": t.failures,
                     "probes": t.probes,
                     "last_ok": t.last_ok,
-                    "last_error": p.unusable or t.last_error,
+                    "last_error": p.unusable or p.pending or t.last_error,
                     "last_probe_age_s": None if t.last_probe_at is None
                     else round(now - t.last_probe_at, 3),
                     "latency_s": None if t.last_latency_s is None
@@ -367,7 +388,24 @@ class HealthManager:
                     "mark": p.mark,
                 })
             return {"vips": list(vips.values()), "events": list(self.events),
-                    "totals": dict(self.totals)}
+                    "totals": dict(self.totals), "tunnel": self._tunnel_status(now)}
+
+    def _tunnel_status(self, now: float) -> dict[str, Any]:
+        if self._tunnel is not None:
+            state = "ready"
+        elif self._tunnel_loader is not None and not self._tunnel_loader.done():
+            state = "loading"
+        elif self._tunnel_error is not None:
+            state = "failed"
+        elif self._tunnel_source is None:
+            state = "unavailable"
+        else:
+            state = "unused"
+        retry = None
+        if state == "failed":
+            retry = round(max(0.0, self._tunnel_retry_at - now), 3)
+        return {"state": state, "error": self._tunnel_error,
+                "failed_attempts": self._tunnel_attempts, "retry_in_s": retry}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -385,6 +423,7 @@ class HealthManager:
             while True:
                 try:
                     vips, indices = await asyncio.to_thread(self._read_state)
+                    self._start_tunnel(vips)
                     self._sync(vips, indices)
                     self._tick()
                 except Exception as e:  # the checker must outlive a bad read
@@ -398,6 +437,11 @@ class HealthManager:
             for t in [applier, *tasks]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            if self._tunnel_loader is not None:
+                # A compile in a worker thread cannot be cancelled: let it finish, so what
+                # it attached is released by the daemon's exit stack, not left behind.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._tunnel_loader)
 
     async def _applier(self) -> None:
         assert self._wake is not None
@@ -468,23 +512,43 @@ class HealthManager:
         if self.view is not None:
             self.view.publish(self.opinion())
 
-    def _tunnel_now(self) -> Tunnel | None:
-        # Loaded on first use: the tc program costs a BCC compile that most daemons never need.
-        if self._tunnel is None and self._tunnel_error is None and self._tunnel_source:
-            try:
-                self._tunnel = self._tunnel_source()
-            except Exception as e:
-                self._tunnel_error = f"tunnel mode unavailable: {e}"
-                log.error("%s", self._tunnel_error)
-        return self._tunnel
+    def _start_tunnel(self, vips: list[VipSpec]) -> None:
+        # Loaded on first use (the tc program costs a BCC compile that most daemons never
+        # need), in a task of its own: the sync goes on meanwhile. A failure is retried.
+        if self._tunnel is not None or self._tunnel_source is None:
+            return
+        if self._tunnel_loader is not None and not self._tunnel_loader.done():
+            return
+        if not any(v.health_check and v.health_check.mode == "tunnel" for v in vips):
+            return
+        if self._tunnel_error is not None and self.clock() < self._tunnel_retry_at:
+            return
+        self._tunnel_loader = asyncio.create_task(asyncio.to_thread(self._load_tunnel),
+                                                  name="xlb-health-tunnel")
+
+    def _load_tunnel(self) -> None:
+        assert self._tunnel_source is not None
+        try:
+            tunnel = self._tunnel_source()
+        except Exception as e:
+            self._tunnel_attempts += 1
+            delay = min(TUNNEL_RETRY_MAX_S, self.tunnel_retry_s * 2 ** (self._tunnel_attempts - 1))
+            self._tunnel_retry_at = self.clock() + delay
+            self._tunnel_error = f"tunnel mode unavailable: {e}"
+            log.error("%s (attempt %d; retried in %.0f s)", self._tunnel_error,
+                      self._tunnel_attempts, delay)
+            return
+        if self._tunnel_error is not None:
+            log.warning("tunnel mode available after %d failed attempts", self._tunnel_attempts)
+        self._tunnel, self._tunnel_error, self._tunnel_attempts = tunnel, None, 0
 
     def _read_state(self) -> tuple[list[VipSpec], dict[str, int]]:
-        # Runs in a worker thread: it takes the control plane's lock and may compile the
-        # tunnel program, neither of which the event loop should wait for.
+        # Runs in a worker thread: it takes the control plane's lock, which the event loop
+        # should not wait for.
         vips = self.control.list_vips()
         tunnelled = [v for v in vips if v.health_check and v.health_check.mode == "tunnel"]
         indices: dict[str, int] = {}
-        if tunnelled and self._tunnel_now() is not None:
+        if tunnelled and self._tunnel is not None:
             for v in tunnelled:
                 for b in v.backends:
                     with contextlib.suppress(Exception):
@@ -499,6 +563,9 @@ class HealthManager:
             return _Pair(vip.id, address, check, address, port, None, Target(check))
         tunnel = self._tunnel
         index = indices.get(address)
+        if tunnel is None and self._tunnel_source is not None and self._tunnel_error is None:
+            return _Pair(vip.id, address, check, str(vip.address), port, None, Target(check),
+                         pending=TUNNEL_LOADING)
         if tunnel is None or index is None:
             why = self._tunnel_error or "tunnel mode unavailable: no interface to encapsulate on"
             return _Pair(vip.id, address, check, str(vip.address), port, None, Target(check),
@@ -590,6 +657,10 @@ class HealthManager:
         await asyncio.sleep(random.uniform(0, check.interval_s * max(check.jitter, 0.05)))
         while True:
             start = self.clock()
+            if pair.pending is not None:
+                # Replaced by a pair with a mark once the tunnel is there: nothing to judge.
+                await asyncio.sleep(check.interval_s)
+                continue
             if pair.unusable is not None:
                 result = ProbeResult(False, pair.unusable)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 
 from lb.control.facade import ControlPlane
 from lb.control.model import BackendSpec, VipSpec
-from lb.health.manager import HealthManager
+from lb.errors import KernelError
+from lb.health.manager import TUNNEL_LOADING, HealthManager
 from lb.health.policy import HealthCheck
 from tests.control.conftest import StateSettings, clear_maps
 from tests.health.conftest import Server, free_port
@@ -70,9 +72,10 @@ async def _until(cond: Callable[[], bool], within: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def _run(cp: ControlPlane, body: Callable[[HealthManager], Awaitable[None]]) -> None:
+def _run(cp: ControlPlane, body: Callable[[HealthManager], Awaitable[None]],
+         **kwargs: Any) -> None:
     async def main() -> None:
-        hm = HealthManager(cp, sync_interval=0.1)
+        hm = HealthManager(cp, sync_interval=0.1, **kwargs)
         task = asyncio.create_task(hm.run())
         try:
             await _until(lambda: hm.started, 5, "manager start")
@@ -219,4 +222,88 @@ def test_returning_backend_ramps_its_weight(tmp_path: Path, pool: Pool) -> None:
                      "full weight after the slow-start period")
 
     _run(cp, body)
+    cp.close()
+
+
+class FakeTunnel:
+    """Marks without a tc program: enough to see which pairs the manager tunnels."""
+
+    def mark(self, index: int, address: str, gue: bool) -> int:
+        return 0x58000000 | index
+
+    def release(self, mark: int) -> None:
+        pass
+
+
+def _pairs(hm: HealthManager, vip_id: str) -> list[dict[str, Any]]:
+    return [b for v in hm.snapshot()["vips"] if v["vip_id"] == vip_id for b in v["backends"]]
+
+
+def test_failed_tunnel_setup_is_retried_and_shown_until_it_works(tmp_path: Path) -> None:
+    cp = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
+    vip = cp.create_vip(_vip(free_port(), mode="tunnel"))
+    attempts: list[float] = []
+
+    def source() -> FakeTunnel:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:  # e.g. the filter of a crashed daemon was in the way
+            raise KernelError("Filter already exists")
+        return FakeTunnel()
+
+    seen: list[dict[str, Any]] = []
+
+    async def body(hm: HealthManager) -> None:
+        def failed_twice() -> bool:
+            seen.append(hm.snapshot()["tunnel"])
+            return seen[-1]["failed_attempts"] == 2
+        await _until(failed_twice, 5, "two failed attempts")
+        status = seen[-1]
+        assert status["state"] in ("failed", "loading"), status
+        assert "Filter already exists" in status["error"]
+        pairs = _pairs(hm, vip.id)
+        assert pairs and all("Filter already exists" in (b["last_error"] or "")
+                             for b in pairs), "the pairs say why they are not probed"
+        await _until(lambda: hm.snapshot()["tunnel"]["state"] == "ready", 5, "retried")
+        assert hm.snapshot()["tunnel"]["failed_attempts"] == 0
+        await _until(lambda: all(b["mark"] is not None for b in _pairs(hm, vip.id)), 5,
+                     "pairs remade with marks")
+        assert {b["probe_address"] for b in _pairs(hm, vip.id)} == {"198.18.0.10"}, \
+            "tunnelled probes go to the VIP, never directly to the backends"
+
+    _run(cp, body, tunnel=source, tunnel_retry_s=0.05)
+    cp.close()
+    assert len(attempts) == 3
+    assert any(s["state"] == "failed" and s["retry_in_s"] is not None for s in seen)
+
+
+def test_loading_tunnel_holds_up_neither_the_sync_nor_the_health(
+    tmp_path: Path, pool: Pool
+) -> None:
+    cp = ControlPlane(StateSettings(tmp_path), None, loopback_backends=True)
+    tunnelled = cp.create_vip(_vip(pool.port, n=2, mode="tunnel"))
+    gate = threading.Event()
+
+    def source() -> FakeTunnel:
+        gate.wait(20)  # a BCC compile on a loaded machine
+        return FakeTunnel()
+
+    async def body(hm: HealthManager) -> None:
+        try:
+            await _until(lambda: hm.snapshot()["tunnel"]["state"] == "loading", 3, "loading")
+            direct = cp.create_vip(_vip(pool.port, n=2).model_copy(update={"port": 81}))
+            await _until(lambda: all(b["probes"] >= 2 for b in _pairs(hm, direct.id))
+                         and len(_pairs(hm, direct.id)) == 2, 5,
+                         "a direct check is synced and probed while the tunnel loads")
+            pending = _pairs(hm, tunnelled.id)
+            assert len(pending) == 2
+            assert all(b["probes"] == 0 and b["status"] == "up"
+                       and b["last_error"] == TUNNEL_LOADING for b in pending), \
+                "pending pairs are neither probed nor judged"
+            assert _out(hm, tunnelled.id) == set()
+        finally:
+            gate.set()
+        await _until(lambda: all(b["mark"] is not None for b in _pairs(hm, tunnelled.id)),
+                     5, "tunnelled once loaded")
+
+    _run(cp, body, tunnel=source)
     cp.close()

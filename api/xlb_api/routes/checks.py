@@ -34,17 +34,20 @@ def get_health(rt: RuntimeDep) -> HealthPublic:
     """Health of every checked VIP's backends, recent transitions and their totals."""
     snap = _snapshot(rt)
     return HealthPublic(
-        enabled=snap["enabled"], vips=snap["vips"], events=_events(snap), totals=snap["totals"]
+        enabled=snap["enabled"], vips=snap["vips"], events=_events(snap), totals=snap["totals"],
+        tunnel=snap.get("tunnel"),
     )
 
 
 @router.get("/v1/vips/{vip_id}/health", dependencies=[ReadAuth],
             responses=problem_responses(404))
 def get_vip_health(vip_id: VipIdPath, rt: RuntimeDep, control: ControlDep) -> VipHealthPublic:
-    """Health of one VIP's backends (404 while the VIP has no check or none ran yet)."""
-    vid = control.get_vip(vip_id).id
+    """Health of one VIP's backends (404 while the VIP has no check or its check has not
+    run yet: a check just changed is not answered with the old one's probes)."""
+    spec = control.get_vip(vip_id)
+    vid = spec.id
     for v in _snapshot(rt)["vips"]:
-        if v["vip_id"] == vid:
+        if v["vip_id"] == vid and v["check"] == spec.health_check:
             return VipHealthPublic(**v)
     raise NotFound(f"VIP {vid} has no health check running", field="vip_id")
 

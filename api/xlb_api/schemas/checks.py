@@ -59,6 +59,18 @@ class HealthEventPublic(BaseModel):
     detail: str
 
 
+class TunnelPublic(BaseModel):
+    """The program that encapsulates tunnel-mode probes (loaded on first use)."""
+
+    state: Literal["unused", "loading", "ready", "failed", "unavailable"] = Field(
+        description="unused: no tunnel-mode check yet; failed: the last load failed and is "
+        "retried; unavailable: no interface to encapsulate on"
+    )
+    error: str | None = Field(description="why the last load failed")
+    failed_attempts: int = Field(description="failed loads since the last success")
+    retry_in_s: float | None = Field(description="failed: time to the next attempt")
+
+
 class HealthPublic(BaseModel):
     """Every checked VIP, the recent transitions and their totals."""
 
@@ -66,6 +78,7 @@ class HealthPublic(BaseModel):
     vips: list[VipHealthPublic]
     events: list[HealthEventPublic]
     totals: dict[str, int]
+    tunnel: TunnelPublic | None = Field(None, description="tunnel-mode probes (null: off)")
 
 
 class FlowsPublic(BaseModel):
