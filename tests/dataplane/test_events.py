@@ -40,6 +40,8 @@ from tests.dataplane.lab import Lab
 from tests.dataplane.packets import NONVIP4, REAL4, VIP4B
 from tests.dataplane.test_balancer import CASES, SYN4, V4, Case, vip_with
 
+pytestmark = pytest.mark.bpf
+
 # Counted slots that name no verdict (a table entry's fate, the guard's bookkeeping, the
 # totals): no record carries them as its reason.
 NOT_REASONS = {"STAT_XDP_PASS", "STAT_XDP_DROP", "STAT_XDP_TX", "STAT_LRU_EXPIRED",
@@ -51,7 +53,7 @@ NOT_REASONS = {"STAT_XDP_PASS", "STAT_XDP_DROP", "STAT_XDP_TX", "STAT_LRU_EXPIRE
 def ring(wiped_balancer: object) -> Iterator[tuple[EventsControl, RingReader]]:
     """The shared balancer's event controls and its one ring reader; events off after."""
     ctl = EventsControl(wiped_balancer)
-    reader = RingReader(wiped_balancer)
+    reader = RingReader.of(wiped_balancer)
     try:
         yield ctl, reader
     finally:
