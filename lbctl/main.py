@@ -29,6 +29,7 @@ from lbctl import (
     health,
     host,
     install,
+    monitor,
     serve,
     state,
     stats,
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    for group in (vips, backends, health, stats, explain, state, verify, fleet, host):
+    for group in (vips, backends, health, stats, explain, state, verify, fleet, host, monitor):
         group.add_commands(sub, leaf)
     serve.add_commands(sub)
     install.add_commands(sub)
