@@ -15,7 +15,7 @@ import http.client
 import json
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -153,6 +153,34 @@ class ApiClient:
         if resp.status >= 400:
             raise ApiError(resp.status, decoded)
         return resp.status, rheaders, decoded
+
+    def stream(self, path: str, *, query: dict[str, Any] | None = None,
+               accept: str = "*/*") -> Iterator[bytes]:
+        """GET a streamed body (Server-Sent Events, pcap): its lines as they come, each with
+        its newline. ApiError or Unreachable as `request`; the stream may stay quiet up to
+        the daemon's keep-alive interval, well within the timeout."""
+        url = self._base + path + (f"?{urlencode(query, doseq=True)}" if query else "")
+        hdrs = {"Accept": f"{accept}, application/problem+json"}
+        token = self._bearer()
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        conn = self._connection()
+        try:
+            try:
+                conn.request("GET", url, headers=hdrs)
+                resp = conn.getresponse()
+                if resp.status >= 400:
+                    raw = resp.read()
+                    body: Any = raw.decode(errors="replace")
+                    if "json" in (resp.getheader("content-type") or "") and raw:
+                        body = json.loads(raw)
+                    raise ApiError(resp.status, body)
+                while chunk := resp.readline(1 << 16):
+                    yield chunk
+            except (OSError, http.client.HTTPException) as e:
+                raise Unreachable(f"cannot reach the xlb daemon at {self.url}: {e}") from None
+        finally:
+            conn.close()
 
     def get(self, path: str, **kw: Any) -> Any:
         """GET and return the decoded body."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,17 @@ class Client(ApiClient):
         """Send one request; returns (status, headers, decoded body). CliError on failure."""
         try:
             return super().request(method, path, body, query=query, headers=headers)
+        except ApiError as e:
+            raise CliError(problem_text(e.status, e.body)) from None
+        except Unreachable as e:
+            raise CliError(str(e), EXIT_UNREACHABLE) from None
+
+
+    def stream(self, path: str, *, query: dict[str, Any] | None = None,
+               accept: str = "*/*") -> Iterator[bytes]:
+        """lb.client.ApiClient.stream, its failures CliErrors."""
+        try:
+            yield from super().stream(path, query=query, accept=accept)
         except ApiError as e:
             raise CliError(problem_text(e.status, e.body)) from None
         except Unreachable as e:

@@ -30,6 +30,7 @@ from lbctl import (
     health,
     host,
     install,
+    monitor,
     serve,
     state,
     stats,
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    for group in (vips, backends, health, stats, explain, state, verify, fleet, host, chain):
+    for group in (vips, backends, health, stats, explain, state, verify, fleet, host, chain,
+                  monitor):
         group.add_commands(sub, leaf)
     serve.add_commands(sub)
     install.add_commands(sub)

@@ -25,8 +25,8 @@ XDP = xdp_source_dir()
 BPF_NAME_MAX = 15
 
 _MACRO_MAP = re.compile(r"^\s*(?:LB_MAP|DECAP_MAP)\(\s*\"\w+\"\s*,[^,]+,[^,]+,\s*(\w+)\s*,", re.M)
-_BCC_MAP = re.compile(r"^\s*BPF_(?:HASH|ARRAY|PERCPU_ARRAY|F_TABLE|TABLE)\(\s*(?:\"\w+\"\s*,"
-                      r"[^,]+,[^,]+,\s*)?(\w+)\s*,", re.M)
+_BCC_MAP = re.compile(r"^\s*BPF_(?:HASH|ARRAY|PERCPU_ARRAY|F_TABLE|TABLE|RINGBUF_OUTPUT)\("
+                      r"\s*(?:\"\w+\"\s*,[^,]+,[^,]+,\s*)?(\w+)\s*,", re.M)
 
 
 def _declared(*files: str) -> list[str]:
@@ -120,3 +120,17 @@ def test_array_sizes_come_from_the_defines() -> None:
     assert ctypes.sizeof(s["conn_set"]) == ways * ctypes.sizeof(s["conn_way"])
     words = 1 << (int(consts["VIP_FILTER_LOG2"]) - 6)
     assert ctypes.sizeof(s["vip_filter"]) == 8 + 8 * words
+
+
+def test_event_constants_are_the_headers() -> None:
+    from lb.dataplane import events
+
+    text = (XDP / "balancer" / "events.h").read_text()
+    defines = dict(re.findall(r"^#define\s+(EV_[A-Z0-9_]+)\s+(\(?[0-9][^/\n]*?)\s*$", text, re.M))
+    defines.pop("EV_RING_PAGES")  # a build tunable (-D), not a value Python needs
+    assert defines, "no EV_ constant found in xdp/balancer/events.h"
+    for name, expr in defines.items():
+        want = int(eval(expr, {"__builtins__": {}}))
+        assert getattr(events, name, None) == want, f"{name}: events.py differs from events.h"
+    mirrored = {n for n in dir(events) if re.match(r"^EV_[A-Z]", n)}
+    assert mirrored == set(defines), f"events.py has {sorted(mirrored - set(defines))} extra"

@@ -24,6 +24,7 @@ from lb.errors import InvalidInput
 from lb.fleet.announce import Announcer
 from lb.health.manager import HealthManager
 from lb.ops.explain import Explainer
+from lb.ops.monitor import EventHub
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.problems import NotReady, Unauthorized, UnsupportedMediaType
 from xlb_api.settings import ApiSettings, get_settings
@@ -58,6 +59,8 @@ class Runtime:
     fleet: FleetNode | None = None
     #: The BGP announcer (lb.fleet.announce), when bgp.enabled.
     announcer: Announcer | None = None
+    #: The event ring's reader and its subscribers (GET /v1/events, /v1/capture).
+    events: EventHub | None = None
 
 
 async def get_runtime(request: Request) -> Runtime:

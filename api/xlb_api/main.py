@@ -28,6 +28,7 @@ from lb.dataplane.loader import Balancer
 from lb.errors import XlbError
 from lb.health.manager import HEALTH_FILE, HealthManager, restored_overlay
 from lb.ops.explain import Explainer
+from lb.ops.monitor import EventHub
 from lb.ops.stats import RateSampler, StatsReader
 from xlb_api.deps import Runtime, reject_unknown_query
 from xlb_api.guard import RequestGuard
@@ -36,6 +37,7 @@ from xlb_api.routes import (
     backends,
     chain,
     checks,
+    events,
     explain,
     fleet,
     health,
@@ -81,6 +83,7 @@ def build_runtime(
             rt.stats, interval=settings.stats_interval_s, window=settings.stats_window_s
         )
         rt.explainer = Explainer(balancer, rt.stats)
+        rt.events = EventHub(balancer)
     if attachment is not None:
         rt.attachment = attachment
     if attach_mode is not None:
@@ -323,6 +326,8 @@ def create_app(
                             await t
                 if rt.explainer is not None:
                     rt.explainer.close()
+                if rt.events is not None:
+                    await asyncio.to_thread(rt.events.close)
                 app.state.runtime = None
         finally:
             await asyncio.to_thread(stack.close)
@@ -351,7 +356,7 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     for module in (vips, backends, state, stats, explain, health, checks, verify, fleet, host,
-                   chain):
+                   chain, events):
         app.include_router(module.router)
     return app
 

@@ -292,6 +292,11 @@ class ControlPlane:
         with self._lock:
             return self._store.vip_nums[self._vip(vip_id).id]
 
+    def vip_names(self) -> dict[int, str]:
+        """Every VIP's id by its number in the data plane (events name VIPs by number)."""
+        with self._lock:
+            return self._names()
+
     def backend_index(self, address: str) -> int:
         """A backend's index in `reals` (shared by every VIP listing it); NotFound."""
         key = canonical_address(address, field="address")

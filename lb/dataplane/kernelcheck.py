@@ -76,6 +76,8 @@ FEATURES: dict[str, tuple[Feature, ...]] = {
         Feature("BPF atomic compare-and-exchange", "5.12", bpf.BPF_PROG_TYPE_XDP, _CMPXCHG),
         Feature("bpf_xdp_adjust_head", "4.10", bpf.BPF_PROG_TYPE_XDP, _helper_call(44)),
         Feature("bpf_xdp_adjust_tail", "4.18", bpf.BPF_PROG_TYPE_XDP, _helper_call(65)),
+        # Events and capture (xdp/balancer/events.h); bpf_xdp_load_bytes came with it.
+        Feature("bpf_xdp_get_buff_len", "5.18", bpf.BPF_PROG_TYPE_XDP, _helper_call(188)),
     ),
     "xdp_decap": (
         Feature("bpf_xdp_adjust_head", "4.10", bpf.BPF_PROG_TYPE_XDP, _helper_call(44)),

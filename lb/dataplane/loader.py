@@ -68,6 +68,10 @@ MAP_NAMES = (
     "guard_cfg",
     "guard_state",
     "rl_buckets",
+    "ev_cfg",
+    "ev_state",
+    "ev_frame",
+    "events",
 )
 
 # Maps that hold no flow state: lb_cfg is rewritten from the configuration at every start,
@@ -75,8 +79,11 @@ MAP_NAMES = (
 # upgrade added a field or a counter, or dataplane.max_vip_backends changed) is replaced
 # instead of refusing the start; rings, backends and the connection table are never
 # replaced behind the operator's back.
+# The event maps (ev_cfg, ev_state, ev_frame, the events ring) hold nothing worth keeping
+# either: ev_cfg is written "off" at every start (lb.dataplane.events.EventsControl).
 STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_stats", "src_denied", "guard_cfg",
-                            "guard_state", "rl_buckets"})
+                            "guard_state", "rl_buckets", "ev_cfg", "ev_state", "ev_frame",
+                            "events"})
 
 
 def _bcc() -> Any:

@@ -432,7 +432,8 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 		stats_inc(STAT_ICMP_FWD);
 	if (ch.second)
 		stats_inc(STAT_SECOND_HOP);
-	return XDP_TX;
+	return events_tx(pkt->icmp_fwd, pkt->tcp_flags & PARSE_TCP_SYN, ch.hash_valid, ch.second != NULL,
+			 ch.new_conn);
 }
 
 /* ICMP to an IPv4 address: echo requests to VIP addresses are answered, frag-needed about a
@@ -469,7 +470,7 @@ static __always_inline int lb_icmp_v4(struct xdp_md *ctx, struct parse_pkt *pkt,
 	if (!vip)
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
 	pkt->icmp_fwd = 1;
-	return lb_forward(ctx, pkt, vip, cfg);
+	return events_vip(lb_forward(ctx, pkt, vip, cfg), vip->vip_num);
 }
 
 /* ICMPv6: the same for echo requests and packet-too-big. */
@@ -504,7 +505,7 @@ static __always_inline int lb_icmp_v6(struct xdp_md *ctx, struct parse_pkt *pkt,
 	if (!vip)
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
 	pkt->icmp_fwd = 1;
-	return lb_forward(ctx, pkt, vip, cfg);
+	return events_vip(lb_forward(ctx, pkt, vip, cfg), vip->vip_num);
 }
 
 /* Everything after the Ethernet header. */
@@ -555,14 +556,123 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
 	action = srcrange_check(&pkt.flow, vip);
 	if (action >= 0)
-		return action;
-	return lb_forward(ctx, &pkt, vip, cfg);
+		return events_vip(action, vip->vip_num);
+	return events_vip(lb_forward(ctx, &pkt, vip, cfg), vip->vip_num);
+}
+
+/* Map-touching hooks declared in events.h. */
+
+/* Copy the frame's first bytes (at most `max`) into the scratch record `f`. 0 when nothing
+ * could be copied.
+ */
+static __always_inline __u32 events_copy(struct xdp_md *ctx, struct ev_frame *f, __u32 kind,
+					 __u32 max)
+{
+	__u32 len = bpf_xdp_get_buff_len(ctx), cap = len < max ? len : max;
+
+	if (cap == 0)
+		return 0;
+	/* Verifier: the length must be known to be within the buffer and not zero; a compare
+	 * does not do (clang tests one copy of cap and passes another: "R4 min value is
+	 * negative", 6.18), a mask does. cap is at most max <= EV_CAP_SNAPLEN, a power of two,
+	 * so this keeps its value.
+	 */
+	cap = ((cap - 1) & (EV_CAP_SNAPLEN - 1)) + 1;
+	if (bpf_xdp_load_bytes(ctx, 0, f->data, cap))
+		return 0;
+	f->hdr.frame_len = len;
+	f->hdr.cap_len = cap;
+	f->hdr.kind = kind;
+	f->hdr.ifindex = ctx->ingress_ifindex;
+	return cap;
+}
+
+/* Write the record in `f` (head and cap_len bytes) to the ring; count it sent or lost. */
+static __always_inline void events_send(struct ev_frame *f, struct ev_state *st, __u32 code)
+{
+	/* Verifier: bounded as in events_copy (cap_len is 1..EV_CAP_SNAPLEN). */
+	__u32 cap = ((f->hdr.cap_len - 1) & (EV_CAP_SNAPLEN - 1)) + 1;
+
+	f->hdr.code = code;
+	f->hdr.ts_ns = bpf_ktime_get_ns();
+	if (events.ringbuf_output(f, sizeof(f->hdr) + cap, 0))
+		st->lost += 1;
+	else
+		st->sent += 1;
+}
+
+static __always_inline void events_enter(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct ev_cfg *ev = ev_cfg.lookup(&zero);
+	struct ev_frame *f;
+
+	if (ev && (ev->flags & EV_CAPTURE)) {
+		f = ev_frame.lookup(&zero);
+		if (f && !events_copy(ctx, f, EV_K_RX, EV_CAP_SNAPLEN))
+			f->hdr.kind = 0;
+	}
+}
+
+/* Report the packet whose verdict word is `code` if `ev` asks for it. A flood-guard mode
+ * change on this CPU is noticed here, at the exit of the packet that caused it (guard_state is
+ * per CPU and a packet runs on one), and reported whatever the sampling and the VIP filter.
+ */
+static __always_inline void events_exit(struct xdp_md *ctx, const struct ev_cfg *ev, __u32 code)
+{
+	__u32 zero = 0, sample = ev->sample, vip = ev->vip, flags = ev->flags, flood;
+	struct guard_state *gs;
+	struct ev_state *st;
+	struct ev_frame *f;
+	int guard = 0;
+
+	st = ev_state.lookup(&zero);
+	f = ev_frame.lookup(&zero);
+	if (!st || !f)
+		return;
+	if (flags & EV_T_GUARD) {
+		gs = guard_state.lookup(&zero);
+		flood = gs && gs->flood;
+		if (flood != st->flood_seen) {
+			st->flood_seen = flood;
+			code |= EV_F_GUARD | (flood ? EV_F_FLOOD : 0);
+			guard = 1;
+		}
+	}
+	if (!guard) {
+		if (!(flags & events_type(code)))
+			goto done;
+		if (vip && (!(code & EV_F_VIP) || ((code >> EV_VIP_SHIFT) & EV_VIP_MASK) != vip - 1))
+			goto done;
+		if (sample > 1) {
+			if (++st->skipped < sample)
+				goto done;
+			st->skipped = 0;
+		}
+	}
+	if (!(flags & EV_CAPTURE)) {
+		if (events_copy(ctx, f, EV_K_EVENT, EV_SNAPLEN))
+			events_send(f, st, code);
+		return;
+	}
+	if (f->hdr.kind == EV_K_RX)
+		events_send(f, st, code);
+	if ((code & EV_ACTION_MASK) == XDP_TX && events_copy(ctx, f, EV_K_TX, EV_CAP_SNAPLEN))
+		events_send(f, st, code);
+done:
+	/* A stashed frame belongs to this packet only. */
+	f->hdr.kind = 0;
 }
 
 int xdp_balancer(struct xdp_md *ctx)
 {
-	int action = lb_process(ctx);
+	struct ev_cfg *ev;
+	__u32 zero = 0;
+	int code, action;
 
+	events_enter(ctx);
+	code = events_forget(lb_process(ctx));
+	action = code & EV_ACTION_MASK;
 	switch (action) {
 	case XDP_TX:
 		stats_inc(STAT_XDP_TX);
@@ -575,5 +685,11 @@ int xdp_balancer(struct xdp_md *ctx)
 		action = XDP_PASS;
 		stats_inc(STAT_XDP_PASS);
 	}
+	/* Looked up again rather than kept from events_enter: a pointer live across lb_process
+	 * costs the verifier +110,000 instructions (6.18); the lookup is inlined.
+	 */
+	ev = ev_cfg.lookup(&zero);
+	if (ev && ev->flags)
+		events_exit(ctx, ev, code);
 	return action;
 }

@@ -10,6 +10,7 @@
 
 #include "common/consts.h"
 #include "common/structs.h"
+#include "balancer/events.h"
 
 #define LB_MAP(type, key, val, name, size, flags) BPF_F_TABLE(type, key, val, name, size, flags)
 
@@ -40,7 +41,6 @@ LB_MAP("percpu_array", __u32, struct real_stats, real_stats, MAX_REALS, 0);
 LB_MAP("percpu_hash", struct pair_key, struct pair_stats, pair_stats, MAX_PAIRS, 0);
 /* Global counters, indexed by enum glob_stat. */
 LB_MAP("percpu_array", __u32, __u64, glob_stats, STAT_MAX, 0);
-
 /* (VIP number, IPv4 source range) -> SRC_ALLOW / SRC_DENY (xdp/balancer/srcrange.h). */
 LB_MAP("lpm_trie", struct src_key_v4, __u32, src_v4, MAX_SRC_RANGES, BPF_F_NO_PREALLOC);
 /* (VIP number, IPv6 source range) -> SRC_ALLOW / SRC_DENY. */
@@ -53,5 +53,13 @@ LB_MAP("array", __u32, struct guard_cfg, guard_cfg, 1, 0);
 LB_MAP("percpu_array", __u32, struct guard_state, guard_state, 1, 0);
 /* Token buckets of the replies the LB sends (RL_*), per CPU (xdp/balancer/ratelimit.h). */
 LB_MAP("percpu_array", __u32, struct rl_bucket, rl_buckets, RL_SLOTS, 0);
+/* What the program reports into events (one entry; all zero = nothing), events.h. */
+LB_MAP("array", __u32, struct ev_cfg, ev_cfg, 1, 0);
+/* Sampling countdown and record counts, per CPU. */
+LB_MAP("percpu_array", __u32, struct ev_state, ev_state, 1, 0);
+/* The record being built, per CPU: a captured frame is copied here at entry (as received). */
+LB_MAP("percpu_array", __u32, struct ev_frame, ev_frame, 1, 0);
+/* Sampled events and captured frames for user space (lb/dataplane/events.py). */
+BPF_RINGBUF_OUTPUT(events, EV_RING_PAGES);
 
 #endif /* XLB_MAPS_H */

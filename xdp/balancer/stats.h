@@ -21,11 +21,13 @@ static __always_inline void stats_vip(__u32 vip_num, __u32 bytes, int new_conn);
 /* Count one packet of `bytes` (outer IP length, as sent) for a backend (balancer.c). */
 static __always_inline void stats_real(__u32 real_idx, __u32 bytes);
 
-/* Count `slot` and hand back `action`, so a helper can write `return stats_verdict(...)`. */
+/* Count `slot` and hand back `action` as a verdict word naming `slot` (events.h), so a helper
+ * can write `return stats_verdict(...)`.
+ */
 static __always_inline int stats_verdict(__u32 slot, int action)
 {
 	stats_inc(slot);
-	return action;
+	return EV_VERDICT(action, slot);
 }
 
 #endif /* XLB_STATS_H */
