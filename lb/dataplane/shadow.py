@@ -32,7 +32,7 @@ BPF_LD_IMM64 = 0x18
 BPF_PSEUDO_MAP_FD = 1
 #: The maps the shadow gets private copies of (those the program has): everything that
 #: counts, nothing that steers.
-COUNTER_MAPS = ("vip_stats", "real_stats", "pair_stats", "glob_stats")
+COUNTER_MAPS = ("vip_stats", "real_stats", "pair_cache", "pair_stats", "glob_stats")
 _INSN = 8
 _FUNC = b"xdp_balancer"
 
