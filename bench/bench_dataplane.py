@@ -579,9 +579,12 @@ def _spread(v: list[float]) -> list[float]:
 
 
 def measure(packets: int, runs: int, progress: Callable[[str], None], *,
-            ab: Path | None = None, katran: bool = True) -> dict[str, Any]:
-    """Measure every scenario on every subject and the floor, interleaved run by run (the
-    subjects' order rotates each run); returns the figures."""
+            ab: Path | None = None, katran: bool = True,
+            paths: frozenset[str] | None = None) -> dict[str, Any]:
+    """Measure every scenario (or those named in `paths`) on every subject and the floor,
+    interleaved run by run (the subjects' order rotates each run); returns the figures."""
+    scenarios = [sc for sc in SCENARIOS if paths is None or sc.name in paths]
+    lru_reference = [sc.name for sc in scenarios if sc.lru_reference]
     cfg = DataplaneConfig(conn_table_size=CONN_TABLE)
     progress(f"loading the balancer (conn table {cfg.conn_sets:,} sets x {CONN_WAYS} ="
              f" {cfg.conn_capacity:,} slots, ring {cfg.ring_size}) ...")
@@ -603,7 +606,7 @@ def measure(packets: int, runs: int, progress: Callable[[str], None], *,
         floor = TestRunner(int(floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP).fd))
         lru = TestRunner(int(floor_bpf.load_func(b"xdp_floor_lru", floor_bpf.XDP).fd))
         fs = Frameset(packets)
-        for sc in SCENARIOS:
+        for sc in scenarios:
             pre = fs.prepare(sc)
             if pre is None:
                 continue
@@ -615,21 +618,21 @@ def measure(packets: int, runs: int, progress: Callable[[str], None], *,
         floor_frames = same_frames("nonvip", packets)
         floor_ns: list[float] = []
         ns: dict[str, dict[str, list[float]]] = {
-            s.name: {sc.name: [] for sc in SCENARIOS if sc.measured_on(s.name)}
+            s.name: {sc.name: [] for sc in scenarios if sc.measured_on(s.name)}
             for s in subjects}
         misses: dict[str, dict[str, int]] = {s.name: {} for s in subjects}
-        lru_ns: dict[str, list[float]] = {name: [] for name in LRU_REFERENCE}
+        lru_ns: dict[str, list[float]] = {name: [] for name in lru_reference}
         for r in range(runs):
             t, _ = floor.time_frames(floor_frames.addresses(), floor_frames.size)
             floor_ns.append(t / packets)
-            for sc in SCENARIOS:
+            for sc in scenarios:
                 if sc.lru_reference:
                     # Fresh flow ids for the reference's SYNs, apart from the balancers'.
                     frames = fs.of(sc, r + runs if sc.flows == "fresh" else r)
                     t, _ = lru.time_frames(frames.addresses(), frames.size)
                     lru_ns[sc.name].append(t / len(frames.order))
             order = subjects[r % len(subjects):] + subjects[:r % len(subjects)]
-            for sc in SCENARIOS:
+            for sc in scenarios:
                 frames = fs.of(sc, r)
                 sent = len(frames.order)
                 for subj in [s for s in order if sc.measured_on(s.name)]:
@@ -900,8 +903,12 @@ def _pin_cpu() -> set[int] | None:
 
 
 def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
-         runs: int | None = None, only_src_chain: bool = False) -> dict[str, Any]:
-    """Measure, merge into bench/results/dataplane.json, print a table, return figures."""
+         runs: int | None = None, only_src_chain: bool = False,
+         paths: frozenset[str] | None = None, decap: bool = True) -> dict[str, Any]:
+    """Measure, merge into bench/results/dataplane.json, print a table, return figures.
+
+    `paths` (some scenarios only) or no `decap`: a partial run, printed and not merged.
+    """
     packets, n = (SMOKE_PACKETS, SMOKE_RUNS) if smoke else (PACKETS, RUNS)
     if only_src_chain:
         return main_src_chain(packets, runs or n)
@@ -909,21 +916,27 @@ def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
     started = time.monotonic()
     try:
         figures = measure(packets, runs or n, lambda msg: print(msg, flush=True), ab=ab,
-                          katran=katran)
-        figures["decap"] = measure_decap(packets, runs or n,
-                                         lambda msg: print(msg, flush=True))
+                          katran=katran, paths=paths)
+        if decap:
+            figures["decap"] = measure_decap(packets, runs or n,
+                                             lambda msg: print(msg, flush=True))
     finally:
         if old is not None:
             os.sched_setaffinity(0, old)
-    figures["src_ranges_chain"] = main_src_chain(packets, runs or n, merge=False)
+    if paths is None and decap:  # a partial run (--paths, --no-decap) leaves them out
+        figures["src_ranges_chain"] = main_src_chain(packets, runs or n, merge=False)
     figures["smoke"] = smoke
     figures["env"] = environment()
     figures["env"]["seconds"] = round(time.monotonic() - started, 1)
-    path = merge_results(RESULTS_NAME, figures)
     print(table(figures))
-    print(decap_table(figures["decap"]))
-    print(src_chain_table(figures["src_ranges_chain"]))
-    print(f"(merged into {path})")
+    if decap:
+        print(decap_table(figures["decap"]))
+    if figures.get("src_ranges_chain"):
+        print(src_chain_table(figures["src_ranges_chain"]))
+    if paths is None and decap:
+        print(f"(merged into {merge_results(RESULTS_NAME, figures)})")
+    else:
+        print("(a partial run: not merged into the results)")
     kat = (figures.get("katran") or {}).get("paths") or {}
     summary = [{"name": "floor", "value": figures["floor_ns"], "unit": "ns"}]
     summary += [
@@ -946,6 +959,15 @@ if __name__ == "__main__":
     parser.add_argument("--no-katran", action="store_true", help="leave Katran out")
     parser.add_argument("--only-src-chain", action="store_true",
                         help="only the source-range / chain rows (merged as src_ranges_chain)")
+    parser.add_argument("--paths", metavar="NAME,...",
+                        help="only these scenarios (a partial run, not merged): "
+                             + ",".join(PATHS))
+    parser.add_argument("--no-decap", action="store_true",
+                        help="leave the decap program out (a partial run, not merged)")
     a = parser.parse_args()
+    chosen = frozenset(a.paths.split(",")) if a.paths else None
+    if chosen is not None and not chosen <= set(PATHS):
+        parser.error(f"unknown paths: {', '.join(sorted(chosen - set(PATHS)))}")
     main(smoke=a.smoke, ab=a.ab.resolve() if a.ab else None, katran=not a.no_katran,
-         runs=a.runs, only_src_chain=a.only_src_chain)
+         runs=a.runs, only_src_chain=a.only_src_chain, paths=chosen,
+         decap=not a.no_decap)

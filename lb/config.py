@@ -101,7 +101,8 @@ class Features(BaseModel):
     icmp_fwd: bool = True
     too_big: bool = True
     gue: bool = True
-    #: Counters per VIP-backend pair (pair_stats): one per-CPU hash lookup per packet.
+    #: Counters per VIP-backend pair (pair_cache, pair_stats): one per-CPU array slot per
+    #: packet (a per-CPU hash lookup for a pair whose slot another pair holds).
     pair_stats: bool = True
 
 
@@ -122,7 +123,8 @@ class DataplaneConfig(BaseModel):
     max_vip_backends: int = Field(
         16384, ge=1, le=1 << 22,
         description="VIP-backend pairs with their own counters (pair_stats entries,"
-        " 24 bytes per possible CPU each)",
+        " 24 bytes per possible CPU each, behind pair_cache: as many slots rounded up to a"
+        " power of two, at most 16384, 32 bytes per possible CPU each)",
     )
     max_src_ranges: int = Field(
         16384, ge=1, le=1 << 24,
@@ -159,6 +161,12 @@ class DataplaneConfig(BaseModel):
         """Slots the connection table really has (conn_table_size rounded up)."""
         return self.conn_sets * CONN_WAYS
 
+    @property
+    def pair_slots_log2(self) -> int:
+        """log2 of pair_cache's slots: the power of two at or above max_vip_backends, from
+        2^4 to 2^14 (pairs past it, or whose slot another pair holds, count in pair_stats)."""
+        return min(max((self.max_vip_backends - 1).bit_length(), 4), 14)
+
     def cflags(self) -> list[str]:
         """The -D flags that override xdp/common/consts.h defaults."""
         f = self.features
@@ -172,6 +180,7 @@ class DataplaneConfig(BaseModel):
             f"-DFEAT_TOO_BIG={int(f.too_big)}",
             f"-DFEAT_GUE={int(f.gue)}",
             f"-DMAX_PAIRS={self.max_vip_backends}",
+            f"-DPAIR_SLOTS_LOG2={self.pair_slots_log2}",
             f"-DFEAT_PAIR_STATS={int(f.pair_stats)}",
             f"-DMAX_SRC_RANGES={self.max_src_ranges}",
         ]

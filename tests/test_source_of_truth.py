@@ -69,7 +69,7 @@ def _c_define(header: str, name: str) -> int:
     return int(m.group(1), 0)
 
 
-@pytest.mark.parametrize("name", ["HASH_SEED", "HASH_JHASH_INITVAL"])
+@pytest.mark.parametrize("name", ["HASH_SEED", "HASH_JHASH_INITVAL", "PAIR_SLOT_MULT"])
 def test_flowhash_constants_are_hash_h(name: str) -> None:
     assert getattr(flowhash, name) == _c_define("common/hash.h", name), (
         f"{name}: lb/dataplane/flowhash.py differs from xdp/common/hash.h"

@@ -178,6 +178,15 @@ def conn_index(flow: Flow5, sets: int) -> int:
     return conn_hash3(flow, CONN_SEED)[0] & (sets - 1)
 
 
+#: hash.h PAIR_SLOT_MULT.
+PAIR_SLOT_MULT = 0x9E3779B1
+
+
+def pair_slot(vip_num: int, real_idx: int, slots_log2: int) -> int:
+    """hash.h `hash_pair_slot`: the pair_cache slot of (VIP number, backend index)."""
+    return ((((vip_num << 16) ^ real_idx) * PAIR_SLOT_MULT) & _M) >> (32 - slots_log2)
+
+
 def conn_tag(flow: Flow5) -> int:
     """The flow's 64-bit tag in the connection table (never CONN_TAG_EMPTY or _BUSY)."""
     _, hi, lo = conn_hash3(flow, CONN_SEED)

@@ -60,6 +60,7 @@ MAP_NAMES = (
     "lb_cfg",
     "vip_stats",
     "real_stats",
+    "pair_cache",
     "pair_stats",
     "glob_stats",
     "src_v4",
@@ -75,15 +76,15 @@ MAP_NAMES = (
 )
 
 # Maps that hold no flow state: lb_cfg is rewritten from the configuration at every start,
-# glob_stats and pair_stats are counters. A pin of one of them with another layout (an
+# glob_stats, pair_cache and pair_stats are counters. A pin of one of them with another layout (an
 # upgrade added a field or a counter, or dataplane.max_vip_backends changed) is replaced
 # instead of refusing the start; rings, backends and the connection table are never
 # replaced behind the operator's back.
 # The event maps (ev_cfg, ev_state, ev_frame, the events ring) hold nothing worth keeping
 # either: ev_cfg is written "off" at every start (lb.dataplane.events.EventsControl).
-STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_stats", "src_denied", "guard_cfg",
-                            "guard_state", "rl_buckets", "ev_cfg", "ev_state", "ev_frame",
-                            "events"})
+STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_cache", "pair_stats", "src_denied",
+                            "guard_cfg", "guard_state", "rl_buckets", "ev_cfg", "ev_state",
+                            "ev_frame", "events"})
 
 
 def _bcc() -> Any:
@@ -246,6 +247,7 @@ SIZE_SOURCE = {
     "conn_table": "sets: dataplane.conn_table_size / 8, rounded up to a power of two",
     "vip_stats": "dataplane.max_vips",
     "real_stats": "dataplane.max_reals",
+    "pair_cache": "dataplane.max_vip_backends, rounded up to a power of two (at most 16384)",
     "pair_stats": "dataplane.max_vip_backends",
     "src_v4": "dataplane.max_src_ranges",
     "src_v6": "dataplane.max_src_ranges",

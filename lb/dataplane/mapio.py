@@ -299,11 +299,23 @@ class MapIO:
         return self.conn_table().purge_any(vip_nums=nums, real_idx=idx)
 
     def drop_pairs(self, vip_nums: Iterable[int], real_idx: Iterable[int]) -> None:
-        """Delete the pair_stats entries of these VIP numbers or backend indices: freed, or
-        handed out afresh, their pairs start from zero."""
+        """Free the pair_cache slots and delete the pair_stats entries of these VIP numbers
+        or backend indices: freed, or handed out afresh, their pairs start from zero."""
         nums, idx = set(vip_nums), set(real_idx)
         if not nums and not idx:
             return
+        cache = self.b.maps["pair_cache"]
+        for i, cpus in array_items(cache):  # values live in a reused buffer: used at once
+            freed = [c.key.real_idx and (c.key.vip_num in nums or c.key.real_idx in idx)
+                     for c in cpus]
+            if any(freed):
+                # Whole per-CPU value written back: another CPU's copy of this slot may hold
+                # another pair, whose increments between this read and write are lost (a
+                # collision on a pair being freed: rare, and a few packets at most).
+                for c, gone in zip(cpus, freed, strict=True):
+                    if gone:
+                        ctypes.memset(ctypes.addressof(c), 0, ctypes.sizeof(c))
+                cache[cache.Key(i)] = cpus
         t = self.b.maps["pair_stats"]
         for k in list(t.keys()):
             if int(k.vip_num) in nums or int(k.real_idx) in idx:

@@ -33,7 +33,7 @@ BPF_PSEUDO_MAP_FD = 1
 #: The maps the shadow gets private copies of (those the program has): everything that
 #: counts, nothing that steers; and ev_cfg, whose private copy (all zero) keeps explained
 #: packets out of the event stream.
-COUNTER_MAPS = ("vip_stats", "real_stats", "pair_stats", "glob_stats", "ev_cfg")
+COUNTER_MAPS = ("vip_stats", "real_stats", "pair_cache", "pair_stats", "glob_stats", "ev_cfg")
 _INSN = 8
 _FUNC = b"xdp_balancer"
 

@@ -134,14 +134,28 @@ class StatsReader:
         indices given (others are entries of freed ones not purged yet)."""
         table = self._b.pair_stats
         fields = _fields(table)
-        out: dict[str, dict[str, dict[str, PerCpu]]] = {}
+        sums: dict[tuple[int, int], dict[str, list[int]]] = {}
+
+        def add(key: tuple[int, int], cpu: int, ncpu: int, counters: Any) -> None:
+            row = sums.setdefault(key, {f: [0] * ncpu for f in fields})
+            for f in fields:
+                row[f][cpu] += int(getattr(counters, f))
+
+        # A pair counts in its pair_cache slot on the CPUs where it holds that slot and in
+        # pair_stats on the others (xdp/balancer/maps.h): its counters are the sum.
+        for _, cpus in array_items(self._b.pair_cache):
+            for cpu, c in enumerate(cpus):
+                if c.key.real_idx:
+                    add((int(c.key.vip_num), int(c.key.real_idx)), cpu, len(cpus), c)
         for k, cpus in table.items():
-            vid, addr = vip_ids.get(int(k.vip_num)), addrs.get(int(k.real_idx))
+            for cpu, c in enumerate(cpus):
+                add((int(k.vip_num), int(k.real_idx)), cpu, len(cpus), c)
+        out: dict[str, dict[str, dict[str, PerCpu]]] = {}
+        for (num, idx), row in sums.items():
+            vid, addr = vip_ids.get(num), addrs.get(idx)
             if vid is None or addr is None:
                 continue
-            out.setdefault(vid, {})[addr] = {
-                f: tuple(int(getattr(c, f)) for c in cpus) for f in fields
-            }
+            out.setdefault(vid, {})[addr] = {f: tuple(v) for f, v in row.items()}
         return out
 
     def snapshot(self, *, vips: Iterable[str] | None = None) -> Snapshot:

@@ -21,7 +21,15 @@ import numpy as np
 from lb.config import ProtectConfig, RuntimeConfig
 from lb.consts import GLOB_STATS, REAL_F_V6
 from lb.dataplane.conntab import ConnEntry, ConnTable
-from lb.dataplane.flowhash import Flow5, Flows, addr_words, conn_index, conn_index_many, hash_flow
+from lb.dataplane.flowhash import (
+    Flow5,
+    Flows,
+    addr_words,
+    conn_index,
+    conn_index_many,
+    hash_flow,
+    pair_slot,
+)
 from lb.dataplane.keys import PROTO_NUMBERS, set_addr
 from lb.dataplane.loader import write_runtime_config
 from lb.dataplane.protect import clear_guard_config
@@ -205,12 +213,17 @@ class Lab:
                 sum(c.new_conns for c in per_cpu))
 
     def pair_counters(self, num: int, idx: int) -> tuple[int, int, int] | None:
-        """(packets, bytes, new_conns) VIP `num` sent to backend `idx` (None: no entry)."""
+        """(packets, bytes, new_conns) VIP `num` sent to backend `idx`, its pair_cache slot's
+        and pair_stats entry's summed (None: neither has it)."""
+        slot = pair_slot(num, idx, self.b.config.pair_slots_log2)
+        per_cpu = [c for c in self.b.pair_cache[self.b.pair_cache.Key(slot)]
+                   if (c.key.vip_num, c.key.real_idx) == (num, idx)]
         t = self.b.pair_stats
         key = t.Key(num, idx)
-        if key not in t:
+        if key in t:
+            per_cpu += list(t[key])
+        if not per_cpu:
             return None
-        per_cpu = t[key]
         return (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
                 sum(c.new_conns for c in per_cpu))
 
@@ -258,7 +271,7 @@ class Lab:
         self.b.src_v4.clear()
         self.b.src_v6.clear()
         clear_guard_config(self.b)
-        for name in ("glob_stats", "vip_stats", "real_stats", "src_denied"):
+        for name in ("glob_stats", "vip_stats", "real_stats", "src_denied", "pair_cache"):
             table = self.b.maps[name]
             for i in range(len(table)):
                 table.clearitem(table.Key(i))

@@ -41,6 +41,7 @@ from lb.consts import (
     XDP_TX,
 )
 from lb.control.reconcile import MapIO
+from lb.dataplane.flowhash import pair_slot
 from tests.dataplane import packets as P
 from tests.dataplane.lab import Flow, Lab
 from tests.dataplane.packets import (
@@ -1292,3 +1293,29 @@ def test_each_vip_counts_what_it_sent_to_each_backend(lab: Lab) -> None:
     assert lab.pair_counters(1, 2) == (1, ip_len(syn443), 1)
     assert lab.pair_counters(1, 1) is None, "VIP 1 sent nothing to backend 1"
     assert lab.real_counters(1)[0] == 2 and lab.real_counters(2)[0] == 1
+
+
+def test_a_pair_whose_slot_another_holds_counts_in_pair_stats_and_takes_it_when_freed(
+    lab: Lab,
+) -> None:
+    # pair_cache is direct-mapped: a colliding pair (here VIP 7 -> backend 9, written into
+    # the slot of VIP 0 -> backend 1 on every CPU) sends the other to pair_stats; the pair's
+    # counters are the sum, and freeing VIP 7 frees the slot for it.
+    vip_with(backends=(REAL4[0],), ring=[1])(lab)
+    t = lab.b.pair_cache
+    key = t.Key(pair_slot(0, 1, lab.b.config.pair_slots_log2))
+    held = t.Leaf()
+    for c in held:
+        c.key.vip_num, c.key.real_idx, c.packets = 7, 9, 5
+    t[key] = held
+    assert lab.run(SYN4).verdict == XDP_TX
+    assert lab.b.pair_stats.Key(0, 1) in lab.b.pair_stats, "the held slot was not left alone"
+    assert lab.pair_counters(0, 1) == (1, ip_len(SYN4), 1)
+    assert [(c.key.vip_num, c.key.real_idx, c.packets) for c in t[key]] == [(7, 9, 5)] * len(held)
+    MapIO(lab.b).drop_pairs([7], [])
+    assert all(c.key.real_idx == 0 and c.packets == 0 for c in t[key]), "VIP 7's slot kept"
+    assert lab.run(ACK4).verdict == XDP_TX
+    assert all((c.key.vip_num, c.key.real_idx) in ((0, 0), (0, 1)) for c in t[key])
+    assert lab.pair_counters(0, 1) == (2, ip_len(SYN4) + ip_len(ACK4), 1)
+    MapIO(lab.b).drop_pairs([], [1])
+    assert lab.pair_counters(0, 1) is None, "freeing backend 1 left its pair's counters"

@@ -82,17 +82,37 @@ static __always_inline void stats_real(__u32 real_idx, __u32 bytes)
 	rs->bytes += bytes;
 }
 
-/* Count a packet of VIP `vip_num` sent to backend `real_idx` (FEAT_PAIR_STATS). A full map
- * leaves the pair uncounted; the VIP and backend totals still count it.
+/* Count a packet of VIP `vip_num` sent to backend `real_idx` (FEAT_PAIR_STATS): in the
+ * pair's pair_cache slot (an array slot, no hash lookup) unless another pair holds it on
+ * this CPU, else in pair_stats. A full pair_stats leaves the pair uncounted; the VIP and
+ * backend totals still count it.
  */
 static __always_inline void stats_pair(__u32 vip_num, __u32 real_idx, __u32 bytes,
 				       int new_conn)
 {
 	struct pair_key key = { .vip_num = vip_num, .real_idx = real_idx };
 	struct pair_stats *ps, init = {};
+	struct pair_slot *pc;
+	__u32 slot;
 
 	if (!FEAT_PAIR_STATS)
 		return;
+	slot = hash_pair_slot(vip_num, real_idx);
+	pc = pair_cache.lookup(&slot);
+	if (pc && !pc->key.real_idx) {
+		/* Free on this CPU: the pair takes it (only this CPU writes its copy). */
+		pc->key = key;
+		pc->packets = 0;
+		pc->bytes = 0;
+		pc->new_conns = 0;
+	}
+	if (pc && pc->key.vip_num == vip_num && pc->key.real_idx == real_idx) {
+		pc->packets += 1;
+		pc->bytes += bytes;
+		if (new_conn)
+			pc->new_conns += 1;
+		return;
+	}
 	ps = pair_stats.lookup(&key);
 	if (!ps) {
 		init.packets = 1;

@@ -35,9 +35,13 @@ LB_MAP("array", __u32, struct lb_cfg, lb_cfg, 1, 0);
 LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAX_VIPS, 0);
 /* Per-backend counters. */
 LB_MAP("percpu_array", __u32, struct real_stats, real_stats, MAX_REALS, 0);
-/* Per-VIP-per-backend counters; entries made by the program on a pair's first packet,
- * deleted by the control plane when the VIP number or backend index is freed.
+/* Per-VIP-per-backend counters, first in pair_cache: slot hash_pair_slot(pair) on each CPU
+ * is taken by the first pair counted there; a pair that finds its slot taken by another
+ * counts in pair_stats, whose entries the program makes on such a pair's first packet. A
+ * pair's counters are the sum of both. The control plane frees a pair's slots and entries
+ * when its VIP number or backend index is freed.
  */
+LB_MAP("percpu_array", __u32, struct pair_slot, pair_cache, PAIR_SLOTS, 0);
 LB_MAP("percpu_hash", struct pair_key, struct pair_stats, pair_stats, MAX_PAIRS, 0);
 /* Global counters, indexed by enum glob_stat. */
 LB_MAP("percpu_array", __u32, __u64, glob_stats, STAT_MAX, 0);

@@ -27,6 +27,14 @@
 #define MAX_PAIRS 16384
 #endif
 
+/* log2 of the slots of pair_cache, the per-CPU array in front of pair_stats (lb/config.py
+ * passes the power of two at or above MAX_PAIRS, at most 2^14).
+ */
+#ifndef PAIR_SLOTS_LOG2
+#define PAIR_SLOTS_LOG2 14
+#endif
+#define PAIR_SLOTS (1 << PAIR_SLOTS_LOG2)
+
 /* Distinct VIP addresses (a VIP address may carry many ports/protocols). */
 #ifndef MAX_VIP_ADDRS
 #define MAX_VIP_ADDRS MAX_VIPS
@@ -58,7 +66,7 @@
 #ifndef FEAT_GUE
 #define FEAT_GUE 1
 #endif
-/* Counters per VIP-backend pair (one per-CPU hash lookup per forwarded packet). */
+/* Counters per VIP-backend pair (a per-CPU array slot per forwarded packet; pair_cache). */
 #ifndef FEAT_PAIR_STATS
 #define FEAT_PAIR_STATS 1
 #endif

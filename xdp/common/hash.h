@@ -126,6 +126,17 @@ static __always_inline __u32 hash_flow(const struct flow_key *f, int src_only)
 	return hash_jhash2_9((const __u32 *)f, ports, initval);
 }
 
+/* Multiplier of a VIP-backend pair's pair_cache slot (Knuth's, 2^32 / golden ratio). */
+#define PAIR_SLOT_MULT 0x9e3779b1
+
+/* The pair_cache slot of (VIP number, backend index): the top PAIR_SLOTS_LOG2 bits of
+ * ((vip_num << 16) ^ real_idx) * PAIR_SLOT_MULT. lb/dataplane/flowhash.py mirrors it.
+ */
+static __always_inline __u32 hash_pair_slot(__u32 vip_num, __u32 real_idx)
+{
+	return ((vip_num << 16) ^ real_idx) * PAIR_SLOT_MULT >> (32 - PAIR_SLOTS_LOG2);
+}
+
 /* The connection-table hash of a flow's full 5-tuple (docs/conn-table.md): the flow hash's
  * words with initval seed + proto + (family << 8), ONE pass, all three words of
  * lookup3's final state: returns c (the set index comes from it) and stores b in *second and

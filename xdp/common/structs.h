@@ -116,6 +116,16 @@ struct pair_stats {
 	__u64 new_conns;
 };
 
+/* Value of pair_cache (per CPU): the pair that holds the slot on this CPU (all zero: free;
+ * a pair's real_idx is never REAL_NONE) and its counters.
+ */
+struct pair_slot {
+	struct pair_key key;
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_conns;
+};
+
 /* Per-backend counters (real_stats, per CPU). */
 struct real_stats {
 	__u64 packets;
