@@ -10,6 +10,7 @@ holds them to the header); the record head's layout is the compiled program's (e
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,9 @@ class Record:
         return event_type(self.code) | (EV_T_GUARD if self.code & EV_F_GUARD else 0)
 
 
+_READERS: weakref.WeakKeyDictionary[Any, RingReader] = weakref.WeakKeyDictionary()
+
+
 class EventsControl:
     """ev_cfg[0] and the per-CPU ev_state counters of one loaded balancer."""
 
@@ -147,7 +151,16 @@ class EventsControl:
 
 
 class RingReader:
-    """Reads the events ring of one loaded balancer (one reader per ring)."""
+    """Reads the events ring of one loaded balancer (one per ring: `RingReader.of`)."""
+
+    @classmethod
+    def of(cls, balancer: Any) -> RingReader:
+        """The reader of this balancer's ring, made on first use: BCC registers a ring with
+        its poller once per table, and a second callback would get every record twice."""
+        reader = _READERS.get(balancer)
+        if reader is None:
+            reader = _READERS[balancer] = cls(balancer)
+        return reader
 
     def __init__(self, balancer: Any) -> None:
         self._bpf = balancer.bpf
