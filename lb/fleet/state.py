@@ -212,6 +212,12 @@ class EtcdStore(Store):
         try:
             ops = self._delta_ops(self.delta())
             new = self.etcd.commit(self.guard, self.guard_revision, ops)
+        except EtcdUnavailable as e:
+            self.abort()
+            # A timeout is not a refusal: the request may still commit (docs/fleet-state.md).
+            raise EtcdUnavailable(f"{e.detail}; the change is not acknowledged (if a member "
+                                  "received it before going silent it may still commit: read "
+                                  "the state before retrying)") from e
         except BaseException:
             self.abort()
             raise

@@ -199,4 +199,7 @@ def test_host_cut_off_silently_gets_503_and_rejoins_by_itself(fleet: Fleet) -> N
     wait_for(lambda: _try(lambda: a.add_backend(VIP, be("198.18.1.3"))), 15,
              "a write once etcd answers again")
     assert_same_everywhere(fleet)
-    assert {str(x.address) for x in b.get_vip(VIP).backends} == {"198.18.1.1", "198.18.1.3"}
+    # The refused write was not acknowledged, but its request may sit in the stopped member's
+    # socket and commit when it resumes (docs/fleet-state.md): either way every host agrees.
+    got = {str(x.address) for x in b.get_vip(VIP).backends}
+    assert got - {"198.18.1.2"} == {"198.18.1.1", "198.18.1.3"}
