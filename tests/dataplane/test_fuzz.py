@@ -52,6 +52,8 @@ RUNS = 30_000
 # (IPv6 + ICMPv6 = 48 in front of a quote no longer than the original packet).
 MAX_GROWTH = 48
 ENCAP_GROWTH = {20, 28, 40, 48}
+#: Frames up to this length keep their padding (xdp/balancer/encap.h ENCAP_KEEP_PAD).
+ENCAP_KEEP_PAD = 64
 # BPF_PROG_TEST_RUN refuses XDP frames shorter than an Ethernet header.
 MIN_FRAME = 14
 MAX_FRAME = 1600
@@ -237,11 +239,16 @@ def _check(frame: bytes, verdict: int, out: bytes) -> str | None:
     gw = bytes.fromhex(P.GW_MAC.replace(":", ""))
     if out[:6] == gw:
         l2 = 18 if frame[12:14] == b"\x81\x00" else 14
-        # Only the IP packet is sent on: a trailer after it is trimmed.
+        # Only the IP packet is sent on: a trailer after it is trimmed, but the padding of a
+        # frame of at most 64 bytes stays behind the outer packet (xdp/balancer/encap.h).
         if frame[l2 - 2 : l2] == b"\x08\x00":
             ip_len = int.from_bytes(frame[l2 + 2 : l2 + 4], "big")
         else:
             ip_len = 40 + int.from_bytes(frame[l2 + 4 : l2 + 6], "big")
+        pad = frame[l2 + ip_len :] if len(frame) <= ENCAP_KEEP_PAD else b""
+        if not out.endswith(pad):
+            return "the padding of a minimum-size frame was not kept"
+        out = out[: len(out) - len(pad)]
         grow = len(out) - (l2 + ip_len)
         if grow not in ENCAP_GROWTH:
             return f"encapsulation added {grow} bytes"
