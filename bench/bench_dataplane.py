@@ -246,12 +246,17 @@ def xdp_sources(directory: Path | None) -> Iterator[None]:
     if directory is None:
         yield
         return
-    old = loader.xdp_source_dir
+    old, old_names = loader.xdp_source_dir, loader.MAP_NAMES
     loader.xdp_source_dir = lambda: directory  # type: ignore[assignment]
+    # An older tree declares fewer maps (no event ring before issue 20): open only its own.
+    declared = (directory / "balancer" / "maps.h").read_text()
+    loader.MAP_NAMES = tuple(n for n in old_names if f" {n}," in declared
+                             or f"({n}," in declared)
     try:
         yield
     finally:
         loader.xdp_source_dir = old  # type: ignore[assignment]
+        loader.MAP_NAMES = old_names
 
 
 # --- scenarios: what is measured, one row each ----------------------------------------------
@@ -687,6 +692,81 @@ def measure(packets: int, runs: int, progress: Callable[[str], None], *,
     return figures
 
 
+# --- events (issue 20): the hot paths with sampling off, and the cost of a sampled packet ------
+# Self-contained: what the events ring costs. The same balancer, one program: ev_cfg off, then
+# every event type at 1 in EVENTS_SAMPLE, interleaved run by run; the ring is emptied between
+# runs (EVENTS_SAMPLE keeps a run's records well under its 1 MiB, so none is lost and every
+# sampled packet pays the full copy). `per_sampled_ns` = (on - off) x EVENTS_SAMPLE. "Off vs
+# before the change" is the --ab run against the xdp/ tree of the commit before it.
+
+EVENTS_SAMPLE = 100
+EVENTS_PATHS = ("nonvip_pass", "syn_v4", "ack_v4_hot", "ack_v4_shuffled")
+
+
+def measure_events(packets: int, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """ns per packet of EVENTS_PATHS with sampling off and at 1 in EVENTS_SAMPLE."""
+    from lb.dataplane.events import ALL_TYPES, EventsControl, RingReader
+
+    cfg = DataplaneConfig(conn_table_size=CONN_TABLE)
+    rings = {num: ring_values(cfg.ring_size, reals) for num, _, reals in VIPS}
+    xlb = XlbSubject("xlb", cfg, rings)
+    try:
+        ctl, reader = EventsControl(xlb.balancer), RingReader.of(xlb.balancer)
+        fs = Frameset(packets)
+        scs = [sc for sc in SCENARIOS if sc.name in EVENTS_PATHS]
+        for sc in scs:
+            pre = fs.prepare(sc)
+            if pre is not None:
+                xlb.run(pre)
+        ns: dict[str, dict[str, list[float]]] = {"off": {}, "sampled": {}}
+        lost0 = ctl.counters()[1]
+        for r in range(runs):
+            modes = ("off", "sampled") if r % 2 == 0 else ("sampled", "off")
+            for sc in scs:
+                for mode in modes:
+                    # Fresh SYN flows per run and mode: a range of their own (after measure's).
+                    frames = fs.of(sc, 100 + 2 * r + (mode == "sampled")) \
+                        if sc.flows == "fresh" else fs.of(sc, r)
+                    if mode == "sampled":
+                        ctl.set(ALL_TYPES, EVENTS_SAMPLE)
+                    mean, verdicts = xlb.run(frames)
+                    ctl.off()
+                    reader.drain()
+                    if verdicts[sc.verdict] != len(frames.order):
+                        raise RuntimeError(f"events {mode} {sc.name}: verdicts {dict(verdicts)}")
+                    ns[mode].setdefault(sc.name, []).append(mean)
+            progress(f"events run {r + 1}/{runs}: " + ", ".join(
+                f"{n} off {ns['off'][n][-1]:.1f} / 1:{EVENTS_SAMPLE} {ns['sampled'][n][-1]:.1f}"
+                for n in ns["off"]))
+        lost = ctl.counters()[1] - lost0
+    finally:
+        xlb.close()
+    out: dict[str, Any] = {"sample": EVENTS_SAMPLE, "runs": runs, "packets_per_run": packets,
+                           "ring_lost": lost, "paths": {}}
+    for name in ns["off"]:
+        off, on = statistics.median(ns["off"][name]), statistics.median(ns["sampled"][name])
+        out["paths"][name] = {
+            "off_ns": round(off, 1), "sampled_ns": round(on, 1),
+            "per_sampled_ns": round((on - off) * EVENTS_SAMPLE, 0),
+            "off_runs_ns": [round(x, 1) for x in ns["off"][name]],
+            "sampled_runs_ns": [round(x, 1) for x in ns["sampled"][name]]}
+    return out
+
+
+def events_table(ev: dict[str, Any]) -> str:
+    """The events block as a table."""
+    lines = [f"events: ns per packet, sampling off vs every type at 1 in {ev['sample']}"
+             f" (median of {ev['runs']} interleaved runs; ring lost {ev['ring_lost']})",
+             f"{'path':<18} {'off':>8} {'sampled':>8} {'per sampled packet':>19}"]
+    for name, row in ev["paths"].items():
+        lines.append(f"{name:<18} {row['off_ns']:>8.1f} {row['sampled_ns']:>8.1f}"
+                     f" {row['per_sampled_ns']:>16.0f} ns")
+    return "\n".join(lines)
+
+
+# --- end of the events block -----------------------------------------------------------------
+
+
 def table(figures: dict[str, Any]) -> str:
     """The figures as a human-readable table."""
     kat = (figures.get("katran") or {}).get("paths") or {}
@@ -904,7 +984,8 @@ def _pin_cpu() -> set[int] | None:
 
 def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
          runs: int | None = None, only_src_chain: bool = False,
-         paths: frozenset[str] | None = None, decap: bool = True) -> dict[str, Any]:
+         paths: frozenset[str] | None = None, decap: bool = True,
+         events_only: bool = False) -> dict[str, Any]:
     """Measure, merge into bench/results/dataplane.json, print a table, return figures.
 
     `paths` (some scenarios only) or no `decap`: a partial run, printed and not merged.
@@ -912,6 +993,8 @@ def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
     packets, n = (SMOKE_PACKETS, SMOKE_RUNS) if smoke else (PACKETS, RUNS)
     if only_src_chain:
         return main_src_chain(packets, runs or n)
+    if events_only:
+        return main_events(packets, runs or n)
     old = _pin_cpu()
     started = time.monotonic()
     try:
@@ -948,6 +1031,21 @@ def main(smoke: bool = False, *, ab: Path | None = None, katran: bool = True,
     return {**figures, "summary": summary}
 
 
+def main_events(packets: int, runs: int) -> dict[str, Any]:
+    """Only the events block (--events): measured, merged under "events", printed."""
+    old = _pin_cpu()
+    try:
+        ev = measure_events(packets, max(runs, 2), lambda msg: print(msg, flush=True))
+    finally:
+        if old is not None:
+            os.sched_setaffinity(0, old)
+    ev["env"] = environment()
+    path = merge_results(RESULTS_NAME, {"events": ev})
+    print(events_table(ev))
+    print(f"(merged into {path})")
+    return ev
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
@@ -964,10 +1062,12 @@ if __name__ == "__main__":
                              + ",".join(PATHS))
     parser.add_argument("--no-decap", action="store_true",
                         help="leave the decap program out (a partial run, not merged)")
+    parser.add_argument("--events", action="store_true",
+                        help="only the events block: sampling off vs 1 in 100")
     a = parser.parse_args()
     chosen = frozenset(a.paths.split(",")) if a.paths else None
     if chosen is not None and not chosen <= set(PATHS):
         parser.error(f"unknown paths: {', '.join(sorted(chosen - set(PATHS)))}")
     main(smoke=a.smoke, ab=a.ab.resolve() if a.ab else None, katran=not a.no_katran,
          runs=a.runs, only_src_chain=a.only_src_chain, paths=chosen,
-         decap=not a.no_decap)
+         decap=not a.no_decap, events_only=a.events)
