@@ -1065,6 +1065,8 @@ if __name__ == "__main__":
     parser.add_argument("--events", action="store_true",
                         help="only the events block: sampling off vs 1 in 100")
     a = parser.parse_args()
+    if a.ab is not None and not (a.ab / "balancer" / "balancer.c").is_file():
+        parser.error(f"--ab {a.ab}: not an xdp/ tree (no balancer/balancer.c in it)")
     chosen = frozenset(a.paths.split(",")) if a.paths else None
     if chosen is not None and not chosen <= set(PATHS):
         parser.error(f"unknown paths: {', '.join(sorted(chosen - set(PATHS)))}")
