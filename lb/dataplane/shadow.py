@@ -38,21 +38,10 @@ _INSN = 8
 _FUNC = b"xdp_balancer"
 
 
-class _MapCreateAttr(ctypes.Structure):
-    # Head of the BPF_MAP_CREATE member of union bpf_attr.
-    _fields_ = [
-        ("map_type", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-    ]
-
-
 def _map_like(info: bpf.MapInfo) -> int:
     """A new, empty map of the same type and shape (per-CPU array or hash)."""
-    attr = _MapCreateAttr(info.type, info.key_size, info.value_size, info.max_entries,
-                          info.flags)  # fmt: skip
+    attr = bpf.MapCreateAttr(info.type, info.key_size, info.value_size, info.max_entries,
+                             info.flags)  # fmt: skip
     return bpf.bpf(BPF_MAP_CREATE, attr, f"creating the shadow's {info.name}")
 
 
