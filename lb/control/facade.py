@@ -787,6 +787,8 @@ class ControlPlane:
                     # A random pause that grows with the tries: two hosts whose writes keep
                     # invalidating each other's would otherwise retry in lockstep forever.
                     time.sleep(random.uniform(0, min(0.2, 0.005 * (attempt + 1))))
+                    # A host that keeps losing takes the fleet's write turn (fleet-state.md).
+                    self._store.lost_race(attempt + 1)
                     self._apply_remote(self._store.catch_up)
             err = StaleState(f"the shared state kept changing under this change "
                              f"({self.STALE_RETRIES} tries): try again")
@@ -799,8 +801,11 @@ class ControlPlane:
             if not isinstance(e, Exception):
                 raise
         finally:
-            for w in group:
-                w.ready.set()
+            try:
+                self._store.writes_done()
+            finally:
+                for w in group:
+                    w.ready.set()
 
     def _try_group(self, group: list[_Write[Any]]) -> None:
         store = self._store

@@ -76,6 +76,14 @@ class StateStore(Protocol):
         """True when the shared state moved past what this copy holds (one round trip)."""
         ...
 
+    def lost_race(self, tries: int) -> None:
+        """A write lost `tries` races in a row: wait for, or take, the fleet's write turn."""
+        ...
+
+    def writes_done(self) -> None:
+        """A write group ended: give back the write turn if this host holds it."""
+        ...
+
     def status(self) -> StoreStatus:
         """What the store is and whether it takes writes now."""
         ...

@@ -725,6 +725,12 @@ class Store:
         """True when another store moved past this copy (SQLite: never)."""
         return False
 
+    def lost_race(self, tries: int) -> None:
+        """After a write lost to another store's `tries` times in a row (SQLite: never)."""
+
+    def writes_done(self) -> None:
+        """A write group ended (SQLite: nothing to give back)."""
+
     def status(self) -> StoreStatus:
         """What the store is and whether it can take writes."""
         return StoreStatus(kind="sqlite", describe=str(self.path), writable=True,

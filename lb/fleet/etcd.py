@@ -277,15 +277,28 @@ class Etcd:
 
         return self._run(self._call(go))
 
-    def commit(self, guard: bytes, revision: int, ops: Sequence[Op]) -> int | None:
+    def get(self, key: bytes) -> bytes | None:
+        """The value of `key` (None: no such key)."""
+        async def go(c: _Client) -> bytes | None:
+            r = await c.get(key)
+            return None if r is None else bytes(r.value)
+
+        return self._run(self._call(go))
+
+    def commit(self, guard: bytes, revision: int, ops: Sequence[Op],
+               turn: bytes | None = None, holder: bytes | None = None) -> int | None:
         """Apply `ops` in one transaction if `guard` was last changed at `revision`.
 
         Returns the new revision, or None when the guard moved (another writer was first).
-        `revision` 0 means the guard must not exist.
+        `revision` 0 means the guard must not exist. With `turn`, the transaction also wants
+        that key absent, or holding `holder` when one is given (docs/fleet-state.md).
         """
         async def go(c: _Client) -> int | None:
             t = c.transactions
             compare = [t.mod(guard) == revision]
+            if turn is not None:
+                compare.append(t.version(turn) == 0 if holder is None
+                               else t.value(turn) == holder)
             success = [t.put(o.key, o.value) if o.value is not None else t.delete(o.key)
                        for o in ops]
             ok, responses = await c.transaction(compare=compare, success=success, failure=[])
@@ -320,6 +333,29 @@ class Etcd:
             return int((await c.lease(ttl)).id)
 
         return self._run(self._call(go))
+
+    def claim(self, key: bytes, value: bytes, lease: int) -> bool:
+        """Put `key` under `lease` if it does not exist; False when it does."""
+        async def go(c: _Client) -> bool:
+            t = c.transactions
+            ok, _ = await c.transaction(compare=[t.version(key) == 0],
+                                        success=[t.put(key, value, lease=lease)], failure=[])
+            return bool(ok)
+
+        return self._run(self._call(go))
+
+    def revoke(self, lease: int) -> None:
+        """End a lease now (its keys go with it); one that ran out already is no error."""
+        async def go(c: _Client) -> None:
+            try:
+                await c.revoke_lease(lease)
+            except _UNREACHABLE:
+                raise
+            except aetcd.exceptions.ClientError as e:
+                if "lease not found" not in str(e):
+                    raise
+
+        self._run(self._call(go))
 
     def refresh(self, lease: int) -> bool:
         """Keep a lease alive; False when it has expired meanwhile."""

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +66,12 @@ class EtcdStore(Store):
         self._own_client = client is None
         self.root = (cfg.prefix + "state/").encode()
         self.guard = self.root + b"meta"
+        #: Held (under a lease) by a host that lost too many races in a row: while it exists
+        #: only its holder writes (outside `root`: it is not state, and no host applies it).
+        self.turn_key = (cfg.prefix + "turn").encode()
+        self._token = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}".encode()
+        self._turn_lease: int | None = None
+        self.turns_taken = 0  # for fleet status and tests
         #: The state as etcd holds it at `revision` (key -> value), for applying watch events.
         self._mirror: dict[bytes, bytes] = {}
         self._mirror_ok = False  # the mirror holds a full read (else: rebuilt on first need)
@@ -211,7 +220,8 @@ class EtcdStore(Store):
             return
         try:
             ops = self._delta_ops(self.delta())
-            new = self.etcd.commit(self.guard, self.guard_revision, ops)
+            new = self.etcd.commit(self.guard, self.guard_revision, ops, self.turn_key,
+                                   self._token if self._turn_lease is not None else None)
         except EtcdUnavailable as e:
             self.abort()
             # A timeout is not a refusal: the request may still commit (docs/fleet-state.md).
@@ -453,6 +463,49 @@ class EtcdStore(Store):
     def catch_up(self) -> None:
         """Read the latest state from etcd (after a write lost the race); the lock is held."""
         self._read_all()
+
+    #: Races lost in a row before a host takes the turn. A loser must read the state again
+    #: while the winners, who hold it, write again at once: under steady writes from other
+    #: hosts, one host could otherwise lose every race (issue 16's load test did, 1 in ~10).
+    TURN_AFTER = 4
+    #: The turn's lease (s): a host that dies holding the turn holds the others up this long.
+    TURN_TTL = 3
+
+    def lost_race(self, tries: int) -> None:
+        """A write lost `tries` races in a row: wait out another host's turn; take one after
+        TURN_AFTER. Called under the control plane's lock: no host change applies meanwhile."""
+        if self._turn_lease is not None:
+            if self.etcd.get(self.turn_key) == self._token and self.etcd.refresh(
+                    self._turn_lease):
+                return  # still ours: the race was lost to a write sent before we took it
+            self._turn_lease = None  # expired meanwhile (a long stall): ask again below
+        deadline = time.monotonic() + self.TURN_TTL + 1
+        while True:
+            holder = self.etcd.get(self.turn_key)
+            if holder is None or time.monotonic() > deadline:
+                break  # past the deadline its lease has run out: the compare tells
+            time.sleep(0.005)
+        if tries < self.TURN_AFTER:
+            return
+        lease = self.etcd.grant(self.TURN_TTL)
+        if self.etcd.claim(self.turn_key, self._token, lease):
+            self._turn_lease = lease
+            self.turns_taken += 1
+            log.debug("took the write turn after %d lost races", tries)
+        else:
+            self._drop_lease(lease)  # another host took it first: wait for it next time
+
+    def writes_done(self) -> None:
+        """The write group ended (committed or not): give the turn back if this host has it."""
+        if self._turn_lease is not None:
+            lease, self._turn_lease = self._turn_lease, None
+            self._drop_lease(lease)
+
+    def _drop_lease(self, lease: int) -> None:
+        try:
+            self.etcd.revoke(lease)
+        except EtcdUnavailable as e:
+            log.info("the write turn's lease ends by itself in %d s: %s", self.TURN_TTL, e.detail)
 
     def stale(self) -> bool:
         """True when etcd's guard key moved past the revision applied here."""

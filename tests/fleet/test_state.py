@@ -108,6 +108,51 @@ def test_write_validated_against_an_old_state_is_validated_again(fleet: Fleet) -
     assert len(a.get_vip(VIP).backends) == 3
 
 
+def test_a_host_holding_the_write_turn_writes_alone_and_a_dead_holder_is_waited_out(
+        fleet: Fleet) -> None:
+    a, b = fleet.start(0), fleet.start(1)
+    a.create_vip(vip(80, "198.18.1.1"))
+    wait_for(fleet.converged, what="B to apply A's VIP")
+    sa, sb = fleet.store(0), fleet.store(1)
+    errors: list[BaseException] = []
+
+    def add(addr: str) -> threading.Thread:
+        def go() -> None:
+            try:
+                b.add_backend(VIP, be(addr))
+            except BaseException as e:
+                errors.append(e)
+        t = threading.Thread(target=go)
+        t.start()
+        return t
+
+    # A took the turn (as after TURN_AFTER lost races): B's write waits, nothing is stored.
+    sa.lost_race(sa.TURN_AFTER)
+    assert sa.etcd.get(sa.turn_key) is not None
+    t = add("198.18.1.2")
+    t.join(1.0)
+    assert t.is_alive(), "B wrote while A held the turn"
+    assert len(a.get_vip(VIP).backends) == 1
+    # A gives it back (its group ended): B's write goes at once.
+    sa.writes_done()
+    t.join(2.0)
+    assert not t.is_alive() and not errors, errors
+    assert sa.etcd.get(sa.turn_key) is None
+    # A takes it and dies holding it: B waits for the lease to run out, then writes.
+    sa.lost_race(sa.TURN_AFTER)
+    lease, sa._turn_lease = sa._turn_lease, None  # forgotten, as by a killed daemon
+    start = time.monotonic()
+    t = add("198.18.1.3")
+    t.join(sa.TURN_TTL + 5)
+    assert not t.is_alive() and not errors, errors
+    assert time.monotonic() - start >= 1.0
+    sa._turn_lease = lease
+    sa.writes_done()  # a lease that ran out already: given back without an error
+    assert_same_everywhere(fleet)
+    assert len(a.get_vip(VIP).backends) == 3
+    assert sb.turns_taken == 0
+
+
 def test_etcd_down_forwarding_goes_on_writes_get_503_and_hosts_catch_up(fleet: Fleet) -> None:
     a, b = fleet.start(0), fleet.start(1)
     a.create_vip(vip(80, "198.18.1.1", "198.18.1.2"))
