@@ -16,7 +16,7 @@ pytestmark = pytest.mark.bpf
 
 def test_a_pinned_map_takes_updates_batches_and_lookups(pin_dir: Path) -> None:
     if shutil.which("bpftool") is None:
-        pytest.skip("bpftool is not installed (bench/katran/build.sh installs it)")
+        pytest.skip("bpftool is not installed (scripts/setup.sh installs it)")
     pin_dir.mkdir(parents=True)
     path = pin_dir / "raw"
     subprocess.run(["bpftool", "map", "create", str(path), "type", "hash", "key", "4",
