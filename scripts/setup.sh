@@ -9,11 +9,11 @@ VENV="$ROOT/.venv"
 STAMP_DIR="$VENV/.setup"
 KVER="$(uname -r)"
 # etcd-server: the fleet's shared state; bird2: each LB host's BGP speaker and the lab's
-# router (tests and the lab start their own instances). clang and bpftool: the chain tests
-# build and load the example filter (xdp/examples/drop_source.c) the way docs/chain.md tells
-# an operator to.
+# router (tests and the lab start their own instances). clang, libbpf-dev and bpftool: the
+# chain tests build and load the example filter (xdp/examples/drop_source.c) the way
+# docs/chain.md tells an operator to.
 APT_PKGS=(bpfcc-tools python3-bpfcc libbpfcc netsniff-ng iproute2 ethtool tcpdump libatomic1
-          etcd-server bird2 clang bpftool)
+          etcd-server bird2 clang libbpf-dev bpftool)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 skip() { printf '    %s (already done)\n' "$*"; }
