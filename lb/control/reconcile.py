@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lb.consts import (
+    F_SRC_RANGES,
     FAMILY_V4,
     FAMILY_V6,
     REAL_F_V6,
@@ -643,6 +644,11 @@ class _Writer:
         self.gone_nums: set[int] = set()
         self.gone_idx: set[int] = set()
         self.gone_pairs: set[tuple[int, int]] = set(touched.left_pairs) if touched else set()
+        # VIP numbers whose ranges or range flags changed: stamped in src_changed once all is
+        # written. A full write (a start, or after a failed one) stamps every VIP with
+        # ranges: a change a crash cut short may have left entries that trust an old verdict.
+        self.src_nums: set[int] = set() if touched else {
+            num for num, flags in want.vip_map.values() if flags & F_SRC_RANGES}
         if touched is None:
             self.vip_keys = list(want.vip_map.keys() | have.vip_map.keys())
             self.addr_keys = list(want.vip_addrs.keys() | have.vip_addrs.keys())
@@ -747,6 +753,7 @@ class _Writer:
             if v is not None and self.have.src_ranges.get(skey) != v:
                 self.io.set_src_range(skey, v)
                 self.have.src_ranges[skey] = v
+                self.src_nums.add(skey[1])
                 self._step()
 
     def remove_src_ranges(self) -> None:
@@ -755,7 +762,16 @@ class _Writer:
             if skey not in self.want.src_ranges and skey in self.have.src_ranges:
                 self.io.del_src_range(skey)
                 del self.have.src_ranges[skey]
+                self.src_nums.add(skey[1])
                 self._step()
+
+    def stamp_src_changes(self) -> None:
+        """Last: entries of VIPs whose ranges changed check their source again (srcrange.h).
+        After every trie and flag write, so no packet checked against the old ranges can
+        leave a stamp later than this one."""
+        if self.src_nums:
+            self.io.mark_src_changed(sorted(self.src_nums))
+            self.src_nums.clear()
 
     def write_vips(self, new_nums: set[int]) -> None:
         """The VIP entries, new or with new flags: the last write that makes a VIP live."""
@@ -768,6 +784,8 @@ class _Writer:
             if meta is not None and h != meta:
                 self.io.set_vip(key, *meta)
                 self.have.vip_map[key] = meta
+                if meta[1] & F_SRC_RANGES:
+                    self.src_nums.add(meta[0])
                 if h is not None and h[0] != meta[0]:
                     self.gone_nums.add(h[0])  # the VIP was deleted and created again
                 self._step()
@@ -948,4 +966,5 @@ class Reconciler:
         w.free_backends(real_idx)
         w.purge()
         w.purge_pairs()
+        w.stamp_src_changes()
         return w.res

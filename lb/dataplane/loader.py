@@ -65,6 +65,7 @@ MAP_NAMES = (
     "glob_stats",
     "src_v4",
     "src_v6",
+    "src_changed",
     "src_denied",
     "guard_cfg",
     "guard_state",
@@ -82,7 +83,9 @@ MAP_NAMES = (
 # replaced behind the operator's back.
 # The event maps (ev_cfg, ev_state, ev_frame, the events ring) hold nothing worth keeping
 # either: ev_cfg is written "off" at every start (lb.dataplane.events.EventsControl).
+# src_changed too: all zero means "check every packet" until the control plane stamps it.
 STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_cache", "pair_stats", "src_denied",
+                            "src_changed",
                             "guard_cfg", "guard_state", "rl_buckets", "ev_cfg", "ev_state",
                             "ev_frame", "events"})
 
@@ -252,6 +255,7 @@ SIZE_SOURCE = {
     "src_v4": "dataplane.max_src_ranges",
     "src_v6": "dataplane.max_src_ranges",
     "src_denied": "dataplane.max_vips",
+    "src_changed": "dataplane.max_vips",
 }
 
 

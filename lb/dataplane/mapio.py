@@ -280,6 +280,10 @@ class MapIO:
         """Delete one source range (absent is fine)."""
         protect.del_src_range(self.b, key)
 
+    def mark_src_changed(self, vip_nums: list[int]) -> None:
+        """These VIPs' ranges changed: their established flows check their source again."""
+        protect.mark_src_changed(self.b, vip_nums)
+
     def read_src_ranges(self) -> dict[protect.SrcKey, int]:
         """Every source range of every VIP."""
         return protect.read_src_ranges(self.b)

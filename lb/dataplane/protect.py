@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from lb.config import ProtectConfig
 from lb.consts import (
+    CONN_STAMP_MASK,
+    CONN_STAMP_NS_SHIFT,
     FAMILY_V4,
     GUARD_MODE_ALWAYS,
     GUARD_MODE_AUTO,
@@ -79,6 +82,17 @@ def read_src_ranges(b: Balancer) -> dict[SrcKey, int]:
                 raw = bytes(k.addr)
             out[(family, int(k.vip_num), raw, int(k.prefixlen) - VIP_NUM_BITS)] = int(v.value)
     return out
+
+
+def mark_src_changed(b: Balancer, vip_nums: Iterable[int]) -> None:
+    """Stamp these VIPs' ranges as changed now (src_changed), once their tries and flags are
+    written: each of their connection-table entries is checked against the ranges again on
+    its next packet, instead of trusting the verdict its stamp caches (srcrange.h)."""
+    unit = (time.clock_gettime_ns(_CLOCK_MONOTONIC_COARSE) >> CONN_STAMP_NS_SHIFT) \
+        & CONN_STAMP_MASK
+    t = b.src_changed
+    for n in vip_nums:
+        t[t.Key(n)] = t.Leaf(unit or 1)  # 0 means "never stamped": check every packet
 
 
 def src_denied(b: Balancer, vip_num: int) -> int:

@@ -271,7 +271,8 @@ class Lab:
         self.b.src_v4.clear()
         self.b.src_v6.clear()
         clear_guard_config(self.b)
-        for name in ("glob_stats", "vip_stats", "real_stats", "src_denied", "pair_cache"):
+        for name in ("glob_stats", "vip_stats", "real_stats", "src_denied", "src_changed",
+                     "pair_cache"):
             table = self.b.maps[name]
             for i in range(len(table)):
                 table.clearitem(table.Key(i))

@@ -61,6 +61,8 @@ def _seed_vip(lab: Lab, spec: VipSpec, num: int = 0) -> None:
     lab.ring(num, 1)
     for key, verdict in src_ranges_of(spec, num).items():
         protect.set_src_range(lab.b, key, verdict)
+    if spec.allow or spec.deny:
+        protect.mark_src_changed(lab.b, [num])  # last, as the control plane does
 
 
 def _spec(vip: IPAddress, allow: list[str], deny: list[str]) -> VipSpec:
@@ -132,10 +134,49 @@ def test_ranges_of_one_vip_do_not_apply_to_another(lab: Lab) -> None:
     assert lab.run(P.tcp4()).verdict == XDP_DROP
 
 
+# A stamp unit of the connection table (2^24 ns, conn.h) and a margin: a wait that puts the
+# next stamp in a later unit than the last change of the ranges.
+NEXT_UNIT_S = 0.04
+
+
 def test_an_established_flow_is_dropped_once_its_source_is_denied(lab: Lab) -> None:
-    # Ranges are checked before the connection table: a deny takes effect on live flows.
+    # The flow was in the table before the deny: its stamp is older than the change.
+    lab.conn(Flow(CLIENT4, VIP4, 40000, 80), 1, age_s=1.0)
     _seed_vip(lab, _spec(VIP4, [], ["198.18.2.0/24"]))
-    lab.conn(Flow(CLIENT4, VIP4, 40000, 80), 1)
+    assert lab.run(P.tcp4(flags="A", payload=b"x")).verdict == XDP_DROP
+    assert protect.src_denied(lab.b, 0) == 1
+
+
+def test_an_established_flow_skips_the_trie_until_the_ranges_change(lab: Lab) -> None:
+    ack = P.tcp4(flags="A", payload=b"x")
+    _seed_vip(lab, _spec(VIP4, ["198.18.2.0/24"], []))
+    time.sleep(NEXT_UNIT_S)
+    assert lab.run(P.tcp4(flags="S")).verdict == XDP_TX  # checked, then its entry written
+    # The allow leaves the trie behind the control plane's back (no src_changed stamp): the
+    # flow's entry, stamped after the last change, keeps forwarding without a lookup...
+    for key in src_ranges_of(_spec(VIP4, ["198.18.2.0/24"], []), 0):
+        protect.del_src_range(lab.b, key)
+    assert lab.run(ack).verdict == XDP_TX, "an established flow looked its source up again"
+    # ...a new flow is looked up (and refused: the allow list is empty now)...
+    assert lab.run(P.tcp4(flags="S", sport=40001)).verdict == XDP_DROP
+    # ...and once the change is stamped, the established flow is checked again too.
+    protect.mark_src_changed(lab.b, [0])
+    assert lab.run(ack).verdict == XDP_DROP
+    assert protect.src_denied(lab.b, 0) == 2
+
+
+def test_a_vip_whose_ranges_were_never_stamped_checks_every_packet(lab: Lab) -> None:
+    # src_changed all zero (a map an upgrade just created): no entry's verdict is trusted.
+    spec = _spec(VIP4, ["198.18.2.0/24"], [])
+    lab.vip(spec.address, spec.port, spec.protocol, num=0, flags=spec.flags)
+    lab.real(1, REAL4[0])
+    lab.ring(0, 1)
+    keys = src_ranges_of(spec, 0)
+    for key, verdict in keys.items():
+        protect.set_src_range(lab.b, key, verdict)
+    assert lab.run(P.tcp4(flags="S")).verdict == XDP_TX
+    for key in keys:
+        protect.del_src_range(lab.b, key)
     assert lab.run(P.tcp4(flags="A", payload=b"x")).verdict == XDP_DROP
 
 

@@ -47,6 +47,8 @@ struct lb_choice {
 	struct real_def *real;
 	/* The second hop the packet carries (second.h), or NULL. */
 	struct real_def *second;
+	/* The VIP's source ranges refused the packet (dropped, not counted for the VIP). */
+	__u8 denied;
 };
 
 /* Map-touching helpers declared in stats.h and parse.h: BCC rewrites map accesses in this
@@ -216,6 +218,16 @@ static __always_inline __u32 srcrange_lookup(const struct flow_key *flow, __u32 
 	return v ? *v : 0;
 }
 
+static __always_inline int srcrange_fresh(__u32 vip_num, __u64 meta, __u64 now)
+{
+	__u32 *changed = src_changed.lookup(&vip_num);
+
+	/* Stamped in a later unit than the ranges' last change: allowed since (srcrange.h).
+	 * 0 = never stamped by the control plane (a map an upgrade just created): check.
+	 */
+	return changed && *changed && conn_age(meta, now) < ((now - *changed) & CONN_STAMP_MASK);
+}
+
 static __always_inline void srcrange_count(__u32 vip_num)
 {
 	__u64 *cnt = src_denied.lookup(&vip_num);
@@ -311,7 +323,7 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 	int syn = is_tcp && (pkt->tcp_flags & PARSE_TCP_SYN);
 	int rst = is_tcp && (pkt->tcp_flags & PARSE_TCP_RST);
 	int fin = is_tcp && (pkt->tcp_flags & PARSE_TCP_FIN);
-	int way, admit, table = !bypass && conn_locate(&pkt->flow, cfg, &ref);
+	int way, admit, action, table = !bypass && conn_locate(&pkt->flow, cfg, &ref);
 
 	if (table && !syn) {
 		way = conn_find(&ref, &meta);
@@ -323,6 +335,15 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 				key = meta & CONN_REAL_MASK;
 				real = reals.lookup(&key);
 				if (real && lb_real_present(real)) {
+					/* Established: the ranges' verdict is cached in the stamp. */
+					if ((vip->flags & F_SRC_RANGES) && !pkt->icmp_fwd &&
+					    !srcrange_fresh(vip->vip_num, meta, ref.now)) {
+						action = srcrange_check(&pkt->flow, vip);
+						if (action >= 0) {
+							ch->denied = 1;
+							return action;
+						}
+					}
 					/* An ICMP error is no sign of life of the flow: only the
 					 * flow's own packets refresh the stamp, and a client FIN
 					 * or RST marks a TCP entry closing (a drain counts it
@@ -348,6 +369,13 @@ static __always_inline int lb_pick(struct parse_pkt *pkt, const struct vip_meta 
 		}
 	}
 
+	if (!pkt->icmp_fwd) {
+		action = srcrange_check(&pkt->flow, vip);
+		if (action >= 0) {
+			ch->denied = 1;
+			return action;
+		}
+	}
 	ch->hash = hash_flow(&pkt->flow, vip->flags & F_HASH_SRC_ONLY);
 	ch->hash_valid = 1;
 	key = vip->vip_num * RING_SIZE + ch->hash % RING_SIZE;
@@ -400,7 +428,8 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct parse_pkt *pkt,
 	if (vip->vip_num >= MAX_VIPS)
 		return stats_verdict(STAT_NO_BACKEND, XDP_DROP);
 	action = lb_pick(pkt, vip, cfg, &ch);
-	stats_vip(vip->vip_num, pkt->ip_len, ch.new_conn);
+	if (!ch.denied)
+		stats_vip(vip->vip_num, pkt->ip_len, ch.new_conn);
 	if (action >= 0)
 		return action;
 
@@ -574,9 +603,6 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	vip = lb_vip_lookup(&pkt.flow);
 	if (!vip)
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
-	action = srcrange_check(&pkt.flow, vip);
-	if (action >= 0)
-		return events_vip(action, vip->vip_num);
 	return events_vip(lb_forward(ctx, &pkt, vip, cfg), vip->vip_num);
 }
 

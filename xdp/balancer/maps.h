@@ -49,6 +49,10 @@ LB_MAP("percpu_array", __u32, __u64, glob_stats, STAT_MAX, 0);
 LB_MAP("lpm_trie", struct src_key_v4, __u32, src_v4, MAX_SRC_RANGES, BPF_F_NO_PREALLOC);
 /* (VIP number, IPv6 source range) -> SRC_ALLOW / SRC_DENY. */
 LB_MAP("lpm_trie", struct src_key_v6, __u32, src_v6, MAX_SRC_RANGES, BPF_F_NO_PREALLOC);
+/* Per-VIP stamp (conn.h units) of the last change of the VIP's source ranges: a table entry
+ * stamped later saw its source allowed (srcrange.h).
+ */
+LB_MAP("array", __u32, __u32, src_changed, MAX_VIPS, 0);
 /* Per-VIP count of packets dropped by the VIP's source ranges. */
 LB_MAP("percpu_array", __u32, __u64, src_denied, MAX_VIPS, 0);
 /* SYN-flood guard and reply rate limits: configuration, one entry (xdp/balancer/guard.h). */

@@ -4,6 +4,15 @@
  * matches is denied when the VIP has an allow list (F_SRC_ALLOW), allowed otherwise.
  * A VIP without ranges (no F_SRC_RANGES) pays one flag test.
  *
+ * An established flow does not pay the trie (30-70 ns) per packet: its connection-table
+ * entry is only ever stamped by a packet whose source the ranges allowed (a new flow is
+ * checked before its entry is written; an entry stamped before the last change is checked
+ * again before it is refreshed), so an entry stamped in a later unit than
+ * src_changed[vip_num] (written by the control plane after every change of the VIP's
+ * ranges or range flags, lb/control/reconcile.py) holds a source allowed by the current
+ * ranges. The change's own unit counts as before it: a packet checked against the old
+ * ranges in that unit is checked again.
+ *
  * The trie lookup and the per-VIP counter touch maps, so they are declared here and defined
  * in balancer.c (BCC rewrites map accesses only in the main file).
  */
@@ -19,6 +28,9 @@
  * when none does (balancer.c).
  */
 static __always_inline __u32 srcrange_lookup(const struct flow_key *flow, __u32 vip_num);
+
+/* Was the entry `meta` stamped after VIP `vip_num`'s ranges last changed (src_changed)? */
+static __always_inline int srcrange_fresh(__u32 vip_num, __u64 meta, __u64 now);
 
 /* Count a denied packet for VIP `vip_num` (src_denied; balancer.c). */
 static __always_inline void srcrange_count(__u32 vip_num);
