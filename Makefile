@@ -8,13 +8,36 @@ PYTEST_ARGS ?=
 setup:
 	@./scripts/setup.sh
 
+# The suite runs over TEST_JOBS pytest-xdist workers, a whole file per worker (its module
+# fixtures stay in one process; every kernel object a test names carries its process's pid),
+# then the schemathesis file on its own: its plugin gives every API operation's item the same
+# node id, and xdist runs one of them. PYTEST_ARGS (a selection, extra options) runs one
+# plain pytest process with them instead; TEST_JOBS=1 runs the suite in one process too.
+TEST_JOBS ?= 2
+SCHEMA_TESTS := tests/api/test_schemathesis.py
+ifeq ($(strip $(TEST_JOBS)),1)
+XDIST :=
+else
+XDIST := -n $(TEST_JOBS) --dist loadfile
+endif
+
 ## The whole suite (what CI runs).
 test: setup
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(PY) -m pytest $(XDIST) --ignore=$(SCHEMA_TESTS)
+	$(PY) -m pytest $(SCHEMA_TESTS)
+else
 	$(PY) -m pytest $(PYTEST_ARGS)
+endif
 
 ## Everything but the slow end-to-end tests.
 test-quick: setup
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(PY) -m pytest $(XDIST) -m "not slow" --ignore=$(SCHEMA_TESTS)
+	$(PY) -m pytest -m "not slow" $(SCHEMA_TESTS)
+else
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+endif
 
 ## The data-plane suite inside other kernels booted under qemu (scripts/kernels.conf; TCG, so
 ## ~25 minutes per kernel). KERNELS="6.1" picks some; results in build/kernels/.
