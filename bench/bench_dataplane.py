@@ -828,9 +828,10 @@ def decap_table(decap: dict[str, Any]) -> str:
 # plain's.
 
 SRC_LIST_SIZES = (16, 1000)
-# Past one stamp unit (2^24 ns) after a change of the lists: from then on an established
-# flow's first packet checks its source and stamps its entry, the others trust the stamp.
-SRC_STAMP_SETTLE_S = 0.04
+# Past two stamp units (2^24 ns each) after a change of the lists: from then on an
+# established flow's first packet checks its source and stamps its entry, the others trust
+# the stamp (xdp/balancer/srcrange.h).
+SRC_STAMP_SETTLE_S = 0.06
 SRC_CHAIN_PATHS = ("ack_v4_shuffled", "ack_v4_hot")
 SRC_CHAIN_VARIANTS = ("plain", *(f"{kind}_{n}" for n in SRC_LIST_SIZES
                                  for kind in ("allow", "deny")), "chain_root")

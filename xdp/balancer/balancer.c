@@ -222,10 +222,11 @@ static __always_inline int srcrange_fresh(__u32 vip_num, __u64 meta, __u64 now)
 {
 	__u32 *changed = src_changed.lookup(&vip_num);
 
-	/* Stamped in a later unit than the ranges' last change: allowed since (srcrange.h).
+	/* Stamped two units or more after the ranges' last change: allowed since (srcrange.h).
 	 * 0 = never stamped by the control plane (a map an upgrade just created): check.
 	 */
-	return changed && *changed && conn_age(meta, now) < ((now - *changed) & CONN_STAMP_MASK);
+	return changed && *changed &&
+	       conn_age(meta, now) + 1 < ((now - *changed) & CONN_STAMP_MASK);
 }
 
 static __always_inline void srcrange_count(__u32 vip_num)

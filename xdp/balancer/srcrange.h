@@ -7,11 +7,13 @@
  * An established flow does not pay the trie (30-70 ns) per packet: its connection-table
  * entry is only ever stamped by a packet whose source the ranges allowed (a new flow is
  * checked before its entry is written; an entry stamped before the last change is checked
- * again before it is refreshed), so an entry stamped in a later unit than
+ * again before it is refreshed), so an entry stamped two units or more after
  * src_changed[vip_num] (written by the control plane after every change of the VIP's
  * ranges or range flags, lb/control/reconcile.py) holds a source allowed by the current
- * ranges. The change's own unit counts as before it: a packet checked against the old
- * ranges in that unit is checked again.
+ * ranges. The change's own unit and the next count as before it: a packet that read the
+ * VIP's old flags just before the control plane wrote them (and so skipped the check) may
+ * read the clock a moment after the control plane did, across a unit boundary; it cannot
+ * be two units later.
  *
  * The trie lookup and the per-VIP counter touch maps, so they are declared here and defined
  * in balancer.c (BCC rewrites map accesses only in the main file).
