@@ -466,7 +466,7 @@ class EtcdStore(Store):
 
     #: Races lost in a row before a host takes the turn. A loser must read the state again
     #: while the winners, who hold it, write again at once: under steady writes from other
-    #: hosts, one host could otherwise lose every race (issue 16's load test did, 1 in ~10).
+    #: hosts, one host could otherwise lose every race (the 20-writer load test did, in CI).
     TURN_AFTER = 4
     #: The turn's lease (s): a host that dies holding the turn holds the others up this long.
     TURN_TTL = 3
