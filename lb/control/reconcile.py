@@ -36,6 +36,7 @@ a pair no VIP's set holds. A draining backend stays in its VIP's set (its flows 
 
 from __future__ import annotations
 
+import contextlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -949,22 +950,29 @@ class Reconciler:
         real_idx: Mapping[str, int],
     ) -> ApplyResult:
         w = _Writer(self.io, have, want, touched, self._ring_of)
-        # Creation order: nothing the data plane can reach names what is not there yet.
-        w.retire_reused_numbers()
-        w.empty_reused_backends()
-        w.purge()  # slots of what was handed over go before the new owners are written
-        w.program_backends(new_idx)
-        w.write_rings()
-        w.add_addresses()
-        w.add_src_ranges()
-        w.write_vips(new_nums)
-        # Deletion in reverse, then the conn_table slots naming what was freed.
-        w.delete_vips()
-        w.remove_src_ranges()
-        w.shrink_addresses()
-        w.clear_rings()
-        w.free_backends(real_idx)
-        w.purge()
-        w.purge_pairs()
+        try:
+            # Creation order: nothing the data plane can reach names what is not there yet.
+            w.retire_reused_numbers()
+            w.empty_reused_backends()
+            w.purge()  # slots of what was handed over go before the new owners are written
+            w.program_backends(new_idx)
+            w.write_rings()
+            w.add_addresses()
+            w.add_src_ranges()
+            w.write_vips(new_nums)
+            # Deletion in reverse, then the conn_table slots naming what was freed.
+            w.delete_vips()
+            w.remove_src_ranges()
+            w.shrink_addresses()
+            w.clear_rings()
+            w.free_backends(real_idx)
+            w.purge()
+            w.purge_pairs()
+        except BaseException:
+            # The ranges written before the failure are live: their VIPs' flows check again
+            # now, not at the retry (which stamps every VIP with ranges).
+            with contextlib.suppress(Exception):
+                w.stamp_src_changes()
+            raise
         w.stamp_src_changes()
         return w.res

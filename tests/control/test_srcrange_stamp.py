@@ -73,3 +73,38 @@ def test_every_range_change_reaches_established_flows(live: Any, tmp_path: Any) 
         assert cp.verify() == []
     finally:
         cp.close()
+
+
+def test_a_range_change_cut_short_by_a_failed_write_still_reaches_established_flows(
+    live: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cp = ControlPlane(StateSettings(tmp_path / "state"), live)
+    try:
+        run = TestRunner(live.prog_fd).run
+        cp.create_vip(VipSpec.model_validate({
+            "protocol": "tcp", "address": VIP, "port": 80,
+            "backends": [{"address": "198.18.1.1"}], "allow": ["198.18.2.0/24"]}))
+        time.sleep(NEXT_UNIT_S)
+        a = "198.18.2.1"
+        assert run(_frame(a, "S")).verdict == XDP_TX
+        time.sleep(NEXT_UNIT_S)
+        assert run(_frame(a, "A")).verdict == XDP_TX  # its entry trusts the verdict now
+        assert cp._reconciler is not None
+        io = cp._reconciler.io
+        real, calls = io.set_src_range, []
+
+        def second_fails(key: Any, verdict: int) -> None:
+            calls.append(key)
+            if len(calls) > 1:
+                raise OSError(12, "Cannot allocate memory")
+            real(key, verdict)
+
+        monkeypatch.setattr(io, "set_src_range", second_fails)
+        # Two denies that both hold the client: whichever is written first is live when the
+        # second fails; the change is kept and counted, and the flow must stop now.
+        cp.update_vip(VID, VipUpdate(deny=[f"{a}/32", "198.18.2.0/30"]))
+        assert cp.reconcile_errors == 1 and not cp.in_sync
+        assert run(_frame(a, "A")).verdict == XDP_DROP
+        monkeypatch.undo()
+    finally:
+        cp.close()
