@@ -56,12 +56,14 @@ def test_change_through_one_api_is_served_by_the_other(two_hosts: list[Served]) 
     assert_problem(r, 412, "precondition-failed")
     wait_for(lambda: len(a.client.get(f"/v1/vips/{VIP}").json()["backends"]) == 3, 10,
              "B's change on A")
-    # Hosts publish their status every 0.1 s: judge one view in which neither lags.
+    # Hosts publish their status every 0.1 s: judge one view in which both published the
+    # latest revision ("lagging" alone compares them with each other: both may be behind).
     seen: list[dict[str, Any]] = []
 
     def settled() -> bool:
         seen[:] = [b.client.get("/v1/fleet").json()]
-        return not seen[0]["lagging"]
+        return not seen[0]["lagging"] and all(
+            h["lag"]["revisions"] == 0 for h in seen[0]["hosts"])
 
     wait_for(settled, 10, "no host lagging")
     fleet = seen[0]
