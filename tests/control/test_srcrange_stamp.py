@@ -31,13 +31,17 @@ def _frame(src: str, flags: str) -> bytes:
                  / IP(src=src, dst=VIP) / TCP(sport=40000, dport=80, flags=flags))
 
 
+# One backend, and an allow list holding the test clients (198.18.2.x).
+ALLOW_2 = VipSpec.model_validate({"protocol": "tcp", "address": VIP, "port": 80,
+                                  "backends": [{"address": "198.18.1.1"}],
+                                  "allow": ["198.18.2.0/24"]})
+
+
 def test_every_range_change_reaches_established_flows(live: Any, tmp_path: Any) -> None:
     cp = ControlPlane(StateSettings(tmp_path / "state"), live)
     try:
         run = TestRunner(live.prog_fd).run
-        cp.create_vip(VipSpec.model_validate({
-            "protocol": "tcp", "address": VIP, "port": 80,
-            "backends": [{"address": "198.18.1.1"}], "allow": ["198.18.2.0/24"]}))
+        cp.create_vip(ALLOW_2)
         num = cp.vip_number(VID)
 
         def stamp() -> int:
@@ -81,9 +85,7 @@ def test_a_range_change_cut_short_by_a_failed_write_still_reaches_established_fl
     cp = ControlPlane(StateSettings(tmp_path / "state"), live)
     try:
         run = TestRunner(live.prog_fd).run
-        cp.create_vip(VipSpec.model_validate({
-            "protocol": "tcp", "address": VIP, "port": 80,
-            "backends": [{"address": "198.18.1.1"}], "allow": ["198.18.2.0/24"]}))
+        cp.create_vip(ALLOW_2)
         time.sleep(NEXT_UNIT_S)
         a = "198.18.2.1"
         assert run(_frame(a, "S")).verdict == XDP_TX
