@@ -65,6 +65,7 @@ from lb.dataplane import loader
 from lb.dataplane.keys import addr16, set_addr
 from lb.dataplane.loader import Balancer, compile_program, write_runtime_config
 from lb.dataplane.mapio import MapIO
+from lb.dataplane.protect import SRC_TRUST_WAIT_S
 from lb.dataplane.testrun import TestRunner
 
 RESULTS_NAME = "dataplane"
@@ -828,10 +829,6 @@ def decap_table(decap: dict[str, Any]) -> str:
 # plain's.
 
 SRC_LIST_SIZES = (16, 1000)
-# Past two stamp units (2^24 ns each) after a change of the lists: from then on an
-# established flow's first packet checks its source and stamps its entry, the others trust
-# the stamp (xdp/balancer/srcrange.h).
-SRC_STAMP_SETTLE_S = 0.06
 SRC_CHAIN_PATHS = ("ack_v4_shuffled", "ack_v4_hot")
 SRC_CHAIN_VARIANTS = ("plain", *(f"{kind}_{n}" for n in SRC_LIST_SIZES
                                  for kind in ("allow", "deny")), "chain_root")
@@ -867,7 +864,9 @@ def _set_src_variant(b: Balancer, nets: list[ipaddress.IPv4Network], flags: int,
         # As the control plane does after a change: the flows check their source again once,
         # then trust the verdict their entry's stamp caches (xdp/balancer/srcrange.h).
         io.mark_src_changed([0])
-        time.sleep(SRC_STAMP_SETTLE_S)
+        # From then on an established flow's first packet checks its source and stamps its
+        # entry; the others trust the stamp.
+        time.sleep(SRC_TRUST_WAIT_S)
 
 
 def measure_src_chain(packets: int, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:

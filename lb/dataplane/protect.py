@@ -84,6 +84,12 @@ def read_src_ranges(b: Balancer) -> dict[SrcKey, int]:
     return out
 
 
+#: How long after a change of a VIP's ranges a new stamp is trusted: two stamp units (the
+#: change's and the next, xdp/balancer/srcrange.h; 2^CONN_STAMP_NS_SHIFT ns each) plus the
+#: coarse clock's tick and a margin. Tests and the bench wait this long.
+SRC_TRUST_WAIT_S = 0.06
+
+
 def mark_src_changed(b: Balancer, vip_nums: Iterable[int]) -> None:
     """Stamp these VIPs' ranges as changed now (src_changed), once their tries and flags are
     written: each of their connection-table entries is checked against the ranges again on

@@ -71,7 +71,7 @@ class EtcdStore(Store):
         self.turn_key = (cfg.prefix + "turn").encode()
         self._token = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}".encode()
         self._turn_lease: int | None = None
-        self.turns_taken = 0  # for fleet status and tests
+        self.turns_taken = 0  # for tests (not in fleet status yet)
         #: The state as etcd holds it at `revision` (key -> value), for applying watch events.
         self._mirror: dict[bytes, bytes] = {}
         self._mirror_ok = False  # the mirror holds a full read (else: rebuilt on first need)

@@ -13,6 +13,7 @@ import pytest
 from lb.consts import XDP_DROP, XDP_TX
 from lb.control.facade import ControlPlane
 from lb.control.model import VipSpec, VipUpdate
+from lb.dataplane.protect import SRC_TRUST_WAIT_S
 from lb.dataplane.testrun import TestRunner
 from tests.control.conftest import StateSettings
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.bpf
 
 VIP = "198.18.0.10"
 VID = f"tcp:{VIP}:80"
-NEXT_UNIT_S = 0.06  # past two stamp units (2^24 ns each): the next stamp is trusted
+NEXT_UNIT_S = SRC_TRUST_WAIT_S  # from then on the next stamp is trusted
 
 
 def _frame(src: str, flags: str) -> bytes:

@@ -134,9 +134,8 @@ def test_ranges_of_one_vip_do_not_apply_to_another(lab: Lab) -> None:
     assert lab.run(P.tcp4()).verdict == XDP_DROP
 
 
-# Two stamp units of the connection table (2^24 ns each, conn.h) and a margin: a wait after
-# which the next stamp is trusted (srcrange.h counts the change's unit and the next as before).
-NEXT_UNIT_S = 0.06
+# A wait after a change of the ranges past which the next stamp is trusted.
+NEXT_UNIT_S = protect.SRC_TRUST_WAIT_S
 
 
 def test_an_established_flow_is_dropped_once_its_source_is_denied(lab: Lab) -> None:
