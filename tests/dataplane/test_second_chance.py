@@ -175,14 +175,18 @@ SELF6, NEXT6 = "2001:db8:1::1", "2001:db8:1::2"
 SC_VIP4, SC_VIP6 = "198.18.0.10", "2001:db8::10"
 SC_CLIENT4, SC_CLIENT6 = "198.18.2.1", "2001:db8:2::1"
 PORT, UDP_PORT = 80, 53
+# UDP: a connected socket's port and its client's; a port no socket has.
+UDP_CONNECTED_PORT, UDP_CLIENT_PORT, UDP_NO_SOCKET_PORT = 54, 41000, 55
 
 
-def hop_frame(inner: bytes, *, v6: bool = False, hops: int = GUE_HOPS_INITIAL) -> bytes:
-    """What the balancer sends a backend: the inner packet with a second hop (NEXT)."""
-    nxt = ipaddress.ip_address(NEXT6 if v6 else NEXT4)
-    gh = gue_second(nxt, inner_v4=inner[0] >> 4 == 4, hops=hops)
-    outer: Any = (IPv6(src=LB_SRC6, dst=SELF6, hlim=64) if v6
-                  else IP(src=LB_SRC4, dst=SELF4, ttl=64, flags="DF"))
+def hop_frame(inner: bytes, *, v6: bool = False, hops: int = GUE_HOPS_INITIAL,
+              nxt: str | None = None, ttl: int = 64) -> bytes:
+    """What the balancer sends a backend: the inner packet with a second hop (NEXT unless
+    `nxt`), the outer TTL / hop limit `ttl`."""
+    hop = ipaddress.ip_address(nxt or (NEXT6 if v6 else NEXT4))
+    gh = gue_second(hop, inner_v4=inner[0] >> 4 == 4, hops=hops)
+    outer: Any = (IPv6(src=LB_SRC6, dst=SELF6, hlim=ttl) if v6
+                  else IP(src=LB_SRC4, dst=SELF4, ttl=ttl, flags="DF"))
     return bytes(Ether(src=LB_MAC, dst=BACKEND_MAC) / outer
                  / UDP(sport=50000, dport=P.GUE_PORT, chksum=0) / Raw(gh + inner))
 
@@ -192,8 +196,9 @@ def tcp_in(sport: int, flags: str, v6: bool = False) -> bytes:
     return bytes(ip / TCP(sport=sport, dport=PORT, flags=flags, seq=7, ack=9) / Raw(b"data"))
 
 
-def udp_in(sport: int) -> bytes:
-    return bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / UDP(sport=sport, dport=UDP_PORT) / Raw(b"q"))
+def udp_in(sport: int, dport: int = UDP_PORT, v6: bool = False) -> bytes:
+    ip: Any = (IPv6(src=SC_CLIENT6, dst=SC_VIP6) if v6 else IP(src=SC_CLIENT4, dst=SC_VIP4))
+    return bytes(ip / UDP(sport=sport, dport=dport) / Raw(b"q"))
 
 
 class Backend:
@@ -225,12 +230,16 @@ class Backend:
             srv, _ = lsn.accept()
             self.socks += [lsn, cli, srv]
             ports.append(cli.getsockname()[1])
-        bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        bound.bind((SC_VIP4, UDP_PORT))
-        conn = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        conn.bind((SC_VIP4, UDP_PORT + 1))
-        conn.connect((SC_CLIENT4, 41000))
-        self.socks += [bound, conn]
+        # UDP on each VIP: a bound (unconnected) socket on UDP_PORT, one connected to
+        # (client, UDP_CLIENT_PORT) on UDP_CONNECTED_PORT; nothing on UDP_NO_SOCKET_PORT.
+        for fam, vip, client in ((socket.AF_INET, SC_VIP4, SC_CLIENT4),
+                                 (socket.AF_INET6, SC_VIP6, SC_CLIENT6)):
+            bound = socket.socket(fam, socket.SOCK_DGRAM)
+            bound.bind((vip, UDP_PORT))
+            conn = socket.socket(fam, socket.SOCK_DGRAM)
+            conn.bind((vip, UDP_CONNECTED_PORT))
+            conn.connect((client, UDP_CLIENT_PORT))
+            self.socks += [bound, conn]
         return ports[0], ports[1], 0
 
     def run(self, variant: str, frame: bytes) -> tuple[int, bytes, dict[str, int]]:
@@ -332,18 +341,69 @@ def test_decap_second_hop_keeps_what_has_no_hop_left(backend: Backend, variant: 
     assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_LAST": 1}
 
 
+# UDP (docs/second-chance.md, UDP): only a connected socket names a flow. Rows: (description,
+# inner packet, hops left, expected outcome: the decap counter it moves, kept or passed on).
+UDP_ROWS = [
+    ("v4 connected socket: kept", udp_in(UDP_CLIENT_PORT, UDP_CONNECTED_PORT),
+     GUE_HOPS_INITIAL, "DECAP_STAT_SC_KEEP_SOCKET"),
+    ("v6 connected socket: kept", udp_in(UDP_CLIENT_PORT, UDP_CONNECTED_PORT, v6=True),
+     GUE_HOPS_INITIAL, "DECAP_STAT_SC_KEEP_SOCKET"),
+    ("v4 other client of the connected socket's port: passed on",
+     udp_in(UDP_CLIENT_PORT + 1, UDP_CONNECTED_PORT), GUE_HOPS_INITIAL,
+     "DECAP_STAT_SC_FORWARD"),
+    ("v4 unconnected socket: passed on", udp_in(42000), GUE_HOPS_INITIAL,
+     "DECAP_STAT_SC_FORWARD"),
+    ("v6 unconnected socket: passed on", udp_in(42000, v6=True), GUE_HOPS_INITIAL,
+     "DECAP_STAT_SC_FORWARD"),
+    ("v4 no socket: passed on", udp_in(42000, UDP_NO_SOCKET_PORT), GUE_HOPS_INITIAL,
+     "DECAP_STAT_SC_FORWARD"),
+    ("v6 no socket: passed on", udp_in(42000, UDP_NO_SOCKET_PORT, v6=True), GUE_HOPS_INITIAL,
+     "DECAP_STAT_SC_FORWARD"),
+    ("v4 no socket, no hop left (the second hop): kept", udp_in(42000, UDP_NO_SOCKET_PORT), 0,
+     "DECAP_STAT_SC_KEEP_LAST"),
+]
+
+
+@pytest.mark.parametrize(("inner", "hops", "outcome"), [r[1:] for r in UDP_ROWS],
+                         ids=[r[0] for r in UDP_ROWS])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decap_udp_connected_socket_kept_unconnected_forwarded(backend: Backend,
-                                                               variant: str) -> None:
-    connected = bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / UDP(sport=41000, dport=UDP_PORT + 1)
-                      / Raw(b"q"))
-    verdict, out, moved = backend.run(variant, hop_frame(connected))
-    assert verdict == KEEP[variant]
-    kept_as(out, connected)
-    assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_SOCKET": 1}
-    verdict, _, moved = backend.run(variant, hop_frame(udp_in(42000)))
-    assert verdict == FORWARD[variant]
-    assert moved == {"DECAP_STAT_SC_FORWARD": 1}
+def test_decap_udp_kept_only_for_a_connected_socket(backend: Backend, variant: str,
+                                                    inner: bytes, hops: int,
+                                                    outcome: str) -> None:
+    v6 = inner[0] >> 4 == 6
+    verdict, out, moved = backend.run(variant, hop_frame(inner, hops=hops))
+    if outcome == "DECAP_STAT_SC_FORWARD":
+        assert verdict == FORWARD[variant], "a UDP packet no connected socket has was kept"
+        assert moved == {outcome: 1}
+        got = Ether(out)
+        assert (got[IP].src, got[IP].dst) == (SELF4, NEXT4), "not passed on to the second hop"
+        hop = ipaddress.ip_address(NEXT4)
+        assert bytes(got[UDP].payload) == gue_second(hop, not v6, hops - 1) + inner
+    else:
+        assert verdict == KEEP[variant], f"not kept ({outcome})"
+        kept_as(out, inner)
+        assert moved == {"DECAP_STAT_GUE_V4": 1, outcome: 1}
+
+
+# The hop limit: a packet that cannot go on is kept where it is, never looped.
+LAST_ROWS = [
+    ("the second hop is this host", {"nxt": SELF4}),
+    ("the outer TTL would run out", {"ttl": 1}),
+    ("v6: the second hop is this host", {"v6": True, "nxt": SELF6}),
+    ("v6: the outer hop limit would run out", {"v6": True, "ttl": 1}),
+]
+
+
+@pytest.mark.parametrize("opts", [r[1] for r in LAST_ROWS], ids=[r[0] for r in LAST_ROWS])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_keeps_a_stranger_that_cannot_go_on(backend: Backend, variant: str,
+                                                   opts: dict[str, Any]) -> None:
+    inner = tcp_in(45678, "A")
+    verdict, out, moved = backend.run(variant, hop_frame(inner, **opts))
+    assert verdict == KEEP[variant], "passed on although it cannot go anywhere new"
+    kept_as(out, inner)
+    gue = "DECAP_STAT_GUE_V6" if opts.get("v6") else "DECAP_STAT_GUE_V4"
+    assert moved == {gue: 1, "DECAP_STAT_SC_KEEP_LAST": 1}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
