@@ -1,6 +1,7 @@
 """Second chance's switch and window through the REST API, the dry-run plan and lbctl
 (docs/second-chance.md): on by default for GUE, refused for IPIP, the window opened by a
-ring change shown by GET and `lbctl vip get`."""
+ring change shown by GET and `lbctl vip get`; explain showing both hops of a flow and the
+LB's counters of a packet that carried one (the live program, BPF_PROG_TEST_RUN)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import json
 
 import pytest
 
+from lb.dataplane.conntab import ConnTable
+from lb.dataplane.flowhash import Flow5
+from lb.dataplane.testrun import TestRunner
+from lb.ops.explain import build_packet
 from tests.api.conftest import Served, assert_problem
 from tests.api.test_cli import lbctl, ok
 
@@ -87,3 +92,52 @@ def test_lbctl_switch_and_window(api: Served) -> None:
     assert p.returncode == 1 and "[422 invalid-input]" in p.stderr and "GUE" in p.stderr
     ok(lbctl(api, "vip", "add", "udp", "198.18.0.11:53"))
     assert "second chance: off (IPIP VIP)" in ok(lbctl(api, "vip", "get", "udp:198.18.0.11:53"))
+
+
+def _explain(api: Served, sport: int) -> dict[str, object]:
+    r = api.client.get("/v1/explain", params={"protocol": "tcp", "src": "198.18.2.1",
+                                              "sport": sport, "dst": "198.18.0.10", "dport": 80})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _second_hops(api: Served) -> int:
+    return int(api.client.get("/v1/stats").json()["global"]["STAT_SECOND_HOP"]["value"])
+
+
+def test_explain_shows_both_hops_and_stats_count_the_packets_that_carry_them(
+    api: Served,
+) -> None:
+    api.client.post("/v1/vips", json={**VIP, "encap": "gue",
+                                      "backends": _backends(1, 2)}).raise_for_status()
+    api.client.post(f"/v1/vips/{VID}/backends", json={"address": "198.18.1.3"}).raise_for_status()
+    with ConnTable(api.balancer) as table:
+        table.clear()
+    moved = plain = None
+    for sport in range(40000, 40400):
+        e = _explain(api, sport)
+        assert e["reason"] == "ring" and e["encap"] == "gue", e
+        if e["second_hop"] and moved is None:
+            moved = sport, e
+        if not e["second_hop"] and plain is None:
+            plain = sport, e
+        if moved and plain:
+            break
+    assert moved is not None, "no flow of 400 hashes to a slot with a second hop"
+    assert plain is not None, "every flow has a second hop: unchanged slots must carry none"
+    sport, e = moved
+    old = {"198.18.1.1", "198.18.1.2"}
+    assert e["second_hop"] in old and e["second_hop"] != e["backend"], e
+    out = ok(lbctl(api, "explain", "tcp", f"198.18.2.1:{sport}", "198.18.0.10:80"))
+    assert f"backend   {e['backend']}" in out and f"then      {e['second_hop']}" in out, out
+    out = ok(lbctl(api, "explain", "tcp", f"198.18.2.1:{plain[0]}", "198.18.0.10:80"))
+    assert "then " not in out, out
+    # A real packet of that flow (not explain's private run) moves the LB's counter, which
+    # /v1/stats, /metrics and `lbctl stats` show.
+    before = _second_hops(api)
+    TestRunner(api.balancer.prog_fd).run(
+        build_packet(Flow5.of("198.18.2.1", "198.18.0.10", sport, 80, "tcp")))
+    assert _second_hops(api) == before + 1, "the packet carrying a hop was not counted"
+    metrics = api.client.get("/metrics").text
+    assert f'xlb_datapath_total{{counter="STAT_SECOND_HOP"}} {before + 1}.0' in metrics
+    assert "STAT_SECOND_HOP" in ok(lbctl(api, "stats"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -111,19 +112,30 @@ def as_the_unit(b: Backend, argv: list[str]) -> list[str]:
             "--inh-caps=-all", "--no-new-privs", *argv]
 
 
-def _tunnelled_udp(b: Backend, payload: bytes, bind: str = VIP4) -> bytes | None:
-    """An IPIP packet to the backend's address carrying UDP to VIP4:9001; what a socket bound
-    on `bind` (the VIP) inside the backend receives."""
+def _tunnelled_udp(b: Backend, payload: bytes, bind: str = VIP4,
+                   second_hop: bool = False) -> bytes | None:
+    """An IPIP packet to the backend's address carrying UDP to VIP4:9001 (with `second_hop`:
+    GUE naming a second hop, PEER_ADDR, with no hop left, as a passed-on packet arrives);
+    what a socket bound on `bind` (the VIP) inside the backend receives."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
     from scapy.sendrecv import sendp
+
+    from lb.dataplane.decap import DECAP_DEFAULT_GUE_PORT
 
     sock = nsmod.call_in(b.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     try:
         sock.bind((bind, 9001))
         sock.settimeout(2)
-        frame = (Ether(src=PEER_MAC, dst=BE_MAC) / IP(src=PEER_ADDR, dst=BE_ADDR, proto=4)
-                 / IP(src=CLIENT, dst=VIP4) / UDP(sport=40000, dport=9001) / payload)
+        inner = IP(src=CLIENT, dst=VIP4) / UDP(sport=40000, dport=9001) / payload
+        frame = Ether(src=PEER_MAC, dst=BE_MAC) / IP(src=PEER_ADDR, dst=BE_ADDR, proto=4) / inner
+        if second_hop:  # GUE variant 0, private data: second hop (xdp/common/gue.h), hops 0
+            gue = (bytes([2, 4, 0, 0]) + struct.pack("!HBB", 0x786C, 0, 4)
+                   + socket.inet_aton(PEER_ADDR))
+            frame = (Ether(src=PEER_MAC, dst=BE_MAC) / IP(src=PEER_ADDR, dst=BE_ADDR)
+                     / UDP(sport=50000, dport=DECAP_DEFAULT_GUE_PORT, chksum=0)
+                     / Raw(gue + bytes(inner)))
         nsmod.call_in(b.peer_ns, lambda: sendp(frame, iface=PEER, verbose=False))
         try:
             return sock.recv(2048)
@@ -158,6 +170,16 @@ def test_up_decapsulates_to_the_vip_and_down_restores_everything(
     assert status["counters"]["DECAP_STAT_IPIP"] == 1, status["counters"]
     table = _lbctl([*LBCTL, "backend-host", "status", "--interface", BE, *b.where()])
     assert "ipip             1" in table.stdout, table.stdout
+    # Second chance's outcomes are there too: a passed-on packet (no hop left) is kept.
+    assert _tunnelled_udp(b, b"hop", second_hop=True) == b"hop", "the second hop did not keep it"
+    st = _lbctl([*LBCTL, "backend-host", "status", "--interface", BE, *b.where(), "-o", "json"])
+    counters = json.loads(st.stdout)["counters"]
+    assert (counters["DECAP_STAT_GUE_V4"], counters["DECAP_STAT_SC_KEEP_LAST"]) == (1, 1)
+    table = _lbctl([*LBCTL, "backend-host", "status", "--interface", BE, *b.where()])
+    assert "sc_keep_last     1" in table.stdout, table.stdout
+    for row in ("sc_keep_syn", "sc_keep_socket", "sc_keep_cookie", "sc_keep_other",
+                "sc_forward"):
+        assert f"  {row} " in table.stdout, f"{row} missing: {table.stdout}"
 
     down = _lbctl(as_the_unit(b, [*_unit_command("ExecStop", env), *b.where(netns=False)]))
     assert down.returncode == 0, down.stderr
