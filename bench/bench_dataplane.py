@@ -29,7 +29,8 @@ seen: ring + table insert + encapsulation), ack_v4_shuffled / ack_v6_shuffled (A
 chance (docs/second-chance.md), xlb only: gue_syn_v4 / gue_ack_v4_miss (SYNs / ACKs of flows
 never seen to a GUE VIP, no window), gue_syn_v4_window (SYNs to a GUE VIP whose every slot has
 a second hop: a SYN pays the check, never the hop), gue_ack_v4_second_hop (ACKs the table
-does not know to that VIP: the hop's longer GUE header, no table insert).
+does not know to that VIP: the hop's longer GUE header, no table insert); gue_ack_v6_miss /
+gue_ack_v6_second_hop the same two on an IPv6 GUE VIP (IPv6 backends, a 16-byte hop).
 The loop in Python only moves a pointer and adds durations; the kernel measures the program
 alone, so Python's speed does not enter the figures. Results merge into
 bench/results/dataplane.json as {"floor_ns", "paths": {name: {"ns", "above_floor_ns"}},
@@ -124,7 +125,9 @@ def _template(kind: str) -> bytes:
         p = eth / IPv6(src="2001:db8:c::1", dst=str(VIP6)) / TCP(sport=1024, dport=80, flags="A")
     elif kind in GUE_TEMPLATES:
         flags, port = GUE_TEMPLATES[kind]
-        p = eth / IP(src="198.19.0.1", dst=str(VIP4)) / TCP(sport=1024, dport=port, flags=flags)
+        ip: Any = (IPv6(src="2001:db8:c::1", dst=str(VIP6)) if "6" in kind
+                   else IP(src="198.19.0.1", dst=str(VIP4)))
+        p = eth / ip / TCP(sport=1024, dport=port, flags=flags)
     elif kind == "nonvip":
         p = eth / IP(src="198.19.0.1", dst=str(NONVIP4)) / TCP(sport=1024, dport=80, flags="A")
     elif kind == "echo4":
@@ -147,7 +150,7 @@ def flow_frames(kind: str, flows: range, shuffle: random.Random | None = None) -
     if shuffle is not None:
         shuffle.shuffle(ids)
     buf = bytearray(tpl * len(ids))
-    v6 = kind.endswith("6")
+    v6 = "6" in kind
     for i, k in enumerate(ids):
         off = i * size
         port = FIRST_PORT + k // FLOWS_PER_PORT
@@ -176,13 +179,15 @@ REALS6 = [ipaddress.IPv6Address(f"2001:db8:1::{i:x}") for i in range(1, BACKENDS
 REAL_INDEX = {addr: i for i, addr in enumerate([*REALS4, *REALS6], start=1)}
 # (vip_num, address, backends) of the two TCP VIPs on port 80.
 VIPS = ((0, VIP4, REALS4), (1, VIP6, REALS6))
-# Second chance (docs/second-chance.md): GUE VIPs on VIP4, one per row so that no row's fresh
-# flows are another's known ones: (vip_num, port, every slot has a second hop). Their rings are
-# VIP 0's; a hop ring's word also names the next backend as the slot's previous one.
-GUE_VIPS = ((2, 81, False), (3, 82, True), (4, 83, False), (5, 84, True))
-# Template name -> (TCP flags, port) of the GUE rows.
+# Second chance (docs/second-chance.md): GUE VIPs on VIP4 and VIP6, one per row so that no
+# row's fresh flows are another's known ones: (vip_num, VIP, port, every slot has a second
+# hop). Their rings are those of the TCP VIP of their family (VIPS); a hop ring's word also
+# names the next backend of that family as the slot's previous one.
+GUE_VIPS = ((2, VIP4, 81, False), (3, VIP4, 82, True), (4, VIP4, 83, False), (5, VIP4, 84, True),
+            (6, VIP6, 85, False), (7, VIP6, 86, True))
+# Template name -> (TCP flags, port) of the GUE rows; names with a 6 are IPv6 frames.
 GUE_TEMPLATES = {"syn4g": ("S", 81), "syn4gw": ("S", 82), "ack4g": ("A", 83),
-                 "ack4gh": ("A", 84)}
+                 "ack4gh": ("A", 84), "ack6g": ("A", 85), "ack6gh": ("A", 86)}
 
 
 def ring_values(ring_size: int, reals: list[Any]) -> list[int]:
@@ -209,14 +214,15 @@ def program(balancer: Balancer, rings: dict[int, list[int]]) -> None:
         leaf.flags = 1 if addr.version == 6 else 0
         balancer.reals[balancer.reals.Key(i)] = leaf
     size = balancer.config.ring_size
-    for num, port, hop in GUE_VIPS:
+    for num, vip, port, hop in GUE_VIPS:
         meta = balancer.vip_map.Leaf()
         meta.vip_num = num
         meta.flags = F_ENCAP_GUE
-        balancer.vip_map[balancer.vip_key(VIP4, port, "tcp")] = meta
+        balancer.vip_map[balancer.vip_key(vip, port, "tcp")] = meta
         t = balancer.ch_rings
-        words = [w | (w % BACKENDS_PER_VIP + 1) << RING_PREV_SHIFT if hop else w
-                 for w in rings[0]]
+        ring, base = (rings[0], 1) if vip.version == 4 else (rings[1], BACKENDS_PER_VIP + 1)
+        words = [w | (base + (w - base + 1) % BACKENDS_PER_VIP) << RING_PREV_SHIFT if hop else w
+                 for w in ring]
         keys = (t.Key * size)(*range(num * size, (num + 1) * size))
         t.items_update_batch(keys, (t.Leaf * size)(*words))
     for num, vip, _ in VIPS:
@@ -311,6 +317,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("gue_ack_v4_miss", "ack4g", "fresh", XDP_TX, "STAT_LRU_MISS_OTHER",
              subjects=frozenset({"xlb", "ab"})),
     Scenario("gue_ack_v4_second_hop", "ack4gh", "fresh", XDP_TX, "STAT_SECOND_HOP",
+             subjects=frozenset({"xlb"})),
+    Scenario("gue_ack_v6_miss", "ack6g", "fresh", XDP_TX, "STAT_LRU_MISS_OTHER",
+             subjects=frozenset({"xlb", "ab"})),
+    Scenario("gue_ack_v6_second_hop", "ack6gh", "fresh", XDP_TX, "STAT_SECOND_HOP",
              subjects=frozenset({"xlb"})),
 ]
 PATHS = tuple(sc.name for sc in SCENARIOS)
@@ -467,38 +477,49 @@ def _katran(rings: dict[int, list[int]], progress: Callable[[str], None],
 # --- the backends' decap with second chance -------------------------------------------------
 
 # The decap program's paths (xdp/decap/second.h), XDP variant, in a namespace of its own with a
-# listener and an established connection on lo (socket lookups use the caller's namespace).
-# decap_gue_v4: GUE variant 1, no hop (what every GUE packet paid before); decap_hop_keep_socket:
-# a hop, an ACK of the established socket (bpf_skc_lookup_tcp finds it); decap_hop_forward: a
-# hop, an ACK no socket has (lookup finds the listener, the cookie check fails: passed on);
-# decap_hop_last: no hop left (kept without a lookup).
+# listener and an established connection per family on lo (socket lookups use the caller's
+# namespace). decap_gue_v4: GUE variant 1, no hop (what every GUE packet paid before);
+# decap_hop_keep_socket: a hop, an ACK of the established socket (bpf_skc_lookup_tcp finds it);
+# decap_hop_forward: a hop, an ACK no socket has (lookup finds the listener, the cookie check
+# fails: passed on); decap_hop_last: no hop left (kept without a lookup). The _v6 rows: the
+# same in IPv6 (outer and inner IPv6, a 16-byte hop).
 DECAP_SELF4, DECAP_NEXT4, DECAP_VIP4, DECAP_CLIENT4 = (
     "198.18.1.1", "198.18.1.2", "198.18.0.10", "198.18.2.1")
+DECAP_SELF6, DECAP_NEXT6, DECAP_VIP6, DECAP_CLIENT6 = (
+    "2001:db8:1::1", "2001:db8:1::2", "2001:db8::10", "2001:db8:2::1")
 DECAP_PORT = 80
-# name -> (with a hop header, hops left, inner source port: None = the established one)
-DECAP_PATHS: dict[str, tuple[bool, int, int | None]] = {
-    "decap_gue_v4": (False, 0, 45678),
-    "decap_hop_keep_socket": (True, 1, None),
-    "decap_hop_forward": (True, 1, 45678),
-    "decap_hop_last": (True, 0, 45678),
+# name -> (IPv6, with a hop header, hops left, inner source port: None = the established one,
+# the verdict, the counter every packet moves: None = only its GUE slot)
+DECAP_PATHS: dict[str, tuple[bool, bool, int, int | None, int, str | None]] = {
+    "decap_gue_v4": (False, False, 0, 45678, XDP_PASS, None),
+    "decap_hop_keep_socket": (False, True, 1, None, XDP_PASS, "DECAP_STAT_SC_KEEP_SOCKET"),
+    "decap_hop_forward": (False, True, 1, 45678, XDP_TX, "DECAP_STAT_SC_FORWARD"),
+    "decap_hop_last": (False, True, 0, 45678, XDP_PASS, "DECAP_STAT_SC_KEEP_LAST"),
+    "decap_gue_v6": (True, False, 0, 45678, XDP_PASS, None),
+    "decap_hop_keep_socket_v6": (True, True, 1, None, XDP_PASS, "DECAP_STAT_SC_KEEP_SOCKET"),
+    "decap_hop_forward_v6": (True, True, 1, 45678, XDP_TX, "DECAP_STAT_SC_FORWARD"),
 }
 
 
-def _decap_frame(hop: bool, hops: int, sport: int) -> bytes:
+def _decap_frame(v6: bool, hop: bool, hops: int, sport: int) -> bytes:
     from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
 
     from lb.dataplane.decap import DECAP_DEFAULT_GUE_PORT
 
-    inner = bytes(IP(src=DECAP_CLIENT4, dst=DECAP_VIP4)
-                  / TCP(sport=sport, dport=DECAP_PORT, flags="A", seq=7, ack=9))
+    tcp = TCP(sport=sport, dport=DECAP_PORT, flags="A", seq=7, ack=9)
+    inner = bytes(IPv6(src=DECAP_CLIENT6, dst=DECAP_VIP6) / tcp if v6
+                  else IP(src=DECAP_CLIENT4, dst=DECAP_VIP4) / tcp)
     head = b""
     if hop:  # GUE variant 0 naming the second hop (xdp/common/gue.h)
-        head = (bytes([2, 4, 0, 0]) + struct.pack("!HBB", 0x786C, hops, 4)
-                + ipaddress.IPv4Address(DECAP_NEXT4).packed)
-    frame = bytes(Ether(src=PEER_MAC, dst=LB_MAC)
-                  / IP(src="198.18.0.1", dst=DECAP_SELF4, ttl=64, flags="DF")
+        nxt = ipaddress.ip_address(DECAP_NEXT6 if v6 else DECAP_NEXT4)
+        head = (bytes([5 if v6 else 2, 41 if v6 else 4, 0, 0])
+                + struct.pack("!HBB", 0x786C, hops, nxt.version) + nxt.packed)
+    outer: Any = (IPv6(src="2001:db8::1", dst=DECAP_SELF6, hlim=64) if v6
+                  else IP(src="198.18.0.1", dst=DECAP_SELF4, ttl=64, flags="DF"))
+    frame = bytes(Ether(src=PEER_MAC, dst=LB_MAC) / outer
                   / UDP(sport=50000, dport=DECAP_DEFAULT_GUE_PORT, chksum=0)
                   / Raw(head + inner))
     return frame + bytes(max(0, 60 - len(frame)))
@@ -519,28 +540,34 @@ def measure_decap(packets: int, runs: int, progress: Callable[[str], None]) -> d
     floor_bpf = compile_program(XDP_DIR / "floor.c", DataplaneConfig().cflags())
     try:
         decap.add_local(DECAP_SELF4)
+        decap.add_local(DECAP_SELF6)
         netns.run(ns_name, ["ip", "link", "set", "lo", "up"])
         for a in (DECAP_VIP4, DECAP_CLIENT4):
             netns.run(ns_name, ["ip", "addr", "add", f"{a}/32", "dev", "lo"])
+        for a in (DECAP_VIP6, DECAP_CLIENT6):
+            netns.run(ns_name, ["ip", "addr", "add", f"{a}/128", "dev", "lo", "nodad"])
 
-        def sockets() -> int:
-            lsn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            lsn.bind((DECAP_VIP4, DECAP_PORT))
-            lsn.listen(8)
-            cli = socket.create_connection((DECAP_VIP4, DECAP_PORT),
-                                           source_address=(DECAP_CLIENT4, 0))
-            srv, _ = lsn.accept()
-            socks.extend((lsn, cli, srv))
-            return int(cli.getsockname()[1])
+        def sockets() -> dict[bool, int]:
+            est: dict[bool, int] = {}
+            for v6, vip, client in ((False, DECAP_VIP4, DECAP_CLIENT4),
+                                    (True, DECAP_VIP6, DECAP_CLIENT6)):
+                lsn = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET,
+                                    socket.SOCK_STREAM)
+                lsn.bind((vip, DECAP_PORT))
+                lsn.listen(8)
+                cli = socket.create_connection((vip, DECAP_PORT), source_address=(client, 0))
+                srv, _ = lsn.accept()
+                socks.extend((lsn, cli, srv))
+                est[v6] = int(cli.getsockname()[1])
+            return est
 
         est = netns.call_in(ns_name, sockets)
-        frames = {name: Frames(bytearray(f := _decap_frame(hop, hops, est if sp is None else sp)),
+        frames = {name: Frames(bytearray(f := _decap_frame(v6, hop, hops,
+                                                           est[v6] if sp is None else sp)),
                                len(f), [0] * packets)
-                  for name, (hop, hops, sp) in DECAP_PATHS.items()}
-        want = {"decap_gue_v4": (XDP_PASS, None),
-                "decap_hop_keep_socket": (XDP_PASS, "DECAP_STAT_SC_KEEP_SOCKET"),
-                "decap_hop_forward": (XDP_TX, "DECAP_STAT_SC_FORWARD"),
-                "decap_hop_last": (XDP_PASS, "DECAP_STAT_SC_KEEP_LAST")}
+                  for name, (v6, hop, hops, sp, _, _) in DECAP_PATHS.items()}
+        want = {name: (verdict, counter)
+                for name, (_, _, _, _, verdict, counter) in DECAP_PATHS.items()}
         runner = TestRunner(decap.xdp_fd)
         floor = TestRunner(int(floor_bpf.load_func(b"xdp_floor", floor_bpf.XDP).fd))
         floor_frames = same_frames("nonvip", packets)
