@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -339,6 +339,76 @@ def test_decap_second_hop_keeps_what_has_no_hop_left(backend: Backend, variant: 
     assert verdict == KEEP[variant]
     kept_as(out, inner)
     assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_LAST": 1}
+
+
+def _cookie_syn_ack(sport: int) -> tuple[int, int]:
+    """Send a SYN from SC_CLIENT4:sport to the listener on SC_VIP4:PORT through a raw socket
+    (no client socket: the client's stack resets the answer) and return (our ISN, the
+    SYN-ACK's sequence number), a SYN cookie while net.ipv4.tcp_syncookies is 2. Runs in the
+    backend's namespace."""
+    isn = 1_000_000
+    syn = bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / TCP(sport=sport, dport=PORT, flags="S",
+                                                      seq=isn))[20:]
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    try:
+        raw.bind((SC_CLIENT4, 0))
+        raw.settimeout(2)
+        raw.sendto(syn, (SC_VIP4, 0))
+        while True:
+            got = IP(raw.recv(2048))
+            th = got[TCP]
+            if (got.src, th.sport, th.dport, th.flags) == (SC_VIP4, PORT, sport, "SA"):
+                return isn, int(th.seq)
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_keeps_an_ack_completing_a_syn_cookie(backend: Backend, variant: str) -> None:
+    # Cookies always (2): the listener answers the SYN with a cookie and keeps no request
+    # socket, as under a SYN flood; bpf_tcp_check_syncookie then validates the client's ACK.
+    key = "net.ipv4.tcp_syncookies"
+    old = labnet.get_sysctl(backend.name, key)
+    sport = 46000 if variant == "xdp" else 46001
+    labnet.set_sysctls(backend.name, {key: 2})
+    try:
+        isn, cookie = labnet.call_in(backend.name, _cookie_syn_ack, sport)
+        good = bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / TCP(
+            sport=sport, dport=PORT, flags="A", seq=isn + 1, ack=cookie + 1) / Raw(b"data"))
+        verdict, out, moved = backend.run(variant, hop_frame(good))
+        assert verdict == KEEP[variant], "an ACK completing a valid cookie was passed on"
+        kept_as(out, good)
+        assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_COOKIE": 1}
+        # A cookie's top 8 bits count minutes (its low bits an MSS index, so +1 there is
+        # another valid cookie): 16 minutes off is out of date.
+        stale = (cookie + 1 + (16 << 24)) & 0xFFFFFFFF
+        bad = bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / TCP(
+            sport=sport, dport=PORT, flags="A", seq=isn + 1, ack=stale) / Raw(b"data"))
+        verdict, _, moved = backend.run(variant, hop_frame(bad))
+        assert verdict == FORWARD[variant], "an ACK with a wrong cookie was kept"
+        assert moved == {"DECAP_STAT_SC_FORWARD": 1}
+    finally:
+        labnet.set_sysctls(backend.name, {key: old})
+
+
+# Nothing to look up: kept as it is (the slot's backend, as without second chance).
+OTHER_ROWS = [
+    ("ICMP", bytes(IP(src=SC_CLIENT4, dst=SC_VIP4) / ICMP() / Raw(b"ping"))),
+    ("IPv4 options", bytes(IP(src=SC_CLIENT4, dst=SC_VIP4, options=[IPOption_NOP()] * 4)
+                           / TCP(sport=45678, dport=PORT, flags="A") / Raw(b"data"))),
+    ("fragment", bytes(IP(src=SC_CLIENT4, dst=SC_VIP4, flags="MF")
+                       / TCP(sport=45678, dport=PORT, flags="A") / Raw(b"data"))),
+]
+
+
+@pytest.mark.parametrize("inner", [r[1] for r in OTHER_ROWS], ids=[r[0] for r in OTHER_ROWS])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decap_keeps_what_it_cannot_look_up(backend: Backend, variant: str,
+                                            inner: bytes) -> None:
+    verdict, out, moved = backend.run(variant, hop_frame(inner))
+    assert verdict == KEEP[variant], "passed on a packet it could not look up"
+    kept_as(out, inner)
+    assert moved == {"DECAP_STAT_GUE_V4": 1, "DECAP_STAT_SC_KEEP_OTHER": 1}
 
 
 # UDP (docs/second-chance.md, UDP): only a connected socket names a flow. Rows: (description,
