@@ -161,6 +161,11 @@ def _host_runtime(
         from lb.settings import load_settings
 
         lb_settings = load_settings()
+    if lb_settings.bgp.enabled:
+        from lb.fleet.bgp import require_capabilities
+
+        # Before anything loads: without it BIRD would start and every session stay down.
+        require_capabilities()
     host = stack.enter_context(open_host(lb_settings, attach=False, repin=repin))
     balancer = host.balancer
     node = None

@@ -9,6 +9,11 @@ of starting a second one. Announcing and withdrawing is rewriting the config (st
 are not reset by it, only the changed routes are sent.
 
 Session and route state come from `birdc show protocols all`.
+
+BIRD runs with the daemon's capabilities (ambient, inherited across exec). It listens for the
+peers' sessions on TCP port 179, so it needs CAP_NET_BIND_SERVICE as well as the data plane's
+three; without it BIRD starts, but every session stays down ("No listening socket"), so a
+daemon with `bgp.enabled` refuses to start without it (`require_capabilities`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from lb.config import BgpConfig, BgpPeer
 from lb.dataplane.netns import pid_alive
+from lb.dataplane.privileges import effective
 from lb.errors import XlbError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -43,6 +49,30 @@ class SpeakerError(XlbError):
 
     status = 503
     kind = "bgp-speaker"
+
+
+CAP_NET_BIND_SERVICE = 10
+
+#: What the speaker needs beyond the data plane's capabilities: name -> (number, the call).
+CAPABILITIES: dict[str, tuple[int, str]] = {
+    "CAP_NET_BIND_SERVICE": (
+        CAP_NET_BIND_SERVICE,
+        "BIRD (bgp.enabled) binds TCP port 179 to accept the peers' BGP sessions; without it"
+        " every session stays down ('No listening socket')",
+    ),
+}
+
+
+def require_capabilities(caps: int | None = None) -> None:
+    """SpeakerError, one line, naming the capability BIRD would lack (`caps`: this process's)."""
+    caps = effective() if caps is None else caps
+    for name, (bit, why) in CAPABILITIES.items():
+        if not caps >> bit & 1:
+            raise SpeakerError(
+                f"missing capability {name}: {why}; give the daemon {name} too"
+                " (xlb.service grants it, docs/privileges.md), or set bgp.enabled = false",
+                field="bgp.enabled",
+            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from lb.dataplane.privileges import REQUIRED
+from lb.fleet.bgp import CAPABILITIES as BGP_CAPABILITIES
 from lb.install import layout, units
 from lb.install.config import UNSET, default_toml
 from lb.settings import Settings, load_settings
@@ -21,7 +22,7 @@ from lb.settings import Settings, load_settings
 
 def test_the_daemon_unit_grants_exactly_the_required_capabilities() -> None:
     svc = units.section(units.text(layout.SERVICE))
-    assert set(units.service_caps()) == set(REQUIRED)
+    assert set(units.service_caps()) == set(REQUIRED) | set(BGP_CAPABILITIES)
     assert svc["CapabilityBoundingSet"] == svc["AmbientCapabilities"]
     assert units.service_user() == layout.USER == svc["Group"][-1]
     assert svc["NoNewPrivileges"] == ["yes"]
@@ -50,6 +51,8 @@ def test_the_daemon_unit_restarts_without_detaching() -> None:
     assert svc["Restart"] == ["always"]
     assert "--detach-on-exit" not in svc["ExecStart"][-1]
     assert not svc.get("ExecStop"), "an ExecStop would run between crash and restart"
+    # mixed or control-group would SIGKILL the BGP speaker (in the unit's cgroup) at each stop.
+    assert svc["KillMode"] == ["process"], "a restart would kill the BGP speaker"
 
 
 def test_the_backend_unit_brings_the_interface_up_and_down() -> None:

@@ -1,7 +1,8 @@
 """The daemon as the service unit runs it: an unprivileged user with only the unit's
-capabilities (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON), forwarding real connections in a lab,
-restarted and upgraded under traffic; the maps surviving a restart; and a refusal that names
-the capability when one is missing.
+capabilities (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON for the data plane, CAP_NET_BIND_SERVICE for
+the BGP speaker), forwarding real connections in a lab, restarted and upgraded under traffic;
+the maps surviving a restart; its BGP speaker announcing to the lab's router and kept across a
+restart; and a refusal that names the capability when one is missing.
 
 systemd is not PID 1 on the test machines, so nothing here starts lb/install/units/xlb.service:
 setpriv reproduces what the unit gives the process (User=, AmbientCapabilities=,
@@ -34,11 +35,15 @@ from typing import Any
 import pytest
 
 from lb.client import ApiClient, ApiError
+from lb.config import BgpConfig
 from lb.dataplane import netlink
 from lb.dataplane.privileges import REQUIRED
+from lb.fleet.bgp import CAPABILITIES as BGP_CAPABILITIES
+from lb.fleet.bgp import Speaker
 from lb.install import units
 from lb.lab import network as labmod
 from lb.lab.network import Lab
+from lb.lab.router import LB_ASN, ROUTER_ASN, Neighbor, RouterBird, kernel_nexthops
 from tests.kernel import flows
 from tests.kernel.conftest import Veth
 
@@ -48,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 #: setpriv's names of the unit's AmbientCapabilities= (bpf, net_admin, perfmon).
 CAPS = tuple(c.removeprefix("CAP_").lower() for c in units.service_caps())
+#: Every capability the unit grants, with its number and the call that needs it.
+GRANTED = {**REQUIRED, **BGP_CAPABILITIES}
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 
@@ -277,7 +284,7 @@ def test_the_unit_daemon_forwards_connections_across_restart_and_upgrade(
     st = _status(pid)
     assert st["Uid"].split()[:2] == [str(NOBODY)] * 2, st["Uid"]
     assert st["NoNewPrivs"] == "1"
-    want = sum(1 << bit for name, (bit, _) in REQUIRED.items() if name in units.service_caps())
+    want = sum(1 << GRANTED[name][0] for name in units.service_caps())
     assert int(st["CapEff"], 16) == int(st["CapAmb"], 16) == int(st["CapBnd"], 16) == want, st
     api = daemon.api()
     for port in (labmod.HTTP_PORT, labmod.STREAM_PORT):
@@ -310,8 +317,69 @@ def test_the_unit_daemon_forwards_connections_across_restart_and_upgrade(
             s.close()
 
 
+def _bgp_toml(lab: Lab) -> str:
+    """[bgp] of the LB host: one IPv4 session to the lab's router, short timers."""
+    return (f"\n[bgp]\nenabled = true\nasn = {LB_ASN}\nrouter_id = \"{lab.lb4}\"\n"
+            f"hold_time = 3\npeers = [{{ address = \"{lab.router_lb4}\", asn = {ROUTER_ASN} }}]\n")
+
+
 @requires_setpriv
-@pytest.mark.parametrize("dropped", CAPS)
+@pytest.mark.skipif(shutil.which("bird") is None, reason="BIRD 2 is not installed (setup.sh)")
+def test_the_unit_daemon_announces_by_bgp_and_keeps_the_session_across_a_restart(
+    unit_lab: Lab, daemon: UnitDaemon
+) -> None:
+    lab = unit_lab
+    router = RouterBird(ns=lab.router_ns, run_dir=lab.run_dir / "bgp-router",
+                        router_id=lab.router_client4, neighbors=(Neighbor("lb1_4", lab.lb4),))
+    # The speaker the daemon starts as the unit's user, found by its files (stopped by pid).
+    speaker = Speaker(BgpConfig(), daemon.dir / "state" / "bgp")
+    router.start()
+    try:
+        daemon.start(extra_toml=_bgp_toml(lab))
+        api = daemon.api()
+        if not api.get("/v1/vips")["count"]:  # the lab's state may hold them already
+            api.post("/v1/vips", {"protocol": "tcp", "address": lab.vip4,
+                                  "port": labmod.HTTP_PORT,
+                                  "backends": [{"address": lab.backend4(i), "weight": 1}
+                                               for i in lab.backend_ids]})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not kernel_nexthops(lab.router_ns, f"{lab.vip4}/32"):
+            peers = api.get("/v1/host")["peers"]
+            assert time.monotonic() < deadline, f"the VIP never reached the router: {peers}"
+            time.sleep(0.2)
+        pid = speaker.pid()
+        assert pid is not None, "no BGP speaker under the daemon's state dir"
+        assert _status(pid)["Uid"].split()[0] == str(NOBODY), "BIRD does not run as the unit"
+        assert router.established() == ["lb1_4"]
+        # KillMode=process: a restart stops the daemon only; the next start adopts BIRD.
+        daemon.stop()
+        daemon.start(extra_toml=_bgp_toml(lab))
+        assert speaker.pid() == pid, "the restart did not adopt the running speaker"
+        assert router.established() == ["lb1_4"], "the session dropped across the restart"
+        assert kernel_nexthops(lab.router_ns, f"{lab.vip4}/32"), "the VIP was withdrawn"
+        _forwards(lab, 10)
+    finally:
+        daemon.stop()
+        speaker.stop()
+        router.stop()
+
+
+@requires_setpriv
+def test_bgp_without_cap_net_bind_service_is_refused_in_one_line(
+    unit_lab: Lab, daemon: UnitDaemon
+) -> None:
+    argv = daemon.argv(tuple(c for c in CAPS if c != "net_bind_service"), _bgp_toml(unit_lab))
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 4, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    want = "lbctl: error: cannot start: missing capability CAP_NET_BIND_SERVICE: "
+    assert lines[0].startswith(want), lines[0]
+    assert BGP_CAPABILITIES["CAP_NET_BIND_SERVICE"][1] in lines[0], "what needs it is not named"
+
+
+@requires_setpriv
+@pytest.mark.parametrize("dropped", [c for c in CAPS if f"CAP_{c.upper()}" in REQUIRED])
 def test_a_missing_capability_is_named_in_one_line(
     unit_lab: Lab, daemon: UnitDaemon, dropped: str
 ) -> None:
