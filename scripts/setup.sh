@@ -11,9 +11,12 @@ KVER="$(uname -r)"
 # etcd-server: the fleet's shared state; bird2: each LB host's BGP speaker and the lab's
 # router (tests and the lab start their own instances). clang, libbpf-dev and bpftool: the
 # chain tests build and load the example filter (xdp/examples/drop_source.c) the way
-# docs/chain.md tells an operator to.
+# docs/chain.md tells an operator to. systemd: `systemd-analyze verify` of the units
+# (tests/install; container images lack it). python3-venv: `lbctl install` makes its venv with
+# /usr/bin/python3. setpriv and nsenter (the unit's user and capabilities in the tests) are
+# util-linux, which is Essential on Debian.
 APT_PKGS=(bpfcc-tools python3-bpfcc libbpfcc netsniff-ng iproute2 ethtool tcpdump libatomic1
-          etcd-server bird2 clang libbpf-dev bpftool)
+          etcd-server bird2 clang libbpf-dev bpftool systemd python3-venv)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 skip() { printf '    %s (already done)\n' "$*"; }
