@@ -44,6 +44,7 @@ import ctypes
 import ipaddress
 import os
 import random
+import socket
 import statistics
 import struct
 import sys
@@ -237,8 +238,11 @@ def program(balancer: Balancer, rings: dict[int, list[int]]) -> None:
 
 
 def arm_filter(balancer: Balancer) -> None:
-    """Arm the VIP address filter with the two VIPs, as the control plane does."""
-    MapIO(balancer).write_vip_filter([(4, addr16(VIP4)), (6, addr16(VIP6))])
+    """Arm the VIP address filter with the two VIPs and the per-CPU VIP lookup cache (vip_gen
+    moved on), as the control plane does."""
+    io = MapIO(balancer)
+    io.write_vip_filter([(4, addr16(VIP4)), (6, addr16(VIP6))])
+    io.reset_vip_cache()
 
 
 def counters(balancer: Balancer) -> dict[str, int]:
@@ -884,9 +888,8 @@ def _set_src_variant(b: Balancer, nets: list[ipaddress.IPv4Network], flags: int,
         io.del_src_range(key)
     for net in nets:
         io.set_src_range((FAMILY_V4, 0, addr16(net.network_address), net.prefixlen), verdict)
-    meta = b.vip_map.Leaf()
-    meta.vip_num, meta.flags = 0, flags
-    b.vip_map[b.vip_key(VIP4, 80, "tcp")] = meta
+    # Through MapIO, which moves vip_gen on: the VIP lookup is cached per CPU.
+    io.set_vip((FAMILY_V4, addr16(VIP4), 80, socket.IPPROTO_TCP), 0, flags)
     if nets:
         # As the control plane does after a change: the flows check their source again once,
         # then trust the verdict their entry's stamp caches (xdp/balancer/srcrange.h).

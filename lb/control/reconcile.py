@@ -909,6 +909,9 @@ class Reconciler:
         try:
             purged = 0
             if read_back:
+                # A process that died between a vip_map write and its generation bump left
+                # the data plane's cached VIP lookups trusted: they go first.
+                self.io.reset_vip_cache()
                 # Before any write: a number or an index about to be programmed for a new
                 # owner must not find slots of its old one.
                 purged = self.io.purge_stale_conns(

@@ -52,6 +52,8 @@ from lb.errors import BccUnavailable, IncompatiblePins, KernelError, Unsupported
 SOURCE = "balancer/balancer.c"
 MAP_NAMES = (
     "vip_map",
+    "vip_gen",
+    "vip_cache",
     "vip_addrs",
     "vip_filter",
     "reals",
@@ -84,8 +86,10 @@ MAP_NAMES = (
 # The event maps (ev_cfg, ev_state, ev_frame, the events ring) hold nothing worth keeping
 # either: ev_cfg is written "off" at every start (lb.dataplane.events.EventsControl).
 # src_changed too: all zero means "check every packet" until the control plane stamps it.
+# vip_cache is only ever a copy of vip_map (a new one is empty); vip_gen is not stateless:
+# a cache entry is trusted while vip_gen holds its generation, so it only ever grows.
 STATELESS_MAPS = frozenset({"lb_cfg", "glob_stats", "pair_cache", "pair_stats", "src_denied",
-                            "src_changed",
+                            "src_changed", "vip_cache",
                             "guard_cfg", "guard_state", "rl_buckets", "ev_cfg", "ev_state",
                             "ev_frame", "events"})
 

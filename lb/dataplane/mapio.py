@@ -208,11 +208,26 @@ class MapIO:
         leaf.vip_num = vip_num
         leaf.flags = flags
         t[self._vip_key(key)] = leaf
+        self._bump_vip_gen()
 
     def del_vip(self, key: VipMapKey) -> None:
         """Delete a vip_map entry (absent is fine)."""
         with contextlib.suppress(KeyError):
             del self.b.vip_map[self._vip_key(key)]
+        self._bump_vip_gen()
+
+    def _bump_vip_gen(self) -> None:
+        # After the write: each CPU's cached VIP lookup (vip_cache) holds the generation it
+        # read before its lookup, so from here on no packet uses what vip_map held before.
+        t = self.b.vip_gen
+        k = t.Key(0)
+        t[k] = t.Leaf(int(t[k].value) + 1)
+
+    def reset_vip_cache(self) -> None:
+        """Empty every CPU's cached VIP lookup and move vip_map's generation on: at a start,
+        when an earlier process may have died between a vip_map write and its bump."""
+        self.b.vip_cache.clearitem(self.b.vip_cache.Key(0))
+        self._bump_vip_gen()
 
     def set_vip_addr(self, key: AddrKey, count: int) -> None:
         """Set how many VIPs sit on an address, and let the address through the filter.

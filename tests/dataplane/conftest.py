@@ -4,6 +4,7 @@ emptied after every test, and a summary line counting the packet cases that ran.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,19 @@ def lab(wiped_balancer: Any) -> Iterator[Lab]:
     finally:
         lab.reset()
         lab.close()
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[int]:
+    """Run the test on one CPU (per-CPU state: buckets, guard windows, the VIP cache), restored
+    after: a test run executes on the CPU of the calling thread."""
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

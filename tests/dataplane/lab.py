@@ -271,8 +271,10 @@ class Lab:
         self.b.src_v4.clear()
         self.b.src_v6.clear()
         clear_guard_config(self.b)
+        # vip_cache emptied, and vip_gen at 0 (nothing cached): this lab writes vip_map
+        # directly, without the control plane's generation bumps.
         for name in ("glob_stats", "vip_stats", "real_stats", "src_denied", "src_changed",
-                     "pair_cache"):
+                     "pair_cache", "vip_cache", "vip_gen"):
             table = self.b.maps[name]
             for i in range(len(table)):
                 table.clearitem(table.Key(i))

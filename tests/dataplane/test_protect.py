@@ -10,9 +10,7 @@ per CPU, and a test run executes on the CPU of the calling thread.
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,18 +32,6 @@ pytestmark = pytest.mark.bpf
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 A = ipaddress.ip_address
-
-
-@pytest.fixture
-def one_cpu() -> Iterator[int]:
-    """Run the test on one CPU (per-CPU buckets and guard windows), restored after."""
-    before = os.sched_getaffinity(0)
-    cpu = min(before)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield cpu
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def _outer_dst(frame: bytes) -> IPAddress:

@@ -180,21 +180,53 @@ static __always_inline int lb_real_present(const struct real_def *real)
 	return (real->addr[0] | real->addr[1] | real->addr[2] | real->addr[3]) != 0;
 }
 
-/* The VIP of a client->VIP flow: exact (address, port, protocol), then the port-0 VIP. */
-static __always_inline struct vip_meta *lb_vip_lookup(const struct flow_key *flow)
+/* The VIP of a client->VIP flow: exact (address, port, protocol), then the port-0 VIP.
+ * Remembered per CPU under vip_map's generation: a hit costs two array reads and a compare
+ * instead of a hash of the 20-byte key and a bucket walk. The control plane bumps vip_gen
+ * after each vip_map write (lb.dataplane.mapio), so a packet that read the generation
+ * before a change uses what it would have found had it looked vip_map up just before the
+ * write: no packet sees an older VIP than one already in flight could. A miss is cached
+ * only with the generation read before the lookup, so a write racing the lookup leaves an
+ * entry that the next bump invalidates.
+ */
+static __always_inline int lb_vip_lookup(const struct flow_key *flow, struct vip_meta *out)
 {
 	struct vip_key key = {};
 	struct vip_meta *vip;
+	struct vip_cache *vc;
+	__u32 zero = 0;
+	__u64 *genp = vip_gen.lookup(&zero), gen = genp ? *genp : 0;
 
+	/* Copied out, never returned as a pointer: a pointer into one map or the other would
+	 * split every later verifier state in two (Linux 6.1 then passes its 1M-insn limit).
+	 */
+	vc = gen ? vip_cache.lookup(&zero) : NULL;
+	if (vc && vc->gen == gen && vc->key.addr[0] == flow->dst[0] &&
+	    vc->key.addr[1] == flow->dst[1] && vc->key.addr[2] == flow->dst[2] &&
+	    vc->key.addr[3] == flow->dst[3] && vc->key.port == flow->dport &&
+	    vc->key.proto == flow->proto && vc->key.family == flow->family) {
+		*out = vc->meta;
+		return 1;
+	}
 	__builtin_memcpy(key.addr, flow->dst, sizeof(key.addr));
 	key.port = flow->dport;
 	key.proto = flow->proto;
 	key.family = flow->family;
 	vip = vip_map.lookup(&key);
-	if (vip)
-		return vip;
-	key.port = 0;
-	return vip_map.lookup(&key);
+	if (!vip) {
+		key.port = 0;
+		vip = vip_map.lookup(&key);
+		if (!vip)
+			return 0;
+		key.port = flow->dport;
+	}
+	*out = *vip;
+	if (vc) {
+		vc->gen = gen;
+		vc->key = key;
+		vc->meta = *out;
+	}
+	return 1;
 }
 
 /* Map-touching helpers of srcrange.h, ratelimit.h and guard.h. */
@@ -496,7 +528,7 @@ static __always_inline int lb_icmp_v4(struct xdp_md *ctx, struct parse_pkt *pkt,
 	void *data_end = (void *)(long)ctx->data_end;
 	struct icmphdr *icmph = data + pkt->l3_off + sizeof(struct iphdr);
 	__u32 inner_len = pkt->ip_len - sizeof(struct iphdr) - sizeof(*icmph);
-	struct vip_meta *vip;
+	struct vip_meta vip;
 	int action;
 
 	if ((void *)(icmph + 1) > data_end ||
@@ -516,11 +548,10 @@ static __always_inline int lb_icmp_v4(struct xdp_md *ctx, struct parse_pkt *pkt,
 	action = icmp_parse_inner_v4(icmph + 1, data_end, pkt, inner_len);
 	if (action >= 0)
 		return action;
-	vip = lb_vip_lookup(&pkt->flow);
-	if (!vip)
+	if (!lb_vip_lookup(&pkt->flow, &vip))
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
 	pkt->icmp_fwd = 1;
-	return events_vip(lb_forward(ctx, pkt, vip, cfg), vip->vip_num);
+	return events_vip(lb_forward(ctx, pkt, &vip, cfg), vip.vip_num);
 }
 
 /* ICMPv6: the same for echo requests and packet-too-big. */
@@ -531,7 +562,7 @@ static __always_inline int lb_icmp_v6(struct xdp_md *ctx, struct parse_pkt *pkt,
 	void *data_end = (void *)(long)ctx->data_end;
 	struct icmp6hdr *icmp6h = data + pkt->l3_off + sizeof(struct ipv6hdr);
 	__u32 inner_len = pkt->ip_len - sizeof(struct ipv6hdr) - sizeof(*icmp6h);
-	struct vip_meta *vip;
+	struct vip_meta vip;
 	int action;
 
 	if ((void *)(icmp6h + 1) > data_end ||
@@ -551,11 +582,10 @@ static __always_inline int lb_icmp_v6(struct xdp_md *ctx, struct parse_pkt *pkt,
 	action = icmp_parse_inner_v6(icmp6h + 1, data_end, pkt, inner_len);
 	if (action >= 0)
 		return action;
-	vip = lb_vip_lookup(&pkt->flow);
-	if (!vip)
+	if (!lb_vip_lookup(&pkt->flow, &vip))
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
 	pkt->icmp_fwd = 1;
-	return events_vip(lb_forward(ctx, pkt, vip, cfg), vip->vip_num);
+	return events_vip(lb_forward(ctx, pkt, &vip, cfg), vip.vip_num);
 }
 
 /* Everything after the Ethernet header. */
@@ -564,7 +594,7 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct parse_pkt pkt = {};
-	struct vip_meta *vip;
+	struct vip_meta vip;
 	struct lb_cfg *cfg;
 	__u32 zero = 0, hdr_len;
 	__be16 proto;
@@ -601,10 +631,9 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 		return action;
 	if (!lb_maybe_vip(&pkt.flow))
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
-	vip = lb_vip_lookup(&pkt.flow);
-	if (!vip)
+	if (!lb_vip_lookup(&pkt.flow, &vip))
 		return stats_verdict(STAT_PASS_NON_VIP, XDP_PASS);
-	return events_vip(lb_forward(ctx, &pkt, vip, cfg), vip->vip_num);
+	return events_vip(lb_forward(ctx, &pkt, &vip, cfg), vip.vip_num);
 }
 
 /* Map-touching hooks declared in events.h. */

@@ -19,6 +19,14 @@
 
 /* VIP (address, port, protocol) -> VIP number and flags. */
 LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
+/* Generation of vip_map (one entry), bumped by the control plane after each change of
+ * vip_map and at every start; 0 (never written) means no VIP lookup is cached.
+ */
+LB_MAP("array", __u32, __u64, vip_gen, 1, 0);
+/* The last VIP lookup of each CPU (one entry; only that CPU writes its copy), so the packets
+ * of one VIP skip the hash while vip_gen holds the entry's generation (lb_vip_lookup).
+ */
+LB_MAP("percpu_array", __u32, struct vip_cache, vip_cache, 1, 0);
 /* Addresses carrying a VIP -> number of VIPs on it. */
 LB_MAP("hash", struct vip_addr, __u32, vip_addrs, MAX_VIP_ADDRS, 0);
 /* Bits of the addresses that carry a VIP (one entry). */

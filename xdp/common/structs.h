@@ -23,6 +23,16 @@ struct vip_meta {
 	__u32 flags;
 };
 
+/* Value of vip_cache: this CPU's last VIP lookup, the flow's (address, port, protocol) and
+ * what vip_map gave for it (the exact VIP or the port-0 one), valid while vip_gen is `gen`.
+ */
+struct vip_cache {
+	__u64 gen;
+	struct vip_key key;
+	struct vip_meta meta;
+	__u32 pad;
+};
+
 /* Key of vip_addrs: an address that carries at least one VIP (for ICMP echo, fragments). */
 struct vip_addr {
 	__be32 addr[4];
