@@ -10,7 +10,6 @@ flood guard's change and capture (the frame as received and as sent).
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -73,18 +72,6 @@ def events(lab: Lab, ring: tuple[EventsControl, RingReader]) -> Iterator[
     finally:
         ctl.off()
         reader.drain()
-
-
-@pytest.fixture
-def one_cpu() -> Iterator[int]:
-    """Run the test on one CPU (the guard's window is per CPU), restored after."""
-    before = os.sched_getaffinity(0)
-    cpu = min(before)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield cpu
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 SEEN: set[str] = set()
