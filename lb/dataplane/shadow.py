@@ -31,9 +31,12 @@ BPF_MAP_CREATE = 0
 BPF_LD_IMM64 = 0x18
 BPF_PSEUDO_MAP_FD = 1
 #: The maps the shadow gets private copies of (those the program has): everything that
-#: counts, nothing that steers; and ev_cfg, whose private copy (all zero) keeps explained
-#: packets out of the event stream.
-COUNTER_MAPS = ("vip_stats", "real_stats", "pair_cache", "pair_stats", "glob_stats", "ev_cfg")
+#: counts, nothing that steers; ev_cfg, whose private copy (all zero) keeps explained
+#: packets out of the event stream; and vip_cache, the per-CPU copy of a VIP lookup, so an
+#: explained packet (run from a task, which a NAPI softirq can interrupt on its CPU) never
+#: shares an entry with the live program's packets.
+COUNTER_MAPS = ("vip_stats", "real_stats", "pair_cache", "pair_stats", "glob_stats", "ev_cfg",
+                "vip_cache")
 _INSN = 8
 _FUNC = b"xdp_balancer"
 

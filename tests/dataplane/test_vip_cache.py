@@ -94,3 +94,25 @@ def test_the_exact_vip_and_the_port_0_vip_of_an_address_stay_apart(lab: Lab, io:
     assert lab.vip_counters(1)[0] == 6
     assert lab.real_counters(1)[0] == 6
     assert lab.real_counters(2)[0] == 6
+
+
+def _set_seq(lab: Lab, seq: int) -> None:
+    """Write every CPU's cache entry's `seq`, as a run cut short in its write leaves it."""
+    t = lab.b.vip_cache
+    k = t.Key(0)
+    values = t.getvalue(k)
+    for v in values:
+        v.seq = seq
+    t[k] = values
+
+
+def test_an_entry_being_written_is_not_trusted(lab: Lab, io: MapIO) -> None:
+    """A run interrupted on its CPU (a NAPI softirq over BPF_PROG_TEST_RUN) halfway through
+    writing the entry leaves `seq` odd: a run nested there looks vip_map up instead."""
+    assert lab.run(P.tcp4()).verdict == XDP_TX
+    del lab.b.vip_map[lab.b.vip_key(VIP4, 80, "tcp")]
+    _set_seq(lab, 7)
+    assert lab.run(P.tcp4()).verdict == XDP_PASS, "a half-written entry was used"
+    # Once the write is done (seq even again) the entry is what it was.
+    _set_seq(lab, 8)
+    assert lab.run(P.tcp4()).verdict == XDP_TX

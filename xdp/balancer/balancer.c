@@ -31,6 +31,10 @@
 #include "balancer/ratelimit.h"
 #include "balancer/guard.h"
 
+/* The per-CPU VIP cache's sequence word, read as written (lb_vip_lookup). */
+#define VIP_CACHE_READ(x) (*(volatile __u32 *)&(x))
+#define VIP_CACHE_BARRIER() asm volatile("" ::: "memory")
+
 /* Nanoseconds per second, for the UDP idle timeout default. */
 #define LB_NSEC_PER_SEC 1000000000ULL
 
@@ -185,28 +189,35 @@ static __always_inline int lb_real_present(const struct real_def *real)
  * instead of a hash of the 20-byte key and a bucket walk. The control plane bumps vip_gen
  * after each vip_map write (lb.dataplane.mapio), so a packet that read the generation
  * before a change uses what it would have found had it looked vip_map up just before the
- * write: no packet sees an older VIP than one already in flight could. A miss is cached
- * only with the generation read before the lookup, so a write racing the lookup leaves an
- * entry that the next bump invalidates.
+ * write: no packet sees an older VIP than one already in flight could. An entry is written
+ * with the generation read before the lookup, so a write racing the lookup leaves an entry
+ * that the next bump invalidates. Runs on one CPU only nest (an interrupted run resumes
+ * after the other ends), so `seq` is enough to keep a half-written entry unused.
  */
 static __always_inline int lb_vip_lookup(const struct flow_key *flow, struct vip_meta *out)
 {
 	struct vip_key key = {};
 	struct vip_meta *vip;
 	struct vip_cache *vc;
-	__u32 zero = 0;
+	__u32 zero = 0, seq = 1;
 	__u64 *genp = vip_gen.lookup(&zero), gen = genp ? *genp : 0;
 
 	/* Copied out, never returned as a pointer: a pointer into one map or the other would
 	 * split every later verifier state in two (Linux 6.1 then passes its 1M-insn limit).
 	 */
 	vc = gen ? vip_cache.lookup(&zero) : NULL;
-	if (vc && vc->gen == gen && vc->key.addr[0] == flow->dst[0] &&
-	    vc->key.addr[1] == flow->dst[1] && vc->key.addr[2] == flow->dst[2] &&
-	    vc->key.addr[3] == flow->dst[3] && vc->key.port == flow->dport &&
-	    vc->key.proto == flow->proto && vc->key.family == flow->family) {
-		*out = vc->meta;
-		return 1;
+	if (vc) {
+		seq = VIP_CACHE_READ(vc->seq);
+		VIP_CACHE_BARRIER();
+		if (!(seq & 1) && vc->gen == gen && vc->key.addr[0] == flow->dst[0] &&
+		    vc->key.addr[1] == flow->dst[1] && vc->key.addr[2] == flow->dst[2] &&
+		    vc->key.addr[3] == flow->dst[3] && vc->key.port == flow->dport &&
+		    vc->key.proto == flow->proto && vc->key.family == flow->family) {
+			*out = vc->meta;
+			VIP_CACHE_BARRIER();
+			if (VIP_CACHE_READ(vc->seq) == seq)
+				return 1;
+		}
 	}
 	__builtin_memcpy(key.addr, flow->dst, sizeof(key.addr));
 	key.port = flow->dport;
@@ -221,10 +232,15 @@ static __always_inline int lb_vip_lookup(const struct flow_key *flow, struct vip
 		key.port = flow->dport;
 	}
 	*out = *vip;
-	if (vc) {
+	/* Not while another run's write is cut short under this one (seq odd). */
+	if (vc && !(seq & 1)) {
+		vc->seq = seq + 1;
+		VIP_CACHE_BARRIER();
 		vc->gen = gen;
 		vc->key = key;
 		vc->meta = *out;
+		VIP_CACHE_BARRIER();
+		vc->seq = seq + 2;
 	}
 	return 1;
 }

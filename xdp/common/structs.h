@@ -30,7 +30,11 @@ struct vip_cache {
 	__u64 gen;
 	struct vip_key key;
 	struct vip_meta meta;
-	__u32 pad;
+	/* Odd while a run writes the entry, moved on by 2 per write: a run that interrupted
+	 * another on this CPU (a NAPI softirq over a BPF_PROG_TEST_RUN) neither trusts nor
+	 * writes a half-written entry, and a reader that was interrupted by a write sees it.
+	 */
+	__u32 seq;
 };
 
 /* Key of vip_addrs: an address that carries at least one VIP (for ICMP echo, fragments). */
