@@ -28,10 +28,11 @@ def _status_text(f: Any) -> str:
             h["host"], h["revision"], h["generation"],
             f"{lag['generations']} gen / {lag['revisions']} rev",
             "yes" if h["in_sync"] else "NO",
+            h.get("write_turns", 0),
             _bgp_cell(h.get("bgp")),
             " ".join(f"{h['fingerprints'].get(v, 'missing')[:8]}" for v in vids) or "-",
         ])
-    out.append(table(["HOST", "REVISION", "GENERATION", "LAG", "IN-SYNC", "BGP",
+    out.append(table(["HOST", "REVISION", "GENERATION", "LAG", "IN-SYNC", "TURNS", "BGP",
                       "RINGS (" + ", ".join(vids) + ")" if vids else "RINGS"], rows))
     if f["lagging"]:
         out.append("lagging: " + ", ".join(f["lagging"]))

@@ -77,6 +77,7 @@ class FleetNode:
             "state_revision": s.guard_revision,
             "generation": generation,
             "in_sync": in_sync,
+            "write_turns": s.turns_taken,
             "fingerprints": fingerprints,
             "bgp": self.bgp(),
         }

@@ -71,7 +71,9 @@ class EtcdStore(Store):
         self.turn_key = (cfg.prefix + "turn").encode()
         self._token = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}".encode()
         self._turn_lease: int | None = None
-        self.turns_taken = 0  # for tests (not in fleet status yet)
+        #: Write turns this host took (4 lost races in a row each): fleet status shows it as
+        #: write_turns, a sign of write contention between hosts.
+        self.turns_taken = 0
         #: The state as etcd holds it at `revision` (key -> value), for applying watch events.
         self._mirror: dict[bytes, bytes] = {}
         self._mirror_ok = False  # the mirror holds a full read (else: rebuilt on first need)

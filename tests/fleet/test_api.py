@@ -71,8 +71,11 @@ def test_change_through_one_api_is_served_by_the_other(two_hosts: list[Served]) 
     assert fleet["divergent"] == [], fleet
     fps = {h["host"]: h["fingerprints"][VIP] for h in fleet["hosts"]}
     assert fps["lb0"] == fps["lb1"], fleet
+    # Two changes one after the other: no host lost a race, so none took the write turn.
+    assert [h["write_turns"] for h in fleet["hosts"]] == [0, 0], fleet
     out = ok(lbctl(b, "fleet", "status"))
     assert "lb0" in out and "lb1" in out and "2 hosts agree" in out, out
+    assert "TURNS" in out.splitlines()[1], out
     assert ok(lbctl(a, "-o", "json", "fleet", "status")).startswith("{")
 
 

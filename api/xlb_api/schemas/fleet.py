@@ -32,6 +32,11 @@ class FleetHostPublic(BaseModel):
     state_revision: int = Field(description="etcd revision of that state's last change")
     generation: int
     in_sync: bool = Field(description="its maps carry its applied state")
+    write_turns: int = Field(
+        0, description="times since its start this host took the write turn after losing 4 etcd"
+        " races in a row (docs/fleet-state.md): a sign of write contention; 0 from a build"
+        " before turns"
+    )
     fingerprints: dict[str, str] = Field(
         description="VIP id -> SHA-256 of the ring slots its maps carry (health applied)"
     )
