@@ -242,7 +242,8 @@ def arm_filter(balancer: Balancer) -> None:
     moved on), as the control plane does."""
     io = MapIO(balancer)
     io.write_vip_filter([(4, addr16(VIP4)), (6, addr16(VIP6))])
-    io.reset_vip_cache()
+    if "vip_cache" in balancer.maps:  # an --ab tree from before the cache has none
+        io.reset_vip_cache()
 
 
 def counters(balancer: Balancer) -> dict[str, int]:
@@ -888,8 +889,14 @@ def _set_src_variant(b: Balancer, nets: list[ipaddress.IPv4Network], flags: int,
         io.del_src_range(key)
     for net in nets:
         io.set_src_range((FAMILY_V4, 0, addr16(net.network_address), net.prefixlen), verdict)
-    # Through MapIO, which moves vip_gen on: the VIP lookup is cached per CPU.
-    io.set_vip((FAMILY_V4, addr16(VIP4), 80, socket.IPPROTO_TCP), 0, flags)
+    # As the control plane writes it (MapIO moves vip_gen on: the VIP lookup is cached per
+    # CPU), or directly for an --ab tree from before the cache.
+    if "vip_cache" in b.maps:
+        io.set_vip((FAMILY_V4, addr16(VIP4), 80, socket.IPPROTO_TCP), 0, flags)
+    else:
+        meta = b.vip_map.Leaf()
+        meta.vip_num, meta.flags = 0, flags
+        b.vip_map[b.vip_key(VIP4, 80, "tcp")] = meta
     if nets:
         # As the control plane does after a change: the flows check their source again once,
         # then trust the verdict their entry's stamp caches (xdp/balancer/srcrange.h).
