@@ -224,9 +224,15 @@ class MapIO:
         t[k] = t.Leaf(int(t[k].value) + 1)
 
     def reset_vip_cache(self) -> None:
-        """Empty every CPU's cached VIP lookup and move vip_map's generation on: at a start,
-        when an earlier process may have died between a vip_map write and its bump."""
-        self.b.vip_cache.clearitem(self.b.vip_cache.Key(0))
+        """Move vip_map's generation on, so no CPU trusts what it cached before: at a start,
+        when an earlier process may have died between a vip_map write and its bump.
+
+        The entries are emptied only while vip_gen is 0 (a new map), when no program reads
+        or writes them: a write from here while a packet reads its CPU's entry could tear
+        it, and an entry of an older generation is never trusted anyway."""
+        t = self.b.vip_gen
+        if int(t[t.Key(0)].value) == 0:
+            self.b.vip_cache.clearitem(self.b.vip_cache.Key(0))
         self._bump_vip_gen()
 
     def set_vip_addr(self, key: AddrKey, count: int) -> None:

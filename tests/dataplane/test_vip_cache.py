@@ -1,13 +1,15 @@
 """The per-CPU VIP lookup cache (vip_cache under vip_gen, xdp/balancer/balancer.c's
 lb_vip_lookup), proven through BPF_PROG_TEST_RUN: a change written the control plane's way
 (lb.dataplane.mapio.MapIO, which moves vip_gen on after each vip_map write) reaches the very
-next packet; a write behind its back does not, which is what shows the cache is in use.
+next packet; a write behind its back does not, which is what shows the cache is in use; a
+start (MapIO.reset_vip_cache) invalidates what every CPU cached.
 The exact VIP and the port-0 VIP of one address stay apart in it. The tests pin the process
 to one CPU: the cache is per CPU, and a test run executes on the CPU of the calling thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 
 import pytest
@@ -62,8 +64,9 @@ def test_new_flags_reach_the_next_packet(lab: Lab, io: MapIO) -> None:
     assert res.verdict == XDP_TX and _is_gue(res.packet), "the old flags were used"
 
 
-def test_a_start_empties_the_cache(lab: Lab, io: MapIO) -> None:
-    """A process that died between a vip_map write and its bump: the next start's reset."""
+def test_a_start_invalidates_the_cache(lab: Lab, io: MapIO) -> None:
+    """A process that died between a vip_map write and its bump: the next start's reset
+    moves the generation on, and the entry cached before it is no longer trusted."""
     assert lab.run(P.tcp4()).verdict == XDP_TX
     del lab.b.vip_map[lab.b.vip_key(VIP4, 80, "tcp")]
     assert lab.run(P.tcp4()).verdict == XDP_TX
@@ -116,3 +119,27 @@ def test_an_entry_being_written_is_not_trusted(lab: Lab, io: MapIO) -> None:
     # Once the write is done (seq even again) the entry is what it was.
     _set_seq(lab, 8)
     assert lab.run(P.tcp4()).verdict == XDP_TX
+
+
+def test_a_new_generation_map_starts_from_an_empty_cache(lab: Lab, one_cpu: int) -> None:
+    """vip_gen at 0 beside entries of generation 1 (a vip_gen pin removed by hand): the start
+    empties them before it moves vip_gen to 1, or they would be trusted."""
+    lab.real(1, REAL4[0])
+    lab.ring(0, 1)
+    t = lab.b.vip_cache
+    k = t.Key(0)
+    values = t.getvalue(k)
+    probe = lab.b.vip_key(VIP4, 80, "tcp")
+    for v in values:
+        v.gen = 1
+        ctypes.memmove(ctypes.addressof(v.key), ctypes.addressof(probe), ctypes.sizeof(probe))
+        v.meta.vip_num = 0
+        v.seq = 0
+    t[k] = values
+    io = MapIO(lab.b)
+    try:
+        io.reset_vip_cache()
+        assert int(lab.b.vip_gen[lab.b.vip_gen.Key(0)].value) == 1
+        assert lab.run(P.tcp4()).verdict == XDP_PASS, "an entry from before vip_gen was used"
+    finally:
+        io.close()
