@@ -214,6 +214,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK if server.started else EXIT_START
 
 
+def _withdraw_bgp(s: Any) -> None:
+    # The daemon announces the VIPs only while the balancer is attached; with the daemon
+    # stopped (the unit's speaker outlives it) nobody would withdraw them, and the router
+    # would keep sending to a host that no longer balances. Routes go first, as with
+    # --detach-on-exit; the speaker keeps its sessions, and `lbctl serve` announces again.
+    from lb.fleet.bgp import Speaker, SpeakerError
+
+    sp = Speaker(s.bgp, s.state_dir / "bgp")
+    if sp.pid() is None or not sp.announced():
+        return
+    try:
+        sp.announce(set())
+    except SpeakerError as e:
+        raise CliError(f"not detached: withdrawing the VIP routes from BGP failed ({e}); "
+                       "detach anyway with --no-withdraw") from e
+    print("withdrew this host's VIP routes from BGP (the speaker keeps its sessions)")
+
+
 def cmd_detach(args: argparse.Namespace) -> int:
     """lbctl detach: take the balancer off its interface (maps stay pinned)."""
     from lb.dataplane import attach as xdp
@@ -221,6 +239,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
     s = _lb_settings(args)
     if not s.interface:
         raise CliError("no interface configured: give --interface or XLB_INTERFACE", EXIT_USAGE)
+    if s.bgp.enabled and not args.no_withdraw:
+        _withdraw_bgp(s)
     removed = xdp.detach(s.interface, netns=s.netns, pin_dir=s.pin_dir)
     where = s.interface + (f" in netns {s.netns}" if s.netns else "")
     if removed is None or removed.prog_id is None:
@@ -254,8 +274,13 @@ def add_commands(sub: Any) -> None:
     )
     sp.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
 
-    sp = sub.add_parser("detach", help="take the balancer off its interface")
+    sp = sub.add_parser(
+        "detach", help="take the balancer off its interface",
+        description="Take the balancer off its interface (maps stay pinned). With bgp.enabled,"
+        " this host's VIP routes are withdrawn from BGP first, so the router stops sending.")
     sp.set_defaults(fn=cmd_detach)
     sp.add_argument("--config", help="xlb TOML configuration (env XLB_CONFIG)")
     sp.add_argument("--interface")
     sp.add_argument("--netns")
+    sp.add_argument("--no-withdraw", action="store_true",
+                    help="detach without withdrawing the VIP routes from BGP first")

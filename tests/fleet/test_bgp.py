@@ -199,3 +199,42 @@ def test_fleet_status_shows_each_hosts_bgp_state(bgp_pair: Pair, bgp_dir: Path,
         announcer.drain()
         wait_for(lambda: (bgp() or {}).get("state") == "drained", what="drained in status")
         assert ok(lbctl(api, "fleet", "status", "-o", "json")).count('"drained"') == 1
+
+
+def _detach_config(pair: Pair, state_dir: Path, path: Path) -> Path:
+    """An xlb.toml for `lbctl detach`: this state_dir's speaker, lo in the host namespace."""
+    bgp = pair.bgp_settings()
+    peers = "".join(f'[[bgp.peers]]\naddress = "{p["address"]}"\nasn = {p["asn"]}\n'
+                    for p in bgp["peers"])  # type: ignore[attr-defined]
+    path.write_text(f'state_dir = "{state_dir}"\ninterface = "lo"\nnetns = "{pair.host_ns}"\n'
+                    f'[bgp]\nenabled = true\nasn = {bgp["asn"]}\nhold_time = 3\n{peers}')
+    return path
+
+
+@pytest.mark.netns
+def test_lbctl_detach_withdraws_the_routes_first_and_keeps_the_sessions(
+    bgp_pair: Pair, speaker: Speaker, bgp_dir: Path, tmp_path: Path
+) -> None:
+    # The daemon stopped (the unit's speaker outlives it): nobody else would withdraw.
+    pid = _start(bgp_pair, speaker, {V4})
+    wait_for(lambda: kernel_nexthops(bgp_pair.router_ns, "198.18.0.10") == [H4], what="route")
+    conf = _detach_config(bgp_pair, bgp_dir, tmp_path / "xlb.toml")
+    out = ok(lbctl(None, "detach", "--config", str(conf)))
+    assert "withdrew this host's VIP routes" in out and "nothing attached to lo" in out, out
+    wait_for(lambda: kernel_nexthops(bgp_pair.router_ns, "198.18.0.10") == [], timeout=5,
+             what="the route withdrawn")
+    assert speaker.pid() == pid and all(p.up for p in speaker.state().peers)
+    # Nothing announced any more: a second detach has nothing to withdraw.
+    assert "withdrew" not in ok(lbctl(None, "detach", "--config", str(conf)))
+
+
+@pytest.mark.netns
+def test_lbctl_detach_no_withdraw_leaves_the_routes(
+    bgp_pair: Pair, speaker: Speaker, bgp_dir: Path, tmp_path: Path
+) -> None:
+    _start(bgp_pair, speaker, {V4})
+    wait_for(lambda: kernel_nexthops(bgp_pair.router_ns, "198.18.0.10") == [H4], what="route")
+    conf = _detach_config(bgp_pair, bgp_dir, tmp_path / "xlb.toml")
+    out = ok(lbctl(None, "detach", "--config", str(conf), "--no-withdraw"))
+    assert "withdrew" not in out, out
+    assert kernel_nexthops(bgp_pair.router_ns, "198.18.0.10") == [H4]
