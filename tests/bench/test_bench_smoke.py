@@ -69,7 +69,9 @@ def test_forwarding_smoke_moves_traffic_in_every_scenario(tmp_path: Path) -> Non
         f"scenarios not measured: {figures.get('skipped')}"
     )
     for name, sc in figures["scenarios"].items():
-        assert sc["mpps"] > 0, f"{name} forwarded nothing"
+        # Any window: on a loaded machine the sender may get no CPU for most of a smoke run
+        # (lb_native once: "0.00@0% 0.00@0% 0.00@0% 0.04@5% 0.89@88%", a median of 0).
+        assert max(sc["windows_mpps"]) > 0, f"{name} forwarded nothing in any window"
         assert len(sc["windows_mpps"]) >= fwd.SMOKE.windows, f"{name} has too few windows"
         for key in ("ratio_to_floor", "ratio_to_drop", "ratio_to_floor_cpu", "ns_per_packet"):
             assert isinstance(sc[key], float) and math.isfinite(sc[key]), f"{name}.{key}"
